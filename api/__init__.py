@@ -1,0 +1,1 @@
+"""The outside: HTTP API, command line, and the composition root that wires everything."""

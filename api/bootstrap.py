@@ -1,0 +1,178 @@
+"""The composition root: the one place that picks concrete adapters and wires them.
+
+Roles (``serve --role``): ``gateway`` (HTTP API), ``relay`` (outbox → bus), ``switch``
+(NPCI handler). ``all`` runs them in one process, the only choice with the in-process bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from api import migrations as api_migrations
+from core import migrations as core_migrations
+from core.bus.base import EventBus
+from core.bus.delivery import RetryPolicy
+from core.bus.memory import MemoryBus
+from core.clock import Clock, SystemClock
+from core.config import BusKind, Settings
+from core.crypto import MasterKey, load_master_key
+from core.deadletters import TableDeadLetters
+from core.embedded import embedded_database_url
+from core.errors import ConfigError
+from core.metrics import OUTBOX_BACKLOG
+from core.outbox import OutboxRelay
+from core.storage import Database, Migration, migrate
+from payments import migrations as payments_migrations
+from payments.npci.mock import MockSwitch
+from payments.npci.switch import SwitchClient
+from payments.npci_handler import NpciHandler
+
+__all__ = ["Engine", "Role", "all_migrations", "database_url"]
+
+_log = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    ALL = "all"
+    GATEWAY = "gateway"
+    RELAY = "relay"
+    SWITCH = "switch"
+
+
+def all_migrations() -> list[Migration]:
+    return [
+        *core_migrations.MIGRATIONS,
+        *payments_migrations.MIGRATIONS,
+        *api_migrations.MIGRATIONS,
+    ]
+
+
+def database_url(settings: Settings) -> str:
+    """``UPI_DATABASE_URL``, or the embedded server's (started or joined). Blocking."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded_database_url(settings.data_dir)
+
+
+def _expand(roles: Sequence[Role]) -> frozenset[Role]:
+    if Role.ALL in roles or not roles:
+        return frozenset({Role.GATEWAY, Role.RELAY, Role.SWITCH})
+    return frozenset(roles)
+
+
+@dataclass
+class Engine:
+    """Everything a process runs, built from settings. Tests build it with fakes or reals."""
+
+    settings: Settings
+    roles: frozenset[Role]
+    db: Database
+    master_key: MasterKey
+    clock: Clock = field(default_factory=SystemClock)
+    switch: SwitchClient | None = None
+    bus: EventBus | None = None
+    relay: OutboxRelay | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        roles: Sequence[Role] = (Role.ALL,),
+        *,
+        url: str | None = None,
+        clock: Clock | None = None,
+        switch: SwitchClient | None = None,
+    ) -> Engine:
+        expanded = _expand(roles)
+        if settings.bus is BusKind.MEMORY and expanded != _expand([Role.ALL]):
+            raise ConfigError(
+                "UPI_BUS: the in-process bus runs every role in one process;"
+                " use --role all, or UPI_BUS=kafka for one role per process"
+            )
+        master_key = load_master_key(settings)
+        db = Database(url or database_url(settings), pool_size=settings.db_pool_size)
+        return cls(
+            settings=settings,
+            roles=expanded,
+            db=db,
+            master_key=master_key,
+            clock=clock or SystemClock(),
+            switch=switch,
+        )
+
+    def _make_bus(self) -> EventBus:
+        policy = RetryPolicy(
+            max_attempts=self.settings.consumer_max_attempts,
+            base_delay=self.settings.consumer_retry_base_s,
+        )
+        table = TableDeadLetters(self.db)
+        if self.settings.bus is BusKind.KAFKA:
+            from core.bus.kafka import KafkaBus
+
+            return KafkaBus(self.settings, table, policy)
+        return MemoryBus(table, policy)
+
+    async def start(self) -> None:
+        await migrate(self.db, all_migrations())
+        bus = self._make_bus()
+        self.bus = bus
+        if Role.SWITCH in self.roles:
+            switch = self.switch or MockSwitch(self.db)
+            self.switch = switch
+            bus.subscribe(NpciHandler(self.db, switch, self.clock).subscription())
+        await bus.start()
+        if Role.RELAY in self.roles:
+            self.relay = OutboxRelay(
+                self.db,
+                bus.publish,
+                batch_size=self.settings.relay_batch_size,
+                poll_interval=self.settings.relay_poll_interval_s,
+            )
+            self._spawn(self.relay.run(), "outbox-relay")
+            self._spawn(self._watch_backlog(), "backlog-gauge")
+        _log.info(
+            "engine started",
+            extra={"roles": sorted(r.value for r in self.roles), "bus": self.settings.bus.value},
+        )
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.append(task)
+
+    async def _watch_backlog(self) -> None:
+        while True:
+            if self.relay is not None:
+                with contextlib.suppress(Exception):
+                    OUTBOX_BACKLOG.set(await self.relay.backlog())
+            await asyncio.sleep(5)
+
+    def outbox_committed(self) -> None:
+        """Wake the relay early when it runs in this process."""
+        if self.relay is not None:
+            self.relay.wake()
+
+    async def ready(self) -> dict[str, bool]:
+        checks = {"database": await self.db.ping()}
+        if self.relay is not None:
+            checks["relay_running"] = any(
+                t.get_name() == "outbox-relay" and not t.done() for t in self._tasks
+            )
+        return checks
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+        for task in self._tasks:
+            if task.get_name() != "outbox-relay":
+                task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)
+        if self.bus is not None:
+            await self.bus.stop()
+        await self.db.close()

@@ -1,0 +1,149 @@
+"""The ``upi-engine`` command line (SPEC §3). Exit codes: 0 ok, 1 a check failed, 2 bad
+usage or configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import sys
+from typing import Annotated, NoReturn
+
+import orjson
+import typer
+from rich.console import Console
+
+from api.auth import Role as PrincipalRole
+from api.auth import issue_token
+from api.bootstrap import Engine, Role, database_url
+from core.config import Settings, load_settings
+from core.errors import ConfigError
+from core.ids import new_merchant_id
+from core.logging import configure_logging
+from core.pii import VPA_PATTERN
+from core.storage import migrate, plain_url
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="UPI payment event engine")
+merchant_app = typer.Typer(no_args_is_help=True, help="Merchants")
+db_app = typer.Typer(no_args_is_help=True, help="Database")
+app.add_typer(merchant_app, name="merchant")
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail_config(exc: ConfigError) -> NoReturn:
+    err.print(f"error: {exc}", markup=False, highlight=False)
+    raise typer.Exit(2)
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        _fail_config(exc)
+    configure_logging(settings.log_level)
+    return settings
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    role: Annotated[list[Role] | None, typer.Option(help="Roles to run (repeatable)")] = None,
+) -> None:
+    """Run the API and/or workers."""
+    import uvicorn
+
+    from api.http import create_app
+
+    settings = _settings()
+    try:
+        engine = Engine.build(settings, role or [Role.ALL])
+    except ConfigError as exc:
+        _fail_config(exc)
+    config = uvicorn.Config(
+        create_app(engine),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
+
+
+async def _create_merchant(
+    settings: Settings, name: str, vpa: str, mcc: str, webhook_url: str | None
+) -> dict[str, str]:
+    from payments.merchants import Merchant, insert_merchant
+
+    engine = Engine.build(settings, [Role.ALL])
+    try:
+        from api.bootstrap import all_migrations
+
+        await migrate(engine.db, all_migrations())
+        merchant_id = new_merchant_id()
+        webhook_secret = "whsec_" + base64.urlsafe_b64encode(os.urandom(32)).decode()
+        sealed = engine.master_key.seal(webhook_secret.encode(), merchant_id.encode())
+        async with engine.db.transaction() as conn:
+            await insert_merchant(
+                conn, Merchant(merchant_id, name, vpa.lower(), mcc, webhook_url), sealed
+            )
+            api_key = await issue_token(
+                conn,
+                principal_id=merchant_id,
+                role=PrincipalRole.MERCHANT,
+                name=name,
+                merchant_id=merchant_id,
+            )
+    finally:
+        await engine.db.close()
+    return {"merchant_id": merchant_id, "api_key": api_key, "webhook_secret": webhook_secret}
+
+
+@merchant_app.command("create")
+def merchant_create(
+    name: Annotated[str, typer.Option(help="Merchant's display name")],
+    vpa: Annotated[str, typer.Option(help="Merchant's collecting VPA")],
+    mcc: Annotated[str, typer.Option(help="Merchant category code")] = "5411",
+    webhook_url: Annotated[str | None, typer.Option(help="Final-status webhook URL")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Create a merchant; prints its API key and webhook secret (shown once)."""
+    if not VPA_PATTERN.match(vpa):
+        err.print("error: --vpa: not a valid VPA (local-part@handle)")
+        raise typer.Exit(2)
+    if not (mcc.isdigit() and len(mcc) == 4):
+        err.print("error: --mcc: must be 4 digits")
+        raise typer.Exit(2)
+    settings = _settings()
+    try:
+        created = asyncio.run(_create_merchant(settings, name, vpa, mcc, webhook_url))
+    except ConfigError as exc:
+        _fail_config(exc)
+    if json:
+        sys.stdout.write(orjson.dumps(created).decode() + "\n")
+        return
+    out.print(f"merchant_id     {created['merchant_id']}")
+    out.print(f"api_key         {created['api_key']}")
+    out.print(f"webhook_secret  {created['webhook_secret']}")
+    out.print("[yellow]The API key and webhook secret are shown once. Store them now.[/]")
+
+
+@db_app.command("url")
+def db_url() -> None:
+    """Print the database URL in use (starts the embedded server if needed)."""
+    settings = _settings()
+    try:
+        url = database_url(settings)
+    except ConfigError as exc:
+        _fail_config(exc)
+    sys.stdout.write(plain_url(url) + "\n")
+
+
+def main() -> None:
+    app()

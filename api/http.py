@@ -1,0 +1,200 @@
+"""The HTTP API (SPEC §4). Thin: routers build a command, call the service, map errors once."""
+
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.auth import Principal, Role, authenticate
+from api.bootstrap import Engine
+from api.bootstrap import Role as EngineRole
+from api.problems import CODES, Problem, install_problem_handlers
+from api.schemas import CreatePaymentRequest, PaymentAccepted, PaymentList, PaymentView
+from core.events import DeviceInfo
+from core.metrics import HTTP_REQUESTS
+from payments import service
+
+__all__ = ["create_app"]
+
+_bearer = HTTPBearer(auto_error=False, description="API key or auditor/operator token")
+
+
+def _problem_doc(*codes: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        CODES[c][0]: {
+            "description": CODES[c][1],
+            "content": {
+                "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+        for c in codes
+    }
+
+
+def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            await engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                await engine.stop()
+
+    app = FastAPI(
+        title="upi-engine",
+        version="0.1.0",
+        description="UPI payment event engine: collect money from a payer's VPA.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+
+    @app.middleware("http")
+    async def _timing(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).observe(
+            time.perf_counter() - start
+        )
+        return response
+
+    async def principal(
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        if creds is None:
+            raise Problem("unauthenticated")
+        found = await authenticate(engine.db, creds.credentials)
+        if found is None:
+            raise Problem("unauthenticated")
+        return found
+
+    async def merchant(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        if who.role is not Role.MERCHANT or who.merchant_id is None:
+            raise Problem("forbidden", "merchant API key required")
+        return who
+
+    ops = APIRouter(tags=["operations"])
+
+    @ops.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @ops.get("/readyz", responses=_problem_doc("service_unavailable"))
+    async def readyz() -> Response:
+        checks = await engine.ready()
+        ok = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "not_ready", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @ops.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(ops)
+
+    payments = APIRouter(prefix="/v1/payments", tags=["payments"])
+    auth_errors = ("unauthenticated", "forbidden")
+
+    @payments.post(
+        "",
+        status_code=202,
+        response_model=PaymentAccepted,
+        responses=_problem_doc(
+            *auth_errors, "validation_error", "idempotency_key_missing", "idempotency_conflict"
+        ),
+    )
+    async def create_payment(
+        request: Request,
+        body: CreatePaymentRequest,
+        who: Annotated[Principal, Depends(merchant)],
+        idempotency_key: Annotated[
+            str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
+        ] = None,
+    ) -> JSONResponse:
+        if not idempotency_key:
+            raise Problem("idempotency_key_missing")
+        assert who.merchant_id is not None
+        raw = orjson.loads(await request.body())
+        cmd = service.InitiatePayment(
+            merchant_id=who.merchant_id,
+            idempotency_key=idempotency_key,
+            request_hash=service.request_hash(raw),
+            payer_vpa=body.payer_vpa,
+            payee_vpa=body.payee_vpa,
+            amount_paise=body.amount_paise,
+            merchant_order_id=body.merchant_order_id,
+            note=body.note,
+            device=DeviceInfo(**body.device.model_dump()) if body.device else None,
+        )
+        result = await service.initiate_payment(engine.db, cmd, engine.clock)
+        if not result.replayed:
+            engine.outbox_committed()
+        headers = {"Idempotent-Replayed": "true"} if result.replayed else None
+        return JSONResponse(result.body, status_code=result.status_code, headers=headers)
+
+    @payments.get(
+        "/{transaction_id}",
+        response_model=PaymentView,
+        responses=_problem_doc(*auth_errors, "not_found"),
+    )
+    async def get_payment(
+        transaction_id: str, who: Annotated[Principal, Depends(merchant)]
+    ) -> PaymentView:
+        assert who.merchant_id is not None
+        payment = await service.get_payment(engine.db, who.merchant_id, transaction_id)
+        return PaymentView.of(payment)
+
+    @payments.get("", response_model=PaymentList, responses=_problem_doc(*auth_errors))
+    async def list_payments(
+        who: Annotated[Principal, Depends(merchant)],
+        merchant_order_id: Annotated[str, Query(min_length=1, max_length=64)],
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> PaymentList:
+        assert who.merchant_id is not None
+        found = await service.list_payments(
+            engine.db, who.merchant_id, merchant_order_id, limit=limit + 1, after=cursor
+        )
+        page = found[:limit]
+        next_cursor = page[-1].transaction_id if len(found) > limit else None
+        return PaymentList(items=[PaymentView.of(p) for p in page], next_cursor=next_cursor)
+
+    if EngineRole.GATEWAY in engine.roles:
+        app.include_router(payments)
+
+    original_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original_openapi()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = {
+            "type": "object",
+            "required": ["type", "title", "status", "code"],
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "code": {"type": "string", "enum": sorted(CODES)},
+                "detail": {"type": "string"},
+            },
+        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

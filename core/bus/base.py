@@ -1,0 +1,60 @@
+"""The bus port."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from core.events import Envelope
+
+__all__ = ["DeadLetter", "DeadLetterSink", "EventBus", "Handler", "Subscription"]
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A consumer group: ``handler`` sees every event of ``topics`` (of ``event_types``, if set).
+
+    Handlers must be idempotent (inbox row in the effect's transaction): delivery is at
+    least once. Events sharing a partition key are handled in order; different keys may
+    be handled concurrently, up to ``concurrency``.
+    """
+
+    consumer: str
+    topics: tuple[str, ...]
+    handler: Handler
+    event_types: frozenset[str] | None = None
+    concurrency: int = 64
+
+    def wants(self, envelope: Envelope) -> bool:
+        return self.event_types is None or envelope.event_type in self.event_types
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    consumer: str
+    topic: str
+    raw: bytes
+    reason: str
+    attempts: int
+    event_id: uuid.UUID | None = None
+    event_type: str | None = None
+
+
+class DeadLetterSink(Protocol):
+    async def dead_letter(self, letter: DeadLetter) -> None: ...
+
+
+class EventBus(Protocol):
+    def subscribe(self, subscription: Subscription) -> None:
+        """Register a consumer group (before :meth:`start`)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Returns once the batch is durably accepted (memory: handled by every subscriber)."""

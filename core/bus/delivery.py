@@ -1,0 +1,123 @@
+"""Delivery shared by both backends: decode, filter, retry with backoff, dead-letter.
+
+A message is *settled* when its handler succeeded or it went to dead letters; only then
+may the backend advance (memory: the relay position; Kafka: the committed offset). A
+:class:`~core.errors.PoisonMessage` skips the retries; any other error is retried with
+exponential backoff and jitter, ``max_attempts`` times in all, then dead-lettered with
+its reason, and the consumer keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from core.bus.base import DeadLetter, DeadLetterSink, Subscription
+from core.errors import PoisonMessage
+from core.events import Envelope
+from core.metrics import CONSUMER_EVENTS, DEAD_LETTERS
+
+__all__ = ["Delivery", "RetryPolicy", "deliver_batch"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        capped: float = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        return random.uniform(capped / 2, capped)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as a backend received it: raw bytes, decoded lazily."""
+
+    topic: str
+    key: str
+    raw: bytes = b""
+    envelope: Envelope | None = None
+
+
+async def _settle(
+    sub: Subscription, item: Delivery, sink: DeadLetterSink, policy: RetryPolicy
+) -> None:
+    envelope = item.envelope
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            if envelope is None:
+                envelope = Envelope.from_bytes(item.raw)
+            if not sub.wants(envelope):
+                return
+            await sub.handler(envelope)
+            CONSUMER_EVENTS.labels(sub.consumer, "ok").inc()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            poison = isinstance(exc, PoisonMessage)
+            if poison or attempt >= policy.max_attempts:
+                reason = f"{type(exc).__name__}: {exc}"
+                await sink.dead_letter(
+                    DeadLetter(
+                        consumer=sub.consumer,
+                        topic=item.topic,
+                        raw=item.raw or (envelope.to_bytes() if envelope else b""),
+                        reason=reason[:2000],
+                        attempts=attempt,
+                        event_id=envelope.event_id if envelope else None,
+                        event_type=envelope.event_type if envelope else None,
+                    )
+                )
+                CONSUMER_EVENTS.labels(sub.consumer, "dead_lettered").inc()
+                DEAD_LETTERS.labels(sub.consumer).inc()
+                _log.error(
+                    "dead-lettered",
+                    extra={
+                        "consumer": sub.consumer,
+                        "reason": reason,
+                        "transaction_id": envelope.transaction_id if envelope else None,
+                    },
+                )
+                return
+            CONSUMER_EVENTS.labels(sub.consumer, "retried").inc()
+            _log.warning(
+                "handler failed, retrying",
+                extra={"consumer": sub.consumer, "attempt": attempt, "error": repr(exc)},
+            )
+            await asyncio.sleep(policy.delay(attempt))
+
+
+async def deliver_batch(
+    sub: Subscription,
+    items: Sequence[Delivery],
+    sink: DeadLetterSink,
+    policy: RetryPolicy,
+) -> None:
+    """Settle every item. Same key → in order; different keys → concurrently (bounded)."""
+    lanes: dict[str, list[Delivery]] = defaultdict(list)
+    for item in items:
+        lanes[item.key].append(item)
+    gate = asyncio.Semaphore(sub.concurrency)
+
+    async def run_lane(lane: list[Delivery]) -> None:
+        async with gate:
+            for item in lane:
+                await _settle(sub, item, sink, policy)
+
+    if len(lanes) == 1:
+        await run_lane(next(iter(lanes.values())))
+        return
+    async with asyncio.TaskGroup() as group:
+        for lane in lanes.values():
+            group.create_task(run_lane(lane))

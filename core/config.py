@@ -1,0 +1,85 @@
+"""Settings: environment variables with the ``UPI_`` prefix (SPEC §2), or a ``.env`` file.
+
+A bad value must stop the process at start with one line that names the variable;
+:func:`load_settings` turns pydantic's validation error into a :class:`ConfigError`
+whose message is that line, and the CLI exits with code 2 on it.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
+
+__all__ = ["BusKind", "Settings", "load_settings"]
+
+
+class BusKind(StrEnum):
+    MEMORY = "memory"
+    KAFKA = "kafka"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="UPI_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    database_url: str | None = None
+    data_dir: Path = Path("./.upi-engine")
+    bus: BusKind = BusKind.MEMORY
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    # Idempotent producers are right for real Kafka; the Tansu test broker refuses
+    # InitProducerId, so the tests turn this off.
+    kafka_idempotence: bool = True
+    kafka_partitions: Annotated[int, Field(ge=1, le=1024)] = 6
+    kafka_topic_prefix: str = "upi"
+    master_key: str | None = None
+    master_key_file: Path | None = None
+    npci_url: str | None = None
+    # NPCI timings (SPEC §5), seconds; the tests scale them down.
+    npci_pay_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+    npci_check_status_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    log_level: str = "INFO"
+    relay_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
+    relay_poll_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.05
+    consumer_max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    consumer_retry_base_s: Annotated[float, Field(gt=0, le=60)] = 0.2
+    db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
+
+    @field_validator("database_url")
+    @classmethod
+    def _asyncpg_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, or raise :class:`ConfigError` naming the first bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        value = first.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        raise ConfigError(f"UPI_{field.upper()}: {first['msg']}{shown}") from None

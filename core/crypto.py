@@ -1,0 +1,71 @@
+"""The master key (SPEC §2) and small AES-256-GCM helpers for secrets at rest.
+
+The master key comes from ``UPI_MASTER_KEY`` (base64 of 32 bytes) or ``UPI_MASTER_KEY_FILE``.
+The embedded default generates one into the data dir with mode 0600 and says so. It never
+lands in the repository.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from core.config import Settings
+from core.errors import ConfigError
+
+__all__ = ["MasterKey", "load_master_key"]
+
+_log = logging.getLogger(__name__)
+
+
+class MasterKey:
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("master key must be 32 bytes")
+        self._aead = AESGCM(key)
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        return self._aead.decrypt(sealed[:12], sealed[12:], aad)
+
+    def __repr__(self) -> str:
+        return "MasterKey(<redacted>)"
+
+
+def _decode(value: str, variable: str) -> bytes:
+    try:
+        key = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{variable}: not valid base64") from None
+    if len(key) != 32:
+        raise ConfigError(f"{variable}: must decode to 32 bytes (got {len(key)})")
+    return key
+
+
+def load_master_key(settings: Settings) -> MasterKey:
+    if settings.master_key:
+        return MasterKey(_decode(settings.master_key, "UPI_MASTER_KEY"))
+    if settings.master_key_file:
+        try:
+            text = Path(settings.master_key_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"UPI_MASTER_KEY_FILE: cannot read: {exc.strerror}") from None
+        return MasterKey(_decode(text, "UPI_MASTER_KEY_FILE"))
+    if not settings.embedded:
+        raise ConfigError("UPI_MASTER_KEY: required when UPI_DATABASE_URL is set")
+    path = settings.data_dir.expanduser().resolve() / "master.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
+        _log.warning("generated a new master key at %s (mode 0600); back it up", path)
+    return MasterKey(_decode(path.read_text(), f"UPI_MASTER_KEY_FILE ({path})"))

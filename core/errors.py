@@ -1,0 +1,74 @@
+"""The project's exception tree. Adapters translate driver errors into these.
+
+UpiError
+├── ConfigError              bad setting; the CLI exits 2
+├── DomainError              a business rule refused the request
+│   ├── InvalidTransition    a payment state change the state machine forbids
+│   ├── IdempotencyConflict  same Idempotency-Key, different request
+│   └── NotFound             no such payment/merchant (or not yours)
+├── StorageError             the database failed or is unreachable
+├── BusError                 the event bus failed
+│   └── PoisonMessage        an event no retry can fix (bad bytes, unknown type)
+└── SwitchError              the NPCI switch could not be reached or answered badly
+    └── SwitchTimeout        no answer within the NPCI leg timeout (payment is DEEMED)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BusError",
+    "ConfigError",
+    "DomainError",
+    "IdempotencyConflict",
+    "InvalidTransition",
+    "NotFound",
+    "PoisonMessage",
+    "StorageError",
+    "SwitchError",
+    "SwitchTimeout",
+    "UpiError",
+]
+
+
+class UpiError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(UpiError):
+    pass
+
+
+class DomainError(UpiError):
+    code = "domain_error"
+
+
+class InvalidTransition(DomainError):
+    code = "invalid_transition"
+
+
+class IdempotencyConflict(DomainError):
+    code = "idempotency_conflict"
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class StorageError(UpiError):
+    pass
+
+
+class BusError(UpiError):
+    pass
+
+
+class PoisonMessage(BusError):
+    """Raised for a message that can never be handled; it goes straight to dead letters."""
+
+
+class SwitchError(UpiError):
+    pass
+
+
+class SwitchTimeout(SwitchError):
+    pass

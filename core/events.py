@@ -1,0 +1,432 @@
+"""The event envelope and the published event contracts of every context.
+
+Events are frozen pydantic models with a wire ``name`` and an integer ``version``; they
+travel inside an :class:`Envelope` (event id, type, version, UTC time, correlation =
+transaction id, causation, partition key). Stored or published bytes are never rewritten:
+when a contract changes, its version goes up and an upcaster turns old payloads into the
+new shape on read (:meth:`EventRegistry.decode`).
+
+Topics group events by the context that publishes them; the partition key is a hash of
+the payer's VPA so that per-payer state (velocity windows, ordering) stays on one partition.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.errors import PoisonMessage
+from core.ids import new_event_id
+from core.money import Paise, PositivePaise
+from core.pii import Vpa
+
+__all__ = [
+    "CATALOGUE",
+    "AuditAccessed",
+    "DeviceInfo",
+    "Envelope",
+    "Event",
+    "EventRegistry",
+    "FailoverCompleted",
+    "FailoverStarted",
+    "FraudAssessed",
+    "FraudDecision",
+    "PaymentBlocked",
+    "PaymentDeemed",
+    "PaymentFailed",
+    "PaymentInitiated",
+    "PaymentReversed",
+    "PaymentSubmitted",
+    "PaymentSucceeded",
+    "PaymentVerificationRequired",
+    "PaymentVerified",
+    "PhaseTiming",
+    "RefundFailed",
+    "RefundInitiated",
+    "RefundSucceeded",
+    "SettlementClosed",
+    "Topic",
+]
+
+
+class Topic(StrEnum):
+    PAYMENTS = "payments"
+    FRAUD = "fraud"
+    AUDIT = "audit"
+    SETTLEMENT = "settlement"
+    DR = "dr"
+
+
+class Event(BaseModel):
+    """Base of every published contract."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    topic: ClassVar[Topic]
+
+
+# --------------------------------------------------------------------------- payments
+
+
+class DeviceInfo(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    ip: str | None = Field(default=None, max_length=45)
+    latitude: float | None = Field(default=None, ge=-90, le=90)
+    longitude: float | None = Field(default=None, ge=-180, le=180)
+    os: str | None = Field(default=None, max_length=64)
+    app_version: str | None = Field(default=None, max_length=32)
+    emulator: bool | None = None
+    rooted: bool | None = None
+
+
+class _PaymentEvent(Event):
+    topic: ClassVar[Topic] = Topic.PAYMENTS
+    transaction_id: str
+    merchant_id: str
+
+
+class PaymentInitiated(_PaymentEvent):
+    name: ClassVar[str] = "PaymentInitiated"
+    merchant_order_id: str
+    payer_vpa: Vpa
+    payee_vpa: Vpa
+    amount_paise: PositivePaise
+    currency: Literal["INR"] = "INR"
+    note: str | None = None
+    device: DeviceInfo | None = None
+    initiated_at: datetime
+
+
+class PaymentVerificationRequired(_PaymentEvent):
+    name: ClassVar[str] = "PaymentVerificationRequired"
+    expires_at: datetime
+
+
+class PaymentVerified(_PaymentEvent):
+    name: ClassVar[str] = "PaymentVerified"
+    method: str
+
+
+class PaymentSubmitted(_PaymentEvent):
+    name: ClassVar[str] = "PaymentSubmitted"
+    payer_vpa: Vpa
+    payee_vpa: Vpa
+    amount_paise: PositivePaise
+    submitted_at: datetime
+
+
+class PaymentDeemed(_PaymentEvent):
+    name: ClassVar[str] = "PaymentDeemed"
+    response_code: str
+    deemed_at: datetime
+
+
+class _PaymentFinal(_PaymentEvent):
+    amount_paise: PositivePaise
+    response_code: str
+    rrn: str | None = None
+    completed_at: datetime
+
+
+class PaymentSucceeded(_PaymentFinal):
+    name: ClassVar[str] = "PaymentSucceeded"
+    payer_vpa: Vpa
+    payee_vpa: Vpa
+    payer_bank: str
+    payee_bank: str
+
+
+class PaymentFailed(_PaymentFinal):
+    name: ClassVar[str] = "PaymentFailed"
+    reason: str
+
+
+class PaymentBlocked(_PaymentFinal):
+    name: ClassVar[str] = "PaymentBlocked"
+    reasons: tuple[str, ...] = ()
+
+
+class PaymentReversed(_PaymentFinal):
+    name: ClassVar[str] = "PaymentReversed"
+    payer_vpa: Vpa
+    payer_bank: str
+
+
+class _RefundEvent(_PaymentEvent):
+    refund_id: str
+    amount_paise: PositivePaise
+
+
+class RefundInitiated(_RefundEvent):
+    name: ClassVar[str] = "RefundInitiated"
+    initiated_at: datetime
+
+
+class RefundSucceeded(_RefundEvent):
+    name: ClassVar[str] = "RefundSucceeded"
+    response_code: str
+    rrn: str
+    payer_bank: str
+    payee_bank: str
+    completed_at: datetime
+
+
+class RefundFailed(_RefundEvent):
+    name: ClassVar[str] = "RefundFailed"
+    response_code: str
+    reason: str
+    completed_at: datetime
+
+
+# --------------------------------------------------------------------------- fraud
+
+
+class FraudDecision(StrEnum):
+    ALLOW = "ALLOW"
+    STEP_UP = "STEP_UP"
+    BLOCK = "BLOCK"
+
+
+class FraudAssessed(Event):
+    name: ClassVar[str] = "FraudAssessed"
+    topic: ClassVar[Topic] = Topic.FRAUD
+    transaction_id: str
+    decision: FraudDecision
+    score: float = Field(ge=0, le=1)
+    scores: dict[str, float]
+    reasons: tuple[str, ...] = ()
+    model_version: str
+    skipped: tuple[str, ...] = ()
+    assessed_at: datetime
+
+
+# --------------------------------------------------------------------------- audit
+
+
+class AuditAccessed(Event):
+    name: ClassVar[str] = "AuditAccessed"
+    topic: ClassVar[Topic] = Topic.AUDIT
+    principal_id: str
+    principal_name: str
+    action: str
+    resource: str
+    accessed_at: datetime
+
+
+# --------------------------------------------------------------------------- settlement
+
+
+class SettlementClosed(Event):
+    name: ClassVar[str] = "SettlementClosed"
+    topic: ClassVar[Topic] = Topic.SETTLEMENT
+    business_date: str
+    cycle: int
+    payments: int
+    gross_paise: Paise
+    refunds_paise: Paise
+    closed_at: datetime
+
+
+# --------------------------------------------------------------------------- dr
+
+
+class PhaseTiming(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    seconds: float
+    ok: bool = True
+    detail: str | None = None
+
+
+class FailoverStarted(Event):
+    name: ClassVar[str] = "FailoverStarted"
+    topic: ClassVar[Topic] = Topic.DR
+    old_primary: str
+    reason: str
+    started_at: datetime
+
+
+class FailoverCompleted(Event):
+    name: ClassVar[str] = "FailoverCompleted"
+    topic: ClassVar[Topic] = Topic.DR
+    old_primary: str
+    new_primary: str
+    phases: tuple[PhaseTiming, ...]
+    completed_at: datetime
+
+
+# --------------------------------------------------------------------------- envelope
+
+E = TypeVar("E", bound=Event)
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What travels on the bus and sits in the outbox. ``payload`` is JSON-ready."""
+
+    event_id: uuid.UUID
+    event_type: str
+    version: int
+    occurred_at: datetime
+    topic: str
+    partition_key: str
+    payload: dict[str, Any]
+    transaction_id: str | None = None
+    causation_id: uuid.UUID | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def wrap(
+        cls,
+        event: Event,
+        *,
+        partition_key: str,
+        occurred_at: datetime | None = None,
+        causation_id: uuid.UUID | None = None,
+    ) -> Envelope:
+        return cls(
+            event_id=new_event_id(),
+            event_type=event.name,
+            version=event.version,
+            occurred_at=occurred_at or datetime.now(UTC),
+            topic=event.topic.value,
+            partition_key=partition_key,
+            payload=event.model_dump(mode="json"),
+            transaction_id=getattr(event, "transaction_id", None),
+            causation_id=causation_id,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "event_id": str(self.event_id),
+            "event_type": self.event_type,
+            "version": self.version,
+            "occurred_at": self.occurred_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "topic": self.topic,
+            "partition_key": self.partition_key,
+            "transaction_id": self.transaction_id,
+            "causation_id": str(self.causation_id) if self.causation_id else None,
+            "payload": self.payload,
+        }
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Envelope:
+        try:
+            occurred = datetime.fromisoformat(data["occurred_at"])
+            return cls(
+                event_id=uuid.UUID(data["event_id"]),
+                event_type=data["event_type"],
+                version=int(data["version"]),
+                occurred_at=occurred if occurred.tzinfo else occurred.replace(tzinfo=UTC),
+                topic=data["topic"],
+                partition_key=data["partition_key"],
+                transaction_id=data.get("transaction_id"),
+                causation_id=uuid.UUID(data["causation_id"]) if data.get("causation_id") else None,
+                payload=dict(data["payload"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PoisonMessage(f"malformed envelope: {exc!r}") from None
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Envelope:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise PoisonMessage(f"not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise PoisonMessage("envelope is not a JSON object")
+        return cls.from_dict(data)
+
+
+class EventRegistry:
+    """Wire name → current contract, plus the upcasters from older versions."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Event]] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+
+    def register(self, event_type: type[E]) -> type[E]:
+        self._types[event_type.name] = event_type
+        return event_type
+
+    def upcaster(self, name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+        """Register ``fn(payload_v_n) -> payload_v_n+1``."""
+
+        def deco(fn: Upcaster) -> Upcaster:
+            self._upcasters[(name, from_version)] = fn
+            return fn
+
+        return deco
+
+    def type_of(self, name: str) -> type[Event]:
+        try:
+            return self._types[name]
+        except KeyError:
+            raise PoisonMessage(f"unknown event type {name!r}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+    def decode(self, envelope: Envelope) -> Event:
+        """The typed event of an envelope, upcast to the current version."""
+        event_type = self.type_of(envelope.event_type)
+        payload = envelope.payload
+        version = envelope.version
+        if version > event_type.version:
+            raise PoisonMessage(
+                f"{envelope.event_type} v{version} is newer than this build (v{event_type.version})"
+            )
+        while version < event_type.version:
+            step = self._upcasters.get((envelope.event_type, version))
+            if step is None:
+                raise PoisonMessage(f"no upcaster for {envelope.event_type} v{version}")
+            payload = step(dict(payload))
+            version += 1
+        try:
+            return event_type.model_validate(payload)
+        except ValueError as exc:
+            raise PoisonMessage(f"{envelope.event_type} payload invalid: {exc}") from None
+
+    def decode_as(self, envelope: Envelope, expected: type[E]) -> E:
+        event = self.decode(envelope)
+        if not isinstance(event, expected):
+            raise PoisonMessage(f"expected {expected.name}, got {envelope.event_type}")
+        return event
+
+
+CATALOGUE = EventRegistry()
+for _event in (
+    PaymentInitiated,
+    PaymentVerificationRequired,
+    PaymentVerified,
+    PaymentSubmitted,
+    PaymentDeemed,
+    PaymentSucceeded,
+    PaymentFailed,
+    PaymentBlocked,
+    PaymentReversed,
+    RefundInitiated,
+    RefundSucceeded,
+    RefundFailed,
+    FraudAssessed,
+    AuditAccessed,
+    SettlementClosed,
+    FailoverStarted,
+    FailoverCompleted,
+):
+    CATALOGUE.register(_event)

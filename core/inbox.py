@@ -1,0 +1,39 @@
+"""Inbox: one (consumer, event_id) row written in the same transaction as a consumer's effect.
+
+A redelivered event finds its row and changes nothing. Two concurrent deliveries of one
+event (a Kafka rebalance) serialise on the primary key: the second insert waits for the
+first transaction, then finds the row.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = ["already_processed", "claim"]
+
+
+async def claim(conn: AsyncConnection, consumer: str, event_id: uuid.UUID) -> bool:
+    """Record that ``consumer`` handles ``event_id`` in this transaction; False if done before."""
+    row = (
+        await conn.execute(
+            text(
+                "INSERT INTO inbox (consumer, event_id) VALUES (:c, :e)"
+                " ON CONFLICT DO NOTHING RETURNING 1"
+            ),
+            {"c": consumer, "e": event_id},
+        )
+    ).first()
+    return row is not None
+
+
+async def already_processed(conn: AsyncConnection, consumer: str, event_id: uuid.UUID) -> bool:
+    row = (
+        await conn.execute(
+            text("SELECT 1 FROM inbox WHERE consumer = :c AND event_id = :e"),
+            {"c": consumer, "e": event_id},
+        )
+    ).first()
+    return row is not None

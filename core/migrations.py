@@ -1,0 +1,43 @@
+"""Tables of the shared kernel: outbox, inbox, dead letters."""
+
+from core.storage import Migration
+
+MIGRATIONS = [
+    Migration(
+        "core.0001_outbox_inbox",
+        """
+        CREATE TABLE outbox (
+            id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id      uuid NOT NULL UNIQUE,
+            topic         text NOT NULL,
+            partition_key text NOT NULL,
+            event_type    text NOT NULL,
+            envelope      bytea NOT NULL,
+            created_at    timestamptz NOT NULL DEFAULT now()
+        );
+        -- How far each relay destination has published, by outbox id.
+        CREATE TABLE outbox_position (
+            destination text PRIMARY KEY,
+            last_id     bigint NOT NULL,
+            updated_at  timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE inbox (
+            consumer     text NOT NULL,
+            event_id     uuid NOT NULL,
+            processed_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (consumer, event_id)
+        );
+        CREATE TABLE dead_letters (
+            id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            consumer    text NOT NULL,
+            topic       text NOT NULL,
+            event_id    uuid,
+            event_type  text,
+            raw         bytea NOT NULL,
+            reason      text NOT NULL,
+            attempts    int NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+]

@@ -1,0 +1,182 @@
+"""Transactional outbox: events are rows written in the same transaction as the business rows.
+
+Commit order. A relay reads ``outbox`` by ``id`` and remembers the last id it published. That
+is only safe if ids become visible in increasing order: with plain concurrent inserts, a
+transaction that took id 7 may commit after one that took id 8, and a relay that already
+moved past 8 would skip 7 for ever. Like the eventsourcing library's PostgreSQL recorder
+(``_lock_table``), we serialise the *insertion* of outbox rows: each writer takes one
+transaction-scoped advisory lock just before inserting its rows, and holds it until it
+commits. Ids are drawn after the lock is held, so they are handed out in commit order,
+and a reader can never see id N+1 before id N is committed or rolled back. The lock is
+taken at the very end of the unit of work, so only the insert and the commit are serialised.
+
+Several relays. Only one relay publishes at a time: a session-level advisory lock elects
+the active relay and the others stand by, taking over if it dies (its connection closes
+and PostgreSQL releases the lock). That keeps the published order the commit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.events import Envelope
+from core.storage import Database
+
+__all__ = ["OUTBOX_WRITE_LOCK", "OutboxRelay", "append_to_outbox"]
+
+_log = logging.getLogger(__name__)
+OUTBOX_WRITE_LOCK = 0x5550_4F42  # "UPOB"
+_RELAY_LEADER_LOCK = 0x5550_524C  # "UPRL"
+
+_INSERT = text(
+    "INSERT INTO outbox (event_id, topic, partition_key, event_type, envelope)"
+    " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:topics AS text[]),"
+    " CAST(:keys AS text[]), CAST(:types AS text[]), CAST(:envs AS bytea[]))"
+)
+
+
+async def append_to_outbox(conn: AsyncConnection, envelopes: Sequence[Envelope]) -> None:
+    """Add events to the current transaction's outbox. Call it last in the unit of work."""
+    if not envelopes:
+        return
+    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": OUTBOX_WRITE_LOCK})
+    await conn.execute(
+        _INSERT,
+        {
+            "ids": [str(e.event_id) for e in envelopes],
+            "topics": [e.topic for e in envelopes],
+            "keys": [e.partition_key for e in envelopes],
+            "types": [e.event_type for e in envelopes],
+            "envs": [e.to_bytes() for e in envelopes],
+        },
+    )
+
+
+Publish = Callable[[Sequence[Envelope]], Awaitable[None]]
+
+
+class OutboxRelay:
+    """Publishes outbox rows in id (= commit) order, in batches, at least once."""
+
+    def __init__(
+        self,
+        db: Database,
+        publish: Publish,
+        *,
+        destination: str = "bus",
+        batch_size: int = 500,
+        poll_interval: float = 0.05,
+    ) -> None:
+        self._db = db
+        self._publish = publish
+        self._destination = destination
+        self._batch_size = batch_size
+        self._poll = poll_interval
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.is_leader = False
+        self.published = 0
+
+    def wake(self) -> None:
+        """Hint that new rows were committed (saves a poll interval in one process)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                async with self._db.connection() as leader_conn:
+                    if await self._try_lead(leader_conn):
+                        self.is_leader = True
+                        _log.info("outbox relay is active")
+                        try:
+                            await self._publish_loop(leader_conn)
+                        finally:
+                            self.is_leader = False
+                            # The connection goes back to the pool: give the lock back.
+                            with contextlib.suppress(SQLAlchemyError, OSError):
+                                await leader_conn.rollback()
+                                await leader_conn.execute(
+                                    text("SELECT pg_advisory_unlock(:k)"),
+                                    {"k": _RELAY_LEADER_LOCK},
+                                )
+                                await leader_conn.commit()
+                    else:
+                        await self._sleep(1.0)
+            except (SQLAlchemyError, OSError) as exc:
+                _log.warning("outbox relay: database error, retrying: %s", exc)
+                await self._sleep(1.0)
+
+    async def _try_lead(self, conn: AsyncConnection) -> bool:
+        got = (
+            await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _RELAY_LEADER_LOCK})
+        ).scalar_one()
+        await conn.commit()
+        return bool(got)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        self._wake.clear()
+
+    async def _publish_loop(self, leader_conn: AsyncConnection) -> None:
+        last_id = await self._position(leader_conn)
+        while not self._stopping.is_set():
+            rows = (
+                await leader_conn.execute(
+                    text("SELECT id, envelope FROM outbox WHERE id > :last ORDER BY id LIMIT :n"),
+                    {"last": last_id, "n": self._batch_size},
+                )
+            ).all()
+            await leader_conn.commit()
+            if not rows:
+                await self._sleep(self._poll)
+                continue
+            batch = [Envelope.from_bytes(bytes(row.envelope)) for row in rows]
+            await self._publish(batch)
+            last_id = rows[-1].id
+            await leader_conn.execute(
+                text(
+                    "INSERT INTO outbox_position (destination, last_id) VALUES (:d, :id)"
+                    " ON CONFLICT (destination) DO UPDATE"
+                    " SET last_id = EXCLUDED.last_id, updated_at = now()"
+                ),
+                {"d": self._destination, "id": last_id},
+            )
+            await leader_conn.commit()
+            self.published += len(batch)
+
+    async def _position(self, conn: AsyncConnection) -> int:
+        row = (
+            await conn.execute(
+                text("SELECT last_id FROM outbox_position WHERE destination = :d"),
+                {"d": self._destination},
+            )
+        ).scalar_one_or_none()
+        await conn.commit()
+        return int(row) if row is not None else 0
+
+    async def backlog(self) -> int:
+        """Rows committed but not yet published (for /readyz, drains and tests)."""
+        async with self._db.connection() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT count(*) FROM outbox WHERE id > COALESCE("
+                            "(SELECT last_id FROM outbox_position WHERE destination = :d), 0)"
+                        ),
+                        {"d": self._destination},
+                    )
+                ).scalar_one()
+            )

@@ -1,0 +1,111 @@
+"""Storage: the async engine, transactions and migrations (applied at start).
+
+Every context owns its tables and lists its migrations (``<context>/migrations.py``); the
+composition root hands them all to :func:`migrate`, which applies the missing ones in
+order under an advisory lock, so processes starting together do not race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from core.errors import StorageError
+
+__all__ = ["Database", "Migration", "asyncpg_url", "migrate", "plain_url"]
+
+_log = logging.getLogger(__name__)
+_MIGRATION_LOCK = 0x5550_4D49  # "UPMI"
+
+
+@dataclass(frozen=True)
+class Migration:
+    id: str  # "<context>.<nnnn>_<what>", applied in list order
+    sql: str
+
+
+def asyncpg_url(url: str) -> str:
+    for prefix in ("postgresql+asyncpg://", "postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    return url
+
+
+def plain_url(url: str) -> str:
+    """The libpq form (for psql and other tools)."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+class Database:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+        self.url = asyncpg_url(url)
+        self.engine: AsyncEngine = create_async_engine(
+            self.url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+        )
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One unit of work: commits on success, rolls back on any error."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StorageError(f"database connection lost: {exc.orig}") from exc
+            raise
+        except (OSError, ConnectionError) as exc:
+            raise StorageError(f"database unreachable: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    async def ping(self) -> bool:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            return True
+        except (SQLAlchemyError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+async def migrate(db: Database, migrations: Sequence[Migration]) -> list[str]:
+    """Apply the migrations not yet applied; returns their ids."""
+    applied: list[str] = []
+    async with db.transaction() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        await conn.execute(
+            text(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " id text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+        )
+        done = set((await conn.execute(text("SELECT id FROM schema_migrations"))).scalars())
+        for migration in migrations:
+            if migration.id in done:
+                continue
+            # Migrations hold several statements: run them through asyncpg's simple
+            # query protocol, inside this same transaction.
+            raw = await conn.get_raw_connection()
+            await raw.driver_connection.execute(migration.sql)  # type: ignore[union-attr]
+            await conn.execute(
+                text("INSERT INTO schema_migrations (id) VALUES (:id)"), {"id": migration.id}
+            )
+            applied.append(migration.id)
+    if applied:
+        _log.info("applied migrations", extra={"migrations": applied})
+    return applied

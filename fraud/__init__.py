@@ -1,0 +1,1 @@
+"""fraud context."""

@@ -1,0 +1,95 @@
+"""Tables of the payments context (gateway, NPCI handler) and of the mock NPCI switch.
+
+The mock switch keeps its own tables (``npci_*``): in a real deployment they would be
+NPCI's and the banks' systems, never ours. It shares the database only for convenience.
+"""
+
+from core.storage import Migration
+
+MIGRATIONS = [
+    Migration(
+        "payments.0001_merchants_payments",
+        """
+        CREATE TABLE merchants (
+            merchant_id        text PRIMARY KEY,
+            name               text NOT NULL,
+            vpa                text NOT NULL,
+            mcc                text NOT NULL,
+            webhook_url        text,
+            webhook_secret_enc bytea NOT NULL,
+            created_at         timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE payments (
+            transaction_id    text PRIMARY KEY,
+            merchant_id       text NOT NULL REFERENCES merchants,
+            merchant_order_id text NOT NULL,
+            payer_vpa         text NOT NULL,
+            payee_vpa         text NOT NULL,
+            amount_paise      bigint NOT NULL CHECK (amount_paise > 0),
+            currency          char(3) NOT NULL DEFAULT 'INR',
+            note              text,
+            device            jsonb,
+            status            text NOT NULL,
+            response_code     text,
+            rrn               text,
+            payer_bank        text,
+            payee_bank        text,
+            fraud             jsonb,
+            created_at        timestamptz NOT NULL,
+            updated_at        timestamptz NOT NULL,
+            completed_at      timestamptz
+        );
+        CREATE INDEX payments_by_order ON payments (merchant_id, merchant_order_id, created_at);
+        -- Append-only state history. The partial unique index makes a second final status
+        -- for one payment impossible at the database level, whatever the code does.
+        CREATE TABLE payment_status_history (
+            transaction_id text NOT NULL REFERENCES payments,
+            seq            int NOT NULL,
+            status         text NOT NULL,
+            response_code  text,
+            reason         text,
+            at             timestamptz NOT NULL,
+            PRIMARY KEY (transaction_id, seq)
+        );
+        CREATE UNIQUE INDEX payment_one_final_status ON payment_status_history (transaction_id)
+            WHERE status IN ('SUCCESS', 'FAILED', 'BLOCKED', 'REVERSED');
+        CREATE TABLE idempotency_keys (
+            merchant_id     text NOT NULL,
+            idempotency_key text NOT NULL,
+            request_hash    bytea NOT NULL,
+            transaction_id  text NOT NULL,
+            response_status int NOT NULL,
+            response_body   jsonb NOT NULL,
+            created_at      timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (merchant_id, idempotency_key)
+        );
+        """,
+    ),
+    Migration(
+        "payments.0002_npci_mock",
+        """
+        CREATE TABLE npci_accounts (
+            vpa           text PRIMARY KEY,
+            bank          text NOT NULL,
+            balance_paise bigint NOT NULL CHECK (balance_paise >= 0)
+        );
+        -- The switch's own journal: one row per transaction it saw, keyed by our txn id,
+        -- so a repeated pay request can never debit twice.
+        CREATE TABLE npci_transactions (
+            txn_id        text PRIMARY KEY,
+            kind          text NOT NULL,
+            payer_vpa     text NOT NULL,
+            payee_vpa     text NOT NULL,
+            payer_bank    text NOT NULL,
+            payee_bank    text NOT NULL,
+            amount_paise  bigint NOT NULL CHECK (amount_paise > 0),
+            status        text NOT NULL,
+            response_code text NOT NULL,
+            rrn           text NOT NULL,
+            debited       boolean NOT NULL,
+            created_at    timestamptz NOT NULL DEFAULT now(),
+            updated_at    timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+]

@@ -1,0 +1,150 @@
+"""Payment storage. Rows are not domain objects: this module translates between them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.errors import InvalidTransition
+from payments.domain import Payment, PaymentStatus
+
+__all__ = [
+    "insert_payment",
+    "list_payments_by_order",
+    "load_payment",
+    "save_transition",
+    "to_payment",
+]
+
+_COLUMNS = (
+    "transaction_id, merchant_id, merchant_order_id, payer_vpa, payee_vpa, amount_paise,"
+    " currency, note, status, response_code, rrn, payer_bank, payee_bank, fraud,"
+    " created_at, updated_at, completed_at"
+)
+
+
+def to_payment(row: Row[Any]) -> Payment:
+    return Payment(
+        transaction_id=row.transaction_id,
+        merchant_id=row.merchant_id,
+        merchant_order_id=row.merchant_order_id,
+        payer_vpa=row.payer_vpa,
+        payee_vpa=row.payee_vpa,
+        amount_paise=int(row.amount_paise),
+        currency=row.currency,
+        note=row.note,
+        status=PaymentStatus(row.status),
+        response_code=row.response_code,
+        rrn=row.rrn,
+        payer_bank=row.payer_bank,
+        payee_bank=row.payee_bank,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        completed_at=row.completed_at,
+    )
+
+
+async def insert_payment(
+    conn: AsyncConnection, payment: Payment, device: dict[str, Any] | None
+) -> None:
+    await conn.execute(
+        text(
+            "INSERT INTO payments (transaction_id, merchant_id, merchant_order_id, payer_vpa,"
+            " payee_vpa, amount_paise, currency, note, device, status, created_at, updated_at)"
+            " VALUES (:t, :m, :o, :payer, :payee, :amt, :cur, :note, CAST(:device AS jsonb),"
+            " :s, :at, :at)"
+        ),
+        {
+            "t": payment.transaction_id,
+            "m": payment.merchant_id,
+            "o": payment.merchant_order_id,
+            "payer": payment.payer_vpa,
+            "payee": payment.payee_vpa,
+            "amt": payment.amount_paise,
+            "cur": payment.currency,
+            "note": payment.note,
+            "device": orjson.dumps(device).decode() if device is not None else None,
+            "s": payment.status.value,
+            "at": payment.created_at,
+        },
+    )
+    await conn.execute(
+        text(
+            "INSERT INTO payment_status_history (transaction_id, seq, status, at)"
+            " VALUES (:t, 1, :s, :at)"
+        ),
+        {"t": payment.transaction_id, "s": payment.status.value, "at": payment.created_at},
+    )
+
+
+async def load_payment(
+    conn: AsyncConnection, transaction_id: str, *, for_update: bool = False
+) -> Payment | None:
+    sql = f"SELECT {_COLUMNS} FROM payments WHERE transaction_id = :t"
+    if for_update:
+        sql += " FOR UPDATE"
+    row = (await conn.execute(text(sql), {"t": transaction_id})).first()
+    return to_payment(row) if row is not None else None
+
+
+async def save_transition(conn: AsyncConnection, before: Payment, after: Payment) -> None:
+    """Persist ``after`` (one transition past ``before``) and append its history row."""
+    change = after.history[-1]
+    updated = (
+        await conn.execute(
+            text(
+                "UPDATE payments SET status = :s, response_code = :c, rrn = :rrn,"
+                " payer_bank = :pb, payee_bank = :eb, updated_at = :at, completed_at = :done"
+                " WHERE transaction_id = :t AND status = :prev RETURNING 1"
+            ),
+            {
+                "s": after.status.value,
+                "c": after.response_code,
+                "rrn": after.rrn,
+                "pb": after.payer_bank,
+                "eb": after.payee_bank,
+                "at": after.updated_at,
+                "done": after.completed_at,
+                "t": after.transaction_id,
+                "prev": before.status.value,
+            },
+        )
+    ).first()
+    if updated is None:
+        raise InvalidTransition(f"{after.transaction_id}: status changed concurrently")
+    await conn.execute(
+        text(
+            "INSERT INTO payment_status_history"
+            " (transaction_id, seq, status, response_code, reason, at)"
+            " SELECT :t, COALESCE(MAX(seq), 0) + 1, :s, :c, :r, :at"
+            " FROM payment_status_history WHERE transaction_id = :t"
+        ),
+        {
+            "t": after.transaction_id,
+            "s": change.status.value,
+            "c": change.response_code,
+            "r": change.reason,
+            "at": change.at,
+        },
+    )
+
+
+async def list_payments_by_order(
+    conn: AsyncConnection,
+    merchant_id: str,
+    merchant_order_id: str,
+    *,
+    limit: int,
+    after_transaction_id: str | None = None,
+) -> list[Payment]:
+    sql = f"SELECT {_COLUMNS} FROM payments WHERE merchant_id = :m AND merchant_order_id = :o"
+    params: dict[str, Any] = {"m": merchant_id, "o": merchant_order_id, "n": limit}
+    if after_transaction_id:
+        sql += " AND transaction_id > :after"
+        params["after"] = after_transaction_id
+    sql += " ORDER BY transaction_id LIMIT :n"
+    return [to_payment(r) for r in (await conn.execute(text(sql), params)).all()]

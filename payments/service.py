@@ -1,0 +1,179 @@
+"""Gateway use cases: initiate a payment, read payments.
+
+``initiate_payment`` is one unit of work: the idempotency key row, the payment, its first
+history row and the ``PaymentInitiated`` outbox row commit together or not at all. The key
+row is inserted first: a concurrent request with the same key waits on its primary key,
+then finds it and replays the stored response (or gets a conflict if the body differs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.clock import Clock
+from core.errors import IdempotencyConflict, NotFound
+from core.events import DeviceInfo, Envelope, PaymentInitiated
+from core.ids import new_transaction_id
+from core.metrics import PAYMENTS_INITIATED
+from core.outbox import append_to_outbox
+from core.pii import Vpa, partition_key_for
+from core.storage import Database
+from payments import repository
+from payments.domain import Payment, PaymentStatus
+from payments.merchants import load_merchant
+
+__all__ = [
+    "InitiatePayment",
+    "InitiationResult",
+    "get_payment",
+    "initiate_payment",
+    "list_payments",
+    "request_hash",
+]
+
+
+@dataclass(frozen=True)
+class InitiatePayment:
+    """Command: collect ``amount_paise`` from ``payer_vpa`` for a merchant."""
+
+    merchant_id: str
+    idempotency_key: str
+    request_hash: bytes
+    payer_vpa: Vpa
+    payee_vpa: Vpa | None  # None: the merchant's own VPA
+    amount_paise: int
+    merchant_order_id: str
+    note: str | None = None
+    device: DeviceInfo | None = None
+    currency: str = "INR"
+
+
+@dataclass(frozen=True)
+class InitiationResult:
+    status_code: int
+    body: dict[str, Any]
+    replayed: bool
+
+
+def request_hash(body: dict[str, Any]) -> bytes:
+    """Hash of the canonical request (sorted keys): the same body always hashes the same."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+async def _replay(conn: AsyncConnection, cmd: InitiatePayment) -> InitiationResult:
+    row = (
+        await conn.execute(
+            text(
+                "SELECT request_hash, response_status, response_body FROM idempotency_keys"
+                " WHERE merchant_id = :m AND idempotency_key = :k"
+            ),
+            {"m": cmd.merchant_id, "k": cmd.idempotency_key},
+        )
+    ).one()
+    if bytes(row.request_hash) != cmd.request_hash:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used with a different request body"
+        )
+    return InitiationResult(row.response_status, dict(row.response_body), replayed=True)
+
+
+async def _merchant_vpa(conn: AsyncConnection, merchant_id: str) -> Vpa:
+    merchant = await load_merchant(conn, merchant_id)
+    if merchant is None:
+        raise NotFound(f"no merchant {merchant_id}")
+    return Vpa(merchant.vpa)
+
+
+async def initiate_payment(db: Database, cmd: InitiatePayment, clock: Clock) -> InitiationResult:
+    now = clock.now()
+    transaction_id = new_transaction_id()
+    body = {
+        "transaction_id": transaction_id,
+        "status": PaymentStatus.INITIATED.value,
+        "merchant_order_id": cmd.merchant_order_id,
+        "amount_paise": cmd.amount_paise,
+        "created_at": now.isoformat().replace("+00:00", "Z"),
+    }
+    async with db.transaction() as conn:
+        fresh = (
+            await conn.execute(
+                text(
+                    "INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
+                    " transaction_id, response_status, response_body)"
+                    " VALUES (:m, :k, :h, :t, 202, CAST(:b AS jsonb))"
+                    " ON CONFLICT DO NOTHING RETURNING 1"
+                ),
+                {
+                    "m": cmd.merchant_id,
+                    "k": cmd.idempotency_key,
+                    "h": cmd.request_hash,
+                    "t": transaction_id,
+                    "b": orjson.dumps(body).decode(),
+                },
+            )
+        ).first()
+        if fresh is None:
+            return await _replay(conn, cmd)
+        payee = cmd.payee_vpa or await _merchant_vpa(conn, cmd.merchant_id)
+        payment = Payment.initiate(
+            transaction_id=transaction_id,
+            merchant_id=cmd.merchant_id,
+            merchant_order_id=cmd.merchant_order_id,
+            payer_vpa=cmd.payer_vpa.value,
+            payee_vpa=payee.value,
+            amount_paise=cmd.amount_paise,
+            at=now,
+            note=cmd.note,
+        )
+        device = cmd.device.model_dump(mode="json", exclude_none=True) if cmd.device else None
+        await repository.insert_payment(conn, payment, device)
+        event = PaymentInitiated(
+            transaction_id=payment.transaction_id,
+            merchant_id=payment.merchant_id,
+            merchant_order_id=payment.merchant_order_id,
+            payer_vpa=cmd.payer_vpa,
+            payee_vpa=payee,
+            amount_paise=payment.amount_paise,
+            note=payment.note,
+            device=cmd.device,
+            initiated_at=now,
+        )
+        await append_to_outbox(
+            conn,
+            [
+                Envelope.wrap(
+                    event, partition_key=partition_key_for(cmd.payer_vpa.value), occurred_at=now
+                )
+            ],
+        )
+    PAYMENTS_INITIATED.inc()
+    return InitiationResult(202, body, replayed=False)
+
+
+async def get_payment(db: Database, merchant_id: str, transaction_id: str) -> Payment:
+    """A merchant's own payment; another merchant's is :class:`NotFound`, like a missing one."""
+    async with db.connection() as conn:
+        payment = await repository.load_payment(conn, transaction_id)
+    if payment is None or payment.merchant_id != merchant_id:
+        raise NotFound(f"no payment {transaction_id}")
+    return payment
+
+
+async def list_payments(
+    db: Database,
+    merchant_id: str,
+    merchant_order_id: str,
+    *,
+    limit: int = 50,
+    after: str | None = None,
+) -> list[Payment]:
+    async with db.connection() as conn:
+        return await repository.list_payments_by_order(
+            conn, merchant_id, merchant_order_id, limit=limit, after_transaction_id=after
+        )

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from api.bootstrap import all_migrations
+from core.storage import Database, migrate
+from tests.support import embedded_postgres_server, tansu_broker, unique_name
+
+os.environ.setdefault("UPI_LOG_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """One real PostgreSQL for the session; yields a URL template with ``{db}``."""
+    with embedded_postgres_server() as (_server, url):
+        asyncio.run(_make_template(url))
+        yield url
+
+
+async def _make_template(url: str) -> None:
+    admin = create_async_engine(url.format(db="postgres"), isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text("CREATE DATABASE upi_template"))
+    await admin.dispose()
+    db = Database(url.format(db="upi_template"))
+    await migrate(db, all_migrations())
+    await db.close()
+
+
+async def _fresh_database(pg_server: str) -> str:
+    name = unique_name("t")
+    admin = create_async_engine(pg_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE upi_template'))
+    await admin.dispose()
+    return pg_server.format(db=name)
+
+
+@pytest.fixture
+async def db_url(pg_server: str) -> str:
+    """A fresh, migrated database for one test."""
+    return await _fresh_database(pg_server)
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = Database(db_url)
+    yield database
+    await database.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    with tansu_broker() as bootstrap:
+        yield bootstrap

