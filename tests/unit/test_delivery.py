@@ -1,0 +1,121 @@
+"""Retry, dead-letter and ordering rules shared by both bus backends, driven through the
+in-process bus with an in-memory dead-letter sink."""
+
+import asyncio
+from datetime import UTC, datetime
+
+from core.bus.base import DeadLetter, Subscription
+from core.bus.delivery import RetryPolicy
+from core.bus.memory import MemoryBus
+from core.errors import PoisonMessage
+from core.events import Envelope, PaymentInitiated
+
+FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002)
+
+
+class Letters:
+    def __init__(self) -> None:
+        self.items: list[DeadLetter] = []
+
+    async def dead_letter(self, letter: DeadLetter) -> None:
+        self.items.append(letter)
+
+
+def env(n: int, key: str) -> Envelope:
+    event = PaymentInitiated(
+        transaction_id=f"UPI{n}",
+        merchant_id="m",
+        merchant_order_id=str(n),
+        payer_vpa="alice@ybl",
+        payee_vpa="bob@ybl",
+        amount_paise=n + 1,
+        initiated_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    return Envelope.wrap(event, partition_key=key)
+
+
+async def test_same_key_in_order_different_keys_concurrently():
+    seen: dict[str, list[int]] = {}
+    running = 0
+    peak = 0
+
+    async def handler(e: Envelope) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.005)
+        seen.setdefault(e.partition_key, []).append(e.payload["amount_paise"])
+        running -= 1
+
+    bus = MemoryBus(Letters(), FAST)
+    bus.subscribe(Subscription("c", ("payments",), handler))
+    batch = [env(i, f"k{i % 4}") for i in range(40)]
+    await bus.publish(batch)
+    assert sorted(seen) == ["k0", "k1", "k2", "k3"]
+    for key, amounts in seen.items():
+        assert amounts == sorted(amounts), key
+    assert sum(len(v) for v in seen.values()) == 40
+    assert peak > 1
+
+
+async def test_transient_failure_is_retried_then_succeeds():
+    calls = 0
+
+    async def flaky(e: Envelope) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise ConnectionError("switch hiccup")
+
+    letters = Letters()
+    bus = MemoryBus(letters, FAST)
+    bus.subscribe(Subscription("c", ("payments",), flaky))
+    await bus.publish([env(1, "k")])
+    assert calls == 3 and letters.items == []
+
+
+async def test_persistent_failure_is_dead_lettered_with_reason_and_next_one_runs():
+    handled: list[str] = []
+
+    async def handler(e: Envelope) -> None:
+        if e.transaction_id == "UPI1":
+            raise RuntimeError("cannot handle this one")
+        handled.append(e.transaction_id or "")
+
+    letters = Letters()
+    bus = MemoryBus(letters, FAST)
+    bus.subscribe(Subscription("c", ("payments",), handler))
+    await bus.publish([env(1, "k"), env(2, "k")])
+    assert handled == ["UPI2"]
+    [letter] = letters.items
+    assert letter.attempts == 3 and "cannot handle this one" in letter.reason
+    assert letter.event_type == "PaymentInitiated" and letter.consumer == "c"
+    assert Envelope.from_bytes(letter.raw).transaction_id == "UPI1"
+
+
+async def test_poison_is_not_retried():
+    calls = 0
+
+    async def handler(e: Envelope) -> None:
+        nonlocal calls
+        calls += 1
+        raise PoisonMessage("bad payload")
+
+    letters = Letters()
+    bus = MemoryBus(letters, FAST)
+    bus.subscribe(Subscription("c", ("payments",), handler))
+    await bus.publish([env(1, "k")])
+    assert calls == 1 and letters.items[0].attempts == 1
+
+
+async def test_event_type_filter_and_topic_routing():
+    got: list[str] = []
+
+    async def handler(e: Envelope) -> None:
+        got.append(e.event_type)
+
+    bus = MemoryBus(Letters(), FAST)
+    bus.subscribe(Subscription("c", ("payments",), handler, event_types=frozenset({"Other"})))
+    bus.subscribe(Subscription("d", ("fraud",), handler))
+    await bus.publish([env(1, "k")])
+    assert got == []
