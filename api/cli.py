@@ -32,11 +32,10 @@ app.add_typer(merchant_app, name="merchant")
 app.add_typer(db_app, name="db")
 
 out = Console()
-err = Console(stderr=True)
 
 
 def _fail_config(exc: ConfigError) -> NoReturn:
-    err.print(f"error: {exc}", markup=False, highlight=False)
+    sys.stderr.write(f"error: {exc}\n")  # one line, never wrapped
     raise typer.Exit(2)
 
 
@@ -115,11 +114,9 @@ def merchant_create(
 ) -> None:
     """Create a merchant; prints its API key and webhook secret (shown once)."""
     if not VPA_PATTERN.match(vpa):
-        err.print("error: --vpa: not a valid VPA (local-part@handle)")
-        raise typer.Exit(2)
+        _fail_config(ConfigError("--vpa: not a valid VPA (local-part@handle)"))
     if not (mcc.isdigit() and len(mcc) == 4):
-        err.print("error: --mcc: must be 4 digits")
-        raise typer.Exit(2)
+        _fail_config(ConfigError("--mcc: must be 4 digits"))
     settings = _settings()
     try:
         created = asyncio.run(_create_merchant(settings, name, vpa, mcc, webhook_url))

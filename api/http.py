@@ -1,6 +1,5 @@
 """The HTTP API (SPEC §4). Thin: routers build a command, call the service, map errors once."""
 
-
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable

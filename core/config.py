@@ -82,4 +82,5 @@ def load_settings(**overrides: object) -> Settings:
         field = str(first["loc"][0]) if first["loc"] else "?"
         value = first.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        raise ConfigError(f"UPI_{field.upper()}: {first['msg']}{shown}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"UPI_{field.upper()}: {message}{shown}") from None

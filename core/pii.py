@@ -18,7 +18,9 @@ __all__ = ["VPA_PATTERN", "Vpa", "mask_text", "mask_vpa", "partition_key_for"]
 # NPCI: local part of letters, digits, '.', '-', '_' ; handle of letters (and digits).
 VPA_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}@[A-Za-z][A-Za-z0-9]{1,63}$")
 # Not preceded by a VPA character or "*": an already masked VPA is left as it is.
-_VPA_IN_TEXT = re.compile(r"(?<![A-Za-z0-9._*-])[A-Za-z0-9][A-Za-z0-9._-]{0,254}@[A-Za-z][A-Za-z0-9]{1,63}")
+_VPA_IN_TEXT = re.compile(
+    r"(?<![A-Za-z0-9._*-])[A-Za-z0-9][A-Za-z0-9._-]{0,254}@[A-Za-z][A-Za-z0-9]{1,63}"
+)
 
 
 def mask_vpa(vpa: str) -> str:

@@ -1,0 +1,124 @@
+"""Runs the real ``upi-engine`` command as a subprocess and talks HTTP to it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from tests.support import free_port
+
+UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UPI_")}
+    env.update({"UPI_LOG_LEVEL": "INFO", **extra})
+    return env
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [UPI_ENGINE, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def create_merchant(env: dict[str, str], vpa: str = "shop@okicici") -> dict[str, Any]:
+    done = cli(env, "merchant", "create", "--name", "Test Shop", "--vpa", vpa, "--json")
+    assert done.returncode == 0, done.stderr
+    created: dict[str, Any] = orjson.loads(done.stdout)
+    return created
+
+
+class Serve:
+    """One ``upi-engine serve`` process."""
+
+    def __init__(self, env: dict[str, str], roles: Sequence[str] = ("all",)) -> None:
+        self.env = env
+        self.roles = roles
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
+
+    def start(self, timeout: float = 60) -> Serve:
+        args = [UPI_ENGINE, "serve", "--port", str(self.port)]
+        for role in self.roles:
+            args += ["--role", role]
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited {self.proc.returncode}:\n{self.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise TimeoutError(f"serve not ready:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def stop_embedded_postgres(data_dir: Path) -> None:
+    """After a SIGKILLed serve the embedded server is still running: stop it."""
+    pid_file = data_dir / "pg" / "postmaster.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text().splitlines()[0])
+        os.kill(pid, signal.SIGQUIT)  # immediate shutdown
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], *role_sets: Sequence[str]) -> Iterator[list[Serve]]:
+    servers = [Serve(env, roles) for roles in role_sets]
+    try:
+        for s in servers:
+            s.start()
+        yield servers
+    finally:
+        for s in reversed(servers):
+            s.stop()
+
+
+def wait_final(
+    client: httpx.Client, txn: str, headers: dict[str, str], timeout: float = 30
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        r = client.get(f"/v1/payments/{txn}", headers=headers)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["status"] in {"SUCCESS", "FAILED", "BLOCKED", "REVERSED"}:
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"{txn} not final: {body}")
