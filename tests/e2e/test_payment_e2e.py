@@ -80,16 +80,18 @@ def test_db_url_prints_the_database_in_use(embedded_env):
 
 
 def test_auth_failures_are_problems(embedded_env):
-    with serving(embedded_env, ("all",)) as (server,):
-        with httpx.Client(base_url=server.url, timeout=10) as client:
-            body = {"payer_vpa": "success@okhdfc", "amount_paise": 1, "merchant_order_id": "o"}
-            r = client.post("/v1/payments", json=body, headers={"Idempotency-Key": "k"})
-            assert r.status_code == 401
-            assert r.headers["content-type"] == "application/problem+json"
-            assert r.json()["code"] == "unauthenticated"
-            r = client.post(
-                "/v1/payments",
-                json=body,
-                headers={"Idempotency-Key": "k", "Authorization": "Bearer upi_sk_wrong"},
-            )
-            assert r.status_code == 401
+    with (
+        serving(embedded_env, ("all",)) as (server,),
+        httpx.Client(base_url=server.url, timeout=10) as client,
+    ):
+        body = {"payer_vpa": "success@okhdfc", "amount_paise": 1, "merchant_order_id": "o"}
+        r = client.post("/v1/payments", json=body, headers={"Idempotency-Key": "k"})
+        assert r.status_code == 401
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "unauthenticated"
+        r = client.post(
+            "/v1/payments",
+            json=body,
+            headers={"Idempotency-Key": "k", "Authorization": "Bearer upi_sk_wrong"},
+        )
+        assert r.status_code == 401
