@@ -73,6 +73,8 @@ class OutboxRelay:
         destination: str = "bus",
         batch_size: int = 500,
         poll_interval: float = 0.05,
+        retention_s: float = 24 * 3600,
+        prune_every: int = 10_000,
     ) -> None:
         self._db = db
         self._publish = publish
@@ -83,6 +85,9 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self.is_leader = False
         self.published = 0
+        self._retention_s = retention_s
+        self._pruned_at = 0
+        self._prune_every = prune_every
 
     def wake(self) -> None:
         """Hint that new rows were committed (saves a poll interval in one process)."""
@@ -113,8 +118,12 @@ class OutboxRelay:
                                 await leader_conn.commit()
                     else:
                         await self._sleep(1.0)
-            except (SQLAlchemyError, OSError) as exc:
-                _log.warning("outbox relay: database error, retrying: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # The database or the bus failed: nothing past the last stored position was
+                # acknowledged, so starting over from it is safe (consumers drop repeats).
+                _log.warning("outbox relay: %s, retrying", exc, exc_info=True)
                 await self._sleep(1.0)
 
     async def _try_lead(self, conn: AsyncConnection) -> bool:
@@ -155,6 +164,20 @@ class OutboxRelay:
             )
             await leader_conn.commit()
             self.published += len(batch)
+            if self.published - self._pruned_at >= self._prune_every:
+                await self._prune(leader_conn, last_id)
+
+    async def _prune(self, conn: AsyncConnection, last_id: int) -> None:
+        """Forget rows published long ago; the compliance ledger is the permanent record."""
+        await conn.execute(
+            text(
+                "DELETE FROM outbox WHERE id <= :last"
+                " AND created_at < now() - make_interval(secs => :keep)"
+            ),
+            {"last": last_id, "keep": self._retention_s},
+        )
+        await conn.commit()
+        self._pruned_at = self.published
 
     async def _position(self, conn: AsyncConnection) -> int:
         row = (

@@ -98,3 +98,27 @@ async def test_inbox_claims_once(db):
         assert await claim(conn, "c", e.event_id)
         assert not await claim(conn, "c", e.event_id)
         assert await claim(conn, "other", e.event_id)
+
+
+async def test_published_rows_past_retention_are_pruned_and_the_position_kept(db):
+    published: list[Envelope] = []
+
+    async def publish(batch):
+        published.extend(batch)
+
+    relay = OutboxRelay(
+        db, publish, batch_size=2, poll_interval=0.005, retention_s=0, prune_every=1
+    )
+    task = asyncio.create_task(relay.run())
+    async with db.transaction() as conn:
+        await append_to_outbox(conn, [envelope(i) for i in range(5)])
+    await wait_until(lambda: len(published) == 5)
+    async with db.transaction() as conn:
+        await append_to_outbox(conn, [envelope(9)])
+    await wait_until(lambda: len(published) == 6)
+    relay.stop()
+    await task
+    assert [e.transaction_id for e in published][-1] == "UPI9"
+    assert await relay.backlog() == 0
+    async with db.connection() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one() == 0
