@@ -40,10 +40,6 @@ class Settings(BaseSettings):
     kafka_topic_prefix: str = "upi"
     master_key: str | None = None
     master_key_file: Path | None = None
-    npci_url: str | None = None
-    # NPCI timings (SPEC §5), seconds; the tests scale them down.
-    npci_pay_timeout_s: Annotated[float, Field(gt=0)] = 15.0
-    npci_check_status_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     log_level: str = "INFO"
     relay_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     relay_poll_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.05

@@ -18,7 +18,7 @@ def test_defaults_are_the_embedded_default(monkeypatch):
         ("UPI_DATABASE_URL", "mysql://x"),
         ("UPI_KAFKA_PARTITIONS", "0"),
         ("UPI_KAFKA_IDEMPOTENCE", "perhaps"),
-        ("UPI_NPCI_PAY_TIMEOUT_S", "-1"),
+        ("UPI_RELAY_POLL_INTERVAL_S", "-1"),
         ("UPI_LOG_LEVEL", "LOUD"),
     ],
 )
