@@ -28,11 +28,20 @@ from core.metrics import OUTBOX_BACKLOG
 from core.outbox import OutboxRelay
 from core.storage import Database, Migration, migrate
 from payments import migrations as payments_migrations
+from payments.npci.breaker import BankBreakers, BreakerPolicy
 from payments.npci.mock import MockSwitch
 from payments.npci.switch import SwitchClient
-from payments.npci_handler import NpciHandler
+from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings
 
-__all__ = ["Engine", "Role", "all_migrations", "database_url"]
+__all__ = [
+    "Engine",
+    "Role",
+    "all_migrations",
+    "breaker_policy",
+    "database_url",
+    "mock_switch",
+    "npci_timings",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +68,36 @@ def database_url(settings: Settings) -> str:
     return embedded_database_url(settings.data_dir)
 
 
+def npci_timings(settings: Settings) -> NpciTimings:
+    return NpciTimings(
+        pay_timeout_s=settings.npci_pay_timeout_s,
+        check_status_timeout_s=settings.npci_check_status_timeout_s,
+        first_check_s=settings.npci_deemed_first_check_s,
+        max_check_interval_s=settings.npci_deemed_max_check_interval_s,
+        max_deemed_age_s=settings.npci_deemed_max_age_s,
+    )
+
+
+def breaker_policy(settings: Settings) -> BreakerPolicy:
+    return BreakerPolicy(
+        window=settings.npci_breaker_window,
+        min_calls=settings.npci_breaker_min_calls,
+        failure_rate=settings.npci_breaker_failure_rate,
+        cooldown_s=settings.npci_breaker_cooldown_s,
+    )
+
+
+def mock_switch(settings: Settings, db: Database) -> MockSwitch:
+    """The mock NPCI switch, in-process or behind ``upi-engine npci-mock``."""
+    return MockSwitch(
+        db,
+        latency_scale=settings.npci_mock_latency_scale,
+        decline_scale=settings.npci_mock_decline_scale,
+        pending_s=settings.npci_mock_pending_s,
+        hang_s=settings.npci_mock_hang_s,
+    )
+
+
 def _expand(roles: Sequence[Role]) -> frozenset[Role]:
     if Role.ALL in roles or not roles:
         return frozenset({Role.GATEWAY, Role.RELAY, Role.SWITCH})
@@ -77,6 +116,8 @@ class Engine:
     switch: SwitchClient | None = None
     bus: EventBus | None = None
     relay: OutboxRelay | None = None
+    npci_handler: NpciHandler | None = None
+    resolver: DeemedResolver | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -106,6 +147,13 @@ class Engine:
             switch=switch,
         )
 
+    def _make_switch(self) -> SwitchClient:
+        if self.settings.npci_url:
+            from payments.npci.http import HttpSwitch
+
+            return HttpSwitch(self.settings.npci_url)
+        return mock_switch(self.settings, self.db)
+
     def _make_bus(self) -> EventBus:
         policy = RetryPolicy(
             max_attempts=self.settings.consumer_max_attempts,
@@ -123,9 +171,19 @@ class Engine:
         bus = self._make_bus()
         self.bus = bus
         if Role.SWITCH in self.roles:
-            switch = self.switch or MockSwitch(self.db)
+            switch = self.switch or self._make_switch()
             self.switch = switch
-            bus.subscribe(NpciHandler(self.db, switch, self.clock).subscription())
+            timings = npci_timings(self.settings)
+            self.npci_handler = NpciHandler(
+                self.db,
+                switch,
+                self.clock,
+                timings,
+                BankBreakers(breaker_policy(self.settings), self.clock),
+            )
+            bus.subscribe(self.npci_handler.subscription())
+            self.resolver = DeemedResolver(self.db, switch, self.clock, timings)
+            self._spawn(self.resolver.run(), "deemed-resolver")
         await bus.start()
         if Role.RELAY in self.roles:
             self.relay = OutboxRelay(
@@ -168,8 +226,10 @@ class Engine:
     async def stop(self) -> None:
         if self.relay is not None:
             self.relay.stop()
+        if self.resolver is not None:
+            self.resolver.stop()
         for task in self._tasks:
-            if task.get_name() != "outbox-relay":
+            if task.get_name() not in {"outbox-relay", "deemed-resolver"}:
                 task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)

@@ -40,6 +40,22 @@ class Settings(BaseSettings):
     kafka_topic_prefix: str = "upi"
     master_key: str | None = None
     master_key_file: Path | None = None
+    # NPCI (SPEC §5). Leg timeouts as NPCI's since June 2025; the tests scale them down.
+    npci_url: str | None = None  # the mock switch as its own process; unset: in-process
+    npci_pay_timeout_s: Annotated[float, Field(gt=0, le=120)] = 15.0
+    npci_check_status_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    npci_deemed_first_check_s: Annotated[float, Field(gt=0)] = 5.0
+    npci_deemed_max_check_interval_s: Annotated[float, Field(gt=0)] = 60.0
+    npci_deemed_max_age_s: Annotated[float, Field(gt=0)] = 300.0
+    npci_breaker_window: Annotated[int, Field(ge=1, le=10_000)] = 20
+    npci_breaker_min_calls: Annotated[int, Field(ge=1, le=10_000)] = 10
+    npci_breaker_failure_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    npci_breaker_cooldown_s: Annotated[float, Field(gt=0)] = 10.0
+    # The mock switch's own behaviour (latency and declines from profiles.json, scaled).
+    npci_mock_latency_scale: Annotated[float, Field(ge=0)] = 1.0
+    npci_mock_decline_scale: Annotated[float, Field(ge=0)] = 1.0
+    npci_mock_pending_s: Annotated[float, Field(ge=0)] = 5.0
+    npci_mock_hang_s: Annotated[float, Field(gt=0)] = 30.0
     log_level: str = "INFO"
     relay_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     relay_poll_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.05
@@ -55,6 +71,15 @@ class Settings(BaseSettings):
         if not value.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @field_validator("npci_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s):// URL")
+        return value.rstrip("/")
 
     @field_validator("log_level")
     @classmethod

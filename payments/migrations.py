@@ -92,4 +92,17 @@ MIGRATIONS = [
         );
         """,
     ),
+    Migration(
+        "payments.0003_deemed_and_reversals",
+        """
+        -- Deemed payments: when to ask check-status next, and how often we asked.
+        ALTER TABLE payments ADD COLUMN next_check_at timestamptz;
+        ALTER TABLE payments ADD COLUMN check_attempts int NOT NULL DEFAULT 0;
+        CREATE INDEX payments_deemed_due ON payments (next_check_at) WHERE status = 'DEEMED';
+        -- Mock switch: an answer stays pending (check-status 01) until visible_at; refunds
+        -- point at the payment they credit back.
+        ALTER TABLE npci_transactions ADD COLUMN visible_at timestamptz NOT NULL DEFAULT now();
+        ALTER TABLE npci_transactions ADD COLUMN original_txn_id text;
+        """,
+    ),
 ]

@@ -1,23 +1,40 @@
 """The NPCI handler: sends payments to the switch and records what it answered.
 
-Never a double debit. The handler moves a payment to ``SUBMITTED`` and commits *before*
-calling the switch. If it is redelivered (crash, timeout, rebalance) and finds the
-payment already ``SUBMITTED``, it does not resubmit blindly: it asks the switch
-(check-status) first and only sends the pay request if the switch never saw the
-transaction. The switch itself refuses to debit twice for one txn id. The result is
-recorded with the inbox row in one transaction, so a later redelivery is a no-op.
+Never a double debit:
+
+* The handler moves a payment to ``SUBMITTED`` and commits *before* calling the switch.
+* Redelivered (crash, error, rebalance) and finding the payment ``SUBMITTED``, it does not
+  resubmit blindly: it asks the switch (check-status) first, and sends the pay request only
+  if the switch never saw the transaction. The switch refuses to debit twice for one txn id.
+* No answer within the pay leg timeout (15 s) makes the payment ``DEEMED``. The
+  :class:`DeemedResolver` then polls check-status with exponential backoff until the switch
+  knows; past ``max_deemed_age_s`` it asks for a reversal: a debit is returned
+  (``REVERSED``), a transaction that never debited is voided at the switch (``FAILED``).
+* Results are recorded with the inbox row in one transaction, so a later redelivery is a
+  no-op; every outcome is an event.
+
+Retries only where safe: check-status and reversal are idempotent and retried freely; a pay
+request is only ever resent for a transaction the switch says it never saw.
+
+A circuit breaker per remitter bank (:mod:`payments.npci.breaker`) fails payments fast with
+``U90`` while the bank is unwell, before anything is sent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import assert_never
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.bus.base import Subscription
 from core.clock import Clock
-from core.errors import PoisonMessage
+from core.errors import PoisonMessage, SwitchError, SwitchTimeout
 from core.events import (
     CATALOGUE,
     Envelope,
@@ -25,6 +42,7 @@ from core.events import (
     PaymentDeemed,
     PaymentFailed,
     PaymentInitiated,
+    PaymentReversed,
     PaymentSubmitted,
     PaymentSucceeded,
     Topic,
@@ -32,25 +50,174 @@ from core.events import (
 from core.inbox import already_processed, claim
 from core.metrics import PAYMENTS_FINAL, SWITCH_LATENCY
 from core.outbox import append_to_outbox
-from core.pii import Vpa
+from core.pii import Vpa, mask_vpa, partition_key_for
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
-from payments.npci.codes import Outcome, describe, outcome_of
+from payments.npci.banks import bank_of
+from payments.npci.breaker import BankBreakers, BreakerPolicy
+from payments.npci.codes import BANK_UNAVAILABLE, Outcome, describe, outcome_of
 from payments.npci.switch import PayRequest, SwitchClient, SwitchResult
 
-__all__ = ["NpciHandler"]
+__all__ = ["DeemedResolver", "NpciHandler", "NpciTimings", "record_switch_answer"]
 
 _log = logging.getLogger(__name__)
+DEEMED_CODE = "RB"
+BREAKER_OPEN_CODE = "U90"
+SWITCH_UNAVAILABLE_CODE = "U28"
+
+
+@dataclass(frozen=True)
+class NpciTimings:
+    pay_timeout_s: float = 15.0
+    check_status_timeout_s: float = 10.0
+    first_check_s: float = 5.0
+    max_check_interval_s: float = 60.0
+    max_deemed_age_s: float = 300.0
+
+    def next_check_after(self, attempts: int) -> float:
+        return float(min(self.max_check_interval_s, self.first_check_s * 2 ** max(0, attempts)))
+
+
+def _wrap(event: Event, clock: Clock, cause: Envelope | None, payer_vpa: str) -> Envelope:
+    return Envelope.wrap(
+        event,
+        partition_key=cause.partition_key if cause else partition_key_for(payer_vpa),
+        occurred_at=clock.now(),
+        causation_id=cause.event_id if cause else None,
+    )
+
+
+async def _finish(
+    conn: AsyncConnection,
+    before: Payment,
+    after: Payment,
+    event: Event,
+    clock: Clock,
+    cause: Envelope | None,
+    next_check_at: datetime | None = None,
+) -> None:
+    await repository.save_transition(conn, before, after)
+    if next_check_at is not None:
+        await repository.schedule_check(conn, after.transaction_id, next_check_at)
+    await append_to_outbox(conn, [_wrap(event, clock, cause, before.payer_vpa)])
+    if after.status.is_final:
+        PAYMENTS_FINAL.labels(after.status.value).inc()
+
+
+async def record_switch_answer(
+    conn: AsyncConnection,
+    payment: Payment,
+    result: SwitchResult,
+    *,
+    clock: Clock,
+    timings: NpciTimings,
+    cause: Envelope | None = None,
+) -> PaymentStatus:
+    """Apply the switch's answer to a ``SUBMITTED`` or ``DEEMED`` payment (row locked)."""
+    now = clock.now()
+    code = result.response_code
+    outcome = outcome_of(code) if result.known else Outcome.PENDING
+    match outcome:
+        case Outcome.SUCCESS:
+            after = payment.transition(
+                PaymentStatus.SUCCESS,
+                at=now,
+                response_code=code,
+                rrn=result.rrn,
+                payer_bank=result.payer_bank,
+                payee_bank=result.payee_bank,
+            )
+            await _finish(
+                conn,
+                payment,
+                after,
+                PaymentSucceeded(
+                    transaction_id=payment.transaction_id,
+                    merchant_id=payment.merchant_id,
+                    amount_paise=payment.amount_paise,
+                    response_code=code,
+                    rrn=result.rrn,
+                    completed_at=now,
+                    payer_vpa=Vpa(payment.payer_vpa),
+                    payee_vpa=Vpa(payment.payee_vpa),
+                    payer_bank=result.payer_bank or "UNKNOWN",
+                    payee_bank=result.payee_bank or "UNKNOWN",
+                ),
+                clock,
+                cause,
+            )
+        case Outcome.FAILED:
+            after = payment.transition(
+                PaymentStatus.FAILED,
+                at=now,
+                response_code=code,
+                reason=describe(code),
+                rrn=result.rrn,
+                payer_bank=result.payer_bank,
+                payee_bank=result.payee_bank,
+            )
+            await _finish(
+                conn,
+                payment,
+                after,
+                _failed(payment, code, result.rrn, now),
+                clock,
+                cause,
+            )
+        case Outcome.DEEMED | Outcome.PENDING:
+            if payment.status is PaymentStatus.DEEMED:
+                return payment.status  # still unknown: the resolver reschedules
+            after = payment.transition(
+                PaymentStatus.DEEMED, at=now, response_code=code, reason=describe(code)
+            )
+            await _finish(
+                conn,
+                payment,
+                after,
+                PaymentDeemed(
+                    transaction_id=payment.transaction_id,
+                    merchant_id=payment.merchant_id,
+                    response_code=code,
+                    deemed_at=now,
+                ),
+                clock,
+                cause,
+                next_check_at=now + timedelta(seconds=timings.next_check_after(0)),
+            )
+        case _:
+            assert_never(outcome)
+    return after.status
+
+
+def _failed(payment: Payment, code: str, rrn: str | None, at: datetime) -> PaymentFailed:
+    return PaymentFailed(
+        transaction_id=payment.transaction_id,
+        merchant_id=payment.merchant_id,
+        amount_paise=payment.amount_paise,
+        response_code=code,
+        rrn=rrn,
+        completed_at=at,
+        reason=describe(code),
+    )
 
 
 class NpciHandler:
     consumer = "npci-handler"
 
-    def __init__(self, db: Database, switch: SwitchClient, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        switch: SwitchClient,
+        clock: Clock,
+        timings: NpciTimings | None = None,
+        breakers: BankBreakers | None = None,
+    ) -> None:
         self._db = db
         self._switch = switch
         self._clock = clock
+        self.timings = timings or NpciTimings()
+        self.breakers = breakers or BankBreakers(BreakerPolicy(), clock)
 
     def subscription(self) -> Subscription:
         return Subscription(
@@ -62,33 +229,47 @@ class NpciHandler:
 
     async def handle(self, envelope: Envelope) -> None:
         event = CATALOGUE.decode_as(envelope, PaymentInitiated)
-        key = envelope.partition_key
-        log_extra = {"transaction_id": event.transaction_id, "payer_vpa": event.payer_vpa.masked}
+        txn = event.transaction_id
+        payer_bank = bank_of(event.payer_vpa.value) or "UNKNOWN"
+        breaker = None
         async with self._db.transaction() as conn:
             if await already_processed(conn, self.consumer, envelope.event_id):
                 return
-            payment = await repository.load_payment(conn, event.transaction_id, for_update=True)
+            payment = await repository.load_payment(conn, txn, for_update=True)
             if payment is None:
-                raise PoisonMessage(f"PaymentInitiated for unknown payment {event.transaction_id}")
+                raise PoisonMessage(f"PaymentInitiated for unknown payment {txn}")
             match payment.status:
                 case PaymentStatus.INITIATED:
                     now = self._clock.now()
+                    if not self.breakers[payer_bank].allow():
+                        failed = payment.transition(
+                            PaymentStatus.FAILED,
+                            at=now,
+                            response_code=BREAKER_OPEN_CODE,
+                            reason=f"{payer_bank}: {describe(BREAKER_OPEN_CODE)}",
+                        )
+                        event_failed = _failed(payment, BREAKER_OPEN_CODE, None, now)
+                        await _finish(conn, payment, failed, event_failed, self._clock, envelope)
+                        await claim(conn, self.consumer, envelope.event_id)
+                        return
+                    breaker = self.breakers[payer_bank]
                     submitted = payment.transition(PaymentStatus.SUBMITTED, at=now)
                     await repository.save_transition(conn, payment, submitted)
                     await append_to_outbox(
                         conn,
                         [
-                            self._wrap(
+                            _wrap(
                                 PaymentSubmitted(
-                                    transaction_id=payment.transaction_id,
+                                    transaction_id=txn,
                                     merchant_id=payment.merchant_id,
                                     payer_vpa=event.payer_vpa,
                                     payee_vpa=event.payee_vpa,
                                     amount_paise=payment.amount_paise,
                                     submitted_at=now,
                                 ),
-                                key,
+                                self._clock,
                                 envelope,
+                                payment.payer_vpa,
                             )
                         ],
                     )
@@ -96,107 +277,218 @@ class NpciHandler:
                 case PaymentStatus.SUBMITTED:
                     resubmission = True  # we were here before and do not know the answer
                 case _:
-                    # Final, or owned by another flow (verification, deemed polling).
+                    # Final, or owned by another flow (verification, the deemed resolver).
                     await claim(conn, self.consumer, envelope.event_id)
                     return
 
         request = PayRequest(
-            txn_id=payment.transaction_id,
+            txn_id=txn,
             payer_vpa=payment.payer_vpa,
             payee_vpa=payment.payee_vpa,
             amount_paise=payment.amount_paise,
             note=payment.note,
         )
-        result = await self._ask_switch(request, resubmission)
-        _log.info("switch answered %s", result.response_code, extra=log_extra)
+        try:
+            result = await self._ask_switch(request, resubmission)
+        except (TimeoutError, SwitchTimeout):
+            # No answer: the debit may or may not have happened. Never resend; deem it.
+            result = SwitchResult(txn, DEEMED_CODE, None, payer_bank, None, known=True)
+            if breaker is not None:
+                breaker.record(False)
+        except SwitchError as exc:
+            if breaker is not None:
+                breaker.record(False)
+            if resubmission:
+                raise  # check-status failed: safe to retry the whole delivery
+            # Refused before processing (SwitchError's contract): nothing was debited.
+            _log.warning("switch refused: %s", exc, extra={"transaction_id": txn})
+            result = SwitchResult(txn, SWITCH_UNAVAILABLE_CODE, None, payer_bank, None)
+        except BaseException:
+            if breaker is not None:
+                breaker.record(False)
+            raise
+        else:
+            if breaker is not None:
+                breaker.record(result.response_code not in BANK_UNAVAILABLE)
+        _log.info(
+            "switch answered %s",
+            result.response_code,
+            extra={"transaction_id": txn, "payer_vpa": mask_vpa(payment.payer_vpa)},
+        )
 
         async with self._db.transaction() as conn:
-            current = await repository.load_payment(conn, payment.transaction_id, for_update=True)
+            current = await repository.load_payment(conn, txn, for_update=True)
             assert current is not None
             if current.status is PaymentStatus.SUBMITTED:
-                await self._record(conn, current, result, event, envelope)
+                await record_switch_answer(
+                    conn, current, result, clock=self._clock, timings=self.timings, cause=envelope
+                )
             await claim(conn, self.consumer, envelope.event_id)
 
     async def _ask_switch(self, request: PayRequest, resubmission: bool) -> SwitchResult:
         if resubmission:
             with SWITCH_LATENCY.labels("check_status").time():
-                status = await self._switch.check_status(request.txn_id)
+                status = await asyncio.wait_for(
+                    self._switch.check_status(request.txn_id), self.timings.check_status_timeout_s
+                )
             if status.known:
                 return status
         with SWITCH_LATENCY.labels("pay").time():
-            return await self._switch.pay(request)
+            return await asyncio.wait_for(self._switch.pay(request), self.timings.pay_timeout_s)
 
-    async def _record(
+
+class DeemedResolver:
+    """Resolves ``DEEMED`` payments: check-status with backoff, reversal past the max age.
+
+    Several resolvers may run (one per switch worker): due rows are leased with
+    ``FOR UPDATE SKIP LOCKED`` and their next check pushed past the lease, so each is asked
+    about by one worker at a time.
+    """
+
+    def __init__(
         self,
-        conn: AsyncConnection,
-        payment: Payment,
-        result: SwitchResult,
-        initiated: PaymentInitiated,
-        cause: Envelope,
+        db: Database,
+        switch: SwitchClient,
+        clock: Clock,
+        timings: NpciTimings | None = None,
+        *,
+        batch_size: int = 50,
+        poll_interval_s: float = 0.5,
     ) -> None:
+        self._db = db
+        self._switch = switch
+        self._clock = clock
+        self.timings = timings or NpciTimings()
+        self._batch = batch_size
+        self._poll = poll_interval_s
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                resolved = await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _log.warning("deemed resolver: %s", exc, exc_info=True)
+                resolved = 0
+            if resolved == 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._poll)
+
+    async def run_once(self) -> int:
+        """Ask about every due deemed payment once; returns how many were due."""
+        await self._deem_stale_submissions()
         now = self._clock.now()
-        code = result.response_code
-        outcome = outcome_of(code)
-        event: Event
-        match outcome:
-            case Outcome.SUCCESS:
-                after = payment.transition(
-                    PaymentStatus.SUCCESS,
-                    at=now,
-                    response_code=code,
-                    rrn=result.rrn,
-                    payer_bank=result.payer_bank,
-                    payee_bank=result.payee_bank,
+        lease = now + timedelta(seconds=self.timings.check_status_timeout_s * 2 + 1)
+        async with self._db.transaction() as conn:
+            due = list(
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT transaction_id FROM payments WHERE status = 'DEEMED'"
+                            " AND next_check_at <= :now ORDER BY next_check_at LIMIT :n"
+                            " FOR UPDATE SKIP LOCKED"
+                        ),
+                        {"now": now, "n": self._batch},
+                    )
+                ).scalars()
+            )
+            for txn in due:
+                await repository.schedule_check(conn, txn, lease)
+        if due:
+            await asyncio.gather(*(self._resolve(txn) for txn in due))
+        return len(due)
+
+    async def _deem_stale_submissions(self) -> None:
+        """A payment left ``SUBMITTED`` well past the pay timeout lost its handler (crash,
+        dead letter): deem it, so that check-status decides, never a resend."""
+        now = self._clock.now()
+        stale_before = now - timedelta(seconds=self.timings.pay_timeout_s * 2 + 5)
+        async with self._db.transaction() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT transaction_id FROM payments WHERE status = 'SUBMITTED'"
+                        " AND updated_at < :before ORDER BY updated_at LIMIT :n"
+                        " FOR UPDATE SKIP LOCKED"
+                    ),
+                    {"before": stale_before, "n": self._batch},
                 )
-                event = PaymentSucceeded(
-                    transaction_id=payment.transaction_id,
+            ).scalars()
+            for txn in list(rows):
+                payment = await repository.load_payment(conn, txn)
+                assert payment is not None
+                stale = SwitchResult(txn, DEEMED_CODE, None, None, None)
+                await record_switch_answer(
+                    conn, payment, stale, clock=self._clock, timings=self.timings
+                )
+
+    async def _resolve(self, txn: str) -> None:
+        timings = self.timings
+        try:
+            answer = await asyncio.wait_for(
+                self._switch.check_status(txn), timings.check_status_timeout_s
+            )
+        except (TimeoutError, SwitchError) as exc:
+            _log.info("check-status failed: %s", exc, extra={"transaction_id": txn})
+            answer = None
+        async with self._db.transaction() as conn:
+            payment = await repository.load_payment(conn, txn, for_update=True)
+            if payment is None or payment.status is not PaymentStatus.DEEMED:
+                return
+            if answer is not None:
+                status = await record_switch_answer(
+                    conn, payment, answer, clock=self._clock, timings=timings
+                )
+                if status is not PaymentStatus.DEEMED:
+                    return
+            age = (self._clock.now() - payment.created_at).total_seconds()
+            if age < timings.max_deemed_age_s:
+                attempts = await repository.count_check(conn, txn)
+                await repository.schedule_check(
+                    conn,
+                    txn,
+                    self._clock.now() + timedelta(seconds=timings.next_check_after(attempts)),
+                )
+                return
+        await self._reverse(txn)
+
+    async def _reverse(self, txn: str) -> None:
+        try:
+            reversal = await asyncio.wait_for(
+                self._switch.reverse(txn), self.timings.check_status_timeout_s
+            )
+        except (TimeoutError, SwitchError) as exc:
+            _log.warning("reversal failed, will retry: %s", exc, extra={"transaction_id": txn})
+            return  # the lease expires and the next run tries again
+        async with self._db.transaction() as conn:
+            payment = await repository.load_payment(conn, txn, for_update=True)
+            if payment is None or payment.status is not PaymentStatus.DEEMED:
+                return
+            now = self._clock.now()
+            if reversal.reversed:
+                reason = f"deemed, then reversed ({reversal.response_code})"
+                after = payment.transition(PaymentStatus.REVERSED, at=now, reason=reason)
+                event: Event = PaymentReversed(
+                    transaction_id=txn,
                     merchant_id=payment.merchant_id,
                     amount_paise=payment.amount_paise,
-                    response_code=code,
-                    rrn=result.rrn,
+                    response_code=after.response_code or DEEMED_CODE,
+                    rrn=payment.rrn,
                     completed_at=now,
                     payer_vpa=Vpa(payment.payer_vpa),
-                    payee_vpa=Vpa(payment.payee_vpa),
-                    payer_bank=result.payer_bank or "UNKNOWN",
-                    payee_bank=result.payee_bank or "UNKNOWN",
+                    payer_bank=bank_of(payment.payer_vpa) or "UNKNOWN",
                 )
-            case Outcome.FAILED:
+            elif reversal.response_code == "21":  # nothing was debited; the id is void now
+                code = reversal.response_code
                 after = payment.transition(
-                    PaymentStatus.FAILED,
-                    at=now,
-                    response_code=code,
-                    reason=describe(code),
-                    rrn=result.rrn,
-                    payer_bank=result.payer_bank,
-                    payee_bank=result.payee_bank,
+                    PaymentStatus.FAILED, at=now, response_code=code, reason=describe(code)
                 )
-                event = PaymentFailed(
-                    transaction_id=payment.transaction_id,
-                    merchant_id=payment.merchant_id,
-                    amount_paise=payment.amount_paise,
-                    response_code=code,
-                    rrn=result.rrn,
-                    completed_at=now,
-                    reason=describe(code),
-                )
-            case Outcome.DEEMED | Outcome.PENDING:
-                after = payment.transition(
-                    PaymentStatus.DEEMED, at=now, response_code=code, reason=describe(code)
-                )
-                event = PaymentDeemed(
-                    transaction_id=payment.transaction_id,
-                    merchant_id=payment.merchant_id,
-                    response_code=code,
-                    deemed_at=now,
-                )
-            case _:
-                assert_never(outcome)
-        await repository.save_transition(conn, payment, after)
-        await append_to_outbox(conn, [self._wrap(event, cause.partition_key, cause)])
-        if after.status.is_final:
-            PAYMENTS_FINAL.labels(after.status.value).inc()
-
-    def _wrap(self, event: Event, key: str, cause: Envelope) -> Envelope:
-        return Envelope.wrap(
-            event, partition_key=key, occurred_at=self._clock.now(), causation_id=cause.event_id
-        )
+                event = _failed(payment, code, payment.rrn, now)
+            else:
+                return  # reversal failed (96): the lease expires, the next run retries
+            await _finish(conn, payment, after, event, self._clock, None)

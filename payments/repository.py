@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -13,10 +14,12 @@ from core.errors import InvalidTransition
 from payments.domain import Payment, PaymentStatus
 
 __all__ = [
+    "count_check",
     "insert_payment",
     "list_payments_by_order",
     "load_payment",
     "save_transition",
+    "schedule_check",
     "to_payment",
 ]
 
@@ -148,3 +151,24 @@ async def list_payments_by_order(
         params["after"] = after_transaction_id
     sql += " ORDER BY transaction_id LIMIT :n"
     return [to_payment(r) for r in (await conn.execute(text(sql), params)).all()]
+
+
+async def schedule_check(conn: AsyncConnection, transaction_id: str, at: datetime) -> None:
+    await conn.execute(
+        text("UPDATE payments SET next_check_at = :at WHERE transaction_id = :t"),
+        {"at": at, "t": transaction_id},
+    )
+
+
+async def count_check(conn: AsyncConnection, transaction_id: str) -> int:
+    """Count one more check-status for a deemed payment; returns the count before it."""
+    row = (
+        await conn.execute(
+            text(
+                "UPDATE payments SET check_attempts = check_attempts + 1"
+                " WHERE transaction_id = :t RETURNING check_attempts - 1"
+            ),
+            {"t": transaction_id},
+        )
+    ).scalar_one()
+    return int(row)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["CODES", "Outcome", "ResponseCode", "describe", "outcome_of"]
+__all__ = ["BANK_UNAVAILABLE", "CODES", "Outcome", "ResponseCode", "describe", "outcome_of"]
 
 
 class Outcome(StrEnum):
@@ -42,21 +42,25 @@ _TABLE = [
     ResponseCode("U30", Outcome.FAILED, "Debit has failed"),
     ResponseCode("U09", Outcome.DEEMED, "ReqAuth time-out for PAY"),
     ResponseCode("U68", Outcome.DEEMED, "Credit time-out"),
-    ResponseCode("XY", Outcome.FAILED, "Remitter CBS offline"),
+    ResponseCode("XY", Outcome.FAILED, "Remitter bank (CBS) offline"),
     ResponseCode("ZE", Outcome.FAILED, "Transaction not permitted to VPA by the PSP"),
     ResponseCode("ZH", Outcome.FAILED, "Invalid virtual address"),
     ResponseCode("B3", Outcome.FAILED, "Transaction not permitted to the account"),
-    ResponseCode("U28", Outcome.FAILED, "PSP not available"),
+    ResponseCode("U28", Outcome.FAILED, "PSP not available (switch refused the request)"),
     ResponseCode("U90", Outcome.FAILED, "Remitter bank deemed high response time check decline"),
     ResponseCode("U91", Outcome.FAILED, "Beneficiary bank deemed high response time check decline"),
-    ResponseCode("CB", Outcome.FAILED, "Circuit breaker open: bank unavailable, failed fast"),
     # Reversal outcomes.
-    ResponseCode("21", Outcome.FAILED, "Reversal: no action taken (full reversal)"),
+    # Reversal outcomes. A reversal that returned the debit answers 00.
+    ResponseCode("21", Outcome.FAILED, "Reversal: no action taken, original was not debited"),
     ResponseCode("32", Outcome.FAILED, "Reversal: partial reversal"),
-    ResponseCode("96", Outcome.FAILED, "Reversal failure / system malfunction"),
+    ResponseCode("96", Outcome.DEEMED, "Reversal failure / system malfunction, retry"),
 ]
 
 CODES: dict[str, ResponseCode] = {rc.code: rc for rc in _TABLE}
+
+# Answers that say the bank itself is unwell (they count against its circuit breaker);
+# ordinary declines such as Z9 or ZM do not.
+BANK_UNAVAILABLE = frozenset({"XY", "U28", "U90", "U91"})
 
 
 def outcome_of(code: str) -> Outcome:

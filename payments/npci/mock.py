@@ -1,43 +1,66 @@
 """The mock NPCI switch — the only mock in the product, by design (SPEC §5).
 
-It behaves like the switch plus the banks behind it: payer accounts with balances
-(provisioned deterministically from the VPA so tests can predict them), per-bank latency,
-12-digit RRNs, UPI response codes, a journal of every transaction (``npci_transactions``,
-which settlement reconciles against), and check-status. Its state is in PostgreSQL so it
-survives restarts of the engine, as NPCI's would.
+It behaves like the switch plus the banks behind it:
 
-Sandbox payers (whatever their handle), by local part:
-``success`` → ``00``; ``insufficient`` → ``Z9``; ``wrongpin`` → ``ZM``; ``bank-down`` →
-``XY`` (remitter bank offline). Any other payer is debited if its balance allows, else ``Z9``.
+* payer accounts with balances, provisioned deterministically from the VPA
+  (:func:`opening_balance`) so tests can predict them;
+* per-bank latency (lognormal) and business decline rates from ``profiles.json``;
+* 12-digit RRNs and real UPI response codes (:mod:`payments.npci.codes`);
+* a journal of every transaction (``npci_transactions``), which settlement reconciles
+  against; its state is in PostgreSQL so it survives restarts, as NPCI's would;
+* check-status, credit reversal, refund credit;
+* faults injectable at run time per bank: extra latency, timeout rate, error rate, down.
+
+Sandbox payers (whatever their handle), by local part: ``success`` → ``00``;
+``insufficient`` → ``Z9``; ``wrongpin`` → ``ZM``; ``bank-down`` → ``XY`` (remitter bank
+offline); ``timeout-success`` / ``timeout-failure`` → the pay request is processed (debited /
+failed with ``U30``) but its answer never comes back in time; check-status says ``01``
+(pending) for ``pending_s`` and then the real outcome.
 
 A pay request repeating a txn id never debits again: the journal row is inserted first,
-keyed by txn id, in the same transaction as the balance changes, and a repeat gets the
-first answer.
+keyed by txn id, in the same transaction as the balance changes; a repeat gets the first
+answer. A reversal of a txn id the switch never saw leaves a void row, so a late pay
+request with that id is refused rather than debited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import math
 import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.errors import SwitchError
 from core.ids import new_rrn
 from core.money import Paise
 from core.storage import Database
 from payments.npci.banks import bank_of
-from payments.npci.switch import PayRequest, SwitchResult
+from payments.npci.switch import (
+    PayRequest,
+    RefundRequest,
+    ReversalResult,
+    SwitchResult,
+)
 
-__all__ = ["MockSwitch", "opening_balance"]
+__all__ = ["BankProfile", "Faults", "MockSwitch", "load_profiles", "opening_balance"]
 
 SANDBOX_CODES = {
     "success": "00",
     "insufficient": "Z9",
     "wrongpin": "ZM",
     "bank-down": "XY",
+    "timeout-success": "00",
+    "timeout-failure": "U30",
 }
+_HANGS = {"timeout-success", "timeout-failure"}
 # Sandbox payers always have money: their outcome is fixed by name, not by balance.
 _SANDBOX_BALANCE = 10**15
 
@@ -50,28 +73,117 @@ def opening_balance(vpa: str) -> Paise:
     return 100_000 + h % (50_000_000 - 100_000)
 
 
-class MockSwitch:
-    def __init__(self, db: Database, *, latency_ms: tuple[float, float] = (2.0, 20.0)) -> None:
-        self._db = db
-        self._latency_ms = latency_ms
+@dataclass(frozen=True)
+class BankProfile:
+    latency_median_ms: float = 120.0
+    latency_sigma: float = 0.5
+    decline_rate: float = 0.02
+    decline_codes: dict[str, float] = field(default_factory=lambda: {"U30": 1.0})
 
-    async def _latency(self) -> None:
-        low, high = self._latency_ms
-        if high > 0:
-            await asyncio.sleep(random.uniform(low, high) / 1000)
+
+@dataclass
+class Faults:
+    """Injected at run time, per bank (the payer's bank is the one that matters)."""
+
+    extra_latency_ms: float = 0.0
+    timeout_rate: float = 0.0  # answer processed but never returned in time
+    error_rate: float = 0.0  # refused before processing (HTTP 503 from the switch)
+    down: bool = False  # remitter bank offline: XY
+
+
+def load_profiles(raw: dict[str, Any] | None = None) -> dict[str, BankProfile]:
+    if raw is None:
+        raw = json.loads(resources.files("payments.npci").joinpath("profiles.json").read_text())
+    default = {k: v for k, v in raw["default"].items()}
+    profiles = {"default": BankProfile(**default)}
+    for bank, overrides in raw.get("banks", {}).items():
+        profiles[bank] = BankProfile(**{**default, **overrides})
+    return profiles
+
+
+class MockSwitch:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        profiles: dict[str, BankProfile] | None = None,
+        latency_scale: float = 1.0,
+        decline_scale: float = 1.0,
+        hang_s: float = 30.0,
+        pending_s: float = 5.0,
+        seed: int | None = None,
+    ) -> None:
+        self._db = db
+        self._profiles = profiles or load_profiles()
+        self._latency_scale = latency_scale
+        self._decline_scale = decline_scale
+        self.hang_s = hang_s
+        self.pending_s = pending_s
+        self._rng = random.Random(seed)
+        self.faults: dict[str, Faults] = {}
+
+    # ----------------------------------------------------------------- faults
+
+    def inject(self, bank: str, **faults: Any) -> Faults:
+        current = self.faults.get(bank, Faults())
+        updated = Faults(**{**current.__dict__, **faults})
+        self.faults[bank] = updated
+        return updated
+
+    def clear_faults(self, bank: str | None = None) -> None:
+        if bank is None:
+            self.faults.clear()
+        else:
+            self.faults.pop(bank, None)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _profile(self, bank: str | None) -> BankProfile:
+        return self._profiles.get(bank or "", self._profiles["default"])
+
+    async def _latency(self, bank: str | None) -> None:
+        profile = self._profile(bank)
+        fault = self.faults.get(bank or "")
+        ms = profile.latency_median_ms * math.exp(self._rng.gauss(0, profile.latency_sigma))
+        ms = ms * self._latency_scale + (fault.extra_latency_ms if fault else 0.0)
+        if ms > 0:
+            await asyncio.sleep(ms / 1000)
+
+    def _business_decline(self, request: PayRequest, bank: str) -> str | None:
+        """A payer-side decline (wrong PIN, declined by customer…), decided per txn id."""
+        profile = self._profile(bank)
+        rate = profile.decline_rate * self._decline_scale
+        if rate <= 0:
+            return None
+        draw = random.Random(request.txn_id)  # the same txn always draws the same
+        if draw.random() >= rate:
+            return None
+        codes, weights = zip(*profile.decline_codes.items(), strict=True)
+        return str(draw.choices(codes, weights)[0])
+
+    # ----------------------------------------------------------------- operations
 
     async def pay(self, request: PayRequest) -> SwitchResult:
-        await self._latency()
         payer_bank = bank_of(request.payer_vpa)
         payee_bank = bank_of(request.payee_vpa)
+        fault = self.faults.get(payer_bank or "", Faults())
+        await self._latency(payer_bank)
+        if fault.error_rate and self._rng.random() < fault.error_rate:
+            raise SwitchError("switch answered 503: service unavailable (nothing processed)")
+        local = request.payer_vpa.split("@", 1)[0]
+        hangs = local in _HANGS or (
+            fault.timeout_rate > 0 and self._rng.random() < fault.timeout_rate
+        )
+        now = datetime.now(UTC)
+        visible_at = now + timedelta(seconds=self.pending_s) if hangs else now
         async with self._db.transaction() as conn:
             inserted = (
                 await conn.execute(
                     text(
                         "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
                         " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
-                        " debited) VALUES (:t, 'PAY', :payer, :payee, :pb, :eb, :amt,"
-                        " 'PROCESSING', '01', :rrn, false)"
+                        " debited, visible_at) VALUES (:t, 'PAY', :payer, :payee, :pb, :eb,"
+                        " :amt, 'PROCESSING', '01', :rrn, false, :vis)"
                         " ON CONFLICT (txn_id) DO NOTHING RETURNING rrn"
                     ),
                     {
@@ -82,12 +194,13 @@ class MockSwitch:
                         "eb": payee_bank or "UNKNOWN",
                         "amt": request.amount_paise,
                         "rrn": new_rrn(),
+                        "vis": visible_at,
                     },
                 )
             ).first()
             if inserted is None:  # a repeat: answer what we answered the first time
                 return await _journal_result(conn, request.txn_id)
-            code = await self._decide_and_move(conn, request, payer_bank, payee_bank)
+            code = await self._decide_and_move(conn, request, payer_bank, payee_bank, fault)
             await conn.execute(
                 text(
                     "UPDATE npci_transactions SET status = :s, response_code = :c,"
@@ -100,7 +213,12 @@ class MockSwitch:
                     "t": request.txn_id,
                 },
             )
-            return SwitchResult(request.txn_id, code, inserted.rrn, payer_bank, payee_bank)
+        result = SwitchResult(request.txn_id, code, inserted.rrn, payer_bank, payee_bank)
+        if hangs:
+            # Processed, but the answer is lost on the way back: the caller times out.
+            await asyncio.sleep(self.hang_s)
+            return SwitchResult(request.txn_id, "01", inserted.rrn, payer_bank, payee_bank)
+        return result
 
     async def _decide_and_move(
         self,
@@ -108,38 +226,129 @@ class MockSwitch:
         request: PayRequest,
         payer_bank: str | None,
         payee_bank: str | None,
+        fault: Faults,
     ) -> str:
         if payer_bank is None or payee_bank is None:
             return "ZH"
-        sandbox = SANDBOX_CODES.get(request.payer_vpa.split("@", 1)[0])
+        local = request.payer_vpa.split("@", 1)[0]
+        sandbox = SANDBOX_CODES.get(local)
+        if fault.down or sandbox == "XY":
+            return "XY"
         if sandbox is not None and sandbox != "00":
             return sandbox
+        if sandbox is None:
+            declined = self._business_decline(request, payer_bank)
+            if declined is not None:
+                return declined
         await _ensure_account(conn, request.payer_vpa, payer_bank)
         await _ensure_account(conn, request.payee_vpa, payee_bank)
-        debited = (
-            await conn.execute(
-                text(
-                    "UPDATE npci_accounts SET balance_paise = balance_paise - :a"
-                    " WHERE vpa = :v AND balance_paise >= :a RETURNING 1"
-                ),
-                {"a": request.amount_paise, "v": request.payer_vpa},
-            )
-        ).first()
-        if debited is None:
+        if not await _move(conn, request.payer_vpa, request.payee_vpa, request.amount_paise):
             return "Z9"
-        await conn.execute(
-            text("UPDATE npci_accounts SET balance_paise = balance_paise + :a WHERE vpa = :v"),
-            {"a": request.amount_paise, "v": request.payee_vpa},
-        )
         return "00"
 
     async def check_status(self, txn_id: str) -> SwitchResult:
-        await self._latency()
-        async with self._db.transaction() as conn:
+        await self._latency(None)
+        async with self._db.connection() as conn:
             return await _journal_result(conn, txn_id)
 
+    async def reverse(self, txn_id: str) -> ReversalResult:
+        await self._latency(None)
+        async with self._db.transaction() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT status, debited, payer_vpa, payee_vpa, amount_paise"
+                        " FROM npci_transactions WHERE txn_id = :t FOR UPDATE"
+                    ),
+                    {"t": txn_id},
+                )
+            ).first()
+            if row is None:
+                # Never seen: void the id so that a late request cannot debit.
+                await conn.execute(
+                    text(
+                        "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
+                        " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
+                        " debited) VALUES (:t, 'PAY', 'void@void', 'void@void', 'NONE', 'NONE',"
+                        " 1, 'VOID', '21', :rrn, false) ON CONFLICT DO NOTHING"
+                    ),
+                    {"t": txn_id, "rrn": new_rrn()},
+                )
+                return ReversalResult(txn_id, "21", reversed=False)
+            if row.status == "REVERSED":
+                return ReversalResult(txn_id, "00", reversed=True)
+            if not row.debited:
+                await conn.execute(
+                    text(
+                        "UPDATE npci_transactions SET visible_at = now(), updated_at = now()"
+                        " WHERE txn_id = :t"
+                    ),
+                    {"t": txn_id},
+                )
+                return ReversalResult(txn_id, "21", reversed=False)
+            if not await _move(conn, row.payee_vpa, row.payer_vpa, int(row.amount_paise)):
+                return ReversalResult(txn_id, "96", reversed=False)
+            await conn.execute(
+                text(
+                    "UPDATE npci_transactions SET status = 'REVERSED', debited = false,"
+                    " visible_at = now(), updated_at = now() WHERE txn_id = :t"
+                ),
+                {"t": txn_id},
+            )
+            return ReversalResult(txn_id, "00", reversed=True)
+
+    async def refund(self, request: RefundRequest) -> SwitchResult:
+        payer_bank = bank_of(request.payer_vpa)
+        payee_bank = bank_of(request.payee_vpa)
+        await self._latency(payee_bank)
+        async with self._db.transaction() as conn:
+            inserted = (
+                await conn.execute(
+                    text(
+                        "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
+                        " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
+                        " debited, original_txn_id) VALUES (:t, 'REFUND', :payer, :payee, :pb,"
+                        " :eb, :amt, 'PROCESSING', '01', :rrn, false, :orig)"
+                        " ON CONFLICT (txn_id) DO NOTHING RETURNING rrn"
+                    ),
+                    {
+                        "t": request.refund_id,
+                        "payer": request.payer_vpa,
+                        "payee": request.payee_vpa,
+                        "pb": payer_bank or "UNKNOWN",
+                        "eb": payee_bank or "UNKNOWN",
+                        "amt": request.amount_paise,
+                        "rrn": new_rrn(),
+                        "orig": request.original_txn_id,
+                    },
+                )
+            ).first()
+            if inserted is None:
+                return await _journal_result(conn, request.refund_id)
+            code = "ZH"
+            if payer_bank and payee_bank:
+                await _ensure_account(conn, request.payer_vpa, payer_bank)
+                await _ensure_account(conn, request.payee_vpa, payee_bank)
+                moved = await _move(
+                    conn, request.payee_vpa, request.payer_vpa, request.amount_paise
+                )
+                code = "00" if moved else "Z9"
+            await conn.execute(
+                text(
+                    "UPDATE npci_transactions SET status = :s, response_code = :c,"
+                    " debited = :d, updated_at = now() WHERE txn_id = :t"
+                ),
+                {
+                    "s": "SUCCESS" if code == "00" else "FAILED",
+                    "c": code,
+                    "d": code == "00",
+                    "t": request.refund_id,
+                },
+            )
+            return SwitchResult(request.refund_id, code, inserted.rrn, payer_bank, payee_bank)
+
     async def balance(self, vpa: str) -> Paise:
-        """A payer's balance as the bank sees it (opening balance if never touched)."""
+        """An account's balance as its bank sees it (opening balance if never touched)."""
         async with self._db.connection() as conn:
             row = (
                 await conn.execute(
@@ -159,16 +368,40 @@ async def _ensure_account(conn: AsyncConnection, vpa: str, bank: str) -> None:
     )
 
 
+async def _move(conn: AsyncConnection, debit: str, credit: str, amount: Paise) -> bool:
+    """Debit one account and credit another, atomically; False if the debit cannot be made."""
+    debited = (
+        await conn.execute(
+            text(
+                "UPDATE npci_accounts SET balance_paise = balance_paise - :a"
+                " WHERE vpa = :v AND balance_paise >= :a RETURNING 1"
+            ),
+            {"a": amount, "v": debit},
+        )
+    ).first()
+    if debited is None:
+        return False
+    await conn.execute(
+        text("UPDATE npci_accounts SET balance_paise = balance_paise + :a WHERE vpa = :v"),
+        {"a": amount, "v": credit},
+    )
+    return True
+
+
 async def _journal_result(conn: AsyncConnection, txn_id: str) -> SwitchResult:
     row = (
         await conn.execute(
             text(
-                "SELECT response_code, rrn, payer_bank, payee_bank FROM npci_transactions"
-                " WHERE txn_id = :t"
+                "SELECT response_code, rrn, payer_bank, payee_bank, status,"
+                " visible_at > now() AS pending FROM npci_transactions WHERE txn_id = :t"
             ),
             {"t": txn_id},
         )
     ).first()
     if row is None:
         return SwitchResult(txn_id, "01", None, None, None, known=False)
+    if row.pending or row.status == "PROCESSING":
+        return SwitchResult(txn_id, "01", row.rrn, row.payer_bank, row.payee_bank)
+    if row.status == "REVERSED":
+        return SwitchResult(txn_id, "RB", row.rrn, row.payer_bank, row.payee_bank)
     return SwitchResult(txn_id, row.response_code, row.rrn, row.payer_bank, row.payee_bank)

@@ -23,7 +23,7 @@ UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPI_")}
-    env.update({"UPI_LOG_LEVEL": "INFO", **extra})
+    env.update({"UPI_LOG_LEVEL": "INFO", "UPI_NPCI_MOCK_LATENCY_SCALE": "0.2", **extra})
     return env
 
 

@@ -26,7 +26,13 @@ KEY = base64.b64encode(os.urandom(32)).decode()
 
 
 def settings() -> Settings:
-    return Settings(master_key=KEY, consumer_retry_base_s=0.01, relay_poll_interval_s=0.01)
+    return Settings(
+        master_key=KEY,
+        consumer_retry_base_s=0.01,
+        relay_poll_interval_s=0.01,
+        npci_mock_latency_scale=0.02,
+        npci_mock_decline_scale=0,
+    )
 
 
 @pytest.fixture
@@ -187,7 +193,7 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
     envelope = Envelope.from_bytes(bytes(raw))
     assert isinstance(CATALOGUE.decode(envelope), PaymentInitiated)
 
-    real = MockSwitch(db)
+    real = MockSwitch(db, latency_scale=0, decline_scale=0)
     flaky = LosesAnswer(real, before=lost_before_switch_saw_it)
     handler = NpciHandler(db, flaky, eng.clock)
     with pytest.raises(ConnectionError):
