@@ -105,6 +105,31 @@ async def _create_merchant(
     return {"merchant_id": merchant_id, "api_key": api_key, "webhook_secret": webhook_secret}
 
 
+@app.command("npci-mock")
+def npci_mock(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8090,
+) -> None:
+    """Run the mock NPCI switch as its own HTTP process (point UPI_NPCI_URL at it)."""
+    import uvicorn
+
+    from api.bootstrap import all_migrations, database_url, mock_switch
+    from core.storage import Database
+    from payments.npci.http import create_mock_app
+
+    settings = _settings()
+    try:
+        db = Database(database_url(settings), pool_size=settings.db_pool_size)
+    except ConfigError as exc:
+        _fail_config(exc)
+
+    async def start() -> None:
+        await migrate(db, all_migrations())
+
+    app_ = create_mock_app(mock_switch(settings, db), on_start=start, on_stop=db.close)
+    uvicorn.run(app_, host=host, port=port, log_config=None, access_log=False)
+
+
 @merchant_app.command("create")
 def merchant_create(
     name: Annotated[str, typer.Option(help="Merchant's display name")],

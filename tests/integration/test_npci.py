@@ -1,0 +1,225 @@
+"""The NPCI handler against the mock switch on the real PostgreSQL: sandbox payers, deemed
+payments resolved by check-status, reversals, the circuit breaker under an injected fault."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+
+import pytest
+from sqlalchemy import text
+
+from api.bootstrap import Engine
+from core.config import Settings
+from core.pii import Vpa
+from payments import service
+from payments.domain import PaymentStatus
+from payments.merchants import Merchant, insert_merchant
+from payments.npci.breaker import BreakerState
+from payments.npci.mock import MockSwitch, opening_balance
+
+pytestmark = pytest.mark.postgres
+
+FAST = {
+    "master_key": base64.b64encode(os.urandom(32)).decode(),
+    "consumer_retry_base_s": 0.01,
+    "relay_poll_interval_s": 0.01,
+    "npci_mock_latency_scale": 0.02,
+    "npci_mock_decline_scale": 0,
+    "npci_pay_timeout_s": 0.3,
+    "npci_check_status_timeout_s": 0.5,
+    "npci_mock_hang_s": 1.0,
+    "npci_mock_pending_s": 0.4,
+    "npci_deemed_first_check_s": 0.1,
+    "npci_deemed_max_check_interval_s": 0.2,
+    "npci_deemed_max_age_s": 30,
+}
+
+
+async def start_engine(db_url: str, **overrides: object) -> Engine:
+    engine = Engine.build(Settings(**{**FAST, **overrides}), url=db_url)
+    await engine.start()
+    assert engine.resolver is not None
+    engine.resolver._poll = 0.05  # noqa: SLF001 - tests poll faster
+    async with engine.db.transaction() as conn:
+        await insert_merchant(conn, Merchant("mer_1", "Shop", "shop@okicici", "5411", None), b"x")
+    return engine
+
+
+@pytest.fixture
+async def engine(db_url):
+    eng = await start_engine(db_url)
+    yield eng
+    await eng.stop()
+
+
+async def pay(engine: Engine, payer: str, amount: int = 1_000, key: str | None = None) -> str:
+    key = key or os.urandom(8).hex()
+    body = {"payer_vpa": payer, "amount_paise": amount, "key": key}
+    cmd = service.InitiatePayment(
+        merchant_id="mer_1",
+        idempotency_key=key,
+        request_hash=service.request_hash(body),
+        payer_vpa=Vpa(payer),
+        payee_vpa=None,
+        amount_paise=amount,
+        merchant_order_id="o",
+    )
+    result = await service.initiate_payment(engine.db, cmd, engine.clock)
+    engine.outbox_committed()
+    return str(result.body["transaction_id"])
+
+
+async def final(engine: Engine, txn: str, timeout: float = 20.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        p = await service.get_payment(engine.db, "mer_1", txn)
+        if p.status.is_final:
+            return p
+        assert asyncio.get_running_loop().time() < deadline, f"{txn} still {p.status}"
+        await asyncio.sleep(0.02)
+
+
+async def history(engine: Engine, txn: str) -> list[str]:
+    async with engine.db.connection() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT status FROM payment_status_history WHERE transaction_id = :t ORDER BY seq"
+            ),
+            {"t": txn},
+        )
+        return list(rows.scalars())
+
+
+@pytest.mark.parametrize(
+    ("payer", "status", "code", "path"),
+    [
+        ("success@okhdfc", "SUCCESS", "00", ["INITIATED", "SUBMITTED", "SUCCESS"]),
+        ("insufficient@ybl", "FAILED", "Z9", ["INITIATED", "SUBMITTED", "FAILED"]),
+        ("wrongpin@oksbi", "FAILED", "ZM", ["INITIATED", "SUBMITTED", "FAILED"]),
+        ("bank-down@okaxis", "FAILED", "XY", ["INITIATED", "SUBMITTED", "FAILED"]),
+        ("timeout-success@paytm", "SUCCESS", "00", ["INITIATED", "SUBMITTED", "DEEMED", "SUCCESS"]),
+        (
+            "timeout-failure@okicici",
+            "FAILED",
+            "U30",
+            ["INITIATED", "SUBMITTED", "DEEMED", "FAILED"],
+        ),
+    ],
+)
+async def test_sandbox_payers_end_as_the_spec_says(engine, payer, status, code, path):
+    txn = await pay(engine, payer)
+    p = await final(engine, txn)
+    assert (p.status.value, p.response_code) == (status, code)
+    assert await history(engine, txn) == path
+    if status == "SUCCESS":
+        assert p.rrn and len(p.rrn) == 12
+
+
+async def test_deemed_past_max_age_is_reversed_and_the_payer_made_whole(db_url):
+    # The switch keeps answering "pending" longer than we are willing to wait.
+    engine = await start_engine(db_url, npci_mock_pending_s=60, npci_deemed_max_age_s=1.0)
+    try:
+        payer = "timeout-success@okhdfc"
+        switch = engine.switch
+        assert isinstance(switch, MockSwitch)
+        merchant_before = await switch.balance("shop@okicici")
+        txn = await pay(engine, payer, 4_200)
+        p = await final(engine, txn)
+        assert p.status is PaymentStatus.REVERSED
+        assert await history(engine, txn) == ["INITIATED", "SUBMITTED", "DEEMED", "REVERSED"]
+        assert await switch.balance("shop@okicici") == merchant_before  # credit taken back
+        assert await switch.balance(payer) == opening_balance(payer)
+    finally:
+        await engine.stop()
+
+
+class DropsRequests:
+    """A network that loses every pay request before the switch sees it (answer: timeout)."""
+
+    def __init__(self, inner: MockSwitch) -> None:
+        self.inner = inner
+
+    async def pay(self, request):
+        await asyncio.sleep(10)
+        raise AssertionError("unreachable: the handler times out first")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+async def test_a_request_the_switch_never_saw_is_voided_and_cannot_debit_later(db_url, db):
+    real = MockSwitch(db, latency_scale=0, decline_scale=0)
+    engine = Engine.build(
+        Settings(**{**FAST, "npci_deemed_max_age_s": 0.5}), url=db_url, switch=DropsRequests(real)
+    )  # type: ignore[arg-type]
+    await engine.start()
+    try:
+        async with engine.db.transaction() as conn:
+            await insert_merchant(
+                conn, Merchant("mer_1", "Shop", "shop@okicici", "5411", None), b"x"
+            )
+        payer = "late.request@okaxis"
+        txn = await pay(engine, payer, 777)
+        p = await final(engine, txn)
+        assert (p.status, p.response_code) == (PaymentStatus.FAILED, "21")
+        # The lost request finally arrives: it must not debit.
+        from payments.npci.switch import PayRequest
+
+        late = await real.pay(PayRequest(txn, payer, "shop@okicici", 777))
+        assert late.response_code == "21"
+        assert await real.balance(payer) == opening_balance(payer)
+    finally:
+        await engine.stop()
+
+
+async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_closes(db_url):
+    engine = await start_engine(
+        db_url,
+        npci_breaker_window=10,
+        npci_breaker_min_calls=6,
+        npci_breaker_failure_rate=0.4,
+        npci_breaker_cooldown_s=0.5,
+        npci_mock_pending_s=0.2,
+        # A request cancelled by the timeout before the switch recorded it stays unknown
+        # until the max age, then is voided: keep that short here.
+        npci_deemed_max_age_s=2,
+    )
+    try:
+        switch = engine.switch
+        assert isinstance(switch, MockSwitch) and engine.npci_handler is not None
+        breaker = engine.npci_handler.breakers["AXIS"]
+        switch.inject("AXIS", timeout_rate=0.5)
+        payers = [f"axis.user{i}@okaxis" for i in range(40)]
+        txns = {await pay(engine, p, 1_000 + i): p for i, p in enumerate(payers)}
+        finals = {t: await final(engine, t) for t in txns}
+        assert BreakerState.OPEN in breaker.transitions
+        fast_failed = [p for p in finals.values() if p.response_code == "U90"]
+        assert fast_failed, "while open, payments fail fast with U90"
+
+        switch.clear_faults()
+        await asyncio.sleep(0.6)  # cooldown
+        after = [await pay(engine, f"axis.after{i}@okaxis", 500) for i in range(5)]
+        for t in after:
+            assert (await final(engine, t)).status is PaymentStatus.SUCCESS
+        assert breaker.state is BreakerState.CLOSED
+        assert breaker.transitions[-2:] == [BreakerState.HALF_OPEN, BreakerState.CLOSED]
+
+        # Every payment has exactly one final status and nobody was debited twice.
+        async with engine.db.connection() as conn:
+            finals_per_txn = (
+                await conn.execute(
+                    text(
+                        "SELECT transaction_id, count(*) FROM payment_status_history WHERE status IN"
+                        " ('SUCCESS','FAILED','BLOCKED','REVERSED') GROUP BY transaction_id"
+                    )
+                )
+            ).all()
+        assert len(finals_per_txn) == len(txns) + len(after)
+        assert {n for _, n in finals_per_txn} == {1}
+        for txn, payer in txns.items():
+            spent = finals[txn].amount_paise if finals[txn].status is PaymentStatus.SUCCESS else 0
+            assert await switch.balance(payer) == opening_balance(payer) - spent, payer
+    finally:
+        await engine.stop()
