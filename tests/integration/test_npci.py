@@ -41,7 +41,7 @@ async def start_engine(db_url: str, **overrides: object) -> Engine:
     engine = Engine.build(Settings(**{**FAST, **overrides}), url=db_url)
     await engine.start()
     assert engine.resolver is not None
-    engine.resolver._poll = 0.05  # noqa: SLF001 - tests poll faster
+    engine.resolver._poll = 0.05  # tests poll faster
     async with engine.db.transaction() as conn:
         await insert_merchant(conn, Merchant("mer_1", "Shop", "shop@okicici", "5411", None), b"x")
     return engine
@@ -211,8 +211,9 @@ async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_
             finals_per_txn = (
                 await conn.execute(
                     text(
-                        "SELECT transaction_id, count(*) FROM payment_status_history WHERE status IN"
-                        " ('SUCCESS','FAILED','BLOCKED','REVERSED') GROUP BY transaction_id"
+                        "SELECT transaction_id, count(*) FROM payment_status_history"
+                        " WHERE status IN ('SUCCESS','FAILED','BLOCKED','REVERSED')"
+                        " GROUP BY transaction_id"
                     )
                 )
             ).all()

@@ -1,0 +1,224 @@
+"""The Kafka backend against the real Tansu broker and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from sqlalchemy import text
+
+from core.bus.base import Subscription
+from core.bus.kafka import KafkaBus
+from core.config import Settings
+from core.deadletters import TableDeadLetters
+from core.errors import BusError
+from core.events import CATALOGUE, Envelope, PaymentInitiated
+from tests.support import unique_name
+
+pytestmark = pytest.mark.kafka
+
+
+def settings(bootstrap: str, **extra: object) -> Settings:
+    values: dict[str, object] = {
+        "kafka_bootstrap": bootstrap,
+        "kafka_idempotence": False,
+        "kafka_topic_prefix": unique_name("k"),
+        "kafka_partitions": 3,
+        "consumer_max_attempts": 3,
+        "consumer_retry_base_s": 0.01,
+        **extra,
+    }
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def envelope(n: int, key: str) -> Envelope:
+    event = PaymentInitiated(
+        transaction_id=f"UPI{n}",
+        merchant_id="m",
+        merchant_order_id=str(n),
+        payer_vpa="alice@ybl",
+        payee_vpa="bob@ybl",
+        amount_paise=n + 1,
+        initiated_at=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    return Envelope.wrap(event, partition_key=key)
+
+
+async def eventually(predicate, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_events_arrive_in_order_per_partition_key(kafka_bootstrap):
+    s = settings(kafka_bootstrap)
+    seen: dict[str, list[int]] = {}
+
+    async def handle(e: Envelope) -> None:
+        seen.setdefault(e.partition_key, []).append(e.payload["amount_paise"])
+
+    consumer_bus = KafkaBus(s)
+    consumer_bus.subscribe(Subscription("orders", ("payments",), handle))
+    publisher = KafkaBus(s)
+    await publisher.start()
+    await consumer_bus.start()
+    try:
+        await publisher.publish([envelope(i, f"payer-{i % 5}") for i in range(100)])
+
+        async def all_seen() -> bool:
+            return sum(map(len, seen.values())) == 100
+
+        await eventually(all_seen)
+        for amounts in seen.values():
+            assert amounts == sorted(amounts)
+    finally:
+        await consumer_bus.stop()
+        await publisher.stop()
+
+
+async def test_killed_after_effect_before_commit_redelivers_without_a_second_effect(
+    kafka_bootstrap, db, db_url
+):
+    s = settings(kafka_bootstrap)
+    async with db.transaction() as conn:
+        await conn.execute(text("CREATE TABLE effects (event_id uuid PRIMARY KEY)"))
+        await conn.execute(text("CREATE TABLE deliveries (event_id uuid NOT NULL)"))
+    publisher = KafkaBus(s)
+    await publisher.start()
+    n = 10
+    await publisher.publish([envelope(i, "one-payer") for i in range(n)])
+    await publisher.stop()
+    script = [
+        sys.executable,
+        "-m",
+        "tests.integration.kafka_crash_consumer",
+        db_url,
+        kafka_bootstrap,
+        s.kafka_topic_prefix,
+        str(n),
+    ]
+    crashed = await asyncio.to_thread(subprocess.run, [*script, "--crash"], timeout=60)
+    assert crashed.returncode == -9
+    finished = await asyncio.to_thread(subprocess.run, script, timeout=60)
+    assert finished.returncode == 0
+    async with db.connection() as conn:
+        effects = (await conn.execute(text("SELECT count(*) FROM effects"))).scalar_one()
+        deliveries = (
+            await conn.execute(
+                text(
+                    "SELECT event_id, count(*) AS n FROM deliveries"
+                    " GROUP BY event_id ORDER BY n DESC"
+                )
+            )
+        ).all()
+    assert effects == n
+    assert len(deliveries) == n
+    assert deliveries[0].n == 2, "the event handled before the kill was redelivered"
+    assert sum(d.n for d in deliveries) == n + 1
+
+
+async def test_poison_goes_to_the_dead_letter_topic_and_the_consumer_keeps_going(
+    kafka_bootstrap, db
+):
+    s = settings(kafka_bootstrap)
+    handled: list[str] = []
+
+    async def handle(e: Envelope) -> None:
+        CATALOGUE.decode(e)  # an unknown type is poison
+        handled.append(e.transaction_id or "")
+
+    bus = KafkaBus(s, TableDeadLetters(db))
+    bus.subscribe(Subscription("ledgerish", ("payments",), handle))
+    await bus.start()
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        topic = f"{s.kafka_topic_prefix}.payments"
+        await producer.send_and_wait(topic, b"\x00not json at all", key=b"k")
+        unknown = envelope(1, "k")
+        bad = Envelope(
+            **{
+                **{f: getattr(unknown, f) for f in unknown.__dataclass_fields__},
+                "event_type": "NoSuchEvent",
+            }
+        )
+        await producer.send_and_wait(topic, bad.to_bytes(), key=b"k")
+        await bus.publish([envelope(2, "k")])
+
+        async def good_one_handled() -> bool:
+            return handled == ["UPI2"]
+
+        await eventually(good_one_handled)
+        dlq = AIOKafkaConsumer(
+            f"{s.kafka_topic_prefix}.dlq",
+            bootstrap_servers=kafka_bootstrap,
+            auto_offset_reset="earliest",
+            group_id=unique_name("dlq-reader"),
+        )
+        await dlq.start()
+        try:
+            letters = []
+            deadline = asyncio.get_running_loop().time() + 20
+            while len(letters) < 2 and asyncio.get_running_loop().time() < deadline:
+                for records in (await dlq.getmany(timeout_ms=500)).values():
+                    letters += records
+        finally:
+            await dlq.stop()
+        reasons = sorted(dict(r.headers)["reason"].decode() for r in letters)
+        assert len(letters) == 2
+        assert "not JSON" in reasons[0] or "not JSON" in reasons[1]
+        assert any("unknown event type 'NoSuchEvent'" in r for r in reasons)
+        assert all(dict(r.headers)["consumer"] == b"ledgerish" for r in letters)
+        assert {r.value for r in letters} >= {b"\x00not json at all"}
+        async with db.connection() as conn:
+            rows = (await conn.execute(text("SELECT consumer, reason FROM dead_letters"))).all()
+        assert len(rows) == 2 and {r.consumer for r in rows} == {"ledgerish"}
+    finally:
+        await producer.stop()
+        await bus.stop()
+
+
+async def test_transient_failures_are_retried_and_persistent_ones_dead_lettered(
+    kafka_bootstrap, db
+):
+    s = settings(kafka_bootstrap)
+    attempts: dict[str, int] = {}
+    done: list[str] = []
+
+    async def handle(e: Envelope) -> None:
+        txn = e.transaction_id or ""
+        attempts[txn] = attempts.get(txn, 0) + 1
+        if txn == "UPI1" and attempts[txn] < 3:
+            raise ConnectionError("database blip")
+        if txn == "UPI2":
+            raise RuntimeError("this one always fails")
+        done.append(txn)
+
+    bus = KafkaBus(s, TableDeadLetters(db))
+    bus.subscribe(Subscription("flaky", ("payments",), handle))
+    await bus.start()
+    try:
+        await bus.publish([envelope(1, "k"), envelope(2, "k"), envelope(3, "k")])
+
+        async def settled() -> bool:
+            return done == ["UPI1", "UPI3"]
+
+        await eventually(settled)
+        assert attempts == {"UPI1": 3, "UPI2": 3, "UPI3": 1}
+        async with db.connection() as conn:
+            [row] = (await conn.execute(text("SELECT reason, attempts FROM dead_letters"))).all()
+        assert "this one always fails" in row.reason and row.attempts == 3
+    finally:
+        await bus.stop()
+
+
+async def test_idempotent_producer_against_a_broker_that_refuses_it_fails_clearly(kafka_bootstrap):
+    bus = KafkaBus(settings(kafka_bootstrap, kafka_idempotence=True))
+    with pytest.raises(BusError, match="UPI_KAFKA_IDEMPOTENCE=false"):
+        await asyncio.wait_for(bus.start(), 60)
+    await bus.stop()
