@@ -119,7 +119,8 @@ class MockSwitch:
         self._decline_scale = decline_scale
         self.hang_s = hang_s
         self.pending_s = pending_s
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # latency
+        self._fault_rng = random.Random(seed)  # which calls an injected fault hits
         self.faults: dict[str, Faults] = {}
 
     # ----------------------------------------------------------------- faults
@@ -129,6 +130,10 @@ class MockSwitch:
         updated = Faults(**{**current.__dict__, **faults})
         self.faults[bank] = updated
         return updated
+
+    def reseed(self, seed: int) -> None:
+        """Make the draws of injected faults repeatable (for drills and tests)."""
+        self._fault_rng.seed(seed)
 
     def clear_faults(self, bank: str | None = None) -> None:
         if bank is None:
@@ -168,11 +173,11 @@ class MockSwitch:
         payee_bank = bank_of(request.payee_vpa)
         fault = self.faults.get(payer_bank or "", Faults())
         await self._latency(payer_bank)
-        if fault.error_rate and self._rng.random() < fault.error_rate:
+        if fault.error_rate and self._fault_rng.random() < fault.error_rate:
             raise SwitchError("switch answered 503: service unavailable (nothing processed)")
         local = request.payer_vpa.split("@", 1)[0]
         hangs = local in _HANGS or (
-            fault.timeout_rate > 0 and self._rng.random() < fault.timeout_rate
+            fault.timeout_rate > 0 and self._fault_rng.random() < fault.timeout_rate
         )
         now = datetime.now(UTC)
         visible_at = now + timedelta(seconds=self.pending_s) if hangs else now

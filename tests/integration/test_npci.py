@@ -180,7 +180,7 @@ async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_
         npci_breaker_window=10,
         npci_breaker_min_calls=6,
         npci_breaker_failure_rate=0.4,
-        npci_breaker_cooldown_s=0.5,
+        npci_breaker_cooldown_s=2,
         npci_mock_pending_s=0.2,
         # A request cancelled by the timeout before the switch recorded it stays unknown
         # until the max age, then is voided: keep that short here.
@@ -191,15 +191,23 @@ async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_
         assert isinstance(switch, MockSwitch) and engine.npci_handler is not None
         breaker = engine.npci_handler.breakers["AXIS"]
         switch.inject("AXIS", timeout_rate=0.5)
-        payers = [f"axis.user{i}@okaxis" for i in range(40)]
-        txns = {await pay(engine, p, 1_000 + i): p for i, p in enumerate(payers)}
-        finals = {t: await final(engine, t) for t in txns}
+        switch.reseed(7)  # which requests time out is drawn, repeatably
+        finals = {}
+        payers = {}
+        # One payment after another, as a steady trickle of traffic to the sick bank.
+        for i in range(16):
+            payer = f"axis.user{i}@okaxis"
+            txn = await pay(engine, payer, 1_000 + i)
+            finals[txn] = await final(engine, txn)
+            payers[txn] = payer
         assert BreakerState.OPEN in breaker.transitions
+        deemed = [t for t in finals if "DEEMED" in await history(engine, t)]
+        assert deemed, "some answers never came back in time and were deemed"
         fast_failed = [p for p in finals.values() if p.response_code == "U90"]
         assert fast_failed, "while open, payments fail fast with U90"
 
         switch.clear_faults()
-        await asyncio.sleep(0.6)  # cooldown
+        await asyncio.sleep(2.1)  # cooldown
         after = [await pay(engine, f"axis.after{i}@okaxis", 500) for i in range(5)]
         for t in after:
             assert (await final(engine, t)).status is PaymentStatus.SUCCESS
@@ -217,9 +225,9 @@ async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_
                     )
                 )
             ).all()
-        assert len(finals_per_txn) == len(txns) + len(after)
+        assert len(finals_per_txn) == len(finals) + len(after)
         assert {n for _, n in finals_per_txn} == {1}
-        for txn, payer in txns.items():
+        for txn, payer in payers.items():
             spent = finals[txn].amount_paise if finals[txn].status is PaymentStatus.SUCCESS else 0
             assert await switch.balance(payer) == opening_balance(payer) - spent, payer
     finally:
