@@ -51,10 +51,17 @@ class Serve:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = Path(tempfile.mkstemp(prefix="serve-", suffix=".log")[1])
 
-    def start(self, timeout: float = 60) -> Serve:
+    def command(self) -> list[str]:
+        if list(self.roles) == ["npci-mock"]:
+            return [UPI_ENGINE, "npci-mock", "--port", str(self.port)]
         args = [UPI_ENGINE, "serve", "--port", str(self.port)]
         for role in self.roles:
             args += ["--role", role]
+        return args
+
+    def start(self, timeout: float = 60) -> Serve:
+        args = self.command()
+        ready = "/healthz" if list(self.roles) == ["npci-mock"] else "/readyz"
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -62,7 +69,7 @@ class Serve:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited {self.proc.returncode}:\n{self.tail()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{ready}", timeout=1).status_code == 200:
                     return self
             time.sleep(0.1)
         raise TimeoutError(f"serve not ready:\n{self.tail()}")
