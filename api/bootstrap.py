@@ -32,6 +32,8 @@ from payments.npci.breaker import BankBreakers, BreakerPolicy
 from payments.npci.mock import MockSwitch
 from payments.npci.switch import SwitchClient
 from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings
+from payments.refunds import RefundHandler
+from payments.webhooks import WebhookDispatcher, WebhookPolicy, WebhookRecorder
 
 __all__ = [
     "Engine",
@@ -78,6 +80,17 @@ def npci_timings(settings: Settings) -> NpciTimings:
     )
 
 
+def webhook_policy(settings: Settings) -> WebhookPolicy:
+    return WebhookPolicy(
+        retry_base_s=settings.webhook_retry_base_s,
+        max_interval_s=settings.webhook_max_age_s
+        if settings.webhook_retry_max_interval_s > settings.webhook_max_age_s
+        else settings.webhook_retry_max_interval_s,
+        max_age_s=settings.webhook_max_age_s,
+        timeout_s=settings.webhook_timeout_s,
+    )
+
+
 def breaker_policy(settings: Settings) -> BreakerPolicy:
     return BreakerPolicy(
         window=settings.npci_breaker_window,
@@ -118,6 +131,7 @@ class Engine:
     relay: OutboxRelay | None = None
     npci_handler: NpciHandler | None = None
     resolver: DeemedResolver | None = None
+    webhooks: WebhookDispatcher | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -184,6 +198,15 @@ class Engine:
             bus.subscribe(self.npci_handler.subscription())
             self.resolver = DeemedResolver(self.db, switch, self.clock, timings)
             self._spawn(self.resolver.run(), "deemed-resolver")
+            refund_handler = RefundHandler(self.db, switch, self.clock, timings.pay_timeout_s)
+            bus.subscribe(refund_handler.subscription())
+        if Role.GATEWAY in self.roles:
+            # Merchant notifications belong to the gateway: record final statuses, send them.
+            bus.subscribe(WebhookRecorder(self.db, self.clock).subscription())
+            self.webhooks = WebhookDispatcher(
+                self.db, self.master_key, self.clock, webhook_policy(self.settings)
+            )
+            self._spawn(self.webhooks.run(), "webhook-dispatcher")
         await bus.start()
         if Role.RELAY in self.roles:
             self.relay = OutboxRelay(
@@ -228,8 +251,10 @@ class Engine:
             self.relay.stop()
         if self.resolver is not None:
             self.resolver.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         for task in self._tasks:
-            if task.get_name() not in {"outbox-relay", "deemed-resolver"}:
+            if task.get_name() not in {"outbox-relay", "deemed-resolver", "webhook-dispatcher"}:
                 task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,10 +15,20 @@ from api.auth import Principal, Role, authenticate
 from api.bootstrap import Engine
 from api.bootstrap import Role as EngineRole
 from api.problems import CODES, Problem, install_problem_handlers
-from api.schemas import CreatePaymentRequest, PaymentAccepted, PaymentList, PaymentView
+from api.ratelimit import TokenBuckets
+from api.schemas import (
+    CreatePaymentRequest,
+    CreateRefundRequest,
+    PaymentAccepted,
+    PaymentList,
+    PaymentView,
+    RefundList,
+    RefundView,
+)
 from core.events import DeviceInfo
 from core.metrics import HTTP_REQUESTS
-from payments import service
+from payments import refunds, service
+from payments.limits import PayerDailyLimits
 
 __all__ = ["create_app"]
 
@@ -55,6 +65,13 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    limits = service.PaymentLimits(
+        mcc_overrides=dict(engine.settings.mcc_limits_paise),
+        payer_daily=PayerDailyLimits(
+            max_count=engine.settings.payer_daily_max_count,
+            max_amount_paise=engine.settings.payer_daily_max_amount_paise,
+        ),
+    )
 
     @app.middleware("http")
     async def _timing(
@@ -84,6 +101,24 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             raise Problem("forbidden", "merchant API key required")
         return who
 
+    buckets = TokenBuckets(engine.settings.merchant_rate_per_s, engine.settings.merchant_rate_burst)
+
+    async def rate_limited_merchant(who: Annotated[Principal, Depends(merchant)]) -> Principal:
+        assert who.merchant_id is not None
+        wait = buckets.take(who.merchant_id)
+        if wait > 0:
+            retry_after = TokenBuckets.retry_after(wait)
+            raise Problem(
+                "rate_limited",
+                f"retry after {retry_after} s",
+                headers={"Retry-After": retry_after},
+            )
+        return who
+
+    async def json_body(request: Request) -> Any:
+        """The raw JSON body, for the idempotency hash (the model has already validated it)."""
+        return orjson.loads(await request.body())
+
     ops = APIRouter(tags=["operations"])
 
     @ops.get("/healthz")
@@ -107,27 +142,39 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
 
     payments = APIRouter(prefix="/v1/payments", tags=["payments"])
     auth_errors = ("unauthenticated", "forbidden")
+    idempotency_key_header = Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Required. The same key with the same body replays the first response.",
+    )
 
     @payments.post(
         "",
         status_code=202,
         response_model=PaymentAccepted,
         responses=_problem_doc(
-            *auth_errors, "validation_error", "idempotency_key_missing", "idempotency_conflict"
+            *auth_errors,
+            "validation_error",
+            "idempotency_key_missing",
+            "idempotency_conflict",
+            "amount_over_limit",
+            "payer_daily_count_exceeded",
+            "payer_daily_amount_exceeded",
+            "rate_limited",
         ),
     )
     async def create_payment(
-        request: Request,
         body: CreatePaymentRequest,
-        who: Annotated[Principal, Depends(merchant)],
-        idempotency_key: Annotated[
-            str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255)
-        ] = None,
+        raw: Annotated[Any, Depends(json_body)],
+        who: Annotated[Principal, Depends(rate_limited_merchant)],
+        idempotency_key: Annotated[str | None, idempotency_key_header] = None,
     ) -> JSONResponse:
+        """Collect money from a payer's VPA. Answers 202 at once; the final status follows
+        (poll ``GET /v1/payments/{id}`` or receive the webhook)."""
         if not idempotency_key:
             raise Problem("idempotency_key_missing")
         assert who.merchant_id is not None
-        raw = orjson.loads(await request.body())
         cmd = service.InitiatePayment(
             merchant_id=who.merchant_id,
             idempotency_key=idempotency_key,
@@ -139,7 +186,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             note=body.note,
             device=DeviceInfo(**body.device.model_dump()) if body.device else None,
         )
-        result = await service.initiate_payment(engine.db, cmd, engine.clock)
+        result = await service.initiate_payment(engine.db, cmd, engine.clock, limits)
         if not result.replayed:
             engine.outbox_committed()
         headers = {"Idempotent-Replayed": "true"} if result.replayed else None
@@ -151,19 +198,23 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         responses=_problem_doc(*auth_errors, "not_found"),
     )
     async def get_payment(
-        transaction_id: str, who: Annotated[Principal, Depends(merchant)]
+        transaction_id: Annotated[str, Path(max_length=64)],
+        who: Annotated[Principal, Depends(merchant)],
     ) -> PaymentView:
         assert who.merchant_id is not None
         payment = await service.get_payment(engine.db, who.merchant_id, transaction_id)
         return PaymentView.of(payment)
 
-    @payments.get("", response_model=PaymentList, responses=_problem_doc(*auth_errors))
+    @payments.get(
+        "", response_model=PaymentList, responses=_problem_doc(*auth_errors, "validation_error")
+    )
     async def list_payments(
         who: Annotated[Principal, Depends(merchant)],
         merchant_order_id: Annotated[str, Query(min_length=1, max_length=64)],
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
         cursor: Annotated[str | None, Query(max_length=64)] = None,
     ) -> PaymentList:
+        """Payments of one merchant order, oldest first; pass ``next_cursor`` for more."""
         assert who.merchant_id is not None
         found = await service.list_payments(
             engine.db, who.merchant_id, merchant_order_id, limit=limit + 1, after=cursor
@@ -171,6 +222,59 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         page = found[:limit]
         next_cursor = page[-1].transaction_id if len(found) > limit else None
         return PaymentList(items=[PaymentView.of(p) for p in page], next_cursor=next_cursor)
+
+    @payments.post(
+        "/{transaction_id}/refunds",
+        status_code=202,
+        response_model=RefundView,
+        responses=_problem_doc(
+            *auth_errors,
+            "not_found",
+            "validation_error",
+            "idempotency_key_missing",
+            "idempotency_conflict",
+            "payment_not_refundable",
+            "refund_exceeds_payment",
+            "rate_limited",
+        ),
+    )
+    async def create_refund(
+        transaction_id: Annotated[str, Path(max_length=64)],
+        body: CreateRefundRequest,
+        raw: Annotated[Any, Depends(json_body)],
+        who: Annotated[Principal, Depends(rate_limited_merchant)],
+        idempotency_key: Annotated[str | None, idempotency_key_header] = None,
+    ) -> JSONResponse:
+        """Refund a ``SUCCESS`` payment, partly or fully; credited to the payer via the switch."""
+        if not idempotency_key:
+            raise Problem("idempotency_key_missing")
+        assert who.merchant_id is not None
+        view, replayed = await refunds.request_refund(
+            engine.db,
+            merchant_id=who.merchant_id,
+            transaction_id=transaction_id,
+            amount_paise=body.amount_paise,
+            idempotency_key=idempotency_key,
+            request_hash=service.request_hash(raw),
+            clock=engine.clock,
+        )
+        if not replayed:
+            engine.outbox_committed()
+        headers = {"Idempotent-Replayed": "true"} if replayed else None
+        return JSONResponse(view, status_code=202, headers=headers)
+
+    @payments.get(
+        "/{transaction_id}/refunds",
+        response_model=RefundList,
+        responses=_problem_doc(*auth_errors, "not_found"),
+    )
+    async def get_refunds(
+        transaction_id: Annotated[str, Path(max_length=64)],
+        who: Annotated[Principal, Depends(merchant)],
+    ) -> RefundList:
+        assert who.merchant_id is not None
+        found = await refunds.list_refunds(engine.db, who.merchant_id, transaction_id)
+        return RefundList(items=[RefundView.model_validate(r.view()) for r in found])
 
     if EngineRole.GATEWAY in engine.roles:
         app.include_router(payments)

@@ -10,7 +10,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import DomainError, IdempotencyConflict, InvalidTransition, NotFound, StorageError
+from core.errors import (
+    DomainError,
+    IdempotencyConflict,
+    InvalidTransition,
+    LimitExceeded,
+    NotFound,
+    RefundRejected,
+    StorageError,
+)
 
 __all__ = ["CODES", "Problem", "install_problem_handlers"]
 
@@ -22,6 +30,13 @@ CODES: dict[str, tuple[int, str]] = {
     "idempotency_key_missing": (400, "The Idempotency-Key header is required"),
     "idempotency_conflict": (409, "Idempotency-Key reused with a different request"),
     "invalid_transition": (409, "The payment is not in a state that allows this"),
+    "amount_over_limit": (422, "Amount above the per-transaction limit for this merchant category"),
+    "payer_daily_count_exceeded": (422, "The payer reached the daily number of payments"),
+    "payer_daily_amount_exceeded": (422, "The payer reached the daily amount"),
+    "payment_not_refundable": (409, "Only SUCCESS payments can be refunded"),
+    "refund_exceeds_payment": (422, "Refunds would exceed the payment amount"),
+    "rate_limited": (429, "Too many requests for this merchant; see Retry-After"),
+    "unsupported_media_type": (415, "Send JSON with Content-Type: application/json"),
     "method_not_allowed": (405, "Method not allowed"),
     "service_unavailable": (503, "A dependency is unavailable; retry later"),
     "internal_error": (500, "Unexpected error"),
@@ -29,10 +44,18 @@ CODES: dict[str, tuple[int, str]] = {
 
 
 class Problem(Exception):
-    def __init__(self, code: str, detail: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        code: str,
+        detail: str | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
         self.code = code
         self.status, self.title = CODES[code]
         self.detail = detail
+        self.headers = headers or {}
         self.extra = extra
 
 
@@ -57,8 +80,10 @@ def problem_response(
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.code == "unauthenticated" else None
-        return problem_response(exc.code, exc.detail, headers=headers, **exc.extra)
+        headers = dict(exc.headers)
+        if exc.code == "unauthenticated":
+            headers["WWW-Authenticate"] = "Bearer"
+        return problem_response(exc.code, exc.detail, headers=headers or None, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -81,6 +106,8 @@ def install_problem_handlers(app: FastAPI) -> None:
                 return problem_response("idempotency_conflict", str(exc))
             case InvalidTransition():
                 return problem_response("invalid_transition", str(exc))
+            case LimitExceeded() | RefundRejected():
+                return problem_response(exc.code, str(exc))
         return problem_response("validation_error", str(exc))
 
     @app.exception_handler(StorageError)
@@ -96,5 +123,6 @@ def install_problem_handlers(app: FastAPI) -> None:
             403: "forbidden",
             404: "not_found",
             405: "method_not_allowed",
+            415: "unsupported_media_type",
         }.get(exc.status_code, "validation_error")
         return problem_response(code, str(exc.detail) if exc.detail else None)

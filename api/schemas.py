@@ -7,14 +7,24 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.pii import Vpa, mask_vpa
+from core.pii import Vpa
 from payments.domain import Payment, PaymentStatus
-from payments.npci.codes import describe
+from payments.limits import MCC_LIMITS_PAISE
+from payments.views import payment_view
 
-__all__ = ["CreatePaymentRequest", "DeviceIn", "PaymentAccepted", "PaymentList", "PaymentView"]
+__all__ = [
+    "CreatePaymentRequest",
+    "CreateRefundRequest",
+    "DeviceIn",
+    "PaymentAccepted",
+    "PaymentList",
+    "PaymentView",
+    "RefundList",
+    "RefundView",
+]
 
-# ₹1,00,000: NPCI's general per-transaction UPI limit.
-DEFAULT_LIMIT_PAISE = 10_000_000
+# No category allows more; the merchant's own limit is checked by the service.
+_MAX_ANY_LIMIT = max(MCC_LIMITS_PAISE.values())
 
 
 class _Strict(BaseModel):
@@ -33,7 +43,10 @@ class DeviceIn(_Strict):
 class CreatePaymentRequest(_Strict):
     payer_vpa: Vpa = Field(description="Payer's UPI address (local-part@handle)")
     payee_vpa: Vpa | None = Field(default=None, description="Defaults to the merchant's VPA")
-    amount_paise: Annotated[int, Field(strict=True, ge=1, le=DEFAULT_LIMIT_PAISE)]
+    amount_paise: Annotated[int, Field(strict=True, ge=1, le=_MAX_ANY_LIMIT)] = Field(
+        description="Integer paise, 1 .. the merchant category's per-transaction limit"
+        " (₹1,00,000 = 10000000 by default)"
+    )
     currency: Literal["INR"] = "INR"
     merchant_order_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")
     note: str | None = Field(default=None, max_length=100)
@@ -72,24 +85,31 @@ class PaymentView(BaseModel):
 
     @classmethod
     def of(cls, payment: Payment) -> PaymentView:
-        return cls(
-            transaction_id=payment.transaction_id,
-            merchant_order_id=payment.merchant_order_id,
-            status=payment.status,
-            amount_paise=payment.amount_paise,
-            currency=payment.currency,
-            payer_vpa=mask_vpa(payment.payer_vpa),
-            payee_vpa=mask_vpa(payment.payee_vpa),
-            response_code=payment.response_code,
-            response_description=describe(payment.response_code) if payment.response_code else None,
-            rrn=payment.rrn,
-            fraud=None,
-            created_at=payment.created_at,
-            updated_at=payment.updated_at,
-            completed_at=payment.completed_at,
-        )
+        return cls.model_validate(payment_view(payment))
 
 
 class PaymentList(BaseModel):
     items: list[PaymentView]
     next_cursor: str | None
+
+
+class CreateRefundRequest(_Strict):
+    amount_paise: Annotated[int, Field(strict=True, ge=1, le=_MAX_ANY_LIMIT)] = Field(
+        description="Integer paise; all refunds of a payment never exceed its amount"
+    )
+    note: str | None = Field(default=None, max_length=100)
+
+
+class RefundView(BaseModel):
+    refund_id: str
+    transaction_id: str
+    amount_paise: int
+    status: Literal["PENDING", "SUCCESS", "FAILED"]
+    response_code: str | None
+    rrn: str | None
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class RefundList(BaseModel):
+    items: list[RefundView]

@@ -56,6 +56,17 @@ class Settings(BaseSettings):
     npci_mock_decline_scale: Annotated[float, Field(ge=0)] = 1.0
     npci_mock_pending_s: Annotated[float, Field(ge=0)] = 5.0
     npci_mock_hang_s: Annotated[float, Field(gt=0)] = 30.0
+    # Gateway limits (SPEC §4 and the merchant guide).
+    mcc_limits_paise: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    payer_daily_max_count: Annotated[int, Field(ge=1)] = 20
+    payer_daily_max_amount_paise: Annotated[int, Field(ge=1)] = 1_00_000_00
+    merchant_rate_per_s: Annotated[float, Field(gt=0)] = 50.0
+    merchant_rate_burst: Annotated[int, Field(ge=1)] = 100
+    # Webhooks: exponential backoff with jitter from the base, for up to max age (24 h).
+    webhook_retry_base_s: Annotated[float, Field(gt=0)] = 10.0
+    webhook_retry_max_interval_s: Annotated[float, Field(gt=0)] = 3600.0
+    webhook_max_age_s: Annotated[float, Field(gt=0)] = 86_400.0
+    webhook_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
     log_level: str = "INFO"
     relay_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     relay_poll_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.05

@@ -21,8 +21,10 @@ __all__ = [
     "DomainError",
     "IdempotencyConflict",
     "InvalidTransition",
+    "LimitExceeded",
     "NotFound",
     "PoisonMessage",
+    "RefundRejected",
     "StorageError",
     "SwitchError",
     "SwitchTimeout",
@@ -52,6 +54,22 @@ class IdempotencyConflict(DomainError):
 
 class NotFound(DomainError):
     code = "not_found"
+
+
+class LimitExceeded(DomainError):
+    """``code``: amount_over_limit | payer_daily_count_exceeded | payer_daily_amount_exceeded."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RefundRejected(DomainError):
+    """``code``: payment_not_refundable | refund_exceeds_payment."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StorageError(UpiError):

@@ -105,4 +105,40 @@ MIGRATIONS = [
         ALTER TABLE npci_transactions ADD COLUMN original_txn_id text;
         """,
     ),
+    Migration(
+        "payments.0004_refunds_webhooks_limits",
+        """
+        CREATE INDEX payments_by_payer_day ON payments (payer_vpa, created_at);
+        CREATE TABLE refunds (
+            refund_id      text PRIMARY KEY,
+            transaction_id text NOT NULL REFERENCES payments,
+            merchant_id    text NOT NULL,
+            amount_paise   bigint NOT NULL CHECK (amount_paise > 0),
+            status         text NOT NULL CHECK (status IN ('PENDING', 'SUCCESS', 'FAILED')),
+            response_code  text,
+            rrn            text,
+            reason         text,
+            created_at     timestamptz NOT NULL,
+            completed_at   timestamptz
+        );
+        CREATE INDEX refunds_by_payment ON refunds (transaction_id);
+        -- Webhook deliveries: the retry schedule lives here, so it survives restarts.
+        CREATE TABLE webhook_deliveries (
+            id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            event_id        uuid NOT NULL UNIQUE,
+            merchant_id     text NOT NULL,
+            transaction_id  text NOT NULL,
+            url             text NOT NULL,
+            body            bytea NOT NULL,
+            status          text NOT NULL CHECK (status IN ('PENDING', 'DELIVERED', 'DEAD')),
+            attempts        int NOT NULL DEFAULT 0,
+            next_attempt_at timestamptz NOT NULL,
+            last_error      text,
+            created_at      timestamptz NOT NULL,
+            delivered_at    timestamptz
+        );
+        CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+            WHERE status = 'PENDING';
+        """,
+    ),
 ]

@@ -9,15 +9,16 @@ then finds it and replays the stored response (or gets a conflict if the body di
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, time
 from typing import Any
 
 import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.clock import Clock
-from core.errors import IdempotencyConflict, NotFound
+from core.clock import IST, Clock, business_date
+from core.errors import IdempotencyConflict, LimitExceeded, NotFound
 from core.events import DeviceInfo, Envelope, PaymentInitiated
 from core.ids import new_transaction_id
 from core.metrics import PAYMENTS_INITIATED
@@ -26,11 +27,13 @@ from core.pii import Vpa, partition_key_for
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
+from payments.limits import PayerDailyLimits, per_transaction_limit
 from payments.merchants import load_merchant
 
 __all__ = [
     "InitiatePayment",
     "InitiationResult",
+    "PaymentLimits",
     "get_payment",
     "initiate_payment",
     "list_payments",
@@ -83,14 +86,47 @@ async def _replay(conn: AsyncConnection, cmd: InitiatePayment) -> InitiationResu
     return InitiationResult(row.response_status, dict(row.response_body), replayed=True)
 
 
-async def _merchant_vpa(conn: AsyncConnection, merchant_id: str) -> Vpa:
-    merchant = await load_merchant(conn, merchant_id)
-    if merchant is None:
-        raise NotFound(f"no merchant {merchant_id}")
-    return Vpa(merchant.vpa)
+@dataclass(frozen=True)
+class PaymentLimits:
+    mcc_overrides: dict[str, int] = field(default_factory=dict)
+    payer_daily: PayerDailyLimits = field(default_factory=PayerDailyLimits)
 
 
-async def initiate_payment(db: Database, cmd: InitiatePayment, clock: Clock) -> InitiationResult:
+async def _check_payer_day(
+    conn: AsyncConnection, payer: str, amount: int, now: datetime, limits: PayerDailyLimits
+) -> None:
+    """Per payer per IST day. The advisory lock serialises one payer's initiations, so two
+    concurrent requests cannot both squeeze under the limit."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended(:p, 0))"), {"p": "payer:" + payer}
+    )
+    day_start = datetime.combine(business_date(now), time(), tzinfo=IST)
+    count, total = (
+        await conn.execute(
+            text(
+                "SELECT count(*), coalesce(sum(amount_paise), 0) FROM payments"
+                " WHERE payer_vpa = :p AND created_at >= :start"
+                " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED')"
+            ),
+            {"p": payer, "start": day_start},
+        )
+    ).one()
+    if count + 1 > limits.max_count:
+        raise LimitExceeded(
+            "payer_daily_count_exceeded",
+            f"the payer has reached {limits.max_count} payments today (IST)",
+        )
+    if total + amount > limits.max_amount_paise:
+        raise LimitExceeded(
+            "payer_daily_amount_exceeded",
+            f"this payment would take the payer past {limits.max_amount_paise} paise today (IST)",
+        )
+
+
+async def initiate_payment(
+    db: Database, cmd: InitiatePayment, clock: Clock, limits: PaymentLimits | None = None
+) -> InitiationResult:
+    limits = limits or PaymentLimits()
     now = clock.now()
     transaction_id = new_transaction_id()
     body = {
@@ -120,7 +156,17 @@ async def initiate_payment(db: Database, cmd: InitiatePayment, clock: Clock) -> 
         ).first()
         if fresh is None:
             return await _replay(conn, cmd)
-        payee = cmd.payee_vpa or await _merchant_vpa(conn, cmd.merchant_id)
+        merchant = await load_merchant(conn, cmd.merchant_id)
+        if merchant is None:
+            raise NotFound(f"no merchant {cmd.merchant_id}")
+        limit = per_transaction_limit(merchant.mcc, limits.mcc_overrides)
+        if cmd.amount_paise > limit:
+            raise LimitExceeded(
+                "amount_over_limit",
+                f"amount_paise exceeds the per-transaction limit of {limit} for MCC {merchant.mcc}",
+            )
+        await _check_payer_day(conn, cmd.payer_vpa.value, cmd.amount_paise, now, limits.payer_daily)
+        payee = cmd.payee_vpa or Vpa(merchant.vpa)
         payment = Payment.initiate(
             transaction_id=transaction_id,
             merchant_id=cmd.merchant_id,

@@ -64,6 +64,8 @@ async def burst(url: str, api_key: str, total: int, kill_after: int, server: Ser
 
 
 def test_sigkill_mid_burst_then_restart_loses_nothing_and_repeats_nothing(embedded_env):
+    # About 21 payments per payer here: above the default daily count of 20.
+    embedded_env = {**embedded_env, "UPI_PAYER_DAILY_MAX_COUNT": "1000"}
     server = Serve(embedded_env).start()
     merchant = create_merchant(embedded_env)
     headers = {"Authorization": f"Bearer {merchant['api_key']}"}

@@ -24,6 +24,7 @@ from core.pii import Vpa
 from core.storage import Database
 from payments import service
 from payments.domain import PaymentStatus
+from payments.limits import PayerDailyLimits
 from payments.merchants import Merchant, insert_merchant
 from payments.npci.breaker import BankBreakers, BreakerPolicy
 from payments.npci.mock import MockSwitch, opening_balance
@@ -43,6 +44,9 @@ NETWORK = st.sampled_from(["ok", "ok", "drop_request", "lose_answer", "refuse"])
 STEPS = st.sampled_from(["deliver", "deliver", "duplicate", "resolve", "advance"])
 PAYERS = st.sampled_from(["ordinary", "poor", "success", "wrongpin", "insufficient"])
 _counter = itertools.count()
+UNLIMITED = service.PaymentLimits(
+    mcc_overrides={"5411": 10**15}, payer_daily=PayerDailyLimits(10**6, 10**15)
+)
 
 
 class ScriptedNetwork:
@@ -104,6 +108,7 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
                 merchant_order_id="o",
             ),
             clock,
+            UNLIMITED,  # sandbox payers are shared by all examples
         )
         txn = result.body["transaction_id"]
         async with db.connection() as conn:

@@ -1,0 +1,306 @@
+"""Refunds: partial or full, idempotent, never more in total than the payment.
+
+``request_refund`` (gateway) locks the payment row, checks it is ``SUCCESS`` and that the
+refunds not failed plus this one stay within its amount, and records the refund with a
+``RefundInitiated`` outbox row in one transaction. :class:`RefundHandler` (switch role)
+sends the credit to the payer through the switch — idempotent by refund id, so a retry is
+always safe — and records ``RefundSucceeded`` or ``RefundFailed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.bus.base import Subscription
+from core.clock import Clock
+from core.errors import IdempotencyConflict, NotFound, PoisonMessage, RefundRejected
+from core.events import (
+    CATALOGUE,
+    Envelope,
+    Event,
+    RefundFailed,
+    RefundInitiated,
+    RefundSucceeded,
+    Topic,
+)
+from core.ids import new_event_id
+from core.inbox import claim
+from core.outbox import append_to_outbox
+from core.pii import partition_key_for
+from core.storage import Database
+from payments import repository
+from payments.domain import PaymentStatus
+from payments.npci.codes import Outcome, describe, outcome_of
+from payments.npci.switch import RefundRequest, SwitchClient
+
+__all__ = ["Refund", "RefundHandler", "list_refunds", "request_refund"]
+
+
+@dataclass(frozen=True)
+class Refund:
+    refund_id: str
+    transaction_id: str
+    amount_paise: int
+    status: str
+    response_code: str | None
+    rrn: str | None
+    created_at: datetime
+    completed_at: datetime | None
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "refund_id": self.refund_id,
+            "transaction_id": self.transaction_id,
+            "amount_paise": self.amount_paise,
+            "status": self.status,
+            "response_code": self.response_code,
+            "rrn": self.rrn,
+            "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
+            "completed_at": self.completed_at.isoformat().replace("+00:00", "Z")
+            if self.completed_at
+            else None,
+        }
+
+
+_REFUND_COLUMNS = (
+    "refund_id, transaction_id, amount_paise, status, response_code, rrn, created_at, completed_at"
+)
+
+
+def _refund(row: Any) -> Refund:
+    return Refund(
+        row.refund_id,
+        row.transaction_id,
+        int(row.amount_paise),
+        row.status,
+        row.response_code,
+        row.rrn,
+        row.created_at,
+        row.completed_at,
+    )
+
+
+async def request_refund(
+    db: Database,
+    *,
+    merchant_id: str,
+    transaction_id: str,
+    amount_paise: int,
+    idempotency_key: str,
+    request_hash: bytes,
+    clock: Clock,
+) -> tuple[dict[str, Any], bool]:
+    """Returns (refund view, replayed)."""
+    now = clock.now()
+    refund_id = "RFD" + new_event_id().hex
+    scoped_key = f"refund:{transaction_id}:{idempotency_key}"
+    async with db.transaction() as conn:
+        payment = await repository.load_payment(conn, transaction_id, for_update=True)
+        if payment is None or payment.merchant_id != merchant_id:
+            raise NotFound(f"no payment {transaction_id}")
+        view = Refund(refund_id, transaction_id, amount_paise, "PENDING", None, None, now, None)
+        fresh = (
+            await conn.execute(
+                text(
+                    "INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
+                    " transaction_id, response_status, response_body)"
+                    " VALUES (:m, :k, :h, :t, 202, CAST(:b AS jsonb))"
+                    " ON CONFLICT DO NOTHING RETURNING 1"
+                ),
+                {
+                    "m": merchant_id,
+                    "k": scoped_key,
+                    "h": request_hash,
+                    "t": transaction_id,
+                    "b": orjson.dumps(view.view()).decode(),
+                },
+            )
+        ).first()
+        if fresh is None:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT request_hash, response_body FROM idempotency_keys"
+                        " WHERE merchant_id = :m AND idempotency_key = :k"
+                    ),
+                    {"m": merchant_id, "k": scoped_key},
+                )
+            ).one()
+            if bytes(row.request_hash) != request_hash:
+                raise IdempotencyConflict(
+                    "this Idempotency-Key was already used with a different refund request"
+                )
+            return dict(row.response_body), True
+        if payment.status is not PaymentStatus.SUCCESS:
+            raise RefundRejected(
+                "payment_not_refundable", f"only SUCCESS payments are refundable ({payment.status})"
+            )
+        refunded = (
+            await conn.execute(
+                text(
+                    "SELECT coalesce(sum(amount_paise), 0) FROM refunds"
+                    " WHERE transaction_id = :t AND status <> 'FAILED'"
+                ),
+                {"t": transaction_id},
+            )
+        ).scalar_one()
+        if refunded + amount_paise > payment.amount_paise:
+            raise RefundRejected(
+                "refund_exceeds_payment",
+                f"{refunded} of {payment.amount_paise} paise already refunded or in flight",
+            )
+        await conn.execute(
+            text(
+                "INSERT INTO refunds (refund_id, transaction_id, merchant_id, amount_paise,"
+                " status, created_at) VALUES (:r, :t, :m, :a, 'PENDING', :at)"
+            ),
+            {"r": refund_id, "t": transaction_id, "m": merchant_id, "a": amount_paise, "at": now},
+        )
+        event = RefundInitiated(
+            transaction_id=transaction_id,
+            merchant_id=merchant_id,
+            refund_id=refund_id,
+            amount_paise=amount_paise,
+            initiated_at=now,
+        )
+        key = partition_key_for(payment.payer_vpa)
+        await append_to_outbox(conn, [Envelope.wrap(event, partition_key=key, occurred_at=now)])
+    return view.view(), False
+
+
+async def list_refunds(db: Database, merchant_id: str, transaction_id: str) -> list[Refund]:
+    async with db.connection() as conn:
+        payment = await repository.load_payment(conn, transaction_id)
+        if payment is None or payment.merchant_id != merchant_id:
+            raise NotFound(f"no payment {transaction_id}")
+        rows = await conn.execute(
+            text(
+                f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE transaction_id = :t"
+                " ORDER BY created_at, refund_id"
+            ),
+            {"t": transaction_id},
+        )
+        return [_refund(r) for r in rows]
+
+
+class RefundHandler:
+    """Sends refund credits through the switch (switch role)."""
+
+    consumer = "refund-handler"
+
+    def __init__(
+        self, db: Database, switch: SwitchClient, clock: Clock, timeout_s: float = 15.0
+    ) -> None:
+        self._db = db
+        self._switch = switch
+        self._clock = clock
+        self._timeout = timeout_s
+
+    def subscription(self) -> Subscription:
+        return Subscription(
+            consumer=self.consumer,
+            topics=(Topic.PAYMENTS.value,),
+            handler=self.handle,
+            event_types=frozenset({RefundInitiated.name}),
+        )
+
+    async def handle(self, envelope: Envelope) -> None:
+        event = CATALOGUE.decode_as(envelope, RefundInitiated)
+        async with self._db.connection() as conn:
+            status = (
+                await conn.execute(
+                    text("SELECT status FROM refunds WHERE refund_id = :r"),
+                    {"r": event.refund_id},
+                )
+            ).scalar_one_or_none()
+            payment = await repository.load_payment(conn, event.transaction_id)
+        if status is None or payment is None:
+            raise PoisonMessage(f"RefundInitiated for unknown refund {event.refund_id}")
+        if status != "PENDING":
+            return
+        # Idempotent by refund id at the switch: on a timeout the delivery is retried.
+        result = await asyncio.wait_for(
+            self._switch.refund(
+                RefundRequest(
+                    refund_id=event.refund_id,
+                    original_txn_id=event.transaction_id,
+                    payer_vpa=payment.payer_vpa,
+                    payee_vpa=payment.payee_vpa,
+                    amount_paise=event.amount_paise,
+                )
+            ),
+            self._timeout,
+        )
+        now = self._clock.now()
+        ok = result.response_code == "00"
+        if not ok and outcome_of(result.response_code) is not Outcome.FAILED:
+            raise TimeoutError(f"refund {event.refund_id} pending at the switch")
+        async with self._db.transaction() as conn:
+            if not await claim(conn, self.consumer, envelope.event_id):
+                return
+            updated = await _complete(conn, event.refund_id, result.response_code, result.rrn, now)
+            if not updated:
+                return
+            outcome: Event
+            if ok:
+                outcome = RefundSucceeded(
+                    transaction_id=event.transaction_id,
+                    merchant_id=event.merchant_id,
+                    refund_id=event.refund_id,
+                    amount_paise=event.amount_paise,
+                    response_code=result.response_code,
+                    rrn=result.rrn or "",
+                    payer_bank=result.payer_bank or "UNKNOWN",
+                    payee_bank=result.payee_bank or "UNKNOWN",
+                    completed_at=now,
+                )
+            else:
+                outcome = RefundFailed(
+                    transaction_id=event.transaction_id,
+                    merchant_id=event.merchant_id,
+                    refund_id=event.refund_id,
+                    amount_paise=event.amount_paise,
+                    response_code=result.response_code,
+                    reason=describe(result.response_code),
+                    completed_at=now,
+                )
+            await append_to_outbox(
+                conn,
+                [
+                    Envelope.wrap(
+                        outcome,
+                        partition_key=envelope.partition_key,
+                        occurred_at=now,
+                        causation_id=envelope.event_id,
+                    )
+                ],
+            )
+
+
+async def _complete(
+    conn: AsyncConnection, refund_id: str, code: str, rrn: str | None, at: datetime
+) -> bool:
+    row = (
+        await conn.execute(
+            text(
+                "UPDATE refunds SET status = :s, response_code = :c, rrn = :rrn, reason = :why,"
+                " completed_at = :at WHERE refund_id = :r AND status = 'PENDING' RETURNING 1"
+            ),
+            {
+                "s": "SUCCESS" if code == "00" else "FAILED",
+                "c": code,
+                "rrn": rrn,
+                "why": None if code == "00" else describe(code),
+                "at": at,
+                "r": refund_id,
+            },
+        )
+    ).first()
+    return row is not None
