@@ -7,7 +7,8 @@ import asyncio
 import base64
 import os
 import sys
-from typing import Annotated, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import Annotated, NoReturn, TypeVar
 
 import orjson
 import typer
@@ -29,10 +30,17 @@ __all__ = ["app", "main"]
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="UPI payment event engine")
 merchant_app = typer.Typer(no_args_is_help=True, help="Merchants")
 db_app = typer.Typer(no_args_is_help=True, help="Database")
+auditor_app = typer.Typer(no_args_is_help=True, help="Auditors (read the compliance ledger)")
+operator_app = typer.Typer(no_args_is_help=True, help="Operators (settlement, DR, webhooks)")
+webhooks_app = typer.Typer(no_args_is_help=True, help="Merchant webhooks")
 app.add_typer(merchant_app, name="merchant")
+app.add_typer(auditor_app, name="auditor")
+app.add_typer(operator_app, name="operator")
+app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(db_app, name="db")
 
 out = Console()
+T = TypeVar("T")
 
 
 def _fail_config(exc: ConfigError) -> NoReturn:
@@ -77,31 +85,23 @@ def serve(
 
 
 async def _create_merchant(
-    settings: Settings, name: str, vpa: str, mcc: str, webhook_url: str | None
+    engine: Engine, name: str, vpa: str, mcc: str, webhook_url: str | None
 ) -> dict[str, str]:
     from payments.merchants import Merchant, insert_merchant
 
-    engine = Engine.build(settings, [Role.ALL])
-    try:
-        from api.bootstrap import all_migrations
-
-        await migrate(engine.db, all_migrations())
-        merchant_id = new_merchant_id()
-        webhook_secret = "whsec_" + base64.urlsafe_b64encode(os.urandom(32)).decode()
-        sealed = engine.master_key.seal(webhook_secret.encode(), merchant_id.encode())
-        async with engine.db.transaction() as conn:
-            await insert_merchant(
-                conn, Merchant(merchant_id, name, vpa.lower(), mcc, webhook_url), sealed
-            )
-            api_key = await issue_token(
-                conn,
-                principal_id=merchant_id,
-                role=PrincipalRole.MERCHANT,
-                name=name,
-                merchant_id=merchant_id,
-            )
-    finally:
-        await engine.db.close()
+    merchant_id = new_merchant_id()
+    webhook_secret = "whsec_" + base64.urlsafe_b64encode(os.urandom(32)).decode()
+    sealed = engine.master_key.seal(webhook_secret.encode(), merchant_id.encode())
+    merchant = Merchant(merchant_id, name, vpa.lower(), mcc, webhook_url)
+    async with engine.db.transaction() as conn:
+        await insert_merchant(conn, merchant, sealed)
+        api_key = await issue_token(
+            conn,
+            principal_id=merchant_id,
+            role=PrincipalRole.MERCHANT,
+            name=name,
+            merchant_id=merchant_id,
+        )
     return {"merchant_id": merchant_id, "api_key": api_key, "webhook_secret": webhook_secret}
 
 
@@ -141,11 +141,15 @@ def merchant_create(
     """Create a merchant; prints its API key and webhook secret (shown once)."""
     if not VPA_PATTERN.match(vpa):
         _fail_config(ConfigError("--vpa: not a valid VPA (local-part@handle)"))
+    if webhook_url is not None and not webhook_url.startswith(("http://", "https://")):
+        _fail_config(ConfigError("--webhook-url: must be an http(s):// URL"))
     if not (mcc.isdigit() and len(mcc) == 4):
         _fail_config(ConfigError("--mcc: must be 4 digits"))
     settings = _settings()
     try:
-        created = asyncio.run(_create_merchant(settings, name, vpa, mcc, webhook_url))
+        created = asyncio.run(
+            _with_engine(settings, lambda e: _create_merchant(e, name, vpa, mcc, webhook_url))
+        )
     except ConfigError as exc:
         _fail_config(exc)
     if json:
@@ -155,6 +159,126 @@ def merchant_create(
     out.print(f"api_key         {created['api_key']}")
     out.print(f"webhook_secret  {created['webhook_secret']}")
     out.print("[yellow]The API key and webhook secret are shown once. Store them now.[/]")
+
+
+async def _with_engine(settings: Settings, work: Callable[[Engine], Awaitable[T]]) -> T:
+    """Run ``work`` against the database (migrated), then release it."""
+    from api.bootstrap import all_migrations
+
+    engine = Engine.build(settings, [Role.ALL])
+    try:
+        await migrate(engine.db, all_migrations())
+        return await work(engine)
+    finally:
+        await engine.db.close()
+
+
+def _print_token(role: PrincipalRole, name: str, json: bool) -> None:
+    settings = _settings()
+
+    async def create(engine: Engine) -> dict[str, str]:
+        principal_id = f"{role.value[:3]}_{new_merchant_id()[4:]}"
+        async with engine.db.transaction() as conn:
+            token = await issue_token(conn, principal_id=principal_id, role=role, name=name)
+        return {"principal_id": principal_id, "name": name, "role": role.value, "token": token}
+
+    try:
+        created = asyncio.run(_with_engine(settings, create))
+    except ConfigError as exc:
+        _fail_config(exc)
+    if json:
+        sys.stdout.write(orjson.dumps(created).decode() + "\n")
+        return
+    out.print(f"{role.value}_id  {created['principal_id']}")
+    out.print(f"token        {created['token']}")
+    out.print("[yellow]The token is shown once. Store it now.[/]")
+
+
+@auditor_app.command("create")
+def auditor_create(
+    name: Annotated[str, typer.Option(help="Auditor's name")],
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Create an auditor; prints its bearer token (shown once)."""
+    _print_token(PrincipalRole.AUDITOR, name, json)
+
+
+@operator_app.command("create")
+def operator_create(
+    name: Annotated[str, typer.Option(help="Operator's name")],
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Create an operator; prints its bearer token (shown once)."""
+    _print_token(PrincipalRole.OPERATOR, name, json)
+
+
+@webhooks_app.command("list")
+def webhooks_list(
+    status: Annotated[str, typer.Option(help="PENDING, DELIVERED or DEAD")] = "DEAD",
+    merchant: Annotated[str | None, typer.Option(help="Only this merchant")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """List webhook deliveries (by default the dead-lettered ones)."""
+    from sqlalchemy import text
+
+    status = status.upper()
+    if status not in {"PENDING", "DELIVERED", "DEAD"}:
+        _fail_config(ConfigError("--status: one of PENDING, DELIVERED, DEAD"))
+    settings = _settings()
+
+    async def fetch(engine: Engine) -> list[dict[str, object]]:
+        sql = (
+            "SELECT id, merchant_id, transaction_id, attempts, last_error, created_at"
+            " FROM webhook_deliveries WHERE status = :s"
+        )
+        params: dict[str, object] = {"s": status}
+        if merchant:
+            sql += " AND merchant_id = :m"
+            params["m"] = merchant
+        async with engine.db.connection() as conn:
+            rows = (await conn.execute(text(sql + " ORDER BY id LIMIT 1000"), params)).all()
+        return [{**r._asdict(), "created_at": r.created_at.isoformat()} for r in rows]
+
+    rows = asyncio.run(_with_engine(settings, fetch))
+    if json:
+        sys.stdout.write(orjson.dumps({"status": status, "deliveries": rows}).decode() + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("id", "merchant", "transaction", "attempts", "last error")
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            str(r["merchant_id"]),
+            str(r["transaction_id"]),
+            str(r["attempts"]),
+            str(r["last_error"] or ""),
+        )
+    out.print(table)
+
+
+@webhooks_app.command("replay")
+def webhooks_replay(
+    merchant: Annotated[str | None, typer.Option(help="Only this merchant's")] = None,
+    delivery_id: Annotated[int | None, typer.Option("--id", help="Only this delivery")] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Put dead-lettered webhook deliveries back on the retry schedule."""
+    from core.clock import SystemClock
+    from payments.webhooks import replay_dead_webhooks
+
+    settings = _settings()
+
+    async def replay(engine: Engine) -> int:
+        return await replay_dead_webhooks(
+            engine.db, SystemClock(), merchant_id=merchant, delivery_id=delivery_id
+        )
+
+    count = asyncio.run(_with_engine(settings, replay))
+    if json:
+        sys.stdout.write(orjson.dumps({"replayed": count}).decode() + "\n")
+    else:
+        out.print(f"replayed {count} dead webhook deliveries")
 
 
 @db_app.command("url")

@@ -33,8 +33,8 @@ def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.Comp
     )
 
 
-def create_merchant(env: dict[str, str], vpa: str = "shop@okicici") -> dict[str, Any]:
-    done = cli(env, "merchant", "create", "--name", "Test Shop", "--vpa", vpa, "--json")
+def create_merchant(env: dict[str, str], vpa: str = "shop@okicici", *extra: str) -> dict[str, Any]:
+    done = cli(env, "merchant", "create", "--name", "Test Shop", "--vpa", vpa, "--json", *extra)
     assert done.returncode == 0, done.stderr
     created: dict[str, Any] = orjson.loads(done.stdout)
     return created
@@ -129,3 +129,25 @@ def wait_final(
             return body
         time.sleep(0.05)
     raise AssertionError(f"{txn} not final: {body}")
+
+
+def query(env: dict[str, str], sql: str) -> list[tuple[Any, ...]]:
+    """Read the engine's database (the URL comes from ``upi-engine db url``)."""
+    import asyncio
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from core.storage import asyncpg_url
+
+    url = env.get("UPI_DATABASE_URL") or cli(env, "db", "url").stdout.strip()
+
+    async def run() -> list[tuple[Any, ...]]:
+        engine = create_async_engine(asyncpg_url(url))
+        try:
+            async with engine.connect() as conn:
+                return [tuple(r) for r in (await conn.execute(text(sql))).all()]
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())

@@ -1,0 +1,299 @@
+"""The merchant gateway over HTTP against a real `upi-engine serve` (embedded default)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import httpx
+import pytest
+
+from tests.e2e.harness import cli, create_merchant, query, serving, wait_final
+
+pytestmark = pytest.mark.e2e
+
+GOOD = {"payer_vpa": "success@okhdfc", "amount_paise": 12_345, "merchant_order_id": "ord-1"}
+
+
+@pytest.fixture
+def gateway(embedded_env):
+    env = {
+        **embedded_env,
+        "UPI_PAYER_DAILY_MAX_COUNT": "3",
+        "UPI_PAYER_DAILY_MAX_AMOUNT_PAISE": "50000",
+    }
+    with serving(env, ("all",)) as (server,):
+        merchant = create_merchant(env)
+        other = create_merchant(env, "other@ybl")
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            yield env, client, merchant, other
+
+
+def auth(merchant, key: str | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {merchant['api_key']}"}
+    if key:
+        headers["Idempotency-Key"] = key
+    return headers
+
+
+def counts(env) -> tuple[int, int, int]:
+    [(payments, events, keys)] = query(
+        env,
+        "SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM outbox),"
+        " (SELECT count(*) FROM idempotency_keys)",
+    )
+    return payments, events, keys
+
+
+BAD_INPUTS = [
+    ("bad VPA", {**GOOD, "payer_vpa": "not-a-vpa"}, 422, "validation_error"),
+    ("VPA with a bad handle", {**GOOD, "payer_vpa": "ravi@1bank"}, 422, "validation_error"),
+    ("VPA too long", {**GOOD, "payer_vpa": "r" * 300 + "@ybl"}, 422, "validation_error"),
+    ("zero amount", {**GOOD, "amount_paise": 0}, 422, "validation_error"),
+    ("negative amount", {**GOOD, "amount_paise": -5}, 422, "validation_error"),
+    ("fractional amount", {**GOOD, "amount_paise": 100.5}, 422, "validation_error"),
+    ("amount as a string", {**GOOD, "amount_paise": "100"}, 422, "validation_error"),
+    ("amount above any limit", {**GOOD, "amount_paise": 10**12}, 422, "validation_error"),
+    ("above the MCC limit", {**GOOD, "amount_paise": 10_000_001}, 422, "amount_over_limit"),
+    ("not INR", {**GOOD, "currency": "USD"}, 422, "validation_error"),
+    ("unknown field", {**GOOD, "tip": 5}, 422, "validation_error"),
+    (
+        "unknown device field",
+        {**GOOD, "device": {"id": "d1", "imei": "x"}},
+        422,
+        "validation_error",
+    ),
+    (
+        "latitude out of range",
+        {**GOOD, "device": {"id": "d", "latitude": 91}},
+        422,
+        "validation_error",
+    ),
+    ("order id with spaces", {**GOOD, "merchant_order_id": "a b"}, 422, "validation_error"),
+    (
+        "missing order id",
+        {k: v for k, v in GOOD.items() if k != "merchant_order_id"},
+        422,
+        "validation_error",
+    ),
+    ("note too long", {**GOOD, "note": "x" * 101}, 422, "validation_error"),
+    ("body not an object", [1, 2], 422, "validation_error"),
+]
+
+
+def test_bad_input_gets_a_problem_and_leaves_nothing_behind(gateway):
+    env, client, merchant, _ = gateway
+    before = counts(env)
+    for i, (what, body, status, code) in enumerate(BAD_INPUTS):
+        r = client.post("/v1/payments", json=body, headers=auth(merchant, f"bad-{i}"))
+        assert r.status_code == status, (what, r.text)
+        assert r.headers["content-type"] == "application/problem+json", what
+        assert r.json()["code"] == code, (what, r.json())
+    r = client.post(
+        "/v1/payments",
+        content=b"{not json",
+        headers={**auth(merchant, "bad-json"), "content-type": "application/json"},
+    )
+    assert r.status_code == 422 and r.json()["code"] == "validation_error"
+    r = client.post("/v1/payments", json=GOOD, headers=auth(merchant))
+    assert r.status_code == 400 and r.json()["code"] == "idempotency_key_missing"
+    assert counts(env) == before, "a refused request left a payment, an event or a key"
+
+
+def test_roles_and_ownership(gateway):
+    env, client, merchant, other = gateway
+    r = client.post("/v1/payments", json=GOOD, headers=auth(merchant, "own-1"))
+    txn = r.json()["transaction_id"]
+    assert client.get(f"/v1/payments/{txn}").status_code == 401
+    assert (
+        client.get(f"/v1/payments/{txn}", headers={"Authorization": "Bearer nope"}).json()["code"]
+        == "unauthenticated"
+    )
+    auditor = json.loads(cli(env, "auditor", "create", "--name", "Asha", "--json").stdout)
+    operator = json.loads(cli(env, "operator", "create", "--name", "Om", "--json").stdout)
+    for token in (auditor["token"], operator["token"]):
+        r = client.get(f"/v1/payments/{txn}", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 403 and r.json()["code"] == "forbidden"
+    r = client.get(f"/v1/payments/{txn}", headers=auth(other))
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+    assert client.get(f"/v1/payments/{txn}", headers=auth(merchant)).status_code == 200
+    # Tokens are stored only as hashes.
+    stored = query(env, "SELECT encode(token_hash, 'hex') FROM principals")
+    assert all(len(h) == 64 for (h,) in stored)
+    for token in (auditor["token"], operator["token"], merchant["api_key"]):
+        assert not query(
+            env, f"SELECT 1 FROM principals WHERE token_hash::text LIKE '%{token[-12:]}%'"
+        )
+
+
+def test_idempotency_replay_conflict_and_concurrency(gateway):
+    env, client, merchant, _ = gateway
+    first = client.post("/v1/payments", json=GOOD, headers=auth(merchant, "idem-1"))
+    again = client.post("/v1/payments", json=GOOD, headers=auth(merchant, "idem-1"))
+    assert first.status_code == again.status_code == 202
+    assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    other = client.post(
+        "/v1/payments", json={**GOOD, "amount_paise": 1}, headers=auth(merchant, "idem-1")
+    )
+    assert other.status_code == 409 and other.json()["code"] == "idempotency_conflict"
+
+    body = {**GOOD, "payer_vpa": "racer@okaxis"}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(
+                lambda _: httpx.post(
+                    f"{client.base_url}/v1/payments",
+                    json=body,
+                    headers=auth(merchant, "idem-race"),
+                    timeout=10,
+                ),
+                range(2),
+            )
+        )
+    assert [r.status_code for r in results] == [202, 202]
+    assert results[0].json()["transaction_id"] == results[1].json()["transaction_id"]
+    [(n,)] = query(env, "SELECT count(*) FROM payments WHERE payer_vpa = 'racer@okaxis'")
+    assert n == 1
+
+
+def test_get_list_and_pagination_with_masked_vpas(gateway):
+    _, client, merchant, _ = gateway
+    txns = []
+    for i, payer in enumerate(["priya.sharma@ybl", "rahul.k@okicici", "success@oksbi"]):
+        r = client.post(
+            "/v1/payments",
+            json={**GOOD, "payer_vpa": payer, "merchant_order_id": "pg-1"},
+            headers=auth(merchant, f"pg-{i}"),
+        )
+        txns.append(r.json()["transaction_id"])
+    page1 = client.get(
+        "/v1/payments", params={"merchant_order_id": "pg-1", "limit": 2}, headers=auth(merchant)
+    ).json()
+    assert len(page1["items"]) == 2 and page1["next_cursor"]
+    page2 = client.get(
+        "/v1/payments",
+        params={"merchant_order_id": "pg-1", "limit": 2, "cursor": page1["next_cursor"]},
+        headers=auth(merchant),
+    ).json()
+    assert len(page2["items"]) == 1 and page2["next_cursor"] is None
+    listed = [p["transaction_id"] for p in page1["items"] + page2["items"]]
+    assert sorted(listed) == sorted(txns)
+    views = page1["items"] + page2["items"]
+    assert {v["payer_vpa"] for v in views} == {"pr***ma@ybl", "ra***.k@okicici", "su***ss@oksbi"}
+    assert all("@" in v["payee_vpa"] and "***" in v["payee_vpa"] for v in views)
+
+
+def test_refunds_partial_full_never_more_and_idempotent(gateway):
+    env, client, merchant, _ = gateway
+    r = client.post(
+        "/v1/payments",
+        json={**GOOD, "payer_vpa": "meera.iyer@ybl", "amount_paise": 10_000},
+        headers=auth(merchant, "refund-pay"),
+    )
+    txn = r.json()["transaction_id"]
+    assert wait_final(client, txn, auth(merchant))["status"] == "SUCCESS"
+    [(before,)] = query(env, "SELECT balance_paise FROM npci_accounts WHERE vpa = 'meera.iyer@ybl'")
+
+    part = client.post(
+        f"/v1/payments/{txn}/refunds", json={"amount_paise": 4_000}, headers=auth(merchant, "rf-1")
+    )
+    assert part.status_code == 202 and part.json()["status"] == "PENDING"
+    replay = client.post(
+        f"/v1/payments/{txn}/refunds", json={"amount_paise": 4_000}, headers=auth(merchant, "rf-1")
+    )
+    assert replay.json()["refund_id"] == part.json()["refund_id"]
+    too_much = client.post(
+        f"/v1/payments/{txn}/refunds", json={"amount_paise": 6_001}, headers=auth(merchant, "rf-2")
+    )
+    assert too_much.status_code == 422 and too_much.json()["code"] == "refund_exceeds_payment"
+    rest = client.post(
+        f"/v1/payments/{txn}/refunds", json={"amount_paise": 6_000}, headers=auth(merchant, "rf-3")
+    )
+    assert rest.status_code == 202
+    one_more = client.post(
+        f"/v1/payments/{txn}/refunds", json={"amount_paise": 1}, headers=auth(merchant, "rf-4")
+    )
+    assert one_more.json()["code"] == "refund_exceeds_payment"
+
+    import time
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        items = client.get(f"/v1/payments/{txn}/refunds", headers=auth(merchant)).json()["items"]
+        if all(i["status"] == "SUCCESS" for i in items):
+            break
+        time.sleep(0.1)
+    assert [i["amount_paise"] for i in items] == [4_000, 6_000]
+    assert all(i["status"] == "SUCCESS" and len(i["rrn"]) == 12 for i in items)
+    [(after,)] = query(env, "SELECT balance_paise FROM npci_accounts WHERE vpa = 'meera.iyer@ybl'")
+    assert after == before + 10_000  # credited back, once each
+    events = query(env, "SELECT event_type FROM outbox WHERE event_type LIKE 'Refund%' ORDER BY id")
+    assert sorted(e for (e,) in events) == sorted(["RefundInitiated"] * 2 + ["RefundSucceeded"] * 2)
+
+    failed = client.post(
+        "/v1/payments",
+        json={**GOOD, "payer_vpa": "insufficient@ybl"},
+        headers=auth(merchant, "refund-failed"),
+    )
+    ftxn = failed.json()["transaction_id"]
+    assert wait_final(client, ftxn, auth(merchant))["status"] == "FAILED"
+    r = client.post(
+        f"/v1/payments/{ftxn}/refunds", json={"amount_paise": 1}, headers=auth(merchant, "rf-5")
+    )
+    assert r.status_code == 409 and r.json()["code"] == "payment_not_refundable"
+
+
+def test_payer_daily_limits(gateway):
+    _, client, merchant, _ = gateway
+    payer = {**GOOD, "payer_vpa": "daily.user@okaxis", "amount_paise": 10_000}
+    for i in range(3):
+        r = client.post("/v1/payments", json=payer, headers=auth(merchant, f"daily-{i}"))
+        assert r.status_code == 202, r.text
+    r = client.post("/v1/payments", json=payer, headers=auth(merchant, "daily-3"))
+    assert r.status_code == 422 and r.json()["code"] == "payer_daily_count_exceeded"
+    big = {**GOOD, "payer_vpa": "big.spender@okaxis", "amount_paise": 40_000}
+    assert client.post("/v1/payments", json=big, headers=auth(merchant, "big-1")).status_code == 202
+    r = client.post(
+        "/v1/payments", json={**big, "amount_paise": 10_001}, headers=auth(merchant, "big-2")
+    )
+    assert r.status_code == 422 and r.json()["code"] == "payer_daily_amount_exceeded"
+
+
+def test_rate_limit_answers_429_with_retry_after(embedded_env):
+    env = {**embedded_env, "UPI_MERCHANT_RATE_PER_S": "0.5", "UPI_MERCHANT_RATE_BURST": "2"}
+    with serving(env, ("all",)) as (server,), httpx.Client(base_url=server.url) as client:
+        merchant = create_merchant(env)
+        codes = [
+            client.post(
+                "/v1/payments",
+                json={**GOOD, "payer_vpa": f"user{i}@ybl"},
+                headers=auth(merchant, f"rl-{i}"),
+            )
+            for i in range(3)
+        ]
+        assert [c.status_code for c in codes] == [202, 202, 429]
+        assert codes[2].json()["code"] == "rate_limited"
+        assert int(codes[2].headers["retry-after"]) >= 1
+        [(n,)] = query(env, "SELECT count(*) FROM payments")
+        assert n == 2
+
+
+def test_openapi_is_complete_and_docs_work(gateway):
+    _, client, _, _ = gateway
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path, methods in {
+        "/v1/payments": {"post", "get"},
+        "/v1/payments/{transaction_id}": {"get"},
+        "/v1/payments/{transaction_id}/refunds": {"post", "get"},
+        "/healthz": {"get"},
+        "/readyz": {"get"},
+        "/metrics": {"get"},
+    }.items():
+        assert methods <= set(paths[path]), path
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    post = paths["/v1/payments"]["post"]
+    for status in ("401", "403", "409", "422", "429"):
+        assert status in post["responses"], status
+    assert "Problem" in spec["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
