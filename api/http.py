@@ -17,6 +17,8 @@ from api.bootstrap import Role as EngineRole
 from api.problems import CODES, Problem, install_problem_handlers
 from api.ratelimit import TokenBuckets
 from api.schemas import (
+    ID_PATTERN,
+    ORDER_ID_PATTERN,
     CreatePaymentRequest,
     CreateRefundRequest,
     PaymentAccepted,
@@ -116,8 +118,11 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         return who
 
     async def json_body(request: Request) -> Any:
-        """The raw JSON body, for the idempotency hash (the model has already validated it)."""
-        return orjson.loads(await request.body())
+        """The raw JSON body, for the idempotency hash (the model validates it separately)."""
+        try:
+            return orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return None  # the body model reports the error as a 422 problem
 
     ops = APIRouter(tags=["operations"])
 
@@ -134,7 +139,11 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             status_code=200 if ok else 503,
         )
 
-    @ops.get("/metrics", response_class=Response)
+    @ops.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}},
+    )
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
@@ -144,6 +153,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     auth_errors = ("unauthenticated", "forbidden")
     idempotency_key_header = Header(
         alias="Idempotency-Key",
+        pattern=r"^[\x21-\x7e]+$",
         min_length=1,
         max_length=255,
         description="Required. The same key with the same body replays the first response.",
@@ -198,7 +208,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         responses=_problem_doc(*auth_errors, "not_found"),
     )
     async def get_payment(
-        transaction_id: Annotated[str, Path(max_length=64)],
+        transaction_id: Annotated[str, Path(max_length=64, pattern=ID_PATTERN)],
         who: Annotated[Principal, Depends(merchant)],
     ) -> PaymentView:
         assert who.merchant_id is not None
@@ -210,9 +220,11 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     )
     async def list_payments(
         who: Annotated[Principal, Depends(merchant)],
-        merchant_order_id: Annotated[str, Query(min_length=1, max_length=64)],
+        merchant_order_id: Annotated[
+            str, Query(min_length=1, max_length=64, pattern=ORDER_ID_PATTERN)
+        ],
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
+        cursor: Annotated[str | None, Query(max_length=64, pattern=ID_PATTERN)] = None,
     ) -> PaymentList:
         """Payments of one merchant order, oldest first; pass ``next_cursor`` for more."""
         assert who.merchant_id is not None
@@ -239,7 +251,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         ),
     )
     async def create_refund(
-        transaction_id: Annotated[str, Path(max_length=64)],
+        transaction_id: Annotated[str, Path(max_length=64, pattern=ID_PATTERN)],
         body: CreateRefundRequest,
         raw: Annotated[Any, Depends(json_body)],
         who: Annotated[Principal, Depends(rate_limited_merchant)],
@@ -269,7 +281,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         responses=_problem_doc(*auth_errors, "not_found"),
     )
     async def get_refunds(
-        transaction_id: Annotated[str, Path(max_length=64)],
+        transaction_id: Annotated[str, Path(max_length=64, pattern=ID_PATTERN)],
         who: Annotated[Principal, Depends(merchant)],
     ) -> RefundList:
         assert who.merchant_id is not None
@@ -296,6 +308,15 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
                 "detail": {"type": "string"},
             },
         }
+        # Every error is a problem document, including FastAPI's own 422s.
+        problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    if status.startswith(("4", "5")):
+                        response["content"] = problem
+        schema["components"]["schemas"].pop("HTTPValidationError", None)
+        schema["components"]["schemas"].pop("ValidationError", None)
         app.openapi_schema = schema
         return schema
 

@@ -3,6 +3,7 @@ stable ``code``; the codes are listed in :data:`CODES` (and in the merchant guid
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,6 +78,17 @@ def problem_response(
     )
 
 
+def _documented_methods(app: FastAPI, path: str) -> set[str]:
+    table: list[tuple[re.Pattern[str], set[str]]] | None = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, operations in app.openapi().get("paths", {}).items():
+            regex = re.compile("^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$")
+            table.append((regex, {m.upper() for m in operations}))
+        app.state.allow_table = table
+    return {m for regex, methods in table if regex.match(path) for m in methods}
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(_: Request, exc: Problem) -> JSONResponse:
@@ -117,7 +129,13 @@ def install_problem_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; a path can have
+            # several routes (GET and POST), so list every method the API documents for it.
+            methods = _documented_methods(request.app, request.url.path)
+            if methods:
+                exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(methods))}
         code = {
             401: "unauthenticated",
             403: "forbidden",
@@ -125,4 +143,6 @@ def install_problem_handlers(app: FastAPI) -> None:
             405: "method_not_allowed",
             415: "unsupported_media_type",
         }.get(exc.status_code, "validation_error")
-        return problem_response(code, str(exc.detail) if exc.detail else None)
+        return problem_response(
+            code, str(exc.detail) if exc.detail else None, headers=dict(exc.headers or {}) or None
+        )

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.money import WholePaise
 from core.pii import Vpa
 from payments.domain import Payment, PaymentStatus
 from payments.limits import MCC_LIMITS_PAISE
@@ -23,6 +24,11 @@ __all__ = [
     "RefundView",
 ]
 
+ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+ORDER_ID_PATTERN = r"^[A-Za-z0-9._:/-]+$"
+# Free text: anything printable; NUL can never be stored in PostgreSQL text.
+Text = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+
 # No category allows more; the merchant's own limit is checked by the service.
 _MAX_ANY_LIMIT = max(MCC_LIMITS_PAISE.values())
 
@@ -32,24 +38,26 @@ class _Strict(BaseModel):
 
 
 class DeviceIn(_Strict):
-    id: str = Field(min_length=1, max_length=128)
-    ip: str | None = Field(default=None, max_length=45)
+    id: Text = Field(min_length=1, max_length=128)
+    ip: Text | None = Field(default=None, max_length=45)
     latitude: float | None = Field(default=None, ge=-90, le=90)
     longitude: float | None = Field(default=None, ge=-180, le=180)
-    os: str | None = Field(default=None, max_length=64)
-    app_version: str | None = Field(default=None, max_length=32)
+    os: Text | None = Field(default=None, max_length=64)
+    app_version: Text | None = Field(default=None, max_length=32)
+    emulator: bool | None = None
+    rooted: bool | None = None
 
 
 class CreatePaymentRequest(_Strict):
     payer_vpa: Vpa = Field(description="Payer's UPI address (local-part@handle)")
     payee_vpa: Vpa | None = Field(default=None, description="Defaults to the merchant's VPA")
-    amount_paise: Annotated[int, Field(strict=True, ge=1, le=_MAX_ANY_LIMIT)] = Field(
+    amount_paise: Annotated[int, Field(ge=1, le=_MAX_ANY_LIMIT), WholePaise] = Field(
         description="Integer paise, 1 .. the merchant category's per-transaction limit"
         " (₹1,00,000 = 10000000 by default)"
     )
     currency: Literal["INR"] = "INR"
-    merchant_order_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:/-]+$")
-    note: str | None = Field(default=None, max_length=100)
+    merchant_order_id: str = Field(min_length=1, max_length=64, pattern=ORDER_ID_PATTERN)
+    note: Text | None = Field(default=None, max_length=100)
     device: DeviceIn | None = None
 
 
@@ -94,10 +102,10 @@ class PaymentList(BaseModel):
 
 
 class CreateRefundRequest(_Strict):
-    amount_paise: Annotated[int, Field(strict=True, ge=1, le=_MAX_ANY_LIMIT)] = Field(
+    amount_paise: Annotated[int, Field(ge=1, le=_MAX_ANY_LIMIT), WholePaise] = Field(
         description="Integer paise; all refunds of a payment never exceed its amount"
     )
-    note: str | None = Field(default=None, max_length=100)
+    note: Text | None = Field(default=None, max_length=100)
 
 
 class RefundView(BaseModel):

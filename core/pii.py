@@ -83,7 +83,7 @@ class Vpa(str):
     ) -> core_schema.CoreSchema:
         return core_schema.no_info_after_validator_function(
             cls,
-            core_schema.str_schema(max_length=255, strip_whitespace=True),
+            core_schema.str_schema(max_length=255, pattern=VPA_PATTERN.pattern),
             serialization=core_schema.plain_serializer_function_ser_schema(
                 lambda v: str.__str__(v), when_used="always"
             ),
