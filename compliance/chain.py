@@ -1,0 +1,519 @@
+"""The ledger's rules, exactly as SPEC §6 (export format v1). Pure: no database, no web.
+
+Entry hash::
+
+    frame(b)   = uint32_be(len(b)) || b                     (strings as UTF-8)
+    entry_hash = SHA-256(prev_hash || uint64_be(height) || frame(event_id) || frame(event_type)
+                         || frame(transaction_id) || frame(recorded_at) || frame(key_id)
+                         || frame(nonce) || frame(ciphertext))
+    prev_hash  = entry_hash of height-1; 32 zero bytes for height 0
+
+An event without a transaction (an auditor read, a DR event) has ``transaction_id`` ``""``:
+framed as a zero length, and so in the AAD ``event_id|event_type||key_id``.
+
+Merkle tree over entry hashes as RFC 6962 §2.1 (leaf = SHA-256(0x00 || entry_hash),
+node = SHA-256(0x01 || left || right), the empty tree's hash is SHA-256 of nothing).
+
+Checkpoints sign with Ed25519 the canonical JSON (UTF-8, sorted keys, no whitespace) of
+``{height, head_hash, merkle_root, signed_at, signing_key_id}``; ``height`` is the number
+of entries covered and the two hashes are lowercase hex, as in the export.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "GENESIS_PREV",
+    "ChainVerifier",
+    "Checkpoint",
+    "LedgerEntry",
+    "MerkleAccumulator",
+    "VerifyResult",
+    "aad",
+    "build_entry",
+    "canonical_json",
+    "checkpoint_payload",
+    "entry_hash",
+    "frame",
+    "inclusion_proof",
+    "leaf_hash",
+    "merkle_root",
+    "node_hash",
+    "open_sealed",
+    "seal",
+    "sign_checkpoint",
+    "verify_checkpoint",
+    "verify_inclusion",
+    "verify_lines",
+]
+
+GENESIS_PREV = bytes(32)
+_EMPTY_ROOT = hashlib.sha256(b"").digest()
+
+
+def canonical_json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def frame(value: bytes | str) -> bytes:
+    data = value.encode() if isinstance(value, str) else value
+    return struct.pack(">I", len(data)) + data
+
+
+def entry_hash(
+    prev_hash: bytes,
+    height: int,
+    event_id: str,
+    event_type: str,
+    transaction_id: str,
+    recorded_at: str,
+    key_id: str,
+    nonce: bytes,
+    ciphertext: bytes,
+) -> bytes:
+    h = hashlib.sha256(prev_hash)
+    h.update(struct.pack(">Q", height))
+    for part in (event_id, event_type, transaction_id, recorded_at, key_id, nonce, ciphertext):
+        h.update(frame(part))
+    return h.digest()
+
+
+def aad(event_id: str, event_type: str, transaction_id: str, key_id: str) -> bytes:
+    return f"{event_id}|{event_type}|{transaction_id}|{key_id}".encode()
+
+
+def seal(
+    data_key: bytes,
+    key_id: str,
+    envelope: dict[str, Any],
+    *,
+    event_id: str,
+    event_type: str,
+    transaction_id: str,
+) -> tuple[bytes, bytes]:
+    """AES-256-GCM of the envelope's canonical JSON; returns (nonce, ciphertext)."""
+    nonce = os.urandom(12)
+    associated = aad(event_id, event_type, transaction_id, key_id)
+    return nonce, AESGCM(data_key).encrypt(nonce, canonical_json(envelope), associated)
+
+
+def open_sealed(
+    data_key: bytes,
+    key_id: str,
+    nonce: bytes,
+    ciphertext: bytes,
+    *,
+    event_id: str,
+    event_type: str,
+    transaction_id: str,
+) -> dict[str, Any]:
+    associated = aad(event_id, event_type, transaction_id, key_id)
+    plain = AESGCM(data_key).decrypt(nonce, ciphertext, associated)
+    decoded: dict[str, Any] = orjson.loads(plain)
+    return decoded
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    height: int
+    event_id: str
+    event_type: str
+    transaction_id: str
+    recorded_at: str
+    key_id: str
+    nonce: bytes
+    ciphertext: bytes
+    prev_hash: bytes
+    entry_hash: bytes
+
+    def computed_hash(self) -> bytes:
+        return entry_hash(
+            self.prev_hash,
+            self.height,
+            self.event_id,
+            self.event_type,
+            self.transaction_id,
+            self.recorded_at,
+            self.key_id,
+            self.nonce,
+            self.ciphertext,
+        )
+
+    def to_export(self) -> dict[str, Any]:
+        return {
+            "type": "entry",
+            "height": self.height,
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "transaction_id": self.transaction_id,
+            "recorded_at": self.recorded_at,
+            "key_id": self.key_id,
+            "nonce": _b64(self.nonce),
+            "ciphertext": _b64(self.ciphertext),
+            "prev_hash": self.prev_hash.hex(),
+            "entry_hash": self.entry_hash.hex(),
+        }
+
+    @classmethod
+    def from_export(cls, line: dict[str, Any]) -> LedgerEntry:
+        return cls(
+            height=int(line["height"]),
+            event_id=str(line["event_id"]),
+            event_type=str(line["event_type"]),
+            transaction_id=str(line["transaction_id"]),
+            recorded_at=str(line["recorded_at"]),
+            key_id=str(line["key_id"]),
+            nonce=base64.b64decode(line["nonce"], validate=True),
+            ciphertext=base64.b64decode(line["ciphertext"], validate=True),
+            prev_hash=bytes.fromhex(line["prev_hash"]),
+            entry_hash=bytes.fromhex(line["entry_hash"]),
+        )
+
+
+def build_entry(
+    prev_hash: bytes,
+    height: int,
+    *,
+    event_id: str,
+    event_type: str,
+    transaction_id: str,
+    recorded_at: str,
+    key_id: str,
+    nonce: bytes,
+    ciphertext: bytes,
+) -> LedgerEntry:
+    digest = entry_hash(
+        prev_hash,
+        height,
+        event_id,
+        event_type,
+        transaction_id,
+        recorded_at,
+        key_id,
+        nonce,
+        ciphertext,
+    )
+    return LedgerEntry(
+        height,
+        event_id,
+        event_type,
+        transaction_id,
+        recorded_at,
+        key_id,
+        nonce,
+        ciphertext,
+        prev_hash,
+        digest,
+    )
+
+
+# --------------------------------------------------------------------------- Merkle
+
+
+def leaf_hash(entry: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + entry).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def _split(n: int) -> int:
+    """The largest power of two smaller than n (n > 1)."""
+    k = 1
+    while k << 1 < n:
+        k <<= 1
+    return k
+
+
+def _mth(leaves: Sequence[bytes]) -> bytes:
+    n = len(leaves)
+    if n == 0:
+        return _EMPTY_ROOT
+    if n == 1:
+        return leaves[0]
+    k = _split(n)
+    return node_hash(_mth(leaves[:k]), _mth(leaves[k:]))
+
+
+def merkle_root(entry_hashes: Sequence[bytes]) -> bytes:
+    return _mth([leaf_hash(h) for h in entry_hashes])
+
+
+def _path(m: int, leaves: Sequence[bytes]) -> list[bytes]:
+    n = len(leaves)
+    if n <= 1:
+        return []
+    k = _split(n)
+    if m < k:
+        return [*_path(m, leaves[:k]), _mth(leaves[k:])]
+    return [*_path(m - k, leaves[k:]), _mth(leaves[:k])]
+
+
+def inclusion_proof(leaf_index: int, entry_hashes: Sequence[bytes]) -> list[bytes]:
+    """RFC 6962 §2.1.1 PATH(m, D[n]) for the tree of ``entry_hashes``."""
+    if not 0 <= leaf_index < len(entry_hashes):
+        raise ValueError("leaf index outside the tree")
+    return _path(leaf_index, [leaf_hash(h) for h in entry_hashes])
+
+
+def verify_inclusion(
+    leaf_index: int, tree_size: int, entry: bytes, audit_path: Sequence[bytes], root: bytes
+) -> bool:
+    """RFC 9162 §2.1.3.2 (works for RFC 6962 paths)."""
+    if not 0 <= leaf_index < tree_size:
+        return False
+    fn, sn = leaf_index, tree_size - 1
+    r = leaf_hash(entry)
+    for p in audit_path:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+@dataclass
+class MerkleAccumulator:
+    """Appends leaves in O(log n) memory and gives the RFC 6962 root at any size.
+
+    ``frontier`` holds the roots of the perfect subtrees that make up the tree, largest
+    first (one per set bit of ``size``). It can be stored and resumed.
+    """
+
+    size: int = 0
+    frontier: list[bytes] = field(default_factory=list)
+
+    def append(self, entry: bytes) -> None:
+        node = leaf_hash(entry)
+        size = self.size
+        while size & 1:
+            node = node_hash(self.frontier.pop(), node)
+            size >>= 1
+        self.frontier.append(node)
+        self.size += 1
+
+    def root(self) -> bytes:
+        if not self.frontier:
+            return _EMPTY_ROOT
+        node = self.frontier[-1]
+        for left in reversed(self.frontier[:-1]):
+            node = node_hash(left, node)
+        return node
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_payload(
+    height: int, head_hash: bytes, merkle_root_: bytes, signed_at: str, signing_key_id: str
+) -> bytes:
+    return canonical_json(
+        {
+            "height": height,
+            "head_hash": head_hash.hex(),
+            "merkle_root": merkle_root_.hex(),
+            "signed_at": signed_at,
+            "signing_key_id": signing_key_id,
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    height: int
+    head_hash: bytes
+    merkle_root: bytes
+    signed_at: str
+    signing_key_id: str
+    signature: bytes
+
+    def payload(self) -> bytes:
+        return checkpoint_payload(
+            self.height, self.head_hash, self.merkle_root, self.signed_at, self.signing_key_id
+        )
+
+    def to_export(self) -> dict[str, Any]:
+        return {
+            "type": "checkpoint",
+            "height": self.height,
+            "head_hash": self.head_hash.hex(),
+            "merkle_root": self.merkle_root.hex(),
+            "signed_at": self.signed_at,
+            "signing_key_id": self.signing_key_id,
+            "signature": _b64(self.signature),
+        }
+
+    @classmethod
+    def from_export(cls, line: dict[str, Any]) -> Checkpoint:
+        return cls(
+            height=int(line["height"]),
+            head_hash=bytes.fromhex(line["head_hash"]),
+            merkle_root=bytes.fromhex(line["merkle_root"]),
+            signed_at=str(line["signed_at"]),
+            signing_key_id=str(line["signing_key_id"]),
+            signature=base64.b64decode(line["signature"], validate=True),
+        )
+
+
+def sign_checkpoint(
+    key: Ed25519PrivateKey,
+    *,
+    height: int,
+    head_hash: bytes,
+    merkle_root_: bytes,
+    signed_at: str,
+    signing_key_id: str,
+) -> Checkpoint:
+    payload = checkpoint_payload(height, head_hash, merkle_root_, signed_at, signing_key_id)
+    return Checkpoint(height, head_hash, merkle_root_, signed_at, signing_key_id, key.sign(payload))
+
+
+def verify_checkpoint(public_key: Ed25519PublicKey, checkpoint: Checkpoint) -> bool:
+    try:
+        public_key.verify(checkpoint.signature, checkpoint.payload())
+    except InvalidSignature:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    valid: bool
+    entries: int
+    checkpoints: int
+    first_bad_height: int | None = None
+    reason: str | None = None
+    head_height: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "valid": self.valid,
+            "entries": self.entries,
+            "checkpoints": self.checkpoints,
+            "first_bad_height": self.first_bad_height,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class ChainVerifier:
+    """Streams entries and checkpoints (in height order) and stops at the first fault.
+
+    It can start from a verified state (``accumulator``, ``prev_hash``, ``next_height``), so
+    verification resumes from the last verified checkpoint.
+    """
+
+    public_keys: dict[str, Ed25519PublicKey]
+    next_height: int = 0
+    prev_hash: bytes = GENESIS_PREV
+    accumulator: MerkleAccumulator = field(default_factory=MerkleAccumulator)
+    trust_first_prev: bool = False
+    entries: int = 0
+    checkpoints: int = 0
+    failure: VerifyResult | None = None
+    _head_by_height: dict[int, bytes] = field(default_factory=dict)
+
+    def _fail(self, height: int, reason: str) -> bool:
+        self.failure = VerifyResult(False, self.entries, self.checkpoints, height, reason)
+        return False
+
+    def entry(self, e: LedgerEntry) -> bool:
+        if e.height != self.next_height:
+            return self._fail(
+                min(e.height, self.next_height),
+                f"expected height {self.next_height}, got {e.height}",
+            )
+        if self.trust_first_prev and self.entries == 0:
+            self.prev_hash = e.prev_hash
+        if e.prev_hash != self.prev_hash:
+            return self._fail(e.height, "prev_hash does not match the previous entry")
+        if e.computed_hash() != e.entry_hash:
+            return self._fail(e.height, "entry_hash does not match the entry's contents")
+        self.accumulator.append(e.entry_hash)
+        self.prev_hash = e.entry_hash
+        self.next_height += 1
+        self.entries += 1
+        return True
+
+    def checkpoint(self, c: Checkpoint) -> bool:
+        key = self.public_keys.get(c.signing_key_id)
+        if key is None or not verify_checkpoint(key, c):
+            return self._fail(max(c.height - 1, 0), f"checkpoint {c.height}: bad signature")
+        if c.height != self.next_height:
+            return self._fail(
+                max(min(c.height, self.next_height) - 1, 0),
+                f"checkpoint {c.height} does not follow entry {self.next_height - 1}",
+            )
+        if c.head_hash != (self.prev_hash if c.height else GENESIS_PREV):
+            return self._fail(c.height - 1, f"checkpoint {c.height}: head_hash mismatch")
+        if not self.trust_first_prev and c.merkle_root != self.accumulator.root():
+            return self._fail(c.height - 1, f"checkpoint {c.height}: merkle_root mismatch")
+        self.checkpoints += 1
+        return True
+
+    def result(self) -> VerifyResult:
+        if self.failure is not None:
+            return self.failure
+        return VerifyResult(True, self.entries, self.checkpoints, head_height=self.next_height - 1)
+
+
+def verify_lines(
+    lines: Iterable[dict[str, Any]],
+    public_keys: dict[str, Ed25519PublicKey],
+    *,
+    require_checkpoint_at_end: bool = False,
+) -> VerifyResult:
+    """Verify an export (parsed JSON lines). An export from a later height trusts its
+    first ``prev_hash`` and can check checkpoint signatures and heads, not roots."""
+    verifier: ChainVerifier | None = None
+    for line in lines:
+        kind = line.get("type")
+        if verifier is None:
+            first_height = int(line.get("height", 0)) if kind == "entry" else 0
+            verifier = ChainVerifier(
+                public_keys, next_height=first_height, trust_first_prev=first_height > 0
+            )
+        try:
+            if kind == "entry":
+                ok = verifier.entry(LedgerEntry.from_export(line))
+            elif kind == "checkpoint":
+                ok = verifier.checkpoint(Checkpoint.from_export(line))
+            else:
+                ok = verifier._fail(verifier.next_height, f"unknown line type {kind!r}")
+        except (KeyError, ValueError, TypeError) as exc:
+            ok = verifier._fail(verifier.next_height, f"malformed line: {exc!r}")
+        if not ok:
+            return verifier.result()
+    if verifier is None:
+        return VerifyResult(True, 0, 0)
+    if require_checkpoint_at_end and verifier.checkpoints == 0 and verifier.entries:
+        return VerifyResult(False, verifier.entries, 0, verifier.next_height - 1, "no checkpoint")
+    return verifier.result()
