@@ -509,7 +509,10 @@ def verify_lines(
             else:
                 ok = verifier._fail(verifier.next_height, f"unknown line type {kind!r}")
         except (KeyError, ValueError, TypeError) as exc:
-            ok = verifier._fail(verifier.next_height, f"malformed line: {exc!r}")
+            at = verifier.next_height
+            if kind == "checkpoint":
+                at = max(verifier.next_height - 1, 0)
+            ok = verifier._fail(at, f"malformed line: {exc!r}")
         if not ok:
             return verifier.result()
     if verifier is None:

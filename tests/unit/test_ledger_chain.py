@@ -199,7 +199,7 @@ def flip(line: dict, field: str) -> None:
         raw = bytearray(base64.b64decode(value))
         raw[len(raw) // 2] ^= 0x01
         line[field] = base64.b64encode(bytes(raw)).decode()
-    elif field in ("prev_hash", "entry_hash"):
+    elif field in ("prev_hash", "entry_hash", "merkle_root", "head_hash"):
         raw = bytearray(bytes.fromhex(value))
         raw[5] ^= 0x01
         line[field] = bytes(raw).hex()
