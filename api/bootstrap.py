@@ -1,7 +1,8 @@
 """The composition root: the one place that picks concrete adapters and wires them.
 
-Roles (``serve --role``): ``gateway`` (HTTP API), ``relay`` (outbox → bus), ``switch``
-(NPCI handler). ``all`` runs them in one process, the only choice with the in-process bus.
+Roles (``serve --role``): ``gateway`` (HTTP API, webhooks), ``relay`` (outbox → bus),
+``switch`` (NPCI handler, deemed resolver, refunds), ``ledger`` (compliance ledger). ``all``
+runs them in one process, the only choice with the in-process bus.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from api import migrations as api_migrations
+from compliance import migrations as compliance_migrations
+from compliance.ledger import LedgerWriter
 from core import migrations as core_migrations
 from core.bus.base import EventBus
 from core.bus.delivery import RetryPolicy
@@ -53,12 +56,14 @@ class Role(StrEnum):
     GATEWAY = "gateway"
     RELAY = "relay"
     SWITCH = "switch"
+    LEDGER = "ledger"
 
 
 def all_migrations() -> list[Migration]:
     return [
         *core_migrations.MIGRATIONS,
         *payments_migrations.MIGRATIONS,
+        *compliance_migrations.MIGRATIONS,
         *api_migrations.MIGRATIONS,
     ]
 
@@ -113,8 +118,12 @@ def mock_switch(settings: Settings, db: Database) -> MockSwitch:
 
 def _expand(roles: Sequence[Role]) -> frozenset[Role]:
     if Role.ALL in roles or not roles:
-        return frozenset({Role.GATEWAY, Role.RELAY, Role.SWITCH})
+        return frozenset({Role.GATEWAY, Role.RELAY, Role.SWITCH, Role.LEDGER})
     return frozenset(roles)
+
+
+# Tasks that finish their current step on stop() rather than being cancelled.
+_GRACEFUL = {"outbox-relay", "deemed-resolver", "webhook-dispatcher", "ledger-checkpointer"}
 
 
 @dataclass
@@ -132,6 +141,7 @@ class Engine:
     npci_handler: NpciHandler | None = None
     resolver: DeemedResolver | None = None
     webhooks: WebhookDispatcher | None = None
+    ledger: LedgerWriter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -200,6 +210,10 @@ class Engine:
             self._spawn(self.resolver.run(), "deemed-resolver")
             refund_handler = RefundHandler(self.db, switch, self.clock, timings.pay_timeout_s)
             bus.subscribe(refund_handler.subscription())
+        if Role.LEDGER in self.roles:
+            self.ledger = LedgerWriter(self.db, self.master_key, self.clock)
+            bus.subscribe(self.ledger.subscription())
+            self._spawn(self.ledger.run_checkpointer(), "ledger-checkpointer")
         if Role.GATEWAY in self.roles:
             # Merchant notifications belong to the gateway: record final statuses, send them.
             bus.subscribe(WebhookRecorder(self.db, self.clock).subscription())
@@ -253,8 +267,10 @@ class Engine:
             self.resolver.stop()
         if self.webhooks is not None:
             self.webhooks.stop()
+        if self.ledger is not None:
+            self.ledger.stop()
         for task in self._tasks:
-            if task.get_name() not in {"outbox-relay", "deemed-resolver", "webhook-dispatcher"}:
+            if task.get_name() not in _GRACEFUL:
                 task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)

@@ -8,11 +8,13 @@ import base64
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
 import orjson
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn
 
 from api.auth import Role as PrincipalRole
 from api.auth import issue_token
@@ -33,13 +35,18 @@ db_app = typer.Typer(no_args_is_help=True, help="Database")
 auditor_app = typer.Typer(no_args_is_help=True, help="Auditors (read the compliance ledger)")
 operator_app = typer.Typer(no_args_is_help=True, help="Operators (settlement, DR, webhooks)")
 webhooks_app = typer.Typer(no_args_is_help=True, help="Merchant webhooks")
+ledger_app = typer.Typer(no_args_is_help=True, help="The compliance ledger")
+keys_app = typer.Typer(no_args_is_help=True, help="Ledger data keys")
 app.add_typer(merchant_app, name="merchant")
 app.add_typer(auditor_app, name="auditor")
 app.add_typer(operator_app, name="operator")
 app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 
 out = Console()
+err_console = Console(stderr=True)
 T = TypeVar("T")
 
 
@@ -279,6 +286,129 @@ def webhooks_replay(
         sys.stdout.write(orjson.dumps({"replayed": count}).decode() + "\n")
     else:
         out.print(f"replayed {count} dead webhook deliveries")
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    full: Annotated[bool, typer.Option("--full", help="Recheck from height 0")] = False,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Recompute the chain, Merkle roots and checkpoint signatures. Exit 0 valid, 1 invalid.
+
+    Resumes after the last checkpoint a previous run verified, unless --full.
+    """
+    from compliance.ledger import verify_ledger
+    from core.clock import SystemClock
+
+    settings = _settings()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+        transient=True,
+        disable=json or not err_console.is_terminal,
+    ) as progress:
+        progress.add_task("verifying the ledger…")
+        result = asyncio.run(
+            _with_engine(settings, lambda e: verify_ledger(e.db, SystemClock(), full=full))
+        )
+    if json:
+        sys.stdout.write(orjson.dumps(result.to_dict()).decode() + "\n")
+    elif result.valid:
+        out.print(
+            f"[green]valid[/]: {result.entries} entries, {result.checkpoints} checkpoints"
+            f"{' (resumed)' if not full else ''}"
+        )
+    else:
+        out.print(f"[red]INVALID[/] at height {result.first_bad_height}: {result.reason}")
+    raise typer.Exit(0 if result.valid else 1)
+
+
+@ledger_app.command("export")
+def ledger_export(
+    out_file: Annotated[Path, typer.Option("--out", help="JSON Lines file to write")],
+    from_height: Annotated[int, typer.Option(min=0, help="First entry height")] = 0,
+) -> None:
+    """Write the ledger in the export format (SPEC §6)."""
+    from compliance.ledger import export_lines
+
+    settings = _settings()
+
+    async def export(engine: Engine) -> int:
+        count = 0
+        with out_file.open("wb") as f:
+            async for line in export_lines(engine.db, from_height):
+                f.write(orjson.dumps(line) + b"\n")
+                count += 1
+        return count
+
+    count = asyncio.run(_with_engine(settings, export))
+    out.print(f"wrote {count} lines to {out_file}")
+
+
+@ledger_app.command("public-key")
+def ledger_public_key() -> None:
+    """Print the checkpoint verification key (PEM)."""
+    from compliance.keys import active_signing_key
+    from core.clock import SystemClock
+
+    settings = _settings()
+
+    async def pem(engine: Engine) -> str:
+        async with engine.db.transaction() as conn:
+            key = await active_signing_key(conn, engine.master_key, SystemClock().now())
+        return key.public_pem
+
+    sys.stdout.write(asyncio.run(_with_engine(settings, pem)))
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Make a new data-encryption key active; old keys keep decrypting."""
+    from compliance.keys import rotate_data_key
+    from core.clock import SystemClock
+
+    settings = _settings()
+
+    async def rotate(engine: Engine) -> str:
+        async with engine.db.transaction() as conn:
+            key = await rotate_data_key(conn, engine.master_key, SystemClock().now())
+        return key.key_id
+
+    key_id = asyncio.run(_with_engine(settings, rotate))
+    if json:
+        sys.stdout.write(orjson.dumps({"key_id": key_id}).decode() + "\n")
+    else:
+        out.print(f"new active data key {key_id}")
+
+
+@keys_app.command("shred")
+def keys_shred(
+    retention_days: Annotated[
+        int, typer.Option(min=0, help="Destroy inactive keys older than this (7 years)")
+    ] = 7 * 365 + 2,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Crypto-shred data keys past retention: their payloads become unreadable for good,
+    and the chain still verifies."""
+    from datetime import timedelta
+
+    from compliance.keys import shred_data_keys
+    from core.clock import SystemClock
+
+    settings = _settings()
+
+    async def shred(engine: Engine) -> list[str]:
+        async with engine.db.transaction() as conn:
+            return await shred_data_keys(conn, SystemClock().now(), timedelta(days=retention_days))
+
+    destroyed = asyncio.run(_with_engine(settings, shred))
+    if json:
+        sys.stdout.write(orjson.dumps({"destroyed": destroyed}).decode() + "\n")
+    else:
+        out.print(f"destroyed {len(destroyed)} data keys: {', '.join(destroyed) or '-'}")
 
 
 @db_app.command("url")

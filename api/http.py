@@ -27,6 +27,8 @@ from api.schemas import (
     RefundList,
     RefundView,
 )
+from compliance import ledger
+from compliance.audit import record_audit_access
 from core.events import DeviceInfo
 from core.metrics import HTTP_REQUESTS
 from payments import refunds, service
@@ -288,8 +290,69 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         found = await refunds.list_refunds(engine.db, who.merchant_id, transaction_id)
         return RefundList(items=[RefundView.model_validate(r.view()) for r in found])
 
+    audit = APIRouter(prefix="/v1/audit", tags=["audit"])
+
+    async def auditor(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        if who.role is not Role.AUDITOR:
+            raise Problem("forbidden", "auditor token required")
+        return who
+
+    async def audited(who: Principal, action: str, resource: str) -> None:
+        await record_audit_access(
+            engine.db,
+            engine.clock,
+            principal_id=who.principal_id,
+            principal_name=who.name,
+            action=action,
+            resource=resource,
+        )
+        engine.outbox_committed()
+
+    @audit.get("/transactions/{transaction_id}", responses=_problem_doc(*auth_errors))
+    async def audit_transaction(
+        transaction_id: Annotated[str, Path(max_length=64, pattern=ID_PATTERN)],
+        who: Annotated[Principal, Depends(auditor)],
+    ) -> dict[str, Any]:
+        """The transaction's ledger entries, decrypted, with RFC 6962 inclusion proofs in the
+        tree of the latest checkpoint."""
+        await audited(who, "read_transaction", transaction_id)
+        return await ledger.transaction_audit(engine.db, engine.master_key, transaction_id)
+
+    @audit.get("/ledger", responses=_problem_doc(*auth_errors, "validation_error"))
+    async def audit_ledger(
+        who: Annotated[Principal, Depends(auditor)],
+        from_height: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1_000,
+    ) -> dict[str, Any]:
+        """Export-format lines (entries and checkpoints) from ``from_height``."""
+        await audited(who, "read_ledger", f"{from_height}+{limit}")
+        return {"lines": await ledger.ledger_page(engine.db, from_height, limit)}
+
+    @audit.get("/verify", responses=_problem_doc(*auth_errors))
+    async def audit_verify(who: Annotated[Principal, Depends(auditor)]) -> dict[str, Any]:
+        """Recompute the chain, Merkle roots and checkpoint signatures."""
+        await audited(who, "verify", "ledger")
+        return (await ledger.verify_ledger(engine.db, engine.clock, full=True)).to_dict()
+
+    @audit.get("/checkpoints/latest", responses=_problem_doc(*auth_errors, "not_found"))
+    async def audit_latest_checkpoint(
+        who: Annotated[Principal, Depends(auditor)],
+    ) -> dict[str, Any]:
+        await audited(who, "read_checkpoint", "latest")
+        checkpoint = await ledger.latest_checkpoint(engine.db)
+        if checkpoint is None:
+            raise Problem("not_found", "no checkpoint yet")
+        return checkpoint.to_export()
+
+    @audit.get("/public-keys", responses=_problem_doc(*auth_errors))
+    async def audit_public_keys(who: Annotated[Principal, Depends(auditor)]) -> dict[str, str]:
+        """Checkpoint verification keys (PEM) by ``signing_key_id``."""
+        await audited(who, "read_public_keys", "ledger")
+        return await ledger.public_key_pems(engine.db)
+
     if EngineRole.GATEWAY in engine.roles:
         app.include_router(payments)
+        app.include_router(audit)
 
     original_openapi = app.openapi
 

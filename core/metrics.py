@@ -7,6 +7,7 @@ __all__ = [
     "DEAD_LETTERS",
     "EVENTS_PUBLISHED",
     "HTTP_REQUESTS",
+    "LEDGER_ENTRIES",
     "OUTBOX_BACKLOG",
     "PAYMENTS_FINAL",
     "PAYMENTS_INITIATED",
@@ -22,6 +23,7 @@ CONSUMER_EVENTS = Counter(
 DEAD_LETTERS = Counter("upi_dead_letters_total", "Messages sent to dead letters", ["consumer"])
 OUTBOX_BACKLOG = Gauge("upi_outbox_backlog", "Outbox rows not yet published")
 SWITCH_LATENCY = Histogram("upi_switch_latency_seconds", "NPCI switch round trip", ["operation"])
+LEDGER_ENTRIES = Counter("upi_ledger_entries_total", "Entries appended to the compliance ledger")
 HTTP_REQUESTS = Histogram(
     "upi_http_request_seconds", "HTTP request latency", ["method", "route", "status"]
 )

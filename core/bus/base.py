@@ -9,9 +9,10 @@ from typing import Protocol
 
 from core.events import Envelope
 
-__all__ = ["DeadLetter", "DeadLetterSink", "EventBus", "Handler", "Subscription"]
+__all__ = ["BatchHandler", "DeadLetter", "DeadLetterSink", "EventBus", "Handler", "Subscription"]
 
-Handler = Callable[[Envelope], Awaitable[None]]
+Handler = Callable[[Envelope], Awaitable[object]]
+BatchHandler = Callable[[Sequence[Envelope]], Awaitable[object]]
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,10 @@ class Subscription:
     Handlers must be idempotent (inbox row in the effect's transaction): delivery is at
     least once. Events sharing a partition key are handled in order; different keys may
     be handled concurrently, up to ``concurrency``.
+
+    With a ``batch_handler`` the whole batch goes to it at once, in order (the ledger
+    appends that way); if the batch fails for good, its events go one by one through
+    ``handler`` so that one bad event is dead-lettered alone.
     """
 
     consumer: str
@@ -28,6 +33,7 @@ class Subscription:
     handler: Handler
     event_types: frozenset[str] | None = None
     concurrency: int = 64
+    batch_handler: BatchHandler | None = None
 
     def wants(self, envelope: Envelope) -> bool:
         return self.event_types is None or envelope.event_type in self.event_types

@@ -98,6 +98,41 @@ async def _settle(
             await asyncio.sleep(policy.delay(attempt))
 
 
+async def _settle_as_batch(
+    sub: Subscription, items: Sequence[Delivery], sink: DeadLetterSink, policy: RetryPolicy
+) -> None:
+    assert sub.batch_handler is not None
+    ready: list[Delivery] = []
+    for item in items:
+        envelope = item.envelope
+        if envelope is None:
+            try:
+                envelope = Envelope.from_bytes(item.raw)
+            except PoisonMessage:
+                await _settle(sub, item, sink, policy)  # dead-letters it with its reason
+                continue
+        if sub.wants(envelope):
+            ready.append(Delivery(item.topic, item.key, item.raw, envelope))
+    if not ready:
+        return
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            await sub.batch_handler([d.envelope for d in ready if d.envelope is not None])
+            CONSUMER_EVENTS.labels(sub.consumer, "ok").inc(len(ready))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.warning(
+                "batch handler failed",
+                extra={"consumer": sub.consumer, "attempt": attempt, "error": repr(exc)},
+            )
+            if attempt < policy.max_attempts:
+                await asyncio.sleep(policy.delay(attempt))
+    for item in ready:  # one by one: only what is really bad goes to dead letters
+        await _settle(sub, item, sink, policy)
+
+
 async def deliver_batch(
     sub: Subscription,
     items: Sequence[Delivery],
@@ -105,6 +140,9 @@ async def deliver_batch(
     policy: RetryPolicy,
 ) -> None:
     """Settle every item. Same key → in order; different keys → concurrently (bounded)."""
+    if sub.batch_handler is not None:
+        await _settle_as_batch(sub, items, sink, policy)
+        return
     lanes: dict[str, list[Delivery]] = defaultdict(list)
     for item in items:
         lanes[item.key].append(item)
