@@ -145,7 +145,7 @@ def query(env: dict[str, str], sql: str) -> list[tuple[Any, ...]]:
     async def run() -> list[tuple[Any, ...]]:
         engine = create_async_engine(asyncpg_url(url))
         try:
-            async with engine.connect() as conn:
+            async with engine.begin() as conn:  # commits: tests also tamper through it
                 return [tuple(r) for r in (await conn.execute(text(sql))).all()]
         finally:
             await engine.dispose()
