@@ -6,10 +6,12 @@ Never a double debit:
 * Redelivered (crash, error, rebalance) and finding the payment ``SUBMITTED``, it does not
   resubmit blindly: it asks the switch (check-status) first, and sends the pay request only
   if the switch never saw the transaction. The switch refuses to debit twice for one txn id.
-* No answer within the pay leg timeout (15 s) makes the payment ``DEEMED``. The
-  :class:`DeemedResolver` then polls check-status with exponential backoff until the switch
-  knows; past ``max_deemed_age_s`` it asks for a reversal: a debit is returned
-  (``REVERSED``), a transaction that never debited is voided at the switch (``FAILED``).
+* No answer within the pay leg timeout (15 s), or a refusal, makes the payment ``DEEMED``:
+  only the switch can say that nothing was debited (a duplicate delivery may be sending the
+  same txn id at that moment). The :class:`DeemedResolver` then polls check-status with
+  exponential backoff. If the switch never saw the txn id, it is voided there at once
+  (``FAILED``; a late request can no longer debit); if it stays pending past
+  ``max_deemed_age_s``, it is reversed: a debit is returned (``REVERSED``).
 * Results are recorded with the inbox row in one transaction, so a later redelivery is a
   no-op; every outcome is an event.
 
@@ -300,9 +302,11 @@ class NpciHandler:
                 breaker.record(False)
             if resubmission:
                 raise  # check-status failed: safe to retry the whole delivery
-            # Refused before processing (SwitchError's contract): nothing was debited.
+            # This request was refused unprocessed, but a duplicate delivery may be sending
+            # the same txn id right now: only the switch can say nothing was debited. Deem
+            # it; the resolver asks at once and voids the id if the switch never saw it.
             _log.warning("switch refused: %s", exc, extra={"transaction_id": txn})
-            result = SwitchResult(txn, SWITCH_UNAVAILABLE_CODE, None, payer_bank, None)
+            result = SwitchResult(txn, SWITCH_UNAVAILABLE_CODE, None, payer_bank, None, known=False)
         except BaseException:
             if breaker is not None:
                 breaker.record(False)
@@ -440,14 +444,17 @@ class DeemedResolver:
             payment = await repository.load_payment(conn, txn, for_update=True)
             if payment is None or payment.status is not PaymentStatus.DEEMED:
                 return
-            if answer is not None:
+            never_seen = answer is not None and not answer.known
+            if answer is not None and answer.known:
                 status = await record_switch_answer(
                     conn, payment, answer, clock=self._clock, timings=timings
                 )
                 if status is not PaymentStatus.DEEMED:
                     return
             age = (self._clock.now() - payment.created_at).total_seconds()
-            if age < timings.max_deemed_age_s:
+            # The switch never saw it: void the id now (a late request can no longer debit).
+            # Otherwise keep asking until the max age, then reverse.
+            if not never_seen and age < timings.max_deemed_age_s:
                 attempts = await repository.count_check(conn, txn)
                 await repository.schedule_check(
                     conn,
@@ -484,7 +491,9 @@ class DeemedResolver:
                     payer_bank=bank_of(payment.payer_vpa) or "UNKNOWN",
                 )
             elif reversal.response_code == "21":  # nothing was debited; the id is void now
-                code = reversal.response_code
+                # A request the switch refused keeps its own code; anything else says 21.
+                refused = payment.response_code == SWITCH_UNAVAILABLE_CODE
+                code = SWITCH_UNAVAILABLE_CODE if refused else reversal.response_code
                 after = payment.transition(
                     PaymentStatus.FAILED, at=now, response_code=code, reason=describe(code)
                 )

@@ -270,16 +270,30 @@ class MockSwitch:
             ).first()
             if row is None:
                 # Never seen: void the id so that a late request cannot debit.
-                await conn.execute(
-                    text(
-                        "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
-                        " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
-                        " debited) VALUES (:t, 'PAY', 'void@void', 'void@void', 'NONE', 'NONE',"
-                        " 1, 'VOID', '21', :rrn, false) ON CONFLICT DO NOTHING"
-                    ),
-                    {"t": txn_id, "rrn": new_rrn()},
-                )
-                return ReversalResult(txn_id, "21", reversed=False)
+                voided = (
+                    await conn.execute(
+                        text(
+                            "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
+                            " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
+                            " debited) VALUES (:t, 'PAY', 'void@void', 'void@void', 'NONE',"
+                            " 'NONE', 1, 'VOID', '21', :rrn, false) ON CONFLICT DO NOTHING"
+                            " RETURNING 1"
+                        ),
+                        {"t": txn_id, "rrn": new_rrn()},
+                    )
+                ).first()
+                if voided is not None:
+                    return ReversalResult(txn_id, "21", reversed=False)
+                # A pay request committed while we were voiding: it won, reverse it.
+                row = (
+                    await conn.execute(
+                        text(
+                            "SELECT status, debited, payer_vpa, payee_vpa, amount_paise"
+                            " FROM npci_transactions WHERE txn_id = :t FOR UPDATE"
+                        ),
+                        {"t": txn_id},
+                    )
+                ).one()
             if row.status == "REVERSED":
                 return ReversalResult(txn_id, "00", reversed=True)
             if not row.debited:
