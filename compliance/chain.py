@@ -60,6 +60,8 @@ __all__ = [
 ]
 
 GENESIS_PREV = bytes(32)
+_U32 = struct.Struct(">I").pack
+_U64 = struct.Struct(">Q").pack
 _EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
@@ -83,11 +85,36 @@ def entry_hash(
     nonce: bytes,
     ciphertext: bytes,
 ) -> bytes:
-    h = hashlib.sha256(prev_hash)
-    h.update(struct.pack(">Q", height))
-    for part in (event_id, event_type, transaction_id, recorded_at, key_id, nonce, ciphertext):
-        h.update(frame(part))
-    return h.digest()
+    # One join and one hash call: this runs for every entry on append and on verify.
+    e, t, x, r, k = (
+        event_id.encode(),
+        event_type.encode(),
+        transaction_id.encode(),
+        recorded_at.encode(),
+        key_id.encode(),
+    )
+    return hashlib.sha256(
+        b"".join(
+            (
+                prev_hash,
+                _U64(height),
+                _U32(len(e)),
+                e,
+                _U32(len(t)),
+                t,
+                _U32(len(x)),
+                x,
+                _U32(len(r)),
+                r,
+                _U32(len(k)),
+                k,
+                _U32(len(nonce)),
+                nonce,
+                _U32(len(ciphertext)),
+                ciphertext,
+            )
+        )
+    ).digest()
 
 
 def aad(event_id: str, event_type: str, transaction_id: str, key_id: str) -> bytes:
@@ -95,7 +122,7 @@ def aad(event_id: str, event_type: str, transaction_id: str, key_id: str) -> byt
 
 
 def seal(
-    data_key: bytes,
+    data_key: bytes | AESGCM,
     key_id: str,
     envelope: dict[str, Any],
     *,
@@ -106,7 +133,8 @@ def seal(
     """AES-256-GCM of the envelope's canonical JSON; returns (nonce, ciphertext)."""
     nonce = os.urandom(12)
     associated = aad(event_id, event_type, transaction_id, key_id)
-    return nonce, AESGCM(data_key).encrypt(nonce, canonical_json(envelope), associated)
+    aead = data_key if isinstance(data_key, AESGCM) else AESGCM(data_key)
+    return nonce, aead.encrypt(nonce, canonical_json(envelope), associated)
 
 
 def open_sealed(

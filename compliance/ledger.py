@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -51,6 +52,18 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _APPEND_LOCK = 0x5550_4C47  # "UPLG"
 CHECKPOINT_EVERY = 1_000
+_ENTRY_COLUMN_NAMES = [
+    "height",
+    "event_id",
+    "event_type",
+    "transaction_id",
+    "recorded_at",
+    "key_id",
+    "nonce",
+    "ciphertext",
+    "prev_hash",
+    "entry_hash",
+]
 CHECKPOINT_INTERVAL_S = 10.0
 
 
@@ -160,6 +173,7 @@ class LedgerWriter:
             data_key = await keys.active_data_key(conn, self._master, now)
             signer: keys.SigningKey | None = None
             recorded_at = _iso(now)
+            aead = AESGCM(data_key.key)
             entries: list[chain.LedgerEntry] = []
             checkpoints: list[chain.Checkpoint] = []
             for envelope in envelopes:
@@ -169,7 +183,7 @@ class LedgerWriter:
                 event_id = str(envelope.event_id)
                 txn = envelope.transaction_id or ""
                 nonce, ciphertext = chain.seal(
-                    data_key.key,
+                    aead,
                     data_key.key_id,
                     envelope.to_dict(),
                     event_id=event_id,
@@ -196,27 +210,26 @@ class LedgerWriter:
                     checkpoints.append(self._checkpoint(signer, state, now))
             if not entries:
                 return 0
-            await conn.execute(
-                text(
-                    "INSERT INTO ledger_entries (height, event_id, event_type, transaction_id,"
-                    " recorded_at, key_id, nonce, ciphertext, prev_hash, entry_hash)"
-                    " SELECT * FROM unnest(CAST(:h AS bigint[]), CAST(:e AS uuid[]),"
-                    " CAST(:t AS text[]), CAST(:x AS text[]), CAST(:r AS text[]),"
-                    " CAST(:k AS text[]), CAST(:n AS bytea[]), CAST(:c AS bytea[]),"
-                    " CAST(:p AS bytea[]), CAST(:eh AS bytea[]))"
-                ),
-                {
-                    "h": [e.height for e in entries],
-                    "e": [uuid.UUID(e.event_id) for e in entries],
-                    "t": [e.event_type for e in entries],
-                    "x": [e.transaction_id for e in entries],
-                    "r": [e.recorded_at for e in entries],
-                    "k": [e.key_id for e in entries],
-                    "n": [e.nonce for e in entries],
-                    "c": [e.ciphertext for e in entries],
-                    "p": [e.prev_hash for e in entries],
-                    "eh": [e.entry_hash for e in entries],
-                },
+            # Binary COPY inside this transaction: several times faster than INSERTs.
+            raw = await conn.get_raw_connection()
+            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+                "ledger_entries",
+                columns=_ENTRY_COLUMN_NAMES,
+                records=[
+                    (
+                        e.height,
+                        uuid.UUID(e.event_id),
+                        e.event_type,
+                        e.transaction_id,
+                        e.recorded_at,
+                        e.key_id,
+                        e.nonce,
+                        e.ciphertext,
+                        e.prev_hash,
+                        e.entry_hash,
+                    )
+                    for e in entries
+                ],
             )
             await _insert_checkpoints(conn, checkpoints)
             await _save_state(conn, state)
@@ -323,25 +336,36 @@ async def _stream(
         cps = iter(checkpoints)
         next_cp = next(cps, None)
         height = from_height
+        # The raw asyncpg connection: verification is bound by per-row overhead.
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
         while True:
-            rows = (
-                await conn.execute(
-                    text(
-                        f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE height >= :h"
-                        " ORDER BY height LIMIT :n"
-                    ),
-                    {"h": height, "n": chunk},
-                )
-            ).all()
+            rows = await raw.fetch(
+                f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE height >= $1"
+                " ORDER BY height LIMIT $2",
+                height,
+                chunk,
+            )
             for row in rows:
-                entry = _entry(row)
+                entry = chain.LedgerEntry(
+                    row[0],
+                    str(row[1]),
+                    row[2],
+                    row[3],
+                    row[4],
+                    row[5],
+                    row[6],
+                    row[7],
+                    row[8],
+                    row[9],
+                )
                 while next_cp is not None and next_cp.height <= entry.height:
                     yield next_cp
                     next_cp = next(cps, None)
                 yield entry
             if len(rows) < chunk:
                 break
-            height = int(rows[-1].height) + 1
+            height = int(rows[-1][0]) + 1
         while next_cp is not None:
             yield next_cp
             next_cp = next(cps, None)

@@ -1,0 +1,122 @@
+"""Ledger throughput on this machine: append rate (entries/s, through PostgreSQL, in
+batches as the ledger consumer writes them) and verify rate (MB/s of entries checked,
+from the database, and in memory over an export).
+
+    .venv/bin/python scripts/bench_ledger.py [--entries 50000] [--batch 1000]
+
+Starts its own embedded PostgreSQL in a temporary directory and removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from api.bootstrap import all_migrations
+from compliance import chain, keys
+from compliance.ledger import LedgerWriter, export_lines, verify_ledger
+from core.clock import SystemClock
+from core.crypto import MasterKey
+from core.embedded import embedded_database_url
+from core.events import Envelope, PaymentSucceeded
+from core.storage import Database, migrate
+
+
+def envelopes(n: int) -> list[Envelope]:
+    now = datetime.now(UTC)
+    out = []
+    for i in range(n):
+        event = PaymentSucceeded(
+            transaction_id=f"UPI{i:032d}",
+            merchant_id="mer_bench",
+            amount_paise=1_000 + i,
+            response_code="00",
+            rrn=f"{i:012d}",
+            completed_at=now,
+            payer_vpa=f"payer{i % 5000}@okhdfc",
+            payee_vpa="shop@okicici",
+            payer_bank="HDFC",
+            payee_bank="ICICI",
+        )
+        out.append(Envelope.wrap(event, partition_key=f"k{i % 64}", occurred_at=now))
+    return out
+
+
+async def run(entries: int, batch: int, data_dir: Path) -> dict[str, object]:
+    db = Database(embedded_database_url(data_dir), pool_size=4)
+    await migrate(db, all_migrations())
+    writer = LedgerWriter(db, MasterKey(os.urandom(32)), SystemClock())
+    events = envelopes(entries)
+    await writer.append(events[:10])  # keys made, caches warm
+    start = time.perf_counter()
+    for i in range(10, entries, batch):
+        await writer.append(events[i : i + batch])
+    append_s = time.perf_counter() - start
+    await writer.checkpoint_if_due(force=True)
+
+    lines = [line async for line in export_lines(db)]
+    size = sum(len(orjson.dumps(line)) for line in lines)
+    start = time.perf_counter()
+    result = await verify_ledger(db, SystemClock(), full=True)
+    db_verify_s = time.perf_counter() - start
+    assert result.valid, result
+    async with db.connection() as conn:
+        public = await keys.public_keys(conn)
+        stored = (
+            await conn.exec_driver_sql(
+                "SELECT sum(octet_length(ciphertext) + octet_length(nonce) + 64"
+                " + octet_length(event_type) + octet_length(transaction_id)"
+                " + octet_length(recorded_at) + octet_length(key_id) + 16) FROM ledger_entries"
+            )
+        ).scalar_one()
+    start = time.perf_counter()
+    assert chain.verify_lines(lines, public).valid
+    mem_verify_s = time.perf_counter() - start
+    await db.close()
+    mb = int(stored) / 1e6
+    return {
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+        "date": datetime.now(UTC).date().isoformat(),
+        "entries": entries,
+        "batch": batch,
+        "appends_per_second": round((entries - 10) / append_s),
+        "stored_mb": round(mb, 1),
+        "verify_from_db_mb_per_s": round(mb / db_verify_s, 1),
+        "verify_from_db_entries_per_s": round(entries / db_verify_s),
+        "verify_export_in_memory_mb_per_s": round(size / 1e6 / mem_verify_s, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--entries", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=1_000)
+    args = parser.parse_args()
+    data_dir = Path(tempfile.mkdtemp(prefix="ulb", dir="/tmp"))
+    try:
+        print(
+            orjson.dumps(
+                asyncio.run(run(args.entries, args.batch, data_dir)), option=orjson.OPT_INDENT_2
+            ).decode()
+        )
+    finally:
+        pidfile = data_dir / "pg" / "postmaster.pid"
+        if pidfile.exists():
+            import signal
+
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
+            time.sleep(1)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
