@@ -140,11 +140,15 @@ class _PaymentFinal(_PaymentEvent):
 
 
 class PaymentSucceeded(_PaymentFinal):
+    """v2 added ``merchant_mcc`` (settlement prices the fee by category)."""
+
     name: ClassVar[str] = "PaymentSucceeded"
+    version: ClassVar[int] = 2
     payer_vpa: Vpa
     payee_vpa: Vpa
     payer_bank: str
     payee_bank: str
+    merchant_mcc: str
 
 
 class PaymentFailed(_PaymentFinal):
@@ -430,3 +434,9 @@ for _event in (
     FailoverCompleted,
 ):
     CATALOGUE.register(_event)
+
+
+@CATALOGUE.upcaster("PaymentSucceeded", 1)
+def _payment_succeeded_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    # v1 events predate the merchant category: "0000" prices at the default MDR.
+    return {**payload, "merchant_mcc": "0000"}

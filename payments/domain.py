@@ -86,6 +86,7 @@ class Payment:
     updated_at: datetime
     currency: str = "INR"
     note: str | None = None
+    mcc: str = "0000"
     response_code: str | None = None
     rrn: str | None = None
     payer_bank: str | None = None
@@ -105,6 +106,7 @@ class Payment:
         amount_paise: Paise,
         at: datetime,
         note: str | None = None,
+        mcc: str = "0000",
     ) -> Payment:
         if amount_paise < 1:
             raise ValueError("amount_paise must be at least 1")
@@ -119,6 +121,7 @@ class Payment:
             created_at=at,
             updated_at=at,
             note=note,
+            mcc=mcc,
             history=(StatusChange(PaymentStatus.INITIATED, at),),
         )
 

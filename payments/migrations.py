@@ -141,4 +141,11 @@ MIGRATIONS = [
             WHERE status = 'PENDING';
         """,
     ),
+    Migration(
+        "payments.0005_payment_mcc",
+        """
+        -- The merchant's category at the time of the payment (settlement prices by it).
+        ALTER TABLE payments ADD COLUMN mcc text NOT NULL DEFAULT '0000';
+        """,
+    ),
 ]

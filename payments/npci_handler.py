@@ -145,6 +145,7 @@ async def record_switch_answer(
                     payee_vpa=Vpa(payment.payee_vpa),
                     payer_bank=result.payer_bank or "UNKNOWN",
                     payee_bank=result.payee_bank or "UNKNOWN",
+                    merchant_mcc=payment.mcc,
                 ),
                 clock,
                 cause,

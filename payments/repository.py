@@ -25,7 +25,7 @@ __all__ = [
 
 _COLUMNS = (
     "transaction_id, merchant_id, merchant_order_id, payer_vpa, payee_vpa, amount_paise,"
-    " currency, note, status, response_code, rrn, payer_bank, payee_bank, fraud,"
+    " currency, note, mcc, status, response_code, rrn, payer_bank, payee_bank, fraud,"
     " created_at, updated_at, completed_at"
 )
 
@@ -40,6 +40,7 @@ def to_payment(row: Row[Any]) -> Payment:
         amount_paise=int(row.amount_paise),
         currency=row.currency,
         note=row.note,
+        mcc=row.mcc,
         status=PaymentStatus(row.status),
         response_code=row.response_code,
         rrn=row.rrn,
@@ -57,9 +58,9 @@ async def insert_payment(
     await conn.execute(
         text(
             "INSERT INTO payments (transaction_id, merchant_id, merchant_order_id, payer_vpa,"
-            " payee_vpa, amount_paise, currency, note, device, status, created_at, updated_at)"
-            " VALUES (:t, :m, :o, :payer, :payee, :amt, :cur, :note, CAST(:device AS jsonb),"
-            " :s, :at, :at)"
+            " payee_vpa, amount_paise, currency, note, mcc, device, status, created_at,"
+            " updated_at) VALUES (:t, :m, :o, :payer, :payee, :amt, :cur, :note, :mcc,"
+            " CAST(:device AS jsonb), :s, :at, :at)"
         ),
         {
             "t": payment.transaction_id,
@@ -70,6 +71,7 @@ async def insert_payment(
             "amt": payment.amount_paise,
             "cur": payment.currency,
             "note": payment.note,
+            "mcc": payment.mcc,
             "device": orjson.dumps(device).decode() if device is not None else None,
             "s": payment.status.value,
             "at": payment.created_at,

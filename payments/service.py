@@ -176,6 +176,7 @@ async def initiate_payment(
             amount_paise=cmd.amount_paise,
             at=now,
             note=cmd.note,
+            mcc=merchant.mcc,
         )
         device = cmd.device.model_dump(mode="json", exclude_none=True) if cmd.device else None
         await repository.insert_payment(conn, payment, device)

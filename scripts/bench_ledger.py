@@ -46,6 +46,7 @@ def envelopes(n: int) -> list[Envelope]:
             payee_vpa="shop@okicici",
             payer_bank="HDFC",
             payee_bank="ICICI",
+            merchant_mcc="5411",
         )
         out.append(Envelope.wrap(event, partition_key=f"k{i % 64}", occurred_at=now))
     return out

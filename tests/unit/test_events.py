@@ -126,3 +126,30 @@ def test_unknown_type_and_bad_payload_are_poison():
 
 def _fields(env: Envelope) -> dict:
     return {f: getattr(env, f) for f in env.__dataclass_fields__}
+
+
+def test_payment_succeeded_v1_from_before_the_merchant_category_is_upcast():
+    stored_v1 = {
+        "event_id": "01a21074-1dba-7cbd-9c85-c466c1b11976",
+        "event_type": "PaymentSucceeded",
+        "version": 1,
+        "occurred_at": "2026-05-01T06:30:00Z",
+        "topic": "payments",
+        "partition_key": "k",
+        "transaction_id": "UPI1",
+        "causation_id": None,
+        "payload": {
+            "transaction_id": "UPI1",
+            "merchant_id": "m",
+            "amount_paise": 500,
+            "response_code": "00",
+            "rrn": "123456789012",
+            "completed_at": "2026-05-01T06:30:00Z",
+            "payer_vpa": "rahulkumar@okhdfc",
+            "payee_vpa": "shop@okicici",
+            "payer_bank": "HDFC",
+            "payee_bank": "ICICI",
+        },
+    }
+    event = CATALOGUE.decode_as(Envelope.from_dict(stored_v1), PaymentSucceeded)
+    assert event.merchant_mcc == "0000" and event.amount_paise == 500
