@@ -1,7 +1,8 @@
 """The composition root: the one place that picks concrete adapters and wires them.
 
 Roles (``serve --role``): ``gateway`` (HTTP API, webhooks), ``relay`` (outbox → bus),
-``switch`` (NPCI handler, deemed resolver, refunds), ``ledger`` (compliance ledger). ``all``
+``switch`` (NPCI handler, deemed resolver, refunds), ``ledger`` (compliance ledger),
+``settlement`` (settlement items). ``all``
 runs them in one process, the only choice with the in-process bus.
 """
 
@@ -37,6 +38,9 @@ from payments.npci.switch import SwitchClient
 from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings
 from payments.refunds import RefundHandler
 from payments.webhooks import WebhookDispatcher, WebhookPolicy, WebhookRecorder
+from settlement import migrations as settlement_migrations
+from settlement.holidays import HolidayCalendar
+from settlement.recorder import SettlementRecorder
 
 __all__ = [
     "Engine",
@@ -44,6 +48,7 @@ __all__ = [
     "all_migrations",
     "breaker_policy",
     "database_url",
+    "holiday_calendar",
     "mock_switch",
     "npci_timings",
 ]
@@ -57,6 +62,7 @@ class Role(StrEnum):
     RELAY = "relay"
     SWITCH = "switch"
     LEDGER = "ledger"
+    SETTLEMENT = "settlement"
 
 
 def all_migrations() -> list[Migration]:
@@ -64,6 +70,7 @@ def all_migrations() -> list[Migration]:
         *core_migrations.MIGRATIONS,
         *payments_migrations.MIGRATIONS,
         *compliance_migrations.MIGRATIONS,
+        *settlement_migrations.MIGRATIONS,
         *api_migrations.MIGRATIONS,
     ]
 
@@ -83,6 +90,15 @@ def npci_timings(settings: Settings) -> NpciTimings:
         max_check_interval_s=settings.npci_deemed_max_check_interval_s,
         max_deemed_age_s=settings.npci_deemed_max_age_s,
     )
+
+
+def holiday_calendar(settings: Settings) -> HolidayCalendar:
+    if settings.settlement_holidays_file:
+        try:
+            return HolidayCalendar.from_file(settings.settlement_holidays_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"UPI_SETTLEMENT_HOLIDAYS_FILE: {exc}") from None
+    return HolidayCalendar.default()
 
 
 def webhook_policy(settings: Settings) -> WebhookPolicy:
@@ -118,7 +134,7 @@ def mock_switch(settings: Settings, db: Database) -> MockSwitch:
 
 def _expand(roles: Sequence[Role]) -> frozenset[Role]:
     if Role.ALL in roles or not roles:
-        return frozenset({Role.GATEWAY, Role.RELAY, Role.SWITCH, Role.LEDGER})
+        return frozenset({Role.GATEWAY, Role.RELAY, Role.SWITCH, Role.LEDGER, Role.SETTLEMENT})
     return frozenset(roles)
 
 
@@ -214,6 +230,8 @@ class Engine:
             self.ledger = LedgerWriter(self.db, self.master_key, self.clock)
             bus.subscribe(self.ledger.subscription())
             self._spawn(self.ledger.run_checkpointer(), "ledger-checkpointer")
+        if Role.SETTLEMENT in self.roles:
+            bus.subscribe(SettlementRecorder(self.db).subscription())
         if Role.GATEWAY in self.roles:
             # Merchant notifications belong to the gateway: record final statuses, send them.
             bus.subscribe(WebhookRecorder(self.db, self.clock).subscription())

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
@@ -37,12 +37,14 @@ operator_app = typer.Typer(no_args_is_help=True, help="Operators (settlement, DR
 webhooks_app = typer.Typer(no_args_is_help=True, help="Merchant webhooks")
 ledger_app = typer.Typer(no_args_is_help=True, help="The compliance ledger")
 keys_app = typer.Typer(no_args_is_help=True, help="Ledger data keys")
+settlement_app = typer.Typer(no_args_is_help=True, help="T+1 settlement")
 app.add_typer(merchant_app, name="merchant")
 app.add_typer(auditor_app, name="auditor")
 app.add_typer(operator_app, name="operator")
 app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(keys_app, name="keys")
+app.add_typer(settlement_app, name="settlement")
 app.add_typer(db_app, name="db")
 
 out = Console()
@@ -409,6 +411,71 @@ def keys_shred(
         sys.stdout.write(orjson.dumps({"destroyed": destroyed}).decode() + "\n")
     else:
         out.print(f"destroyed {len(destroyed)} data keys: {', '.join(destroyed) or '-'}")
+
+
+@settlement_app.command("run")
+def settlement_run(
+    business_date: Annotated[str, typer.Option(help="IST business date to close, YYYY-MM-DD")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for DATE/ files")] = Path(
+        "settlements"
+    ),
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Close a business date: inter-bank nets, merchant payouts, reconciliation (SPEC §7).
+
+    Running it again gives identical files; a date must be over (IST) to be closed.
+    """
+    from datetime import date as date_
+
+    from api.bootstrap import holiday_calendar
+    from core.clock import SystemClock
+    from core.clock import business_date as ist_date
+    from settlement.journal import NpciJournal
+    from settlement.run import settle_business_date, write_files
+
+    try:
+        day = date_.fromisoformat(business_date)
+    except ValueError:
+        _fail_config(ConfigError("--business-date: not a YYYY-MM-DD date"))
+    clock = SystemClock()
+    if day >= ist_date(clock.now()):
+        _fail_config(ConfigError(f"--business-date: {day} is not over yet in IST"))
+    settings = _settings()
+    try:
+        calendar = holiday_calendar(settings)
+    except ConfigError as exc:
+        _fail_config(exc)
+
+    async def run(engine: Engine) -> Any:
+        return await settle_business_date(
+            engine.db,
+            NpciJournal(engine.db),
+            day,
+            calendar=calendar,
+            mdr_bps=settings.settlement_mdr_bps,
+            clock=clock,
+        )
+
+    result = asyncio.run(_with_engine(settings, run))
+    target = write_files(result, out_dir)
+    if json:
+        sys.stdout.write(
+            orjson.dumps(
+                {**result.summary, "out_dir": str(target), "closed_now": result.closed_now}
+            ).decode()
+            + "\n"
+        )
+        return
+    s = result.summary
+    out.print(
+        f"{'closed' if result.closed_now else 'already closed'} {day};"
+        f" settles on {s['settlement_date']}; files in {target}"
+    )
+    out.print(
+        f"payments {s['payments']}  gross {s['gross_paise']}  refunds {s['refunds_paise']}"
+        f"  net payout {s['net_payout_paise']} (paise)"
+    )
+    out.print(f"reconciliation {s['reconciliation']}")
 
 
 @db_app.command("url")

@@ -3,6 +3,7 @@
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import date
 from typing import Annotated, Any
 
 import orjson
@@ -33,6 +34,7 @@ from core.events import DeviceInfo
 from core.metrics import HTTP_REQUESTS
 from payments import refunds, service
 from payments.limits import PayerDailyLimits
+from settlement.run import closed_summary
 
 __all__ = ["create_app"]
 
@@ -350,9 +352,30 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         await audited(who, "read_public_keys", "ledger")
         return await ledger.public_key_pems(engine.db)
 
+    operations = APIRouter(prefix="/v1", tags=["operators"])
+
+    async def operator(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        if who.role is not Role.OPERATOR:
+            raise Problem("forbidden", "operator token required")
+        return who
+
+    @operations.get(
+        "/settlements/{business_date}",
+        responses=_problem_doc(*auth_errors, "not_found", "validation_error"),
+    )
+    async def get_settlement(
+        business_date: date, _: Annotated[Principal, Depends(operator)]
+    ) -> dict[str, Any]:
+        """The summary of a closed business date (``upi-engine settlement run`` closes it)."""
+        summary = await closed_summary(engine.db, business_date)
+        if summary is None:
+            raise Problem("not_found", f"{business_date} is not closed")
+        return summary
+
     if EngineRole.GATEWAY in engine.roles:
         app.include_router(payments)
         app.include_router(audit)
+        app.include_router(operations)
 
     original_openapi = app.openapi
 

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     webhook_retry_max_interval_s: Annotated[float, Field(gt=0)] = 3600.0
     webhook_max_age_s: Annotated[float, Field(gt=0)] = 86_400.0
     webhook_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    # Settlement: MDR in basis points by MCC ("default" for the rest; UPI P2M is 0).
+    settlement_mdr_bps: dict[str, Annotated[int, Field(ge=0, le=10_000)]] = Field(
+        default_factory=lambda: {"default": 0}
+    )
+    settlement_holidays_file: Path | None = None
     log_level: str = "INFO"
     relay_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     relay_poll_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.05

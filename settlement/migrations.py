@@ -1,0 +1,46 @@
+"""Tables of the settlement context."""
+
+from core.storage import Migration
+
+MIGRATIONS = [
+    Migration(
+        "settlement.0001_items_runs",
+        """
+        -- Settled movements as final-status events reported them. cycle_date is the
+        -- business date whose settlement carries the item: its own, or the next open one
+        -- when it arrived after its date was closed (note says so).
+        CREATE TABLE settlement_items (
+            event_id       uuid PRIMARY KEY,
+            kind           text NOT NULL CHECK (kind IN ('PAYMENT', 'REFUND')),
+            reference      text NOT NULL UNIQUE,
+            transaction_id text NOT NULL,
+            merchant_id    text NOT NULL,
+            mcc            text NOT NULL,
+            amount_paise   bigint NOT NULL CHECK (amount_paise > 0),
+            payer_bank     text NOT NULL,
+            payee_bank     text NOT NULL,
+            final_at       timestamptz NOT NULL,
+            business_date  date NOT NULL,
+            cycle_date     date NOT NULL,
+            note           text
+        );
+        CREATE INDEX settlement_items_by_cycle ON settlement_items (cycle_date);
+        -- Payments that ended FAILED/BLOCKED (a switch debit for them is a mismatch) and
+        -- payments deemed and not yet resolved.
+        CREATE TABLE settlement_other (
+            reference     text PRIMARY KEY,
+            status        text NOT NULL,
+            amount_paise  bigint,
+            business_date date NOT NULL,
+            updated_at    timestamptz NOT NULL
+        );
+        CREATE TABLE settlement_runs (
+            business_date   date PRIMARY KEY,
+            settlement_date date NOT NULL,
+            closed_at       timestamptz NOT NULL,
+            summary         jsonb NOT NULL,
+            files           jsonb NOT NULL
+        );
+        """,
+    ),
+]

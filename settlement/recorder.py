@@ -1,0 +1,213 @@
+"""Final-status events → settlement items, in IST business dates.
+
+A payment belongs to the IST calendar day of its final status. If that day was already
+closed when the event arrives, the item goes to the next open business date, with a note.
+The advisory lock it shares with :func:`settlement.run.settle_business_date` makes that
+decision race-free: an item is either in the closed date's snapshot or in a later one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.bus.base import Subscription
+from core.clock import business_date
+from core.events import (
+    CATALOGUE,
+    Envelope,
+    PaymentBlocked,
+    PaymentDeemed,
+    PaymentFailed,
+    PaymentReversed,
+    PaymentSucceeded,
+    RefundSucceeded,
+    Topic,
+)
+from core.storage import Database
+
+__all__ = ["SETTLEMENT_LOCK", "SettlementRecorder", "open_cycle_date"]
+
+SETTLEMENT_LOCK = 0x5550_5354  # "UPST"
+_EVENTS = frozenset(
+    {
+        PaymentSucceeded.name,
+        RefundSucceeded.name,
+        PaymentFailed.name,
+        PaymentBlocked.name,
+        PaymentReversed.name,
+        PaymentDeemed.name,
+    }
+)
+
+
+async def open_cycle_date(conn: AsyncConnection, day: date) -> date:
+    closed = set(
+        (
+            await conn.execute(
+                text("SELECT business_date FROM settlement_runs WHERE business_date >= :d"),
+                {"d": day},
+            )
+        ).scalars()
+    )
+    while day in closed:
+        day += timedelta(days=1)
+    return day
+
+
+class SettlementRecorder:
+    consumer = "settlement"
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def subscription(self) -> Subscription:
+        return Subscription(
+            consumer=self.consumer,
+            topics=(Topic.PAYMENTS.value,),
+            handler=lambda envelope: self.record([envelope]),
+            batch_handler=self.record,
+            event_types=_EVENTS,
+        )
+
+    async def record(self, envelopes: Sequence[Envelope]) -> None:
+        items: list[dict[str, object]] = []
+        others: list[tuple[str, str, int | None, date, datetime]] = []
+        for envelope in envelopes:
+            if envelope.event_type not in _EVENTS:
+                continue
+            event = CATALOGUE.decode(envelope)
+            match event:
+                case PaymentSucceeded():
+                    items.append(
+                        _item(
+                            envelope,
+                            "PAYMENT",
+                            event.transaction_id,
+                            event.transaction_id,
+                            event.merchant_id,
+                            event.merchant_mcc,
+                            event.amount_paise,
+                            event.payer_bank,
+                            event.payee_bank,
+                            event.completed_at,
+                        )
+                    )
+                    others.append(
+                        (
+                            event.transaction_id,
+                            "SETTLED",
+                            None,
+                            business_date(event.completed_at),
+                            event.completed_at,
+                        )
+                    )
+                case RefundSucceeded():
+                    items.append(
+                        _item(
+                            envelope,
+                            "REFUND",
+                            event.refund_id,
+                            event.transaction_id,
+                            event.merchant_id,
+                            "",
+                            event.amount_paise,
+                            event.payer_bank,
+                            event.payee_bank,
+                            event.completed_at,
+                        )
+                    )
+                case PaymentFailed() | PaymentBlocked() | PaymentReversed():
+                    others.append(
+                        (
+                            event.transaction_id,
+                            event.name.removeprefix("Payment").upper(),
+                            event.amount_paise,
+                            business_date(event.completed_at),
+                            event.completed_at,
+                        )
+                    )
+                case PaymentDeemed():
+                    others.append(
+                        (
+                            event.transaction_id,
+                            "DEEMED",
+                            None,
+                            business_date(event.deemed_at),
+                            event.deemed_at,
+                        )
+                    )
+        if not items and not others:
+            return
+        async with self._db.transaction() as conn:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SETTLEMENT_LOCK})
+            cycle_of_day: dict[date, date] = {}
+            for item in items:
+                day = item["business_date"]
+                assert isinstance(day, date)
+                if day not in cycle_of_day:
+                    cycle_of_day[day] = await open_cycle_date(conn, day)
+                item["cycle_date"] = cycle_of_day[day]
+                if cycle_of_day[day] != day:
+                    item["note"] = (
+                        f"late: final status on {day}, which was already closed;"
+                        f" settled with {cycle_of_day[day]}"
+                    )
+            if items:
+                await conn.execute(
+                    text(
+                        "INSERT INTO settlement_items (event_id, kind, reference, transaction_id,"
+                        " merchant_id, mcc, amount_paise, payer_bank, payee_bank, final_at,"
+                        " business_date, cycle_date, note) VALUES (:event_id, :kind, :reference,"
+                        " :transaction_id, :merchant_id, :mcc, :amount_paise, :payer_bank,"
+                        " :payee_bank, :final_at, :business_date, :cycle_date, :note)"
+                        " ON CONFLICT DO NOTHING"
+                    ),
+                    items,
+                )
+            for reference, status, amount, day, at in others:
+                # A final status never goes back to DEEMED; later events win otherwise.
+                await conn.execute(
+                    text(
+                        "INSERT INTO settlement_other (reference, status, amount_paise,"
+                        " business_date, updated_at) VALUES (:r, :s, :a, :d, :at)"
+                        " ON CONFLICT (reference) DO UPDATE SET status = EXCLUDED.status,"
+                        " amount_paise = coalesce(EXCLUDED.amount_paise,"
+                        " settlement_other.amount_paise), business_date = EXCLUDED.business_date,"
+                        " updated_at = EXCLUDED.updated_at"
+                        " WHERE settlement_other.status = 'DEEMED'"
+                    ),
+                    {"r": reference, "s": status, "a": amount, "d": day, "at": at},
+                )
+
+
+def _item(
+    envelope: Envelope,
+    kind: str,
+    reference: str,
+    transaction_id: str,
+    merchant_id: str,
+    mcc: str,
+    amount: int,
+    payer_bank: str,
+    payee_bank: str,
+    final_at: datetime,
+) -> dict[str, object]:
+    return {
+        "event_id": envelope.event_id,
+        "kind": kind,
+        "reference": reference,
+        "transaction_id": transaction_id,
+        "merchant_id": merchant_id,
+        "mcc": mcc,
+        "amount_paise": amount,
+        "payer_bank": payer_bank,
+        "payee_bank": payee_bank,
+        "final_at": final_at,
+        "business_date": business_date(final_at),
+        "cycle_date": None,
+        "note": None,
+    }
