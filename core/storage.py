@@ -55,16 +55,25 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One unit of work: commits on success, rolls back on any error."""
+        """One unit of work: commits on success, rolls back on any error.
+
+        Only the database's own failures become :class:`StorageError`; an error raised by
+        the work inside the block passes through as it is.
+        """
+        begin = self.engine.begin()
         try:
-            async with self.engine.begin() as conn:
-                yield conn
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StorageError(f"database connection lost: {exc.orig}") from exc
-            raise
+            conn = await begin.__aenter__()
         except (OSError, ConnectionError) as exc:
             raise StorageError(f"database unreachable: {exc}") from exc
+        try:
+            yield conn
+        except BaseException as exc:
+            await begin.__aexit__(type(exc), exc, exc.__traceback__)
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                raise StorageError(f"database connection lost: {exc.orig}") from exc
+            raise
+        else:
+            await begin.__aexit__(None, None, None)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:

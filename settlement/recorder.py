@@ -1,6 +1,8 @@
 """Final-status events → settlement items, in IST business dates.
 
-A payment belongs to the IST calendar day of its final status. If that day was already
+A payment belongs to the IST calendar day of its final status. Payments sent to the switch
+(``PaymentSubmitted``) or deemed, and not final yet, are tracked as unresolved, so that a
+debit the switch already made for them is not taken for a mismatch at close. If that day was already
 closed when the event arrives, the item goes to the next open business date, with a note.
 The advisory lock it shares with :func:`settlement.run.settle_business_date` makes that
 decision race-free: an item is either in the closed date's snapshot or in a later one.
@@ -23,6 +25,7 @@ from core.events import (
     PaymentDeemed,
     PaymentFailed,
     PaymentReversed,
+    PaymentSubmitted,
     PaymentSucceeded,
     RefundSucceeded,
     Topic,
@@ -40,6 +43,7 @@ _EVENTS = frozenset(
         PaymentBlocked.name,
         PaymentReversed.name,
         PaymentDeemed.name,
+        PaymentSubmitted.name,
     }
 )
 
@@ -140,6 +144,17 @@ class SettlementRecorder:
                             event.deemed_at,
                         )
                     )
+                case PaymentSubmitted():
+                    # Sent to the switch, no answer yet: unresolved until a final status.
+                    others.append(
+                        (
+                            event.transaction_id,
+                            "PENDING",
+                            event.amount_paise,
+                            business_date(event.submitted_at),
+                            event.submitted_at,
+                        )
+                    )
         if not items and not others:
             return
         async with self._db.transaction() as conn:
@@ -178,7 +193,7 @@ class SettlementRecorder:
                         " amount_paise = coalesce(EXCLUDED.amount_paise,"
                         " settlement_other.amount_paise), business_date = EXCLUDED.business_date,"
                         " updated_at = EXCLUDED.updated_at"
-                        " WHERE settlement_other.status = 'DEEMED'"
+                        " WHERE settlement_other.status IN ('PENDING', 'DEEMED')"
                     ),
                     {"r": reference, "s": status, "a": amount, "d": day, "at": at},
                 )

@@ -231,13 +231,16 @@ async def settle_business_date(
                 text(
                     "SELECT reference, status, amount_paise FROM settlement_other"
                     " WHERE (status IN ('FAILED', 'BLOCKED') AND business_date = :d)"
-                    " OR (status = 'DEEMED' AND business_date <= :d)"
+                    " OR (status IN ('PENDING', 'DEEMED') AND business_date <= :d)"
                 ),
                 {"d": day},
             )
         ).all()
-        failed = {r.reference: int(r.amount_paise or 0) for r in other if r.status != "DEEMED"}
-        deemed = {r.reference: int(r.amount_paise or 0) for r in other if r.status == "DEEMED"}
+        unresolved = ("PENDING", "DEEMED")
+        failed = {
+            r.reference: int(r.amount_paise or 0) for r in other if r.status not in unresolved
+        }
+        deemed = {r.reference: int(r.amount_paise or 0) for r in other if r.status in unresolved}
         known_success = set(
             (
                 await conn.execute(
@@ -250,11 +253,13 @@ async def settle_business_date(
             ).scalars()
         )
         references = [i.reference for i in items] + list(failed) + list(deemed)
+        wanted = set(references)
         journal_rows = [
             r
             for r in await journal.rows(day, references)
-            # Settled on another date (a debit just before midnight): not a mismatch here.
-            if r.reference not in known_success
+            # A debit of this date that our records settle with another date (final just
+            # after midnight, or carried late): not a mismatch here.
+            if r.reference in wanted or r.reference not in known_success
         ]
         settlement_date = calendar.next_working_day(day)
         summary, files = _render(

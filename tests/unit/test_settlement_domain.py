@@ -1,0 +1,116 @@
+from datetime import UTC, date, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from settlement.domain import (
+    Item,
+    ItemKind,
+    JournalRow,
+    MismatchClass,
+    cycle_of,
+    interbank_positions,
+    merchant_payouts,
+    reconcile,
+    round_half_up,
+)
+from settlement.holidays import HolidayCalendar
+
+AT = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)  # 11:30 IST
+BANKS = ["HDFC", "ICICI", "SBI", "AXIS", "YES"]
+
+
+def pay(ref: str, amount: int, payer="HDFC", payee="ICICI", merchant="m1", mcc="5411") -> Item:
+    return Item(ItemKind.PAYMENT, ref, ref, merchant, mcc, amount, payer, payee, AT)
+
+
+def refund(ref: str, txn: str, amount: int, payer="HDFC", payee="ICICI", merchant="m1") -> Item:
+    return Item(ItemKind.REFUND, ref, txn, merchant, "", amount, payer, payee, AT)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(), st.integers(1, 10**9), st.sampled_from(BANKS), st.sampled_from(BANKS)
+        ),
+        max_size=60,
+    )
+)
+def test_interbank_nets_always_sum_to_zero(moves):
+    items = [
+        (pay if is_pay else lambda r, a, p, q: refund(r, r, a, p, q))(f"r{i}", amount, p, q)
+        for i, (is_pay, amount, p, q) in enumerate(moves)
+    ]
+    positions = interbank_positions(items)
+    assert sum(p.net_paise for p in positions) == 0
+    assert sum(p.debits_paise for p in positions) == sum(i.amount_paise for i in items)
+
+
+def test_a_refund_flows_back_to_the_payer_bank():
+    [hdfc, icici] = interbank_positions([pay("t1", 1_000), refund("r1", "t1", 400)])
+    assert (hdfc.bank, hdfc.debits_paise, hdfc.credits_paise, hdfc.net_paise) == (
+        "HDFC",
+        1_000,
+        400,
+        -600,
+    )
+    assert (icici.bank, icici.net_paise) == ("ICICI", 600)
+
+
+def test_fee_and_gst_round_half_up_once_per_merchant():
+    items = [pay("t1", 10_001), pay("t2", 10_000), refund("r", "t1", 1)]
+    [p] = merchant_payouts(items, {"5411": 30}, date(2026, 3, 3))
+    # gross 20,001 at 30 bps = 60.003 → 60; GST 18% of 60 = 10.8 → 11
+    assert (p.gross_paise, p.refunds_paise, p.fee_paise, p.gst_paise) == (20_001, 1, 60, 11)
+    assert p.net_paise == 20_001 - 1 - 60 - 11 and p.count == 2
+    assert round_half_up(5, 10) == 1 and round_half_up(4, 10) == 0 and round_half_up(15, 10) == 2
+
+
+def test_upi_p2m_default_mdr_is_zero():
+    [p] = merchant_payouts([pay("t", 99_999, mcc="7999")], {"default": 0}, date(2026, 3, 3))
+    assert (p.fee_paise, p.gst_paise, p.net_paise) == (0, 0, 99_999)
+
+
+def test_reconciliation_classifies_every_kind_of_disagreement():
+    items = [pay("ok", 100), pay("no-debit", 200), pay("absent", 300), pay("short", 400)]
+    journal = [
+        JournalRow("ok", ItemKind.PAYMENT, 100, True),
+        JournalRow("no-debit", ItemKind.PAYMENT, 200, False),
+        JournalRow("short", ItemKind.PAYMENT, 399, True),
+        JournalRow("we-failed", ItemKind.PAYMENT, 50, True),
+        JournalRow("never-heard", ItemKind.PAYMENT, 60, True),
+        JournalRow("failed-clean", ItemKind.PAYMENT, 70, False),
+        JournalRow("deemed", ItemKind.PAYMENT, 80, True),
+    ]
+    settled, mismatches = reconcile(
+        items, {"we-failed": 50, "failed-clean": 70}, {"deemed": 80}, journal
+    )
+    assert [i.reference for i in settled] == ["ok"]
+    found = {m.reference: m.mismatch for m in mismatches}
+    assert found == {
+        "no-debit": MismatchClass.GATEWAY_ONLY,
+        "absent": MismatchClass.GATEWAY_ONLY,
+        "short": MismatchClass.AMOUNT_MISMATCH,
+        "we-failed": MismatchClass.SWITCH_ONLY,
+        "never-heard": MismatchClass.SWITCH_ONLY,
+        "deemed": MismatchClass.DEEMED_UNRESOLVED,
+    }
+    assert next(m for m in mismatches if m.reference == "we-failed").action.startswith(
+        "credit adjustment"
+    )
+
+
+def test_cycles_follow_the_ist_time_of_day():
+    assert cycle_of(datetime(2026, 3, 1, 18, 31, tzinfo=UTC)) == 1  # 00:01 IST
+    assert cycle_of(AT) == 3  # 11:30 IST
+    assert cycle_of(datetime(2026, 3, 2, 18, 29, tzinfo=UTC)) == 6  # 23:59 IST
+
+
+def test_working_days_skip_sundays_second_and_fourth_saturdays_and_holidays():
+    cal = HolidayCalendar.default()
+    assert cal.next_working_day(date(2026, 3, 2)) == date(2026, 3, 3)  # Mon → Tue
+    assert cal.next_working_day(date(2026, 3, 3)) == date(2026, 3, 5)  # Holi on Wed 4th
+    assert cal.next_working_day(date(2026, 3, 13)) == date(2026, 3, 16)  # 2nd Sat, Sun
+    assert cal.next_working_day(date(2026, 3, 6)) == date(2026, 3, 7)  # 1st Sat works
+    assert cal.next_working_day(date(2026, 12, 24)) == date(2026, 12, 28)  # Fri 25, 4th Sat, Sun
+    assert cal.next_working_day(date(2026, 1, 23)) == date(2026, 1, 27)  # 4th Sat, Sun, R-Day
