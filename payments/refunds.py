@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.bus.base import Subscription
 from core.clock import Clock
-from core.errors import IdempotencyConflict, NotFound, PoisonMessage, RefundRejected
+from core.errors import NotFound, PoisonMessage, RefundRejected
 from core.events import (
     CATALOGUE,
     Envelope,
@@ -37,6 +36,7 @@ from core.pii import partition_key_for
 from core.storage import Database
 from payments import repository
 from payments.domain import PaymentStatus
+from payments.idempotency import claim_key, stored_response
 from payments.npci.codes import Outcome, describe, outcome_of
 from payments.npci.switch import RefundRequest, SwitchClient
 
@@ -106,38 +106,19 @@ async def request_refund(
         if payment is None or payment.merchant_id != merchant_id:
             raise NotFound(f"no payment {transaction_id}")
         view = Refund(refund_id, transaction_id, amount_paise, "PENDING", None, None, now, None)
-        fresh = (
-            await conn.execute(
-                text(
-                    "INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
-                    " transaction_id, response_status, response_body)"
-                    " VALUES (:m, :k, :h, :t, 202, CAST(:b AS jsonb))"
-                    " ON CONFLICT DO NOTHING RETURNING 1"
-                ),
-                {
-                    "m": merchant_id,
-                    "k": scoped_key,
-                    "h": request_hash,
-                    "t": transaction_id,
-                    "b": orjson.dumps(view.view()).decode(),
-                },
+        fresh = await claim_key(
+            conn,
+            merchant_id=merchant_id,
+            key=scoped_key,
+            request_hash=request_hash,
+            transaction_id=transaction_id,
+            response=view.view(),
+        )
+        if not fresh:
+            _, stored = await stored_response(
+                conn, merchant_id=merchant_id, key=scoped_key, request_hash=request_hash
             )
-        ).first()
-        if fresh is None:
-            row = (
-                await conn.execute(
-                    text(
-                        "SELECT request_hash, response_body FROM idempotency_keys"
-                        " WHERE merchant_id = :m AND idempotency_key = :k"
-                    ),
-                    {"m": merchant_id, "k": scoped_key},
-                )
-            ).one()
-            if bytes(row.request_hash) != request_hash:
-                raise IdempotencyConflict(
-                    "this Idempotency-Key was already used with a different refund request"
-                )
-            return dict(row.response_body), True
+            return stored, True
         if payment.status is not PaymentStatus.SUCCESS:
             raise RefundRejected(
                 "payment_not_refundable", f"only SUCCESS payments are refundable ({payment.status})"

@@ -1,9 +1,8 @@
 """Gateway use cases: initiate a payment, read payments.
 
-``initiate_payment`` is one unit of work: the idempotency key row, the payment, its first
-history row and the ``PaymentInitiated`` outbox row commit together or not at all. The key
-row is inserted first: a concurrent request with the same key waits on its primary key,
-then finds it and replays the stored response (or gets a conflict if the body differs).
+``initiate_payment`` is one unit of work: the idempotency key row (:mod:`payments.idempotency`),
+the payment, its first history row and the ``PaymentInitiated`` outbox row commit together or
+not at all.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import IST, Clock, business_date
-from core.errors import IdempotencyConflict, LimitExceeded, NotFound
+from core.errors import LimitExceeded, NotFound
 from core.events import DeviceInfo, Envelope, PaymentInitiated
 from core.ids import new_transaction_id
 from core.metrics import PAYMENTS_INITIATED
@@ -27,6 +26,7 @@ from core.pii import Vpa, partition_key_for
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
+from payments.idempotency import claim_key, stored_response
 from payments.limits import PayerDailyLimits, per_transaction_limit
 from payments.merchants import load_merchant
 
@@ -67,23 +67,6 @@ class InitiationResult:
 def request_hash(body: dict[str, Any]) -> bytes:
     """Hash of the canonical request (sorted keys): the same body always hashes the same."""
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
-
-
-async def _replay(conn: AsyncConnection, cmd: InitiatePayment) -> InitiationResult:
-    row = (
-        await conn.execute(
-            text(
-                "SELECT request_hash, response_status, response_body FROM idempotency_keys"
-                " WHERE merchant_id = :m AND idempotency_key = :k"
-            ),
-            {"m": cmd.merchant_id, "k": cmd.idempotency_key},
-        )
-    ).one()
-    if bytes(row.request_hash) != cmd.request_hash:
-        raise IdempotencyConflict(
-            "this Idempotency-Key was already used with a different request body"
-        )
-    return InitiationResult(row.response_status, dict(row.response_body), replayed=True)
 
 
 @dataclass(frozen=True)
@@ -137,25 +120,22 @@ async def initiate_payment(
         "created_at": now.isoformat().replace("+00:00", "Z"),
     }
     async with db.transaction() as conn:
-        fresh = (
-            await conn.execute(
-                text(
-                    "INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
-                    " transaction_id, response_status, response_body)"
-                    " VALUES (:m, :k, :h, :t, 202, CAST(:b AS jsonb))"
-                    " ON CONFLICT DO NOTHING RETURNING 1"
-                ),
-                {
-                    "m": cmd.merchant_id,
-                    "k": cmd.idempotency_key,
-                    "h": cmd.request_hash,
-                    "t": transaction_id,
-                    "b": orjson.dumps(body).decode(),
-                },
+        fresh = await claim_key(
+            conn,
+            merchant_id=cmd.merchant_id,
+            key=cmd.idempotency_key,
+            request_hash=cmd.request_hash,
+            transaction_id=transaction_id,
+            response=body,
+        )
+        if not fresh:
+            status, stored = await stored_response(
+                conn,
+                merchant_id=cmd.merchant_id,
+                key=cmd.idempotency_key,
+                request_hash=cmd.request_hash,
             )
-        ).first()
-        if fresh is None:
-            return await _replay(conn, cmd)
+            return InitiationResult(status, stored, replayed=True)
         merchant = await load_merchant(conn, cmd.merchant_id)
         if merchant is None:
             raise NotFound(f"no merchant {cmd.merchant_id}")
