@@ -206,18 +206,7 @@ class MockSwitch:
             if inserted is None:  # a repeat: answer what we answered the first time
                 return await _journal_result(conn, request.txn_id)
             code = await self._decide_and_move(conn, request, payer_bank, payee_bank, fault)
-            await conn.execute(
-                text(
-                    "UPDATE npci_transactions SET status = :s, response_code = :c,"
-                    " debited = :d, updated_at = now() WHERE txn_id = :t"
-                ),
-                {
-                    "s": "SUCCESS" if code == "00" else "FAILED",
-                    "c": code,
-                    "d": code == "00",
-                    "t": request.txn_id,
-                },
-            )
+            await _settle_journal(conn, request.txn_id, code)
         result = SwitchResult(request.txn_id, code, inserted.rrn, payer_bank, payee_bank)
         if hangs:
             # Processed, but the answer is lost on the way back: the caller times out.
@@ -352,18 +341,7 @@ class MockSwitch:
                     conn, request.payee_vpa, request.payer_vpa, request.amount_paise
                 )
                 code = "00" if moved else "Z9"
-            await conn.execute(
-                text(
-                    "UPDATE npci_transactions SET status = :s, response_code = :c,"
-                    " debited = :d, updated_at = now() WHERE txn_id = :t"
-                ),
-                {
-                    "s": "SUCCESS" if code == "00" else "FAILED",
-                    "c": code,
-                    "d": code == "00",
-                    "t": request.refund_id,
-                },
-            )
+            await _settle_journal(conn, request.refund_id, code)
             return SwitchResult(request.refund_id, code, inserted.rrn, payer_bank, payee_bank)
 
     async def balance(self, vpa: str) -> Paise:
@@ -375,6 +353,17 @@ class MockSwitch:
                 )
             ).scalar_one_or_none()
         return int(row) if row is not None else opening_balance(vpa)
+
+
+async def _settle_journal(conn: AsyncConnection, txn_id: str, code: str) -> None:
+    """Record the answer of a journal row: ``00`` means the money moved."""
+    await conn.execute(
+        text(
+            "UPDATE npci_transactions SET status = :s, response_code = :c,"
+            " debited = :d, updated_at = now() WHERE txn_id = :t"
+        ),
+        {"s": "SUCCESS" if code == "00" else "FAILED", "c": code, "d": code == "00", "t": txn_id},
+    )
 
 
 async def _ensure_account(conn: AsyncConnection, vpa: str, bank: str) -> None:
