@@ -474,19 +474,26 @@ class ChainVerifier:
         return False
 
     def entry(self, e: LedgerEntry) -> bool:
-        if e.height != self.next_height:
+        return self.hashed_entry(
+            e.height, e.prev_hash, e.entry_hash, e.computed_hash() == e.entry_hash
+        )
+
+    def hashed_entry(
+        self, height: int, prev_hash: bytes, stored_hash: bytes, content_ok: bool
+    ) -> bool:
+        """An entry whose hash was already recomputed elsewhere (``content_ok``)."""
+        if height != self.next_height:
             return self._fail(
-                min(e.height, self.next_height),
-                f"expected height {self.next_height}, got {e.height}",
+                min(height, self.next_height), f"expected height {self.next_height}, got {height}"
             )
         if self.trust_first_prev and self.entries == 0:
-            self.prev_hash = e.prev_hash
-        if e.prev_hash != self.prev_hash:
-            return self._fail(e.height, "prev_hash does not match the previous entry")
-        if e.computed_hash() != e.entry_hash:
-            return self._fail(e.height, "entry_hash does not match the entry's contents")
-        self.accumulator.append(e.entry_hash)
-        self.prev_hash = e.entry_hash
+            self.prev_hash = prev_hash
+        if prev_hash != self.prev_hash:
+            return self._fail(height, "prev_hash does not match the previous entry")
+        if not content_ok:
+            return self._fail(height, "entry_hash does not match the entry's contents")
+        self.accumulator.append(stored_hash)
+        self.prev_hash = stored_hash
         self.next_height += 1
         self.entries += 1
         return True

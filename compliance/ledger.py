@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -174,67 +173,67 @@ class LedgerWriter:
             signer: keys.SigningKey | None = None
             recorded_at = _iso(now)
             aead = AESGCM(data_key.key)
-            entries: list[chain.LedgerEntry] = []
+            records: list[tuple[Any, ...]] = []
             checkpoints: list[chain.Checkpoint] = []
+            key_id = data_key.key_id
             for envelope in envelopes:
                 if envelope.event_id in present:
                     continue
                 present.add(envelope.event_id)
                 event_id = str(envelope.event_id)
+                event_type = envelope.event_type
                 txn = envelope.transaction_id or ""
                 nonce, ciphertext = chain.seal(
                     aead,
-                    data_key.key_id,
+                    key_id,
                     envelope.to_dict(),
                     event_id=event_id,
-                    event_type=envelope.event_type,
+                    event_type=event_type,
                     transaction_id=txn,
                 )
-                entry = chain.build_entry(
-                    state.head,
+                prev = state.head
+                digest = chain.entry_hash(
+                    prev,
                     state.size,
-                    event_id=event_id,
-                    event_type=envelope.event_type,
-                    transaction_id=txn,
-                    recorded_at=recorded_at,
-                    key_id=data_key.key_id,
-                    nonce=nonce,
-                    ciphertext=ciphertext,
+                    event_id,
+                    event_type,
+                    txn,
+                    recorded_at,
+                    key_id,
+                    nonce,
+                    ciphertext,
                 )
-                entries.append(entry)
-                state.accumulator.append(entry.entry_hash)
-                state.head = entry.entry_hash
+                records.append(
+                    (
+                        state.size,
+                        envelope.event_id,
+                        event_type,
+                        txn,
+                        recorded_at,
+                        key_id,
+                        nonce,
+                        ciphertext,
+                        prev,
+                        digest,
+                    )
+                )
+                state.accumulator.append(digest)
+                state.head = digest
                 state.size += 1
                 if state.size % CHECKPOINT_EVERY == 0:
                     signer = signer or await keys.active_signing_key(conn, self._master, now)
                     checkpoints.append(self._checkpoint(signer, state, now))
-            if not entries:
+            if not records:
                 return 0
             # Binary COPY inside this transaction: several times faster than INSERTs.
             raw = await conn.get_raw_connection()
             await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-                "ledger_entries",
-                columns=_ENTRY_COLUMN_NAMES,
-                records=[
-                    (
-                        e.height,
-                        uuid.UUID(e.event_id),
-                        e.event_type,
-                        e.transaction_id,
-                        e.recorded_at,
-                        e.key_id,
-                        e.nonce,
-                        e.ciphertext,
-                        e.prev_hash,
-                        e.entry_hash,
-                    )
-                    for e in entries
-                ],
+                "ledger_entries", columns=_ENTRY_COLUMN_NAMES, records=records
             )
             await _insert_checkpoints(conn, checkpoints)
             await _save_state(conn, state)
-        LEDGER_ENTRIES.inc(len(entries))
-        return len(entries)
+        LEDGER_ENTRIES.inc(len(records))
+        return len(records)
 
     def _checkpoint(
         self, signer: keys.SigningKey, state: _State, now: datetime
@@ -371,6 +370,60 @@ async def _stream(
             next_cp = next(cps, None)
 
 
+# SPEC §6's entry hash, computed by PostgreSQL next to the data: verification then moves
+# 32-byte hashes into Python instead of every ciphertext. Same bytes as chain.entry_hash:
+# int8send/int4send are big-endian, strings are UTF-8 (the database encoding).
+_HASHED_ENTRIES = """
+SELECT height, prev_hash, entry_hash,
+       sha256(prev_hash || int8send(height)
+              || int4send(octet_length(e)) || e || int4send(octet_length(t)) || t
+              || int4send(octet_length(x)) || x || int4send(octet_length(r)) || r
+              || int4send(octet_length(k)) || k
+              || int4send(octet_length(nonce)) || nonce
+              || int4send(octet_length(ciphertext)) || ciphertext) = entry_hash AS ok
+FROM (SELECT height, prev_hash, entry_hash, nonce, ciphertext,
+             convert_to(event_id::text, 'UTF8') AS e, convert_to(event_type, 'UTF8') AS t,
+             convert_to(transaction_id, 'UTF8') AS x, convert_to(recorded_at, 'UTF8') AS r,
+             convert_to(key_id, 'UTF8') AS k
+      FROM ledger_entries WHERE height >= $1 ORDER BY height LIMIT $2) AS page
+"""
+
+
+async def _stream_hashed(
+    db: Database, from_height: int, chunk: int = 20_000
+) -> AsyncIterator[tuple[int, bytes, bytes, bool] | chain.Checkpoint]:
+    """(height, prev_hash, entry_hash, hash_ok) per entry, with the checkpoints in order."""
+    async with db.connection() as conn:
+        checkpoints = [
+            _checkpoint_of(r)
+            for r in await conn.execute(
+                text(
+                    f"SELECT {_CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE height > :h"
+                    " ORDER BY height"
+                ),
+                {"h": from_height},
+            )
+        ]
+        cps = iter(checkpoints)
+        next_cp = next(cps, None)
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        height = from_height
+        while True:
+            rows = await raw.fetch(_HASHED_ENTRIES, height, chunk)
+            for row in rows:
+                while next_cp is not None and next_cp.height <= row[0]:
+                    yield next_cp
+                    next_cp = next(cps, None)
+                yield row[0], row[1], row[2], row[3]
+            if len(rows) < chunk:
+                break
+            height = int(rows[-1][0]) + 1
+        while next_cp is not None:
+            yield next_cp
+            next_cp = next(cps, None)
+
+
 async def export_lines(db: Database, from_height: int = 0) -> AsyncIterator[dict[str, Any]]:
     async for item in _stream(db, from_height):
         yield item.to_export()
@@ -395,12 +448,12 @@ async def verify_ledger(db: Database, clock: Clock, *, full: bool = False) -> ch
             int(resume.height), [bytes(f) for f in resume.frontier]
         )
     last_good: tuple[int, bytes, list[bytes]] | None = None
-    async for item in _stream(db, verifier.next_height):
+    async for item in _stream_hashed(db, verifier.next_height):
         if isinstance(item, chain.Checkpoint):
             if not verifier.checkpoint(item):
                 break
             last_good = (item.height, item.head_hash, list(verifier.accumulator.frontier))
-        elif not verifier.entry(item):
+        elif not verifier.hashed_entry(*item):
             break
     result = verifier.result()
     if result.valid and last_good is not None:
