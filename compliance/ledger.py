@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import text
@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+T = TypeVar("T")
 _APPEND_LOCK = 0x5550_4C47  # "UPLG"
 CHECKPOINT_EVERY = 1_000
 _ENTRY_COLUMN_NAMES = [
@@ -317,57 +318,54 @@ _ENTRY_COLUMNS = (
 _CHECKPOINT_COLUMNS = "height, head_hash, merkle_root, signed_at, signing_key_id, signature"
 
 
-async def _stream(
-    db: Database, from_height: int, chunk: int = 5_000
-) -> AsyncIterator[chain.LedgerEntry | chain.Checkpoint]:
-    """Entries and checkpoints in export order: checkpoint h right after entry h-1."""
+async def _paged(
+    db: Database, from_height: int, sql: str, chunk: int, convert: Callable[[Any], T]
+) -> AsyncIterator[T | chain.Checkpoint]:
+    """Pages of ``sql`` (params: first height, page size) converted row by row, with each
+    checkpoint h right after entry h-1 (the export order). Uses the raw asyncpg connection:
+    reading the chain is bound by per-row overhead."""
     async with db.connection() as conn:
-        checkpoints = [
-            _checkpoint_of(r)
-            for r in await conn.execute(
-                text(
-                    f"SELECT {_CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE height > :h"
-                    " ORDER BY height"
-                ),
-                {"h": from_height},
-            )
-        ]
-        cps = iter(checkpoints)
-        next_cp = next(cps, None)
-        height = from_height
-        # The raw asyncpg connection: verification is bound by per-row overhead.
+        checkpoints = iter(
+            [
+                _checkpoint_of(r)
+                for r in await conn.execute(
+                    text(
+                        f"SELECT {_CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE height > :h"
+                        " ORDER BY height"
+                    ),
+                    {"h": from_height},
+                )
+            ]
+        )
+        next_cp = next(checkpoints, None)
         raw = (await conn.get_raw_connection()).driver_connection
         assert raw is not None
+        height = from_height
         while True:
-            rows = await raw.fetch(
-                f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE height >= $1"
-                " ORDER BY height LIMIT $2",
-                height,
-                chunk,
-            )
+            rows = await raw.fetch(sql, height, chunk)
             for row in rows:
-                entry = chain.LedgerEntry(
-                    row[0],
-                    str(row[1]),
-                    row[2],
-                    row[3],
-                    row[4],
-                    row[5],
-                    row[6],
-                    row[7],
-                    row[8],
-                    row[9],
-                )
-                while next_cp is not None and next_cp.height <= entry.height:
+                while next_cp is not None and next_cp.height <= row[0]:
                     yield next_cp
-                    next_cp = next(cps, None)
-                yield entry
+                    next_cp = next(checkpoints, None)
+                yield convert(row)
             if len(rows) < chunk:
                 break
             height = int(rows[-1][0]) + 1
         while next_cp is not None:
             yield next_cp
-            next_cp = next(cps, None)
+            next_cp = next(checkpoints, None)
+
+
+_ENTRIES_PAGE = (
+    f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE height >= $1 ORDER BY height LIMIT $2"
+)
+
+
+def _stream(db: Database, from_height: int) -> AsyncIterator[chain.LedgerEntry | chain.Checkpoint]:
+    def entry(r: Any) -> chain.LedgerEntry:
+        return chain.LedgerEntry(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
+
+    return _paged(db, from_height, _ENTRIES_PAGE, 5_000, entry)
 
 
 # SPEC §6's entry hash, computed by PostgreSQL next to the data: verification then moves
@@ -389,39 +387,11 @@ FROM (SELECT height, prev_hash, entry_hash, nonce, ciphertext,
 """
 
 
-async def _stream_hashed(
-    db: Database, from_height: int, chunk: int = 20_000
+def _stream_hashed(
+    db: Database, from_height: int
 ) -> AsyncIterator[tuple[int, bytes, bytes, bool] | chain.Checkpoint]:
     """(height, prev_hash, entry_hash, hash_ok) per entry, with the checkpoints in order."""
-    async with db.connection() as conn:
-        checkpoints = [
-            _checkpoint_of(r)
-            for r in await conn.execute(
-                text(
-                    f"SELECT {_CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE height > :h"
-                    " ORDER BY height"
-                ),
-                {"h": from_height},
-            )
-        ]
-        cps = iter(checkpoints)
-        next_cp = next(cps, None)
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        height = from_height
-        while True:
-            rows = await raw.fetch(_HASHED_ENTRIES, height, chunk)
-            for row in rows:
-                while next_cp is not None and next_cp.height <= row[0]:
-                    yield next_cp
-                    next_cp = next(cps, None)
-                yield row[0], row[1], row[2], row[3]
-            if len(rows) < chunk:
-                break
-            height = int(rows[-1][0]) + 1
-        while next_cp is not None:
-            yield next_cp
-            next_cp = next(cps, None)
+    return _paged(db, from_height, _HASHED_ENTRIES, 20_000, lambda r: (r[0], r[1], r[2], r[3]))
 
 
 async def export_lines(db: Database, from_height: int = 0) -> AsyncIterator[dict[str, Any]]:
@@ -493,7 +463,7 @@ async def latest_checkpoint(db: Database) -> chain.Checkpoint | None:
 
 async def ledger_page(db: Database, from_height: int, limit: int) -> list[dict[str, Any]]:
     lines: list[dict[str, Any]] = []
-    async for item in _stream(db, from_height, chunk=limit):
+    async for item in _stream(db, from_height):
         if isinstance(item, chain.LedgerEntry) and item.height >= from_height + limit:
             break
         if isinstance(item, chain.Checkpoint) and item.height > from_height + limit:
