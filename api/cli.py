@@ -430,7 +430,7 @@ def settlement_run(
     from api.bootstrap import holiday_calendar
     from core.clock import SystemClock
     from core.clock import business_date as ist_date
-    from settlement.journal import NpciJournal
+    from settlement.journal import ComplianceLedgerIndex, NpciJournal
     from settlement.run import settle_business_date, write_files
 
     try:
@@ -451,6 +451,7 @@ def settlement_run(
             engine.db,
             NpciJournal(engine.db),
             day,
+            ledger=ComplianceLedgerIndex(engine.db),
             calendar=calendar,
             mdr_bps=settings.settlement_mdr_bps,
             clock=clock,

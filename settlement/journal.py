@@ -1,11 +1,14 @@
-"""The switch's journal: the one outside source settlement reconciles against.
+"""The two records settlement reconciles against, each behind a port:
 
-In production this is NPCI's raw settlement data; here it is the mock switch's own journal
-table (``npci_transactions``), read through this port only.
+* the switch's journal — in production NPCI's raw settlement data; here the mock switch's
+  own journal table (``npci_transactions``);
+* the compliance ledger — every settled event must be in it (``ledger_entries`` holds the
+  event ids in clear).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from datetime import date, datetime, time, timedelta
 from typing import Protocol
@@ -16,7 +19,7 @@ from core.clock import IST
 from core.storage import Database
 from settlement.domain import ItemKind, JournalRow
 
-__all__ = ["NpciJournal", "SwitchJournal"]
+__all__ = ["ComplianceLedgerIndex", "LedgerIndex", "NpciJournal", "SwitchJournal"]
 
 
 class SwitchJournal(Protocol):
@@ -50,3 +53,23 @@ class NpciJournal:
                 )
                 for r in result
             ]
+
+
+class LedgerIndex(Protocol):
+    async def missing(self, event_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+        """The event ids that are not in the compliance ledger."""
+        ...
+
+
+class ComplianceLedgerIndex:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def missing(self, event_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+        wanted = set(event_ids)
+        async with self._db.connection() as conn:
+            found = await conn.execute(
+                text("SELECT event_id FROM ledger_entries WHERE event_id = ANY(:ids)"),
+                {"ids": list(wanted)},
+            )
+            return wanted - set(found.scalars())

@@ -38,7 +38,7 @@ from settlement.domain import (
     reconcile,
 )
 from settlement.holidays import HolidayCalendar
-from settlement.journal import SwitchJournal
+from settlement.journal import LedgerIndex, SwitchJournal
 from settlement.recorder import SETTLEMENT_LOCK
 
 __all__ = ["FILES", "SettlementResult", "closed_summary", "settle_business_date", "write_files"]
@@ -71,6 +71,7 @@ def _render(
     journal_rows: list[Any],
     notes: dict[str, str],
     mdr_bps: Mapping[str, int],
+    not_in_ledger: list[str] | None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     to_settle, mismatches = reconcile(items, failed, deemed, journal_rows)
     positions = interbank_positions(to_settle)
@@ -157,6 +158,10 @@ def _render(
         "reconciliation": by_class,
         "cycles": dict(sorted(cycles.items(), key=lambda kv: int(kv[0]))),
         "late_items": dict(sorted(notes.items())),
+        "ledger": {
+            "checked": not_in_ledger is not None,
+            "not_in_ledger": not_in_ledger or [],
+        },
     }
     files["summary.json"] = (
         orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
@@ -169,6 +174,7 @@ async def settle_business_date(
     journal: SwitchJournal,
     day: date,
     *,
+    ledger: LedgerIndex | None = None,
     calendar: HolidayCalendar,
     mdr_bps: Mapping[str, int],
     clock: Clock,
@@ -186,8 +192,8 @@ async def settle_business_date(
         rows = (
             await conn.execute(
                 text(
-                    "SELECT kind, reference, transaction_id, merchant_id, mcc, amount_paise,"
-                    " payer_bank, payee_bank, final_at, note FROM settlement_items"
+                    "SELECT event_id, kind, reference, transaction_id, merchant_id, mcc,"
+                    " amount_paise, payer_bank, payee_bank, final_at, note FROM settlement_items"
                     " WHERE cycle_date = :d ORDER BY reference"
                 ),
                 {"d": day},
@@ -208,6 +214,9 @@ async def settle_business_date(
             for r in rows
         ]
         notes = {r.reference: r.note for r in rows if r.note}
+        # Every settled event must be in the compliance ledger.
+        missing_ids = await ledger.missing([r.event_id for r in rows]) if ledger else set()
+        not_in_ledger = sorted(r.reference for r in rows if r.event_id in missing_ids)
         # A merchant's category comes from its payments (refund items carry none).
         mcc = {i.merchant_id: i.mcc for i in items if i.kind is ItemKind.PAYMENT}
         items = [
@@ -263,7 +272,15 @@ async def settle_business_date(
         ]
         settlement_date = calendar.next_working_day(day)
         summary, files = _render(
-            day, settlement_date, items, failed, deemed, journal_rows, notes, mdr_bps
+            day,
+            settlement_date,
+            items,
+            failed,
+            deemed,
+            journal_rows,
+            notes,
+            mdr_bps,
+            not_in_ledger if ledger else None,
         )
         now = clock.now()
         await conn.execute(

@@ -14,7 +14,9 @@ import orjson
 import pytest
 from sqlalchemy import text
 
+from compliance.ledger import LedgerWriter
 from core.clock import IST, FakeClock
+from core.crypto import MasterKey
 from core.events import (
     Envelope,
     PaymentDeemed,
@@ -26,7 +28,7 @@ from core.events import (
 from core.ids import new_rrn
 from settlement import run as settlement_run
 from settlement.holidays import HolidayCalendar
-from settlement.journal import NpciJournal
+from settlement.journal import ComplianceLedgerIndex, NpciJournal
 from settlement.recorder import SettlementRecorder
 from settlement.run import FILES, settle_business_date, write_files
 
@@ -276,7 +278,13 @@ def read_csv(content: str) -> list[dict[str, str]]:
 
 async def close(db, clock, day=DAY):
     return await settle_business_date(
-        db, NpciJournal(db), day, calendar=HolidayCalendar.default(), mdr_bps=MDR, clock=clock
+        db,
+        NpciJournal(db),
+        day,
+        ledger=ComplianceLedgerIndex(db),
+        calendar=HolidayCalendar.default(),
+        mdr_bps=MDR,
+        clock=clock,
     )
 
 
@@ -285,6 +293,20 @@ async def simulated(db):
     day = Day()
     await load(db, day)
     expected = await inject(db, day)
+    # The compliance ledger saw every event but two successes (lost on the way there).
+    lost = {e.transaction_id for e in day.events if e.event_type == "PaymentSucceeded"}
+    lost = set(sorted(lost)[100:102])
+    writer = LedgerWriter(
+        db, MasterKey(os.urandom(32)), FakeClock(datetime(2026, 3, 3, tzinfo=UTC))
+    )
+    kept = [
+        e
+        for e in day.events
+        if not (e.event_type == "PaymentSucceeded" and e.transaction_id in lost)
+    ]
+    for i in range(0, len(kept), 2_000):
+        await writer.append(kept[i : i + 2_000])
+    day.lost_from_ledger = sorted(lost)
     return day, expected
 
 
@@ -333,6 +355,7 @@ async def test_a_simulated_day_settles_to_the_paisa(db, simulated, tmp_path: Pat
     assert summary["interbank_nets_sum_paise"] == 0
     assert summary["reconciliation"]["matched"] == len(settled) + len(day.refunds)
     assert sum(c["items"] for c in summary["cycles"].values()) == len(settled) + len(day.refunds)
+    assert summary["ledger"] == {"checked": True, "not_in_ledger": day.lost_from_ledger}
 
     # Running it again gives identical files.
     again = await close(db, clock)
