@@ -1,0 +1,133 @@
+"""The history of payers, devices and payees, kept in memory: what the simulator uses to
+compute features for training. :mod:`fraud.store` keeps the same history in PostgreSQL for
+live scoring; a test holds the two to the same numbers on the same traffic.
+
+Rules both follow (the *definition* of each :class:`~fraud.features.History` field):
+
+* windows hold the payments observed before this one whose time is later than
+  ``txn.at - window`` (1 min, 1 h, 24 h);
+* ``payer_median_amount`` is the lower median of the payer's last 50 amounts;
+* ``usual_places`` are the (at most 5) most frequent 0.1° cells of the payer's last 50
+  located payments, as cell centres, ties broken by the cell;
+* ``last_location`` / ``seconds_since_last`` come from the payer's latest located payment;
+* ``device_vpas_24h`` counts the *other* payers seen on the device in 24 h;
+* ``seconds_since_device_change`` is how long the payer's current device has been in use,
+  when the payer had another device before it (0 for a device new to the payer), or None.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from fraud.features import History, Txn
+
+__all__ = ["HistoryTracker", "cell_centre"]
+
+MINUTE = timedelta(minutes=1)
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+RECENT = 50
+USUAL_PLACES = 5
+
+
+def cell_centre(location: tuple[float, float]) -> tuple[float, float]:
+    lat, lon = location
+    return (math.floor(lat * 10) / 10 + 0.05, math.floor(lon * 10) / 10 + 0.05)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    at: datetime
+    amount: int
+    location: tuple[float, float] | None
+    other: str  # the payer (for device and payee windows)
+
+
+def _window(items: deque[_Seen], since: datetime) -> list[_Seen]:
+    return [s for s in items if s.at > since]
+
+
+def usual_places(locations: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
+    counts = Counter(cell_centre(loc) for loc in locations)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return tuple(cell for cell, _ in ranked[:USUAL_PLACES])
+
+
+class HistoryTracker:
+    def __init__(self) -> None:
+        self._payer: dict[str, deque[_Seen]] = defaultdict(deque)  # last 24 h
+        self._payer_recent: dict[str, deque[_Seen]] = defaultdict(lambda: deque(maxlen=RECENT))
+        self._payer_count: Counter[str] = Counter()
+        self._payer_last_located: dict[str, _Seen] = {}
+        self._device: dict[str, deque[_Seen]] = defaultdict(deque)
+        self._payee: dict[str, deque[_Seen]] = defaultdict(deque)
+        self._devices_of: dict[str, dict[str, datetime]] = defaultdict(dict)
+
+    @staticmethod
+    def _prune(items: deque[_Seen], now: datetime) -> None:
+        while items and items[0].at <= now - DAY:
+            items.popleft()
+
+    def history(self, txn: Txn) -> History:
+        at = txn.at
+        payer = self._payer[txn.payer]
+        self._prune(payer, at)
+        p1m = _window(payer, at - MINUTE)
+        p1h = _window(payer, at - HOUR)
+        p24 = _window(payer, at - DAY)
+        recent = self._payer_recent[txn.payer]
+        located = [s.location for s in recent if s.location is not None]
+        last = self._payer_last_located.get(txn.payer)
+        device_count_1h = 0
+        device_vpas = 0
+        known = False
+        since_change: float | None = None
+        devices = self._devices_of[txn.payer]
+        if txn.device_id is not None:
+            seen = self._device[txn.device_id]
+            self._prune(seen, at)
+            device_count_1h = len(_window(seen, at - HOUR))
+            device_vpas = len({s.other for s in _window(seen, at - DAY)} - {txn.payer})
+            known = txn.device_id in devices
+            if devices:
+                current = devices.get(txn.device_id, at)
+                if any(first < current for d, first in devices.items() if d != txn.device_id):
+                    since_change = (at - current).total_seconds()
+        payee = self._payee[txn.payee]
+        self._prune(payee, at)
+        payee_1h = _window(payee, at - HOUR)
+        return History(
+            payer_count_1m=len(p1m),
+            payer_count_1h=len(p1h),
+            payer_count_24h=len(p24),
+            payer_amount_1h=sum(s.amount for s in p1h),
+            payer_amount_24h=sum(s.amount for s in p24),
+            payer_payments_ever=self._payer_count[txn.payer],
+            payer_median_amount=statistics.median_low([s.amount for s in recent]) if recent else 0,
+            device_count_1h=device_count_1h,
+            device_vpas_24h=device_vpas,
+            payee_count_1h=len(payee_1h),
+            payee_payers_1h=len({s.other for s in payee_1h}),
+            device_known_for_payer=known,
+            payer_devices_ever=len(devices),
+            seconds_since_device_change=since_change,
+            last_location=last.location if last else None,
+            seconds_since_last=(at - last.at).total_seconds() if last else None,
+            usual_places=usual_places(located),
+        )
+
+    def observe(self, txn: Txn) -> None:
+        seen = _Seen(txn.at, txn.amount_paise, txn.location, txn.payer)
+        self._payer[txn.payer].append(seen)
+        self._payer_recent[txn.payer].append(seen)
+        self._payer_count[txn.payer] += 1
+        if txn.location is not None:
+            self._payer_last_located[txn.payer] = seen
+        if txn.device_id is not None:
+            self._device[txn.device_id].append(seen)
+            self._devices_of[txn.payer].setdefault(txn.device_id, txn.at)
+        self._payee[txn.payee].append(seen)

@@ -1,0 +1,247 @@
+"""The four fraud scorers. Each one looks at a payment and its history and returns a
+:class:`Signal`: a risk score in [0, 1] and the reason codes behind it. They are pure and
+synchronous; :mod:`fraud.engine` runs them concurrently, each within its own time budget.
+
+* :class:`VelocityScorer`: counts and amounts in sliding windows (1 min, 1 h, 24 h) per
+  payer, per device and per payee.
+* :class:`LocationScorer`: impossible travel (haversine distance over elapsed time against a
+  plausible top speed) and distance from the payer's usual places.
+* :class:`DeviceScorer`: a device new to an established payer, one device used by many VPAs
+  (mule), a device change right before a high-value payment (SIM swap / takeover), emulator
+  or rooted flags. A payer's very first payment on a steady device scores 0.
+* :class:`ModelScorer`: the scikit-learn model over :data:`fraud.features.FEATURE_NAMES`.
+
+Inside a scorer several rules combine by noisy-OR (:func:`noisy_or`), like the scorers do in
+:mod:`fraud.combiner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fraud.features import (
+    History,
+    Txn,
+    feature_vector,
+    haversine_km,
+    implied_speed_kmh,
+    km_from_usual,
+)
+
+__all__ = [
+    "DeviceRules",
+    "DeviceScorer",
+    "LocationRules",
+    "LocationScorer",
+    "ModelScorer",
+    "Scorer",
+    "Signal",
+    "VelocityRules",
+    "VelocityScorer",
+    "noisy_or",
+]
+
+
+@dataclass(frozen=True)
+class Signal:
+    score: float
+    reasons: tuple[str, ...] = ()
+
+
+NOTHING = Signal(0.0)
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, txn: Txn, history: History) -> Signal: ...
+
+
+def noisy_or(scores: Iterable[float]) -> float:
+    """1 - Π(1 - s): independent pieces of evidence, each enough on its own to its degree."""
+    keep = 1.0
+    for s in scores:
+        keep *= 1.0 - min(max(s, 0.0), 1.0)
+    return 1.0 - keep
+
+
+def _combine(hits: list[tuple[str, float]]) -> Signal:
+    if not hits:
+        return NOTHING
+    return Signal(round(noisy_or(s for _, s in hits), 6), tuple(code for code, _ in hits))
+
+
+def _ramp(value: float, start: float, full: float, low: float, high: float) -> float:
+    """``low`` at ``start``, rising linearly to ``high`` at ``full`` and beyond."""
+    if full <= start:
+        return high
+    t = min(max((value - start) / (full - start), 0.0), 1.0)
+    return low + (high - low) * t
+
+
+# --------------------------------------------------------------------------- velocity
+
+
+@dataclass(frozen=True)
+class VelocityRules:
+    payer_per_minute: int = 4  # earlier payments in the last minute that start a burst
+    payer_per_hour: int = 15
+    payer_per_day: int = 40
+    payer_amount_per_day_paise: int = 2_00_000_00  # ₹2,00,000 including this payment
+    device_per_hour: int = 15
+    payee_payers_per_hour: int = 30  # distinct payers: a fan-in, but merchants have many
+
+
+class VelocityScorer:
+    name = "velocity"
+
+    def __init__(self, rules: VelocityRules | None = None) -> None:
+        self.rules = rules or VelocityRules()
+
+    def score(self, txn: Txn, history: History) -> Signal:
+        r = self.rules
+        hits: list[tuple[str, float]] = []
+        if history.payer_count_1m >= r.payer_per_minute:
+            n = history.payer_count_1m
+            hits.append(
+                (
+                    "VELOCITY_PAYER_1M",
+                    _ramp(n, r.payer_per_minute, 3 * r.payer_per_minute, 0.5, 0.9),
+                )
+            )
+        if history.payer_count_1h >= r.payer_per_hour:
+            n = history.payer_count_1h
+            hits.append(
+                ("VELOCITY_PAYER_1H", _ramp(n, r.payer_per_hour, 3 * r.payer_per_hour, 0.4, 0.8))
+            )
+        if history.payer_count_24h >= r.payer_per_day:
+            hits.append(("VELOCITY_PAYER_24H", 0.3))
+        if history.payer_amount_24h + txn.amount_paise >= r.payer_amount_per_day_paise:
+            hits.append(("VELOCITY_AMOUNT_24H", 0.4))
+        if history.device_count_1h >= r.device_per_hour:
+            n = history.device_count_1h
+            hits.append(
+                ("VELOCITY_DEVICE_1H", _ramp(n, r.device_per_hour, 3 * r.device_per_hour, 0.4, 0.8))
+            )
+        if history.payee_payers_1h >= r.payee_payers_per_hour:
+            # Alone, not enough: a popular merchant is paid by many people every hour.
+            hits.append(("VELOCITY_PAYEE_FAN_IN", 0.2))
+        return _combine(hits)
+
+
+# --------------------------------------------------------------------------- location
+
+
+@dataclass(frozen=True)
+class LocationRules:
+    top_speed_kmh: float = 900.0  # a domestic flight, door to door, is slower than this
+    min_jump_km: float = 150.0  # GPS and IP geolocation are coarse: ignore short hops
+    far_from_usual_km: float = 800.0
+    established_after: int = 5  # payments before the usual places mean something
+
+
+class LocationScorer:
+    name = "location"
+
+    def __init__(self, rules: LocationRules | None = None) -> None:
+        self.rules = rules or LocationRules()
+
+    def score(self, txn: Txn, history: History) -> Signal:
+        r = self.rules
+        hits: list[tuple[str, float]] = []
+        speed = implied_speed_kmh(txn, history)
+        if (
+            speed > r.top_speed_kmh
+            and txn.location
+            and history.last_location
+            and haversine_km(txn.location, history.last_location) >= r.min_jump_km
+        ):
+            hits.append(
+                (
+                    "IMPOSSIBLE_TRAVEL",
+                    _ramp(speed, r.top_speed_kmh, 5 * r.top_speed_kmh, 0.6, 0.85),
+                )
+            )
+        if history.payer_payments_ever >= r.established_after:
+            km = km_from_usual(txn, history)
+            if km >= r.far_from_usual_km:
+                hits.append(("FAR_FROM_USUAL_PLACES", 0.2))
+        return _combine(hits)
+
+
+# --------------------------------------------------------------------------- device
+
+
+@dataclass(frozen=True)
+class DeviceRules:
+    shared_by_payers: int = 3  # other VPAs seen on this device in 24 h: a mule device
+    high_value_paise: int = 5_000_00  # ₹5,000 ...
+    high_value_vs_median: float = 5.0  # ... and five times the payer's usual amount
+    recent_change_s: float = 6 * 3600
+
+
+class DeviceScorer:
+    name = "device"
+
+    def __init__(self, rules: DeviceRules | None = None) -> None:
+        self.rules = rules or DeviceRules()
+
+    def _high_value(self, txn: Txn, history: History) -> bool:
+        usual = max(history.payer_median_amount, 1)
+        return (
+            txn.amount_paise >= self.rules.high_value_paise
+            and txn.amount_paise >= self.rules.high_value_vs_median * usual
+        )
+
+    def score(self, txn: Txn, history: History) -> Signal:
+        r = self.rules
+        hits: list[tuple[str, float]] = []
+        if txn.emulator:
+            hits.append(("DEVICE_EMULATOR", 0.45))
+        if txn.rooted:
+            hits.append(("DEVICE_ROOTED", 0.25))
+        if txn.device_id is None:
+            return _combine(hits)
+        if history.device_vpas_24h >= r.shared_by_payers:
+            n = history.device_vpas_24h
+            hits.append(
+                (
+                    "DEVICE_SHARED_BY_MANY_VPAS",
+                    _ramp(n, r.shared_by_payers, 4 * r.shared_by_payers, 0.5, 0.85),
+                )
+            )
+        established = history.payer_payments_ever > 0
+        new_here = established and not history.device_known_for_payer
+        high_value = established and self._high_value(txn, history)
+        if new_here and high_value:
+            hits.append(("DEVICE_CHANGE_BEFORE_HIGH_VALUE", 0.65))
+        elif new_here:
+            hits.append(("DEVICE_NEW_FOR_PAYER", 0.15))
+        elif (
+            high_value
+            and history.seconds_since_device_change is not None
+            and history.seconds_since_device_change < r.recent_change_s
+        ):
+            hits.append(("SIM_SWAP_PATTERN", 0.6))
+        return _combine(hits)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelScorer:
+    """The trained model (:mod:`fraud.model`): its fraud probability is the score."""
+
+    name = "model"
+
+    def __init__(self, estimator: Any, version: str, threshold: float = 0.5) -> None:
+        self._estimator = estimator
+        self.version = version
+        self.threshold = threshold
+
+    def score(self, txn: Txn, history: History) -> Signal:
+        proba = float(self._estimator.predict_proba([feature_vector(txn, history)])[0][1])
+        reasons = ("MODEL_HIGH_RISK",) if proba >= self.threshold else ()
+        return Signal(round(proba, 6), reasons)
