@@ -1,7 +1,8 @@
 """The composition root: the one place that picks concrete adapters and wires them.
 
 Roles (``serve --role``): ``gateway`` (HTTP API, webhooks), ``relay`` (outbox → bus),
-``switch`` (NPCI handler, deemed resolver, refunds), ``ledger`` (compliance ledger),
+``fraud`` (the fraud assessor), ``switch`` (NPCI handler: fraud decisions, verification
+expiry, deemed resolver, refunds), ``ledger`` (compliance ledger),
 ``settlement`` (settlement items). ``all``
 runs them in one process, the only choice with the in-process bus.
 """
@@ -31,12 +32,15 @@ from core.errors import ConfigError
 from core.metrics import OUTBOX_BACKLOG
 from core.outbox import OutboxRelay
 from core.storage import Database, Migration, migrate
+from fraud import migrations as fraud_migrations
+from fraud.assessor import FraudAssessor
 from payments import migrations as payments_migrations
 from payments.npci.breaker import BankBreakers, BreakerPolicy
 from payments.npci.mock import MockSwitch
 from payments.npci.switch import SwitchClient
 from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings
 from payments.refunds import RefundHandler
+from payments.verification import VerificationExpirer, VerificationPolicy
 from payments.webhooks import WebhookDispatcher, WebhookPolicy, WebhookRecorder
 from settlement import migrations as settlement_migrations
 from settlement.holidays import HolidayCalendar
@@ -51,6 +55,7 @@ __all__ = [
     "holiday_calendar",
     "mock_switch",
     "npci_timings",
+    "verification_policy",
 ]
 
 _log = logging.getLogger(__name__)
@@ -61,6 +66,7 @@ class Role(StrEnum):
     GATEWAY = "gateway"
     RELAY = "relay"
     SWITCH = "switch"
+    FRAUD = "fraud"
     LEDGER = "ledger"
     SETTLEMENT = "settlement"
 
@@ -69,6 +75,7 @@ def all_migrations() -> list[Migration]:
     return [
         *core_migrations.MIGRATIONS,
         *payments_migrations.MIGRATIONS,
+        *fraud_migrations.MIGRATIONS,
         *compliance_migrations.MIGRATIONS,
         *settlement_migrations.MIGRATIONS,
         *api_migrations.MIGRATIONS,
@@ -121,6 +128,14 @@ def breaker_policy(settings: Settings) -> BreakerPolicy:
     )
 
 
+def verification_policy(settings: Settings) -> VerificationPolicy:
+    return VerificationPolicy(
+        ttl_s=settings.fraud_verification_ttl_s,
+        max_attempts=settings.fraud_verification_max_attempts,
+        otp=settings.fraud_mock_otp,
+    )
+
+
 def mock_switch(settings: Settings, db: Database) -> MockSwitch:
     """The mock NPCI switch, in-process or behind ``upi-engine npci-mock``."""
     return MockSwitch(
@@ -134,12 +149,20 @@ def mock_switch(settings: Settings, db: Database) -> MockSwitch:
 
 def _expand(roles: Sequence[Role]) -> frozenset[Role]:
     if Role.ALL in roles or not roles:
-        return frozenset({Role.GATEWAY, Role.RELAY, Role.SWITCH, Role.LEDGER, Role.SETTLEMENT})
+        return frozenset(
+            {Role.GATEWAY, Role.RELAY, Role.SWITCH, Role.FRAUD, Role.LEDGER, Role.SETTLEMENT}
+        )
     return frozenset(roles)
 
 
 # Tasks that finish their current step on stop() rather than being cancelled.
-_GRACEFUL = {"outbox-relay", "deemed-resolver", "webhook-dispatcher", "ledger-checkpointer"}
+_GRACEFUL = {
+    "outbox-relay",
+    "deemed-resolver",
+    "verification-expirer",
+    "webhook-dispatcher",
+    "ledger-checkpointer",
+}
 
 
 @dataclass
@@ -156,6 +179,8 @@ class Engine:
     relay: OutboxRelay | None = None
     npci_handler: NpciHandler | None = None
     resolver: DeemedResolver | None = None
+    expirer: VerificationExpirer | None = None
+    fraud: FraudAssessor | None = None
     webhooks: WebhookDispatcher | None = None
     ledger: LedgerWriter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -220,12 +245,20 @@ class Engine:
                 self.clock,
                 timings,
                 BankBreakers(breaker_policy(self.settings), self.clock),
+                verification_policy(self.settings),
             )
             bus.subscribe(self.npci_handler.subscription())
+            self.expirer = VerificationExpirer(self.db, self.clock)
+            self._spawn(self.expirer.run(), "verification-expirer")
             self.resolver = DeemedResolver(self.db, switch, self.clock, timings)
             self._spawn(self.resolver.run(), "deemed-resolver")
             refund_handler = RefundHandler(self.db, switch, self.clock, timings.pay_timeout_s)
             bus.subscribe(refund_handler.subscription())
+        if Role.FRAUD in self.roles:
+            self.fraud = FraudAssessor.from_settings(
+                self.settings, self.db, self.master_key, self.clock
+            )
+            bus.subscribe(self.fraud.subscription())
         if Role.LEDGER in self.roles:
             self.ledger = LedgerWriter(self.db, self.master_key, self.clock)
             bus.subscribe(self.ledger.subscription())
@@ -283,6 +316,8 @@ class Engine:
             self.relay.stop()
         if self.resolver is not None:
             self.resolver.stop()
+        if self.expirer is not None:
+            self.expirer.stop()
         if self.webhooks is not None:
             self.webhooks.stop()
         if self.ledger is not None:
@@ -294,4 +329,6 @@ class Engine:
             await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)
         if self.bus is not None:
             await self.bus.stop()
+        if self.fraud is not None:
+            self.fraud.close()
         await self.db.close()

@@ -15,6 +15,7 @@ import orjson
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.table import Table
 
 from api.auth import Role as PrincipalRole
 from api.auth import issue_token
@@ -38,6 +39,7 @@ webhooks_app = typer.Typer(no_args_is_help=True, help="Merchant webhooks")
 ledger_app = typer.Typer(no_args_is_help=True, help="The compliance ledger")
 keys_app = typer.Typer(no_args_is_help=True, help="Ledger data keys")
 settlement_app = typer.Typer(no_args_is_help=True, help="T+1 settlement")
+fraud_app = typer.Typer(no_args_is_help=True, help="The fraud model")
 app.add_typer(merchant_app, name="merchant")
 app.add_typer(auditor_app, name="auditor")
 app.add_typer(operator_app, name="operator")
@@ -45,6 +47,7 @@ app.add_typer(webhooks_app, name="webhooks")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(keys_app, name="keys")
 app.add_typer(settlement_app, name="settlement")
+app.add_typer(fraud_app, name="fraud")
 app.add_typer(db_app, name="db")
 
 out = Console()
@@ -252,7 +255,6 @@ def webhooks_list(
     if json:
         sys.stdout.write(orjson.dumps({"status": status, "deliveries": rows}).decode() + "\n")
         return
-    from rich.table import Table
 
     table = Table("id", "merchant", "transaction", "attempts", "last error")
     for r in rows:
@@ -411,6 +413,84 @@ def keys_shred(
         sys.stdout.write(orjson.dumps({"destroyed": destroyed}).decode() + "\n")
     else:
         out.print(f"destroyed {len(destroyed)} data keys: {', '.join(destroyed) or '-'}")
+
+
+def _spinner(message: str, quiet: bool) -> Progress:
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        console=err_console,
+        transient=True,
+        disable=quiet or not err_console.is_terminal,
+    )
+    progress.add_task(message)
+    return progress
+
+
+@fraud_app.command("train")
+def fraud_train(
+    seed: Annotated[int | None, typer.Option(help="Simulator and model seed")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Directory (default: DATA_DIR/fraud-model)")
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Train the model on simulated traffic, measure it on held-out traffic, save it.
+
+    The shipped model is `fraud train --seed 20261125`; the same seed gives the same model
+    (same version). Use it with UPI_FRAUD_MODEL_DIR=<out>.
+    """
+    from fraud.model import DEFAULT_SEED, main_train
+
+    settings = _settings()
+    target = out_dir or settings.data_dir / "fraud-model"
+    with _spinner("simulating traffic and training…", json):
+        result = main_train(DEFAULT_SEED if seed is None else seed, target)
+    if json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return
+    held = result["held_out"]
+    out.print(f"model {result['version']} written to {target}")
+    out.print(f"held-out ROC-AUC {held['roc_auc']}  PR-AUC {held['pr_auc']}")
+    out.print(f"use it with UPI_FRAUD_MODEL_DIR={target}")
+
+
+@fraud_app.command("evaluate")
+def fraud_evaluate(
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Held-out metrics of the model in use (UPI_FRAUD_MODEL_DIR or the shipped one): ROC-AUC,
+    PR-AUC, precision and recall at the decision thresholds, alone and with the rules."""
+    from fraud.model import evaluate as evaluate_model
+    from fraud.model import load_model
+
+    settings = _settings()
+    model = load_model(settings.fraud_model_dir)
+    with _spinner("simulating held-out traffic and scoring it…", json):
+        result = evaluate_model(
+            model,
+            int(model.meta["seed"]),
+            step_up=settings.fraud_step_up_threshold,
+            block=settings.fraud_block_threshold,
+        )
+    if json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return
+    table = Table(title=f"fraud model {result['model_version']} on held-out traffic")
+    table.add_column("measure")
+    table.add_column("model", justify="right")
+    table.add_column("model + rules", justify="right")
+    combined = result["combined"]
+    table.add_row("ROC-AUC", str(result["roc_auc"]), str(combined["roc_auc"]))
+    table.add_row("PR-AUC", str(result["pr_auc"]), str(combined["pr_auc"]))
+    for name in ("step_up", "block"):
+        alone, both = result["model_at_thresholds"][name], combined[name]
+        label = f"{name} ≥ {alone['threshold']}"
+        table.add_row(f"{label} precision", str(alone["precision"]), str(both["precision"]))
+        table.add_row(f"{label} recall", str(alone["recall"]), str(both["recall"]))
+    out.print(table)
+    shares = ", ".join(f"{k} {v:.1%}" for k, v in result["flagged_by_typology"].items())
+    out.print(f"stepped up or blocked, by typology: {shares}")
 
 
 @settlement_app.command("run")

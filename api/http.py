@@ -13,7 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.auth import Principal, Role, authenticate
-from api.bootstrap import Engine
+from api.bootstrap import Engine, verification_policy
 from api.bootstrap import Role as EngineRole
 from api.problems import CODES, Problem, install_problem_handlers
 from api.ratelimit import TokenBuckets
@@ -27,6 +27,7 @@ from api.schemas import (
     PaymentView,
     RefundList,
     RefundView,
+    VerificationRequest,
 )
 from compliance import ledger
 from compliance.audit import record_audit_access
@@ -34,6 +35,7 @@ from core.events import DeviceInfo
 from core.metrics import HTTP_REQUESTS
 from payments import refunds, service
 from payments.limits import PayerDailyLimits
+from payments.verification import verify
 from settlement.run import closed_summary
 
 __all__ = ["create_app"]
@@ -78,6 +80,8 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             max_amount_paise=engine.settings.payer_daily_max_amount_paise,
         ),
     )
+
+    verification = verification_policy(engine.settings)
 
     @app.middleware("http")
     async def _timing(
@@ -238,6 +242,37 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         page = found[:limit]
         next_cursor = page[-1].transaction_id if len(found) > limit else None
         return PaymentList(items=[PaymentView.of(p) for p in page], next_cursor=next_cursor)
+
+    @payments.post(
+        "/{transaction_id}/verification",
+        status_code=202,
+        response_model=PaymentView,
+        responses=_problem_doc(
+            *auth_errors,
+            "not_found",
+            "validation_error",
+            "verification_not_required",
+            "verification_closed",
+            "verification_expired",
+            "verification_failed",
+            "rate_limited",
+        ),
+    )
+    async def verify_payment(
+        transaction_id: Annotated[str, Path(max_length=64, pattern=ID_PATTERN)],
+        body: VerificationRequest,
+        raw: Annotated[Any, Depends(json_body)],
+        who: Annotated[Principal, Depends(rate_limited_merchant)],
+    ) -> PaymentView:
+        """Complete a ``STEP_UP``: the payer's OTP (mock: ``123456``, see the merchant guide)
+        within the window (120 s). Then the payment goes to the switch. Asking again after
+        success answers the same; three wrong OTPs fail the payment (``Z6``)."""
+        assert who.merchant_id is not None
+        payment = await verify(
+            engine.db, who.merchant_id, transaction_id, body.otp, engine.clock, verification
+        )
+        engine.outbox_committed()
+        return PaymentView.of(payment)
 
     @payments.post(
         "/{transaction_id}/refunds",

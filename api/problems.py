@@ -19,6 +19,7 @@ from core.errors import (
     NotFound,
     RefundRejected,
     StorageError,
+    VerificationRejected,
 )
 
 __all__ = ["CODES", "Problem", "install_problem_handlers"]
@@ -36,6 +37,10 @@ CODES: dict[str, tuple[int, str]] = {
     "payer_daily_amount_exceeded": (422, "The payer reached the daily amount"),
     "payment_not_refundable": (409, "Only SUCCESS payments can be refunded"),
     "refund_exceeds_payment": (422, "Refunds would exceed the payment amount"),
+    "verification_not_required": (409, "This payment was not stepped up: nothing to verify"),
+    "verification_closed": (409, "The payment is no longer awaiting verification"),
+    "verification_expired": (409, "The verification window (120 s by default) has closed"),
+    "verification_failed": (422, "Wrong OTP; the payment fails after the last try"),
     "rate_limited": (429, "Too many requests for this merchant; see Retry-After"),
     "unsupported_media_type": (415, "Send JSON with Content-Type: application/json"),
     "method_not_allowed": (405, "Method not allowed"),
@@ -118,7 +123,7 @@ def install_problem_handlers(app: FastAPI) -> None:
                 return problem_response("idempotency_conflict", str(exc))
             case InvalidTransition():
                 return problem_response("invalid_transition", str(exc))
-            case LimitExceeded() | RefundRejected():
+            case LimitExceeded() | RefundRejected() | VerificationRejected():
                 return problem_response(exc.code, str(exc))
         return problem_response("validation_error", str(exc))
 

@@ -101,6 +101,13 @@ class PaymentList(BaseModel):
     next_cursor: str | None
 
 
+class VerificationRequest(_Strict):
+    otp: str = Field(
+        pattern=r"^[0-9]{4,8}$",
+        description="The payer's one-time password (sandbox: 123456)",
+    )
+
+
 class CreateRefundRequest(_Strict):
     amount_paise: Annotated[int, Field(ge=1, le=_MAX_ANY_LIMIT), WholePaise] = Field(
         description="Integer paise; all refunds of a payment never exceed its amount"

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         default_factory=lambda: {"default": 0}
     )
     settlement_holidays_file: Path | None = None
+    # Fraud (docs/fraud.md): decision thresholds on the combined score, each scorer's time
+    # budget, the step-up window and the sandbox OTP of the mock verification.
+    fraud_block_threshold: Annotated[float, Field(ge=0, le=1)] = 0.7
+    fraud_step_up_threshold: Annotated[float, Field(ge=0, le=1)] = 0.4
+    fraud_rule_budget_ms: Annotated[float, Field(gt=0, le=10_000)] = 25.0
+    fraud_model_budget_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
+    fraud_model_dir: Path | None = None  # unset: the model shipped in the package
+    fraud_verification_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    fraud_verification_max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    fraud_mock_otp: Annotated[str, Field(pattern=r"^[0-9]{4,8}$")] = "123456"
     log_level: str = "INFO"
     relay_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     relay_poll_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.05
@@ -96,6 +106,14 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s):// URL")
         return value.rstrip("/")
+
+    @field_validator("fraud_step_up_threshold")
+    @classmethod
+    def _below_block(cls, value: float, info: ValidationInfo) -> float:
+        block = info.data.get("fraud_block_threshold")
+        if block is not None and value > block:
+            raise ValueError(f"must not exceed UPI_FRAUD_BLOCK_THRESHOLD ({block})")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import logging
 import os
 from pathlib import Path
@@ -28,6 +30,13 @@ class MasterKey:
         if len(key) != 32:
             raise ValueError("master key must be 32 bytes")
         self._aead = AESGCM(key)
+        self._pseudonym_key = hmac.new(key, b"upi-engine/pseudonyms/v1", hashlib.sha256).digest()
+
+    def pseudonym(self, value: str, purpose: str) -> bytes:
+        """A keyed, stable stand-in for a PII value (HMAC-SHA256 under a key derived from
+        the master key): joins and counts work on it; without the key it reveals nothing."""
+        message = purpose.encode() + b"\0" + value.lower().encode()
+        return hmac.new(self._pseudonym_key, message, hashlib.sha256).digest()[:16]
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(12)

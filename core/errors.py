@@ -5,7 +5,8 @@ UpiError
 ├── DomainError              a business rule refused the request
 │   ├── InvalidTransition    a payment state change the state machine forbids
 │   ├── IdempotencyConflict  same Idempotency-Key, different request
-│   └── NotFound             no such payment/merchant (or not yours)
+│   ├── NotFound             no such payment/merchant (or not yours)
+│   └── LimitExceeded, RefundRejected, VerificationRejected (each with a problem ``code``)
 ├── StorageError             the database failed or is unreachable
 ├── BusError                 the event bus failed
 │   └── PoisonMessage        an event no retry can fix (bad bytes, unknown type)
@@ -29,6 +30,7 @@ __all__ = [
     "SwitchError",
     "SwitchTimeout",
     "UpiError",
+    "VerificationRejected",
 ]
 
 
@@ -66,6 +68,15 @@ class LimitExceeded(DomainError):
 
 class RefundRejected(DomainError):
     """``code``: payment_not_refundable | refund_exceeds_payment."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class VerificationRejected(DomainError):
+    """``code``: verification_not_required | verification_closed | verification_expired |
+    verification_failed."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)

@@ -6,6 +6,8 @@ __all__ = [
     "CONSUMER_EVENTS",
     "DEAD_LETTERS",
     "EVENTS_PUBLISHED",
+    "FRAUD_DECISIONS",
+    "FRAUD_SCORING",
     "HTTP_REQUESTS",
     "LEDGER_ENTRIES",
     "OUTBOX_BACKLOG",
@@ -27,3 +29,9 @@ LEDGER_ENTRIES = Counter("upi_ledger_entries_total", "Entries appended to the co
 HTTP_REQUESTS = Histogram(
     "upi_http_request_seconds", "HTTP request latency", ["method", "route", "status"]
 )
+FRAUD_SCORING = Histogram(
+    "upi_fraud_scoring_seconds",
+    "Time to score one payment with all scorers",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25),
+)
+FRAUD_DECISIONS = Counter("upi_fraud_decisions_total", "Fraud decisions", ["decision"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from core.errors import InvalidTransition
 from core.money import Paise
@@ -92,6 +93,8 @@ class Payment:
     payer_bank: str | None = None
     payee_bank: str | None = None
     completed_at: datetime | None = None
+    # The fraud decision as the merchant sees it: {decision, score, reasons}.
+    fraud: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     history: tuple[StatusChange, ...] = field(default=())
 
     @classmethod

@@ -148,4 +148,18 @@ MIGRATIONS = [
         ALTER TABLE payments ADD COLUMN mcc text NOT NULL DEFAULT '0000';
         """,
     ),
+    Migration(
+        "payments.0006_verifications",
+        """
+        -- Step-up verifications (fraud STEP_UP): the window, wrong tries, and when verified.
+        CREATE TABLE payment_verifications (
+            transaction_id text PRIMARY KEY REFERENCES payments (transaction_id),
+            expires_at     timestamptz NOT NULL,
+            verified_at    timestamptz,
+            attempts       int NOT NULL DEFAULT 0
+        );
+        CREATE INDEX payment_verifications_open ON payment_verifications (expires_at)
+            WHERE verified_at IS NULL;
+        """,
+    ),
 ]

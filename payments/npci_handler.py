@@ -41,12 +41,13 @@ from core.events import (
     CATALOGUE,
     Envelope,
     Event,
+    FraudAssessed,
     PaymentDeemed,
     PaymentFailed,
-    PaymentInitiated,
     PaymentReversed,
     PaymentSubmitted,
     PaymentSucceeded,
+    PaymentVerified,
     Topic,
 )
 from core.inbox import already_processed, claim
@@ -60,6 +61,7 @@ from payments.npci.banks import bank_of
 from payments.npci.breaker import BankBreakers, BreakerPolicy
 from payments.npci.codes import BANK_UNAVAILABLE, Outcome, describe, outcome_of
 from payments.npci.switch import PayRequest, SwitchClient, SwitchResult
+from payments.verification import VerificationPolicy, apply_fraud_decision
 
 __all__ = ["DeemedResolver", "NpciHandler", "NpciTimings", "record_switch_answer"]
 
@@ -215,8 +217,10 @@ class NpciHandler:
         clock: Clock,
         timings: NpciTimings | None = None,
         breakers: BankBreakers | None = None,
+        verification: VerificationPolicy | None = None,
     ) -> None:
         self._db = db
+        self.verification = verification or VerificationPolicy()
         self._switch = switch
         self._clock = clock
         self.timings = timings or NpciTimings()
@@ -225,24 +229,34 @@ class NpciHandler:
     def subscription(self) -> Subscription:
         return Subscription(
             consumer=self.consumer,
-            topics=(Topic.PAYMENTS.value,),
+            topics=(Topic.PAYMENTS.value, Topic.FRAUD.value),
             handler=self.handle,
-            event_types=frozenset({PaymentInitiated.name}),
+            event_types=frozenset({FraudAssessed.name, PaymentVerified.name}),
         )
 
     async def handle(self, envelope: Envelope) -> None:
-        event = CATALOGUE.decode_as(envelope, PaymentInitiated)
+        """``FraudAssessed`` (the payment waited for it) or ``PaymentVerified`` (a step-up
+        passed): either may release the payment to the switch."""
+        event = CATALOGUE.decode(envelope)
+        if not isinstance(event, FraudAssessed | PaymentVerified):
+            raise PoisonMessage(f"npci-handler does not handle {envelope.event_type}")
         txn = event.transaction_id
-        payer_bank = bank_of(event.payer_vpa.value) or "UNKNOWN"
         breaker = None
         async with self._db.transaction() as conn:
             if await already_processed(conn, self.consumer, envelope.event_id):
                 return
             payment = await repository.load_payment(conn, txn, for_update=True)
             if payment is None:
-                raise PoisonMessage(f"PaymentInitiated for unknown payment {txn}")
+                raise PoisonMessage(f"{envelope.event_type} for unknown payment {txn}")
+            payer_bank = bank_of(payment.payer_vpa) or "UNKNOWN"
+            releasable = PaymentStatus.PENDING_VERIFICATION
+            if isinstance(event, FraudAssessed) and payment.status is PaymentStatus.INITIATED:
+                payment = await apply_fraud_decision(
+                    conn, payment, event, envelope, self._clock, self.verification
+                )
+                releasable = PaymentStatus.INITIATED
             match payment.status:
-                case PaymentStatus.INITIATED:
+                case status if status is releasable:
                     now = self._clock.now()
                     if not self.breakers[payer_bank].allow():
                         failed = payment.transition(
@@ -265,8 +279,8 @@ class NpciHandler:
                                 PaymentSubmitted(
                                     transaction_id=txn,
                                     merchant_id=payment.merchant_id,
-                                    payer_vpa=event.payer_vpa,
-                                    payee_vpa=event.payee_vpa,
+                                    payer_vpa=Vpa(payment.payer_vpa),
+                                    payee_vpa=Vpa(payment.payee_vpa),
                                     amount_paise=payment.amount_paise,
                                     submitted_at=now,
                                 ),
@@ -280,7 +294,9 @@ class NpciHandler:
                 case PaymentStatus.SUBMITTED:
                     resubmission = True  # we were here before and do not know the answer
                 case _:
-                    # Final, or owned by another flow (verification, the deemed resolver).
+                    # Stepped up or blocked just now; final; or owned by another flow (the
+                    # deemed resolver). A verification for a payment not (or no longer)
+                    # awaiting it changes nothing.
                     await claim(conn, self.consumer, envelope.event_id)
                     return
 

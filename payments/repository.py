@@ -18,6 +18,7 @@ __all__ = [
     "insert_payment",
     "list_payments_by_order",
     "load_payment",
+    "record_fraud",
     "save_transition",
     "schedule_check",
     "to_payment",
@@ -49,6 +50,7 @@ def to_payment(row: Row[Any]) -> Payment:
         created_at=row.created_at,
         updated_at=row.updated_at,
         completed_at=row.completed_at,
+        fraud=row.fraud,
     )
 
 
@@ -153,6 +155,13 @@ async def list_payments_by_order(
         params["after"] = after_transaction_id
     sql += " ORDER BY transaction_id LIMIT :n"
     return [to_payment(r) for r in (await conn.execute(text(sql), params)).all()]
+
+
+async def record_fraud(conn: AsyncConnection, transaction_id: str, fraud: dict[str, Any]) -> None:
+    await conn.execute(
+        text("UPDATE payments SET fraud = CAST(:f AS jsonb) WHERE transaction_id = :t"),
+        {"f": orjson.dumps(fraud).decode(), "t": transaction_id},
+    )
 
 
 async def schedule_check(conn: AsyncConnection, transaction_id: str, at: datetime) -> None:

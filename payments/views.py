@@ -16,7 +16,7 @@ def _iso(at: datetime | None) -> str | None:
     return at.isoformat().replace("+00:00", "Z") if at else None
 
 
-def payment_view(payment: Payment, fraud: dict[str, Any] | None = None) -> dict[str, Any]:
+def payment_view(payment: Payment) -> dict[str, Any]:
     return {
         "transaction_id": payment.transaction_id,
         "merchant_order_id": payment.merchant_order_id,
@@ -28,7 +28,7 @@ def payment_view(payment: Payment, fraud: dict[str, Any] | None = None) -> dict[
         "response_code": payment.response_code,
         "response_description": describe(payment.response_code) if payment.response_code else None,
         "rrn": payment.rrn,
-        "fraud": fraud,
+        "fraud": payment.fraud,
         "created_at": _iso(payment.created_at),
         "updated_at": _iso(payment.updated_at),
         "completed_at": _iso(payment.completed_at),

@@ -49,7 +49,7 @@ _TABLE = [
     ResponseCode("U28", Outcome.FAILED, "PSP not available (switch refused the request)"),
     ResponseCode("U90", Outcome.FAILED, "Remitter bank deemed high response time check decline"),
     ResponseCode("U91", Outcome.FAILED, "Beneficiary bank deemed high response time check decline"),
-    # Reversal outcomes.
+    ResponseCode("U69", Outcome.FAILED, "Collect request expired: not verified in time"),
     # Reversal outcomes. A reversal that returned the debit answers 00.
     ResponseCode("21", Outcome.FAILED, "Reversal: no action taken, original was not debited"),
     ResponseCode("32", Outcome.FAILED, "Reversal: partial reversal"),
