@@ -1,6 +1,11 @@
 """The features of a payment, from the payment and what is known of its payer, device and
 payee before it. Pure. The same code computes them for training (simulated traffic) and
 for scoring (live history), so the model sees the same numbers in both.
+
+The payee's fan-in (distinct payers in the last hour) is in the history, for the velocity
+rule, but not a model feature: in merchant collections a popular shop is paid by hundreds
+of new payers an hour, and a model taught on it learns the size of the shop, not fraud.
+Mule rings show instead in devices shared by many VPAs.
 """
 
 from __future__ import annotations
@@ -68,7 +73,6 @@ FEATURE_NAMES = (
     "new_payer",
     "device_count_1h",
     "device_vpas_24h",
-    "payee_payers_1h",
     "device_new_for_payer",
     "payer_devices_ever",
     "recent_device_change",
@@ -106,7 +110,6 @@ def feature_vector(txn: Txn, history: History) -> list[float]:
         1.0 if history.payer_payments_ever == 0 else 0.0,
         float(history.device_count_1h),
         float(history.device_vpas_24h),
-        float(history.payee_payers_1h),
         1.0
         if txn.device_id and not history.device_known_for_payer and history.payer_payments_ever > 0
         else 0.0,

@@ -127,7 +127,7 @@ class VelocityScorer:
             )
         if history.payee_payers_1h >= r.payee_payers_per_hour:
             # Alone, not enough: a popular merchant is paid by many people every hour.
-            hits.append(("VELOCITY_PAYEE_FAN_IN", 0.2))
+            hits.append(("VELOCITY_PAYEE_FAN_IN", 0.1))
         return _combine(hits)
 
 

@@ -92,6 +92,9 @@ class _Payer:
     median: int
     per_day: float
     rooted: bool
+    sends_device: bool = True
+    sends_location: bool = True
+    joins: datetime = START  # half the payers start paying during the period: new payers
 
 
 class _World:
@@ -102,19 +105,24 @@ class _World:
         self.merchants = [f"shop{i}@{_HANDLES[i % 6]}" for i in range(300)]
         # Zipf-like popularity: a few merchants take most of the payments.
         self.merchant_weights = [1 / (i + 1) ** 1.1 for i in range(300)]
-        self.payers = [self._payer(i) for i in range(payers)]
+        self.payers = [self._payer(i, days) for i in range(payers)]
         self.out: list[LabelledTxn] = []
 
-    def _payer(self, i: int) -> _Payer:
+    def _payer(self, i: int, days: float) -> _Payer:
         rng = self.rng
-        median = int(min(max(math.exp(rng.gauss(math.log(300), 1.0)), 10), 20_000) * 100)
+        joins = START + timedelta(days=rng.uniform(0, days * 0.9))
+        median = int(min(max(math.exp(rng.gauss(math.log(500), 1.1)), 10), 25_000) * 100)
         return _Payer(
             vpa=f"user{i}@{rng.choice(_HANDLES)}",
             city=_city(rng),
             device=f"dev-{i}-0",
             median=median,
-            per_day=min(max(math.exp(rng.gauss(math.log(2.0), 0.8)), 0.2), 15.0),
+            per_day=min(max(math.exp(rng.gauss(math.log(1.2), 0.9)), 0.1), 15.0),
             rooted=rng.random() < 0.01,
+            # Some merchant integrations send no device data; some phones share no location.
+            sends_device=rng.random() >= 0.15,
+            sends_location=rng.random() >= 0.1,
+            joins=joins if rng.random() < 0.5 else START,
         )
 
     def add(self, txn: Txn, typology: str = "legit") -> None:
@@ -137,7 +145,20 @@ class _World:
             START + timedelta(days=rng.uniform(0, self.days)) if rng.random() < 0.08 else None
         )
         trip = _far_city(rng, p.city, 300) if travel_at else None
-        at = START + timedelta(days=rng.uniform(0, 1 / max(p.per_day, 0.2)))
+        at = p.joins + timedelta(days=rng.uniform(0, 1 / max(p.per_day, 0.2)))
+
+        def txn(payee: str, amount: int) -> Txn:
+            return Txn(
+                p.vpa,
+                payee,
+                amount,
+                at,
+                device if p.sends_device else None,
+                _near(rng, city) if p.sends_location else None,
+                False,
+                p.rooted and p.sends_device,
+            )
+
         while at < self.end:
             if change_at is not None and at >= change_at:
                 device, change_at = f"{p.device[:-2]}-1", None
@@ -145,11 +166,18 @@ class _World:
                 flight_h = haversine_km(CITIES[city], CITIES[trip]) / 600 + 1.5
                 at = max(at, travel_at + timedelta(hours=flight_h))
                 city, travel_at = trip, None
-            payee = rng.choice(friends) if rng.random() < 0.15 else self.merchant()
+            friend = rng.random() < 0.15
+            payee = rng.choice(friends) if friend else self.merchant()
             amount = _amount(rng, p.median)
-            if rng.random() < 0.02:
+            if rng.random() < 0.12:  # tea, parking, a bus ticket: UPI is used for ₹5 too
+                amount = rng.randint(100, 5_000)
+            elif rng.random() < 0.02:
                 amount = min(amount * rng.randint(5, 30), 1_00_000_00)  # rent, a phone
-            self.add(Txn(p.vpa, payee, amount, at, device, _near(rng, city), False, p.rooted))
+            if (friend and rng.random() < 0.5) or rng.random() < 0.05:
+                # Friends send round sums; fuel, fees and top-ups are often round too.
+                step = rng.choice([100_00, 500_00, 1_000_00])
+                amount = max(step, round(amount / step) * step)
+            self.add(txn(payee, amount))
             if rng.random() < 0.05:  # split the bill, pay the rest, a retry
                 for _ in range(rng.randint(1, 2)):
                     at += timedelta(seconds=rng.uniform(10, 50))
@@ -258,7 +286,7 @@ INCIDENTS = {
 
 
 def simulate(
-    seed: int, payers: int = 3_000, days: float = 4.0, scale: float = 1.0
+    seed: int, payers: int = 5_000, days: float = 4.0, scale: float = 1.0
 ) -> list[LabelledTxn]:
     """Traffic of ``payers`` ordinary payers over ``days`` plus fraud incidents
     (:data:`INCIDENTS` times ``scale``), in time order."""

@@ -53,14 +53,19 @@ def test_auditor_reads_verification_export_rotation_and_shredding(embedded_env, 
                 embedded_env,
                 f"SELECT count(*) FROM ledger_entries WHERE transaction_id = '{txns[0]}'",
             )
-            if cp.status_code == 200 and events[0][0] >= 3:
+            if cp.status_code == 200 and events[0][0] >= 4:
                 audit = client.get(f"/v1/audit/transactions/{txns[0]}", headers=a_headers).json()
                 if all(e["inclusion_proof"] for e in audit["events"]):
                     break
             assert time.monotonic() < deadline, "ledger never covered the payment"
             time.sleep(0.5)
         kinds = [e["event"]["event_type"] for e in audit["events"]]
-        assert kinds == ["PaymentInitiated", "PaymentSubmitted", "PaymentSucceeded"]
+        assert kinds == [
+            "PaymentInitiated",
+            "FraudAssessed",
+            "PaymentSubmitted",
+            "PaymentSucceeded",
+        ]
         assert audit["events"][0]["event"]["payload"]["payer_vpa"] == "priya.sharma@ybl"
         root = bytes.fromhex(audit["checkpoint"]["merkle_root"])
         for item in audit["events"]:

@@ -19,8 +19,8 @@ from sqlalchemy import text
 
 from core.clock import FakeClock
 from core.errors import SwitchError, SwitchTimeout
-from core.events import Envelope
-from core.pii import Vpa
+from core.events import Envelope, FraudAssessed, FraudDecision
+from core.pii import Vpa, partition_key_for
 from core.storage import Database
 from payments import service
 from payments.domain import PaymentStatus
@@ -111,17 +111,18 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
             UNLIMITED,  # sandbox payers are shared by all examples
         )
         txn = result.body["transaction_id"]
-        async with db.connection() as conn:
-            raw = (
-                await conn.execute(
-                    text(
-                        "SELECT envelope FROM outbox WHERE event_type = 'PaymentInitiated'"
-                        " AND convert_from(envelope, 'UTF8') LIKE :t"
-                    ),
-                    {"t": f"%{txn}%"},
-                )
-            ).scalar_one()
-        envelope = Envelope.from_bytes(bytes(raw))
+        # The fraud assessor's ALLOW is what releases a payment to the handler.
+        envelope = Envelope.wrap(
+            FraudAssessed(
+                transaction_id=txn,
+                decision=FraudDecision.ALLOW,
+                score=0.0,
+                scores={},
+                model_version="test",
+                assessed_at=clock.now(),
+            ),
+            partition_key=partition_key_for(payer),
+        )
 
         def handler() -> NpciHandler:  # a fresh one each time: a restarted process
             return NpciHandler(db, network, clock, TIMINGS, BankBreakers(BreakerPolicy(), clock))

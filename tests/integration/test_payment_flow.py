@@ -11,14 +11,16 @@ from sqlalchemy import text
 from api.bootstrap import Engine
 from core.config import Settings
 from core.errors import IdempotencyConflict
-from core.events import CATALOGUE, Envelope, PaymentInitiated
+from core.events import CATALOGUE, Envelope, FraudAssessed, FraudDecision, PaymentInitiated
 from core.pii import Vpa
+from fraud.assessor import FraudAssessor
 from payments import service
 from payments.domain import PaymentStatus
 from payments.merchants import Merchant, insert_merchant
 from payments.npci.mock import MockSwitch, opening_balance
 from payments.npci.switch import PayRequest, SwitchResult
 from payments.npci_handler import NpciHandler
+from payments.verification import VerificationPolicy, verify
 
 pytestmark = pytest.mark.postgres
 
@@ -86,6 +88,7 @@ async def test_success_payer_ends_success_with_code_00_and_rrn(engine):
     assert p.payee_vpa == "shop@okicici" and p.payer_bank == "HDFC" and p.payee_bank == "ICICI"
     assert await event_types(engine, p.transaction_id) == [
         "PaymentInitiated",
+        "FraudAssessed",
         "PaymentSubmitted",
         "PaymentSucceeded",
     ]
@@ -99,6 +102,7 @@ async def test_insufficient_payer_fails_z9_and_nothing_moves(engine):
     assert p.status is PaymentStatus.FAILED and p.response_code == "Z9"
     assert await event_types(engine, p.transaction_id) == [
         "PaymentInitiated",
+        "FraudAssessed",
         "PaymentSubmitted",
         "PaymentFailed",
     ]
@@ -120,12 +124,29 @@ async def test_ordinary_payer_is_debited_exactly_once_and_payee_credited(engine)
     assert await switch.balance("shop@okicici") == opening_balance("shop@okicici") + 25_000
 
 
+async def reaches(engine: Engine, txn: str, status: PaymentStatus, timeout: float = 10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (p := await service.get_payment(engine.db, "mer_1", txn)).status is not status:
+        assert asyncio.get_running_loop().time() < deadline, f"{txn} still {p.status}"
+        await asyncio.sleep(0.02)
+    return p
+
+
 async def test_more_than_the_balance_is_declined_z9(engine):
-    # A payer whose balance is below the per-transaction and daily limits.
-    payer = next(v for i in range(1000) if opening_balance(v := f"arjun{i}@paytm") < 9_000_000)
+    # A payer whose balance is below the per-transaction and daily limits; the fraud
+    # sandbox payer ``fraud-stepup`` makes the path deterministic: step-up, verify, switch.
+    payer = next(
+        v for h in ("ybl", "ibl", "kotak") if opening_balance(v := f"fraud-stepup@{h}") < 9_000_000
+    )
     amount = opening_balance(payer) + 1
     result = await service.initiate_payment(engine.db, command(payer, amount, "k1"), engine.clock)
-    p = await final(engine, result.body["transaction_id"])
+    txn = result.body["transaction_id"]
+    waiting = await reaches(engine, txn, PaymentStatus.PENDING_VERIFICATION)
+    assert waiting.fraud is not None and waiting.fraud["decision"] == "STEP_UP"
+    assert "SANDBOX_PAYER" in waiting.fraud["reasons"]
+    policy = VerificationPolicy()
+    await verify(engine.db, "mer_1", txn, policy.otp, engine.clock, policy)
+    p = await final(engine, txn)
     assert (p.status, p.response_code) == (PaymentStatus.FAILED, "Z9")
 
 
@@ -191,8 +212,20 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
         raw = (
             await conn.execute(text("SELECT envelope FROM outbox ORDER BY id LIMIT 1"))
         ).scalar_one()
+    initiated = Envelope.from_bytes(bytes(raw))
+    assert isinstance(CATALOGUE.decode(initiated), PaymentInitiated)
+    assessor = FraudAssessor.from_settings(eng.settings, db, eng.master_key, eng.clock)
+    await assessor.handle(initiated)  # the fraud decision releases the payment
+    assessor.close()
+    async with db.connection() as conn:
+        raw = (
+            await conn.execute(
+                text("SELECT envelope FROM outbox WHERE event_type = 'FraudAssessed'")
+            )
+        ).scalar_one()
     envelope = Envelope.from_bytes(bytes(raw))
-    assert isinstance(CATALOGUE.decode(envelope), PaymentInitiated)
+    assessed = CATALOGUE.decode(envelope)
+    assert isinstance(assessed, FraudAssessed) and assessed.decision is FraudDecision.ALLOW
 
     real = MockSwitch(db, latency_scale=0, decline_scale=0)
     flaky = LosesAnswer(real, before=lost_before_switch_saw_it)
