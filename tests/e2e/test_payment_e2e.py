@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 MODES = {
     "embedded": (("all",),),
-    "distributed": (("gateway",), ("relay",), ("switch",)),
+    "distributed": (("gateway",), ("relay",), ("fraud",), ("switch",)),
 }
 
 

@@ -83,6 +83,7 @@ def test_sandbox_payers_distributed_with_the_mock_switch_as_its_own_process(dist
             {**env, "UPI_NPCI_URL": mock.url},
             ("gateway",),
             ("relay",),
+            ("fraud",),
             ("switch",),
             mock_url=mock.url,
         )
