@@ -1,0 +1,204 @@
+"""Fraud through the API, against a real ``upi-engine serve``: ordinary traffic passes,
+the fraud shapes are stepped up or blocked, and step-up verification works and expires."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from fraud.cities import CITIES
+from tests.e2e.harness import Serve, base_env, create_merchant, stop_embedded_postgres, wait_final
+from tests.support import short_tmpdir
+
+pytestmark = pytest.mark.e2e
+
+HANDLES = ("okhdfc", "okicici", "oksbi", "okaxis", "ybl", "paytm")
+
+
+@dataclass
+class Api:
+    client: httpx.Client
+    headers: dict[str, str]
+
+    def pay(self, body: dict[str, Any], key: str) -> str:
+        r = self.client.post(
+            "/v1/payments", json=body, headers={**self.headers, "Idempotency-Key": key}
+        )
+        assert r.status_code == 202, r.text
+        return str(r.json()["transaction_id"])
+
+    def get(self, txn: str) -> dict[str, Any]:
+        r = self.client.get(f"/v1/payments/{txn}", headers=self.headers)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def decided(self, txn: str, timeout: float = 30) -> dict[str, Any]:
+        """The payment once the fraud decision is on it."""
+        deadline = time.monotonic() + timeout
+        while (body := self.get(txn))["fraud"] is None:
+            assert time.monotonic() < deadline, f"{txn} never assessed"
+            time.sleep(0.05)
+        return body
+
+    def verify(self, txn: str, otp: str) -> httpx.Response:
+        return self.client.post(
+            f"/v1/payments/{txn}/verification", json={"otp": otp}, headers=self.headers
+        )
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[Api]:
+    data_dir = short_tmpdir("uf")
+    env = base_env(
+        UPI_DATA_DIR=str(data_dir),
+        UPI_FRAUD_VERIFICATION_TTL_S="4",
+        UPI_PAYER_DAILY_MAX_COUNT="100",
+    )
+    server = Serve(env).start()
+    try:
+        merchant = create_merchant(env)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            yield Api(client, {"Authorization": f"Bearer {merchant['api_key']}"})
+    finally:
+        server.stop()
+        stop_embedded_postgres(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def near(rng: random.Random, city: str) -> tuple[float, float]:
+    lat, lon = CITIES[city]
+    return round(lat + rng.uniform(-0.05, 0.05), 5), round(lon + rng.uniform(-0.05, 0.05), 5)
+
+
+def body(payer: str, amount: int, device: str, where: tuple[float, float], order: str) -> dict:
+    return {
+        "payer_vpa": payer,
+        "amount_paise": amount,
+        "merchant_order_id": order,
+        "device": {"id": device, "latitude": where[0], "longitude": where[1], "os": "android"},
+    }
+
+
+def test_ordinary_traffic_is_allowed_at_least_97_percent(api: Api):
+    """New payers on their own steady phones, everyday amounts, across Indian cities."""
+    rng = random.Random(2026)
+    txns = []
+    for i in range(200):
+        payer = f"{rng.choice(['ravi', 'anita', 'kiran', 'sana', 'dev'])}.{i}@{rng.choice(HANDLES)}"
+        amount = rng.choice([rng.randint(1_000, 20_000), rng.randint(20_000, 250_000)])
+        where = near(rng, rng.choice(list(CITIES)))
+        txns.append(api.pay(body(payer, amount, f"phone-{i}", where, f"o{i}"), f"ord-{i}"))
+    decided = {t: api.decided(t) for t in txns}
+    decisions = Counter(d["fraud"]["decision"] for d in decided.values())
+    assert decisions["ALLOW"] / len(txns) >= 0.97, decisions
+    # An allowed payment went on to the switch, which answered it.
+    first_allowed = next(t for t, d in decided.items() if d["fraud"]["decision"] == "ALLOW")
+    done = wait_final(api.client, first_allowed, api.headers)
+    assert done["status"] in {"SUCCESS", "FAILED"} and done["rrn"] is not None
+
+
+def test_impossible_travel_is_stepped_up_or_blocked(api: Api):
+    rng = random.Random(1)
+    api.decided(api.pay(body("traveller@okaxis", 45_000, "p-t", near(rng, "Mumbai"), "t1"), "t1"))
+    jump = api.decided(
+        api.pay(body("traveller@okaxis", 52_000, "p-t", near(rng, "Kolkata"), "t2"), "t2")
+    )
+    assert jump["fraud"]["decision"] in {"STEP_UP", "BLOCK"}, jump["fraud"]
+    assert "IMPOSSIBLE_TRAVEL" in jump["fraud"]["reasons"]
+
+
+def test_a_velocity_burst_is_stepped_up_or_blocked(api: Api):
+    rng = random.Random(2)
+    where = near(rng, "Pune")
+    txns = [
+        api.pay(body("burst@ybl", 30_000 + 7 * i, "p-b", where, f"b{i}"), f"b{i}") for i in range(8)
+    ]
+    decided = [api.decided(t)["fraud"] for t in txns]
+    assert decided[0]["decision"] == "ALLOW"
+    late = decided[5:]
+    assert all(d["decision"] in {"STEP_UP", "BLOCK"} for d in late), late
+    assert all("VELOCITY_PAYER_1M" in d["reasons"] for d in late)
+
+
+def test_a_takeover_shape_is_stepped_up_or_blocked(api: Api):
+    """A payer known on one phone; then a new phone pays out many times the usual amount."""
+    rng = random.Random(3)
+    where = near(rng, "Chennai")
+    for i in range(3):
+        key = f"h{i}"
+        api.decided(api.pay(body("owner@oksbi", 25_000 + i * 1_111, "own-phone", where, key), key))
+    grab = api.decided(api.pay(body("owner@oksbi", 4_750_000, "new-phone", where, "grab"), "grab"))
+    assert grab["fraud"]["decision"] in {"STEP_UP", "BLOCK"}, grab["fraud"]
+    assert "DEVICE_CHANGE_BEFORE_HIGH_VALUE" in grab["fraud"]["reasons"]
+
+
+def test_step_up_then_verification_sends_the_payment_to_the_switch(api: Api):
+    txn = api.pay(
+        {"payer_vpa": "fraud-stepup@okhdfc", "amount_paise": 9_900, "merchant_order_id": "v"}, "v1"
+    )
+    waiting = api.decided(txn)
+    assert waiting["status"] == "PENDING_VERIFICATION" and waiting["fraud"]["decision"] == "STEP_UP"
+    assert set(waiting["fraud"]) == {"decision", "score", "reasons"}
+
+    wrong = api.verify(txn, "000000")
+    assert wrong.status_code == 422 and wrong.json()["code"] == "verification_failed"
+    assert "2 tries left" in wrong.json()["detail"]
+    bad_body = api.client.post(
+        f"/v1/payments/{txn}/verification", json={"otp": "12"}, headers=api.headers
+    )
+    assert bad_body.status_code == 422 and bad_body.json()["code"] == "validation_error"
+    ok = api.verify(txn, "123456")
+    assert ok.status_code == 202, ok.text
+    assert api.verify(txn, "123456").status_code == 202  # asked again: same answer
+    done = wait_final(api.client, txn, api.headers)
+    assert (done["status"], done["response_code"]) == ("SUCCESS", "00")
+
+
+def test_an_unverified_step_up_expires_and_fails(api: Api):
+    txn = api.pay(
+        {"payer_vpa": "fraud-stepup@ybl", "amount_paise": 4_200, "merchant_order_id": "x"}, "x1"
+    )
+    assert api.decided(txn)["status"] == "PENDING_VERIFICATION"
+    done = wait_final(api.client, txn, api.headers, timeout=20)
+    assert (done["status"], done["response_code"]) == ("FAILED", "U69")
+    late = api.verify(txn, "123456")
+    assert late.status_code == 409 and late.json()["code"] == "verification_closed"
+
+
+def test_three_wrong_otps_fail_the_payment(api: Api):
+    txn = api.pay(
+        {"payer_vpa": "fraud-stepup@oksbi", "amount_paise": 4_300, "merchant_order_id": "w"}, "w1"
+    )
+    api.decided(txn)
+    codes = [api.verify(txn, "111111").json()["code"] for _ in range(3)]
+    assert codes == ["verification_failed"] * 3
+    assert (api.get(txn)["status"], api.get(txn)["response_code"]) == ("FAILED", "Z6")
+
+
+def test_block_ends_blocked_and_nothing_needs_verifying(api: Api):
+    txn = api.pay(
+        {"payer_vpa": "fraud-block@okaxis", "amount_paise": 5_000, "merchant_order_id": "k"}, "k1"
+    )
+    done = wait_final(api.client, txn, api.headers)
+    assert (done["status"], done["response_code"]) == ("BLOCKED", "U16")
+    assert done["fraud"]["decision"] == "BLOCK"
+    allowed = api.pay(
+        {"payer_vpa": "success@okaxis", "amount_paise": 5_000, "merchant_order_id": "k"}, "k2"
+    )
+    wait_final(api.client, allowed, api.headers)
+    none = api.verify(allowed, "123456")
+    assert none.status_code == 409 and none.json()["code"] == "verification_not_required"
+    other = api.client.post(
+        "/v1/payments/UPI0000000000000000000000000000/verification",
+        json={"otp": "123456"},
+        headers=api.headers,
+    )
+    assert other.status_code == 404
