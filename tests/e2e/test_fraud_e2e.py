@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -202,3 +203,84 @@ def test_block_ends_blocked_and_nothing_needs_verifying(api: Api):
         headers=api.headers,
     )
     assert other.status_code == 404
+
+
+def test_two_fraud_workers_over_kafka_share_the_velocity_state(distributed_env):
+    """Distributed mode: two fraud processes in one consumer group. Whichever takes a
+    payment, it scores it against every earlier one (the history is in PostgreSQL and a
+    payer's events stay on one partition, in order)."""
+    from tests.e2e.harness import serving
+
+    env = {**distributed_env, "UPI_FRAUD_VERIFICATION_TTL_S": "2"}
+    with serving(env, ("gateway",), ("relay",), ("fraud",), ("fraud",), ("switch",)) as servers:
+        merchant = create_merchant(env)
+        with httpx.Client(base_url=servers[0].url, timeout=10) as client:
+            api = Api(client, {"Authorization": f"Bearer {merchant['api_key']}"})
+            rng = random.Random(4)
+            where = near(rng, "Jaipur")
+            txns: dict[str, list[str]] = {}
+            for i in range(7):  # several payers interleaved: spread over partitions
+                for p in ("alpha@ybl", "beta@okicici", "gamma@oksbi"):
+                    key = f"{p.split('@')[0]}-{i}"
+                    txns.setdefault(p, []).append(
+                        api.pay(body(p, 20_000 + i, f"ph-{p}", where, key), key)
+                    )
+            for payer, sent in txns.items():
+                decided = [api.decided(t)["fraud"] for t in sent]
+                assert decided[0]["decision"] == "ALLOW", payer
+                assert all("VELOCITY_PAYER_1M" in d["reasons"] for d in decided[5:]), payer
+            for sent in txns.values():
+                for t in sent:
+                    wait_final(client, t, api.headers, timeout=30)
+    from tests.e2e.harness import query
+
+    assessed = query(
+        env,
+        "SELECT count(*), count(DISTINCT transaction_id) FROM fraud_observations",
+    )
+    assert assessed[0] == (21, 21)
+
+
+def test_fraud_train_reproduces_the_shipped_model_and_evaluate_prints_metrics(tmp_path):
+    import json
+
+    from tests.e2e.harness import cli
+
+    env = base_env(UPI_DATA_DIR=str(tmp_path))
+    shipped = json.loads((Path(__file__).parents[2] / "fraud/artifacts/model.json").read_text())
+    trained = cli(
+        env,
+        "fraud",
+        "train",
+        "--seed",
+        str(shipped["seed"]),
+        "--out",
+        str(tmp_path / "m"),
+        "--json",
+        timeout=300,
+    )
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert result["version"] == shipped["version"]  # same seed, same model
+
+    evaluated = cli(
+        {**env, "UPI_FRAUD_MODEL_DIR": str(tmp_path / "m")},
+        "fraud",
+        "evaluate",
+        "--json",
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["model_version"] == shipped["version"]
+    assert metrics["roc_auc"] >= 0.95 and 0 < metrics["pr_auc"] <= 1
+    for name in ("step_up", "block"):
+        at = metrics["model_at_thresholds"][name]
+        assert set(at) == {"threshold", "precision", "recall", "flagged_share"}
+        assert 0 < at["precision"] <= 1 and 0 < at["recall"] <= 1
+    assert metrics["combined"]["step_up"]["threshold"] == 0.4
+
+    other = cli(
+        env, "fraud", "train", "--seed", "5", "--out", str(tmp_path / "o"), "--json", timeout=300
+    )
+    assert json.loads(other.stdout)["version"] != shipped["version"]
