@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_SEED",
     "HELD_OUT_OFFSET",
     "TRUSTED_TYPES",
+    "CompiledTrees",
     "LoadedModel",
     "evaluate",
     "fingerprint",
@@ -47,6 +49,52 @@ PROBE_SEED = 7
 # Types beyond skops' own safe defaults (numpy arrays, sklearn estimators) that the file
 # may hold. Anything else in a model file is refused before it is loaded.
 TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
+
+
+class CompiledTrees:
+    """The trained ensemble as plain Python lists, to score one payment in about a tenth of a
+    millisecond: scikit-learn's ``predict_proba`` spends a millisecond on validation and
+    thread start-up for a single row (and more when the CPU is busy). Same numbers: the
+    test suite checks it against ``predict_proba`` on simulated traffic.
+
+    Built from the fitted estimator's trees (``_predictors``, ``_baseline_prediction``): a
+    binary ``HistGradientBoostingClassifier`` without categorical features."""
+
+    def __init__(self, estimator: Any) -> None:
+        self.baseline = float(estimator._baseline_prediction.ravel()[0])
+        self.trees: list[
+            tuple[list[int], list[float], list[int], list[int], list[bool], list[float], list[bool]]
+        ] = []
+        for (predictor,) in estimator._predictors:
+            nodes = predictor.nodes
+            if nodes["is_categorical"].any():
+                raise ValueError("categorical splits are not supported")
+            self.trees.append(
+                (
+                    [int(v) for v in nodes["feature_idx"]],
+                    [float(v) for v in nodes["num_threshold"]],
+                    [int(v) for v in nodes["left"]],
+                    [int(v) for v in nodes["right"]],
+                    [bool(v) for v in nodes["is_leaf"]],
+                    [float(v) for v in nodes["value"]],
+                    [bool(v) for v in nodes["missing_go_to_left"]],
+                )
+            )
+
+    def predict_one(self, x: list[float]) -> float:
+        raw = self.baseline
+        for feature, threshold, left, right, leaf, value, missing_left in self.trees:
+            node = 0
+            while not leaf[node]:
+                v = x[feature[node]]
+                if v != v:  # NaN
+                    node = left[node] if missing_left[node] else right[node]
+                elif v <= threshold[node]:
+                    node = left[node]
+                else:
+                    node = right[node]
+            raw += value[node]
+        return 1.0 / (1.0 + math.exp(-raw))
 
 
 @dataclass(frozen=True)

@@ -237,11 +237,13 @@ class ModelScorer:
     name = "model"
 
     def __init__(self, estimator: Any, version: str, threshold: float = 0.5) -> None:
-        self._estimator = estimator
+        from fraud.model import CompiledTrees
+
+        self._trees = CompiledTrees(estimator)
         self.version = version
         self.threshold = threshold
 
     def score(self, txn: Txn, history: History) -> Signal:
-        proba = float(self._estimator.predict_proba([feature_vector(txn, history)])[0][1])
+        proba = self._trees.predict_one(feature_vector(txn, history))
         reasons = ("MODEL_HIGH_RISK",) if proba >= self.threshold else ()
         return Signal(round(proba, 6), reasons)

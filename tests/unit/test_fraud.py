@@ -324,3 +324,17 @@ def test_a_model_file_with_untrusted_types_is_refused(tmp_path: Path):
 
 def test_sandbox_payer_lists_agree_between_switch_and_fraud():
     assert set(SANDBOX_CODES) == SWITCH_SANDBOX_PAYERS
+
+
+def test_compiled_trees_give_exactly_the_models_probabilities():
+    from fraud.model import CompiledTrees, _dataset
+
+    model = load_model().estimator
+    xs, _, _ = _dataset(5, payers=200, days=1.0, scale=0.3)
+    reference = model.predict_proba(xs)[:, 1]
+    compiled = CompiledTrees(model)
+    assert len(xs) > 500
+    assert (
+        max(abs(compiled.predict_one(x) - float(r)) for x, r in zip(xs, reference, strict=True))
+        < 1e-12
+    )
