@@ -64,3 +64,36 @@ def test_curl_examples_run_as_written(embedded_env):
         )
         created = json.loads(done.stdout)
         assert created["status"] == "INITIATED" and created["amount_paise"] == 12345
+
+        # The step-up example: a payment the fraud engine wants verified, then the curl.
+        import time
+
+        import httpx
+
+        headers = {"Authorization": f"Bearer {merchant['api_key']}"}
+        stepped = httpx.post(
+            f"{server.url}/v1/payments",
+            json={
+                "payer_vpa": "fraud-stepup@okhdfc",
+                "amount_paise": 500,
+                "merchant_order_id": "s",
+            },
+            headers={**headers, "Idempotency-Key": "guide-stepup"},
+        ).json()["transaction_id"]
+        deadline = time.monotonic() + 30
+        while (
+            httpx.get(f"{server.url}/v1/payments/{stepped}", headers=headers).json()["status"]
+            != "PENDING_VERIFICATION"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        verification = next(c for c in curls if "/verification" in c)
+        done = subprocess.run(
+            ["bash", "-c", verification.replace("http://127.0.0.1:8000", server.url)],
+            env={**embedded_env, "API_KEY": merchant["api_key"], "TXN": stepped},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert json.loads(done.stdout)["transaction_id"] == stepped
