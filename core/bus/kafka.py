@@ -74,6 +74,9 @@ class KafkaBus:
 
     # ------------------------------------------------------------------ names
 
+    def group_name(self, consumer: str) -> str:
+        return f"{self._prefix}.{consumer}"
+
     def topic_name(self, short: str) -> str:
         return f"{self._prefix}.{short}"
 
@@ -118,7 +121,9 @@ class KafkaBus:
                 *(self.topic_name(t) for t in sub.topics),
                 bootstrap_servers=bootstrap,
                 client_id=f"{self._client_id}-{sub.consumer}",
-                group_id=sub.consumer,
+                # Namespaced like the topics: deployments (and test runs) sharing a broker
+                # never share a consumer group.
+                group_id=self.group_name(sub.consumer),
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_poll_records=500,
