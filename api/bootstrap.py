@@ -32,6 +32,7 @@ from core.errors import ConfigError
 from core.metrics import OUTBOX_BACKLOG
 from core.outbox import OutboxRelay
 from core.storage import Database, Migration, migrate
+from dr import migrations as dr_migrations
 from fraud import migrations as fraud_migrations
 from fraud.assessor import FraudAssessor
 from payments import migrations as payments_migrations
@@ -78,6 +79,7 @@ def all_migrations() -> list[Migration]:
         *fraud_migrations.MIGRATIONS,
         *compliance_migrations.MIGRATIONS,
         *settlement_migrations.MIGRATIONS,
+        *dr_migrations.MIGRATIONS,
         *api_migrations.MIGRATIONS,
     ]
 

@@ -33,6 +33,7 @@ from compliance import ledger
 from compliance.audit import record_audit_access
 from core.events import DeviceInfo
 from core.metrics import HTTP_REQUESTS
+from dr.status import dr_status
 from payments import refunds, service
 from payments.limits import PayerDailyLimits
 from payments.verification import verify
@@ -406,6 +407,14 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         if summary is None:
             raise Problem("not_found", f"{business_date} is not closed")
         return summary
+
+    @operations.get("/dr/status", responses=_problem_doc(*auth_errors))
+    async def get_dr_status(_: Annotated[Principal, Depends(operator)]) -> dict[str, Any]:
+        """This database's DR view: primary or standby, the standbys streaming from it
+        (synchronous or not, replay lag), the last failover; and the orchestrator's routing
+        table when ``UPI_DR_STATE_FILE`` names it."""
+        async with engine.db.connection() as conn:
+            return await dr_status(conn, engine.settings.dr_state_file)
 
     if EngineRole.GATEWAY in engine.roles:
         app.include_router(payments)

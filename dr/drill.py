@@ -1,0 +1,336 @@
+"""DR drills (SPEC §8): build the regions on this machine, drive payments through the
+proxy the whole time, break a region with SIGKILL, let the orchestrator act, and measure.
+
+Scenarios:
+
+``primary-loss``
+    the primary region's PostgreSQL is SIGKILLed; the orchestrator fails over.
+``standby-loss``
+    a standby's PostgreSQL is SIGKILLed; the primary stops counting on it, it is rebuilt
+    from the primary and streams again.
+``failback``
+    a primary loss, then the old region is rebuilt as a standby of the new primary and
+    traffic is switched back to it (a planned switchover: nothing is lost).
+
+Measures (the JSON of SPEC §8):
+
+* ``accepted_payments``: payments the drill's merchant got a 202 for;
+* ``final_payments``: of those, how many reached a final status on the final primary;
+* ``lost_payments``: acknowledged, then absent from the final primary;
+* ``duplicate_debits``: payments whose payer the switch debited more than once (every
+  drill payment has its own payer, so any second debit of that payer is a duplicate), plus
+  idempotency keys that made more than one payment;
+* ``rto_seconds``: from the SIGKILL to the first payment acknowledged that was sent after
+  it: how long merchants could not take payments;
+* ``rpo_seconds``: the span of acknowledged payments lost (0 when none is): with quorum
+  commit a 202 means a standby has the payment;
+* ``ledger_valid``: ``upi-engine ledger verify --full`` on the final primary;
+* ``phases``: each orchestrator phase with its duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+
+from dr.cluster import Cluster, PgBinaries
+from dr.orchestrator import EngineProcess, Orchestrator, Region, ledger_verify
+from dr.proxy import RoutingProxy
+
+__all__ = ["SCENARIOS", "DrillConfig", "run_drill"]
+
+SCENARIOS = ("primary-loss", "standby-loss", "failback")
+FINAL = {"SUCCESS", "FAILED", "BLOCKED", "REVERSED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class DrillConfig:
+    scenario: str = "primary-loss"
+    rate: float = 20.0  # payments per second, the whole drill
+    duration_s: float = 30.0
+    kill_after_s: float = 8.0
+    regions: tuple[str, ...] = ("mumbai", "hyderabad", "chennai")
+    base_dir: Path | None = None
+    keep: bool = False
+    pg_bin: str | None = None
+    settle_timeout_s: float = 60.0
+
+
+@dataclass
+class Load:
+    """Payments through the proxy at a steady rate; each retried with its own key until it
+    is acknowledged (a merchant's correct behaviour)."""
+
+    url: str
+    api_key: str
+    rate: float
+    acked: dict[str, tuple[str, float, float]] = field(
+        default_factory=dict
+    )  # key -> txn, sent, acked
+    unacked: set[str] = field(default_factory=set)
+    errors: int = 0
+    stopping: bool = False
+
+    async def one(self, client: httpx.AsyncClient, n: int) -> None:
+        key = f"drill-{n}"
+        body = {
+            "payer_vpa": f"drill.payer{n}@okhdfc",
+            "amount_paise": 100 + (n * 7919) % 4_900,
+            "merchant_order_id": f"drill-{n}",
+        }
+        headers = {"Authorization": f"Bearer {self.api_key}", "Idempotency-Key": key}
+        sent = time.monotonic()
+        self.unacked.add(key)
+        while True:
+            try:
+                r = await client.post("/v1/payments", json=body, headers=headers, timeout=5)
+                if r.status_code == 202:
+                    self.acked[key] = (r.json()["transaction_id"], sent, time.monotonic())
+                    self.unacked.discard(key)
+                    return
+                if r.status_code < 500 and r.status_code != 429:
+                    raise RuntimeError(f"payment {key} refused: {r.status_code} {r.text}")
+            except httpx.HTTPError:
+                pass
+            self.errors += 1
+            if self.stopping and time.monotonic() - sent > 60:
+                return
+            await asyncio.sleep(0.2)
+
+    async def run(self, seconds: float) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            started = time.monotonic()
+            n = 0
+            while time.monotonic() - started < seconds:
+                tasks.append(asyncio.create_task(self.one(client, n)))
+                n += 1
+                next_at = started + n / self.rate
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            self.stopping = True
+            await asyncio.gather(*tasks)
+
+
+class Drill:
+    def __init__(self, cfg: DrillConfig, report: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.say = report
+        self.base = cfg.base_dir or Path(tempfile.mkdtemp(prefix="udr", dir="/tmp"))
+        self.bins = PgBinaries.locate(cfg.pg_bin or os.environ.get("UPI_DR_PG_BIN"))
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("UPI_")}
+        self.env.update(
+            {
+                "UPI_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+                "UPI_LOG_LEVEL": "WARNING",
+                "UPI_NPCI_MOCK_LATENCY_SCALE": "0.1",
+                "UPI_PAYER_DAILY_MAX_COUNT": "100000",
+                "UPI_MERCHANT_RATE_PER_S": "1000",
+                "UPI_MERCHANT_RATE_BURST": "1000",
+            }
+        )
+        self.regions: list[Region] = []
+        self.proxy = RoutingProxy()
+
+    def region_env(self, cluster: Cluster) -> dict[str, str]:
+        return {
+            **self.env,
+            "UPI_DATABASE_URL": cluster.url(),
+            "UPI_DATA_DIR": str(cluster.data_dir),
+        }
+
+    async def build(self) -> Orchestrator:
+        names = self.cfg.regions
+        for name in names:
+            cluster = Cluster(name, self.base / name, free_port(), self.bins)
+            engine = EngineProcess(free_port(), {}, self.base / f"{name}-engine.log")
+            engine.env = self.region_env(cluster)
+            self.regions.append(Region(name, cluster, engine))
+        primary, *standbys = self.regions
+        self.say(f"initdb {primary.name}")
+        await asyncio.to_thread(primary.cluster.init_primary)
+        await asyncio.to_thread(primary.cluster.start)
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=primary.cluster.port, user="postgres", database="postgres"
+        )
+        await conn.execute("CREATE DATABASE upi")
+        await conn.close()
+        primary.role = "primary"
+        for region in standbys:
+            self.say(f"pg_basebackup {region.name} from {primary.name}")
+            await asyncio.to_thread(region.cluster.base_backup_from, primary.cluster)
+            await asyncio.to_thread(region.cluster.start)
+        await self.proxy.start()
+        orchestrator = Orchestrator(
+            self.regions, self.proxy, self.base / "dr-state.json", on_phase=self.say
+        )
+        await orchestrator.wait_streaming(primary, [r.name for r in standbys])
+        await orchestrator.set_sync_standbys(primary, [r.name for r in standbys])
+        self.say(f"engine for {primary.name}")
+        await asyncio.to_thread(primary.engine.start)
+        self.proxy.point_to("127.0.0.1", primary.engine.port)
+        orchestrator.save_state()
+        return orchestrator
+
+    def merchant(self, cluster: Cluster) -> dict[str, Any]:
+        exe = str(Path(sys.executable).parent / "upi-engine")
+        done = subprocess.run(
+            [exe, "merchant", "create", "--name", "DR drill", "--vpa", "drill@okicici", "--json"],
+            env=self.region_env(cluster),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        created: dict[str, Any] = json.loads(done.stdout)
+        return created
+
+    async def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        orchestrator = await self.build()
+        primary = orchestrator.primary
+        merchant = self.merchant(primary.cluster)
+        load = Load(self.proxy.url, merchant["api_key"], cfg.rate)
+        watcher = asyncio.create_task(orchestrator.run())
+        driving = asyncio.create_task(load.run(cfg.duration_s))
+        await asyncio.sleep(cfg.kill_after_s)
+        killed_at = time.monotonic()
+        old_primary = primary.name
+        match cfg.scenario:
+            case "primary-loss" | "failback":
+                self.say(f"SIGKILL {primary.name}'s PostgreSQL")
+                await asyncio.to_thread(primary.cluster.kill)
+            case "standby-loss":
+                target = orchestrator.standbys()[0]
+                self.say(f"SIGKILL {target.name}'s PostgreSQL (a standby)")
+                await asyncio.to_thread(target.cluster.kill)
+            case _:
+                raise ValueError(f"unknown scenario {cfg.scenario}")
+        if cfg.scenario == "failback":
+            await orchestrator.wait_for(lambda: orchestrator.primary.name != old_primary, 60)
+            old = orchestrator.regions[old_primary]
+            self.say(f"rebuild {old.name} as a standby of {orchestrator.primary.name}")
+            async with orchestrator.busy:
+                await orchestrator.rejoin(old)
+                await orchestrator.switchover(old, reason="failback to the rebuilt region")
+        await driving
+        orchestrator.stop()
+        await watcher
+        final = orchestrator.primary
+        self.say("waiting for every acknowledged payment to be final")
+        result = await self.measure(final, load, killed_at)
+        result.update(
+            {
+                "scenario": cfg.scenario,
+                "old_primary": old_primary,
+                "new_primary": final.name,
+                "rate": cfg.rate,
+                "duration_seconds": cfg.duration_s,
+                "phases": [p for f in orchestrator.failovers for p in f.get("phases", [])],
+                "events": orchestrator.failovers,
+            }
+        )
+        result["ok"] = (
+            result["lost_payments"] == 0
+            and result["duplicate_debits"] == 0
+            and result["ledger_valid"]
+            and result["final_payments"] == result["accepted_payments"]
+        )
+        return result
+
+    async def measure(self, final: Region, load: Load, killed_at: float) -> dict[str, Any]:
+        acked = load.acked
+        txns = {txn for txn, _, _ in acked.values()}
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=final.cluster.port, user="postgres", database="upi"
+        )
+        try:
+            deadline = time.monotonic() + self.cfg.settle_timeout_s
+            while True:
+                rows = await conn.fetch(
+                    "SELECT transaction_id, status, payer_vpa FROM payments"
+                    " WHERE transaction_id = ANY($1::text[])",
+                    list(txns),
+                )
+                final_count = sum(1 for r in rows if r["status"] in FINAL)
+                if final_count == len(rows) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            present = {r["transaction_id"] for r in rows}
+            payers = [r["payer_vpa"] for r in rows]
+            debits = await conn.fetch(
+                "SELECT payer_vpa, count(*) AS n FROM npci_transactions"
+                " WHERE debited AND payer_vpa = ANY($1::text[]) GROUP BY payer_vpa"
+                " HAVING count(*) > 1",
+                payers,
+            )
+            keys = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT merchant_order_id FROM payments"
+                " WHERE merchant_order_id LIKE 'drill-%' GROUP BY merchant_order_id"
+                " HAVING count(*) > 1) AS twice"
+            )
+        finally:
+            await conn.close()
+        lost = [(k, v) for k, v in acked.items() if v[0] not in present]
+        after = [a for _, s, a in acked.values() if s >= killed_at]
+        rto = round(min(after) - killed_at, 3) if after else None
+        rpo = round(max(0.0, killed_at - min(a for _, (_, _, a) in lost)), 3) if lost else 0.0
+        ledger = await asyncio.to_thread(ledger_verify, final.cluster, self.env)
+        return {
+            "accepted_payments": len(acked),
+            "final_payments": final_count,
+            "lost_payments": len(lost),
+            "duplicate_debits": len(debits) + int(keys or 0),
+            "unacknowledged_payments": len(load.unacked),
+            "client_retries": load.errors,
+            "rto_seconds": rto,
+            "rpo_seconds": rpo,
+            "ledger_valid": bool(ledger.get("valid")),
+            "ledger_height": ledger.get("height"),
+        }
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.proxy.stop()
+        for region in self.regions:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(region.engine.stop)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(region.cluster.stop)
+        if not self.cfg.keep:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+async def run_drill(
+    cfg: DrillConfig, report: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    if cfg.scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}")
+    random.seed(0)
+    drill = Drill(cfg, report or (lambda _: None))
+    try:
+        return await drill.run()
+    finally:
+        await drill.close()
