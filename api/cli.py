@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -535,7 +536,9 @@ def dr_drill(
     rate: Annotated[float, typer.Option(min=0.1, help="Payments per second throughout")] = 20.0,
     duration: Annotated[float, typer.Option(min=5, help="Seconds of traffic")] = 40.0,
     kill_after: Annotated[float, typer.Option(min=1, help="Seconds before the SIGKILL")] = 10.0,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep the regions' data dirs")] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the regions' data dirs (stopped) for inspection")
+    ] = False,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Build three regions on this machine (PostgreSQL with streaming replication, quorum
@@ -548,6 +551,7 @@ def dr_drill(
         err_console.print(f"--scenario must be one of {', '.join(SCENARIOS)}")
         raise typer.Exit(2)
     settings = _settings()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if kill_after >= duration:
         err_console.print("--kill-after must be shorter than --duration")
         raise typer.Exit(2)

@@ -149,8 +149,11 @@ class Cluster:
         )
 
     def _prepare_dir(self) -> None:
-        if self.data_dir.exists():
-            shutil.rmtree(self.data_dir)
+        for _ in range(50):  # files of a just-killed server may still be vanishing
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            if not self.data_dir.exists():
+                break
+            time.sleep(0.1)
         self.data_dir.mkdir(parents=True)
         self.data_dir.chmod(0o755)
         _traversable(self.data_dir.parent)

@@ -149,6 +149,8 @@ class Drill:
                 "UPI_PAYER_DAILY_MAX_COUNT": "100000",
                 "UPI_MERCHANT_RATE_PER_S": "1000",
                 "UPI_MERCHANT_RATE_BURST": "1000",
+                # Nobody answers a fraud step-up in a drill: let those payments expire soon.
+                "UPI_FRAUD_VERIFICATION_TTL_S": "10",
             }
         )
         self.regions: list[Region] = []
@@ -247,9 +249,12 @@ class Drill:
                 "old_primary": old_primary,
                 "new_primary": final.name,
                 "rate": cfg.rate,
+                "data_dir": str(self.base) if cfg.keep else None,
                 "duration_seconds": cfg.duration_s,
                 "phases": [p for f in orchestrator.failovers for p in f.get("phases", [])],
-                "events": orchestrator.failovers,
+                "events": [
+                    {k: v for k, v in f.items() if k != "phases"} for f in orchestrator.failovers
+                ],
             }
         )
         result["ok"] = (
@@ -279,6 +284,9 @@ class Drill:
                     break
                 await asyncio.sleep(0.5)
             present = {r["transaction_id"] for r in rows}
+            unfinished = [
+                f"{r['transaction_id']} {r['status']}" for r in rows if r["status"] not in FINAL
+            ]
             payers = [r["payer_vpa"] for r in rows]
             debits = await conn.fetch(
                 "SELECT payer_vpa, count(*) AS n FROM npci_transactions"
@@ -304,11 +312,12 @@ class Drill:
             "lost_payments": len(lost),
             "duplicate_debits": len(debits) + int(keys or 0),
             "unacknowledged_payments": len(load.unacked),
+            "unfinished": unfinished[:20],
             "client_retries": load.errors,
             "rto_seconds": rto,
             "rpo_seconds": rpo,
             "ledger_valid": bool(ledger.get("valid")),
-            "ledger_height": ledger.get("height"),
+            "ledger_entries": ledger.get("entries"),
         }
 
     async def close(self) -> None:

@@ -252,24 +252,52 @@ class Orchestrator:
     async def standby_lost(self, region: Region) -> dict[str, Any]:
         """Re-point replication: the primary stops waiting for the lost standby, which is
         rebuilt from the primary and added back once it streams again."""
-        started = time.monotonic()
         _log.warning("standby %s lost", region.name)
         region.role = "lost"
         primary = self.primary
-        await self.set_sync_standbys(primary, [r.name for r in self.standbys()])
-        await asyncio.to_thread(region.cluster.rebuild_from, primary.cluster)
-        await asyncio.to_thread(region.cluster.start)
-        region.role = "standby"
-        region.health = Health()
-        await self.set_sync_standbys(primary, [r.name for r in self.standbys()])
+        phases: list[PhaseTiming] = []
+
+        async def timed(name: str, work: Callable[[], Any], detail: str) -> None:
+            self.on_phase(name)
+            begun = time.monotonic()
+            await work()
+            phases.append(
+                PhaseTiming(name=name, seconds=round(time.monotonic() - begun, 3), detail=detail)
+            )
+
+        remaining = [r.name for r in self.standbys()]
+        await timed(
+            "repoint",
+            lambda: self.set_sync_standbys(primary, remaining),
+            f"{primary.name} commits wait for {remaining or 'no standby'} only",
+        )
+        await timed(
+            "rebuild",
+            lambda: asyncio.to_thread(region.cluster.rebuild_from, primary.cluster),
+            f"pg_basebackup of {region.name} from {primary.name}",
+        )
+        await timed(
+            "rejoin",
+            lambda: self.rejoin_started(region),
+            f"{region.name} streams and confirms commits again",
+        )
         report = {
             "event": "standby_rebuilt",
             "region": region.name,
-            "seconds": round(time.monotonic() - started, 3),
+            "seconds": round(sum(p.seconds for p in phases), 3),
+            "phases": [p.model_dump() for p in phases],
         }
         self.failovers.append(report)
         self.save_state()
         return report
+
+    async def rejoin_started(self, region: Region) -> None:
+        await asyncio.to_thread(region.cluster.start)
+        region.role = "standby"
+        region.health = Health()
+        primary = self.primary
+        names = [r.name for r in self.standbys()]
+        await self.set_sync_standbys(primary, await self.wait_streaming(primary, names))
 
     async def wait_streaming(
         self, primary: Region, names: list[str], wait_s: float = 15
@@ -300,15 +328,8 @@ class Orchestrator:
 
     async def rejoin(self, region: Region) -> None:
         """Rebuild a fenced or lost region as a standby of the current primary."""
-        primary = self.primary
-        await asyncio.to_thread(region.cluster.rebuild_from, primary.cluster)
-        await asyncio.to_thread(region.cluster.start)
-        with contextlib.suppress(FileNotFoundError):
-            (region.cluster.data_dir / "FENCED").unlink()
-        region.role = "standby"
-        region.health = Health()
-        names = [r.name for r in self.standbys()]
-        await self.set_sync_standbys(primary, await self.wait_streaming(primary, names))
+        await asyncio.to_thread(region.cluster.rebuild_from, self.primary.cluster)
+        await self.rejoin_started(region)
         self.save_state()
 
     async def switchover(self, target: Region, reason: str) -> dict[str, Any]:
@@ -421,20 +442,26 @@ class Orchestrator:
         """The outbox drains, the ledger verifies (no fork), the regions agree on counts."""
         db = Database(new.cluster.url(), pool_size=2)
         try:
+            # Drained: everything committed before the failover (the events in flight from
+            # the old primary included) has been published from the new one. Traffic goes
+            # on meanwhile, so "the outbox is empty" is not the test.
+            async with db.connection() as conn:
+                target = (
+                    await conn.exec_driver_sql("SELECT COALESCE(max(id), 0) FROM outbox")
+                ).scalar_one()
             deadline = time.monotonic() + 30
             while True:
                 async with db.connection() as conn:
-                    backlog = (
+                    published = (
                         await conn.exec_driver_sql(
-                            "SELECT count(*) FROM outbox WHERE id > COALESCE("
-                            "(SELECT max(last_id) FROM outbox_position), 0)"
+                            "SELECT COALESCE(max(last_id), 0) FROM outbox_position"
                         )
                     ).scalar_one()
-                if backlog == 0:
+                if published >= target:
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"outbox not drained: {backlog} events left")
-                await asyncio.sleep(0.2)
+                    raise RuntimeError(f"outbox not drained: published {published} < {target}")
+                await asyncio.sleep(0.1)
             counts = await _counts(new.cluster)
         finally:
             await db.close()
@@ -442,14 +469,14 @@ class Orchestrator:
         if not ledger.get("valid"):
             raise RuntimeError(f"ledger invalid after failover: {ledger}")
         for region in self.standbys():
-            deadline = time.monotonic() + 30
-            while (theirs := await _counts(region.cluster)) != counts:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{region.name} disagrees: {theirs} != {counts}")
-                await asyncio.sleep(0.2)
+            await _wait_caught_up(region.cluster, counts["lsn"], wait_s=30)
+            theirs = await _counts(region.cluster)
+            if theirs["payments"] < counts["payments"] or theirs["ledger"] < counts["ledger"]:
+                raise RuntimeError(f"{region.name} is missing rows: {theirs} < {counts}")
         return (
-            f"outbox drained; ledger valid to height {ledger.get('height')};"
-            f" standbys agree on {counts}"
+            f"outbox drained to {target}; ledger valid ({ledger.get('entries')} entries);"
+            " standbys hold"
+            f" the {counts['payments']} payments and {counts['ledger']} ledger entries"
         )
 
     async def _record(
@@ -540,11 +567,21 @@ async def _counts(cluster: Cluster) -> dict[str, int]:
     try:
         row = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM payments) AS payments,"
-            " (SELECT count(*) FROM outbox) AS outbox"
+            " (SELECT count(*) FROM ledger_entries) AS ledger,"
+            " CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() - '0/0'::pg_lsn"
+            " ELSE pg_current_wal_lsn() - '0/0'::pg_lsn END AS lsn"
         )
-        return {"payments": int(row["payments"]), "outbox": int(row["outbox"])}
+        return {k: int(row[k]) for k in ("payments", "ledger", "lsn")}
     finally:
         await conn.close()
+
+
+async def _wait_caught_up(cluster: Cluster, lsn: int, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while (await _counts(cluster))["lsn"] < lsn:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{cluster.name} did not replay up to the new primary")
+        await asyncio.sleep(0.1)
 
 
 def ledger_verify(cluster: Cluster, base_env: dict[str, str]) -> dict[str, Any]:
