@@ -141,9 +141,14 @@ class Drill:
         self.base = cfg.base_dir or Path(tempfile.mkdtemp(prefix="udr", dir="/tmp"))
         self.bins = PgBinaries.locate(cfg.pg_bin or os.environ.get("UPI_DR_PG_BIN"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("UPI_")}
+        # The regions share one master key (one ledger, one set of data keys); it stays in
+        # the drill's directory (mode 0600) so that kept regions can be inspected.
+        key_file = self.base / "master.key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(base64.b64encode(os.urandom(32)).decode())
         self.env.update(
             {
-                "UPI_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+                "UPI_MASTER_KEY_FILE": str(key_file),
                 "UPI_LOG_LEVEL": "WARNING",
                 "UPI_NPCI_MOCK_LATENCY_SCALE": "0.1",
                 "UPI_PAYER_DAILY_MAX_COUNT": "100000",
