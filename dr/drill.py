@@ -222,6 +222,16 @@ class Drill:
         load = Load(self.proxy.url, merchant["api_key"], cfg.rate)
         watcher = asyncio.create_task(orchestrator.run())
         driving = asyncio.create_task(load.run(cfg.duration_s))
+
+        async def ticker() -> None:
+            while not driving.done():
+                self.say(
+                    f"{len(load.acked)} payments acknowledged, {load.errors} retries;"
+                    f" primary {orchestrator.primary.name}"
+                )
+                await asyncio.sleep(1)
+
+        ticking = asyncio.create_task(ticker())
         await asyncio.sleep(cfg.kill_after_s)
         killed_at = time.monotonic()
         old_primary = primary.name
@@ -243,6 +253,7 @@ class Drill:
                 await orchestrator.rejoin(old)
                 await orchestrator.switchover(old, reason="failback to the rebuilt region")
         await driving
+        ticking.cancel()
         orchestrator.stop()
         await watcher
         final = orchestrator.primary

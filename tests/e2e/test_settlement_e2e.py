@@ -67,6 +67,15 @@ def test_settlement_run_cli_and_operator_api(embedded_env, tmp_path):
         m_headers = {"Authorization": f"Bearer {merchant['api_key']}"}
         assert client.get(f"/v1/settlements/{yesterday}", headers=m_headers).status_code == 403
 
+        # The DR view of a single embedded database: a primary with no standby, no failover.
+        dr = client.get("/v1/dr/status", headers=o_headers)
+        assert dr.status_code == 200, dr.text
+        assert dr.json()["database_role"] == "primary" and dr.json()["standbys"] == []
+        assert dr.json()["last_failover"] is None and dr.json()["orchestrator"] is None
+        assert client.get("/v1/dr/status", headers=m_headers).status_code == 403
+        status = cli(embedded_env, "dr", "status", "--json")
+        assert status.returncode == 0 and json.loads(status.stdout)["database_role"] == "primary"
+
     today = cli(embedded_env, "settlement", "run", "--business-date", today_ist.isoformat())
     assert today.returncode == 2 and "not over yet" in today.stderr
     bad = cli(embedded_env, "settlement", "run", "--business-date", "2026-13-45")
