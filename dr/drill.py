@@ -47,11 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
 from dr.cluster import Cluster, PgBinaries
-from dr.orchestrator import EngineProcess, Orchestrator, Region, ledger_verify
+from dr.orchestrator import EngineProcess, Orchestrator, Region, connect, ledger_verify
 from dr.proxy import RoutingProxy
 
 __all__ = ["SCENARIOS", "DrillConfig", "run_drill"]
@@ -179,11 +178,8 @@ class Drill:
         self.say(f"initdb {primary.name}")
         await asyncio.to_thread(primary.cluster.init_primary)
         await asyncio.to_thread(primary.cluster.start)
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=primary.cluster.port, user="postgres", database="postgres"
-        )
-        await conn.execute("CREATE DATABASE upi")
-        await conn.close()
+        async with connect(primary.cluster, "postgres") as conn:
+            await conn.execute("CREATE DATABASE upi")
         primary.role = "primary"
         for region in standbys:
             self.say(f"pg_basebackup {region.name} from {primary.name}")
@@ -284,10 +280,7 @@ class Drill:
     async def measure(self, final: Region, load: Load, killed_at: float) -> dict[str, Any]:
         acked = load.acked
         txns = {txn for txn, _, _ in acked.values()}
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=final.cluster.port, user="postgres", database="upi"
-        )
-        try:
+        async with connect(final.cluster) as conn:
             deadline = time.monotonic() + self.cfg.settle_timeout_s
             while True:
                 rows = await conn.fetch(
@@ -315,8 +308,6 @@ class Drill:
                 " WHERE merchant_order_id LIKE 'drill-%' GROUP BY merchant_order_id"
                 " HAVING count(*) > 1) AS twice"
             )
-        finally:
-            await conn.close()
         lost = [(k, v) for k, v in acked.items() if v[0] not in present]
         after = [a for _, s, a in acked.values() if s >= killed_at]
         rto = round(min(after) - killed_at, 3) if after else None

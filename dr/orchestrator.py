@@ -33,7 +33,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +51,18 @@ from dr.proxy import RoutingProxy
 __all__ = ["EngineProcess", "Health", "Orchestrator", "Region", "probe"]
 
 _log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def connect(cluster: Cluster, database: str = "upi") -> AsyncIterator[Any]:
+    """A plain asyncpg connection to a region's server (the orchestrator's own checks)."""
+    conn = await asyncpg.connect(
+        host="127.0.0.1", port=cluster.port, user="postgres", database=database
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def probe(cluster: Cluster, within_s: float = 1.0) -> str | None:
@@ -208,14 +220,9 @@ class Orchestrator:
         tmp.replace(self.state_file)
 
     async def set_sync_standbys(self, primary: Region, names: list[str]) -> None:
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=primary.cluster.port, user="postgres", database="postgres"
-        )
-        try:
+        async with connect(primary.cluster, "postgres") as conn:
             await conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{quorum(names)}'")
             await conn.execute("SELECT pg_reload_conf()")
-        finally:
-            await conn.close()
 
     # ------------------------------------------------------------------ watching
 
@@ -304,10 +311,7 @@ class Orchestrator:
     ) -> list[str]:
         """The standbys among ``names`` streaming from ``primary`` (waits up to ``wait_s``)."""
         deadline = time.monotonic() + wait_s
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=primary.cluster.port, user="postgres", database="postgres"
-        )
-        try:
+        async with connect(primary.cluster, "postgres") as conn:
             while True:
                 rows = await conn.fetch(
                     "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'"
@@ -316,8 +320,6 @@ class Orchestrator:
                 if len(streaming) == len(names) or time.monotonic() > deadline:
                     return streaming
                 await asyncio.sleep(0.1)
-        finally:
-            await conn.close()
 
     async def wait_for(self, condition: Callable[[], bool], wait_s: float) -> None:
         deadline = time.monotonic() + wait_s
@@ -383,13 +385,8 @@ class Orchestrator:
 
         async def promote() -> str:
             new = self._candidate
-            conn = await asyncpg.connect(
-                host="127.0.0.1", port=new.cluster.port, user="postgres", database="postgres"
-            )
-            try:
+            async with connect(new.cluster, "postgres") as conn:
                 ok = await conn.fetchval("SELECT pg_promote(true, 30)")
-            finally:
-                await conn.close()
             if not ok:
                 raise RuntimeError(f"pg_promote failed on {new.name}")
             new.role = "primary"
@@ -520,33 +517,20 @@ class Orchestrator:
 
 
 async def _reload(cluster: Cluster) -> None:
-    conn = await asyncpg.connect(
-        host="127.0.0.1", port=cluster.port, user="postgres", database="postgres"
-    )
-    try:
+    async with connect(cluster, "postgres") as conn:
         await conn.execute("SELECT pg_reload_conf()")
-    finally:
-        await conn.close()
 
 
 async def _received_lsn(cluster: Cluster) -> int:
-    conn = await asyncpg.connect(
-        host="127.0.0.1", port=cluster.port, user="postgres", database="postgres"
-    )
-    try:
+    async with connect(cluster, "postgres") as conn:
         lsn = await conn.fetchval(
             "SELECT COALESCE(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()) - '0/0'::pg_lsn"
         )
         return int(lsn or 0)
-    finally:
-        await conn.close()
 
 
 async def _wait_replayed(cluster: Cluster, wait_s: float) -> None:
-    conn = await asyncpg.connect(
-        host="127.0.0.1", port=cluster.port, user="postgres", database="postgres"
-    )
-    try:
+    async with connect(cluster, "postgres") as conn:
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             done = await conn.fetchval(
@@ -556,15 +540,10 @@ async def _wait_replayed(cluster: Cluster, wait_s: float) -> None:
             if done:
                 return
             await asyncio.sleep(0.05)
-    finally:
-        await conn.close()
 
 
 async def _counts(cluster: Cluster) -> dict[str, int]:
-    conn = await asyncpg.connect(
-        host="127.0.0.1", port=cluster.port, user="postgres", database="upi"
-    )
-    try:
+    async with connect(cluster, "upi") as conn:
         row = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM payments) AS payments,"
             " (SELECT count(*) FROM ledger_entries) AS ledger,"
@@ -572,8 +551,6 @@ async def _counts(cluster: Cluster) -> dict[str, int]:
             " ELSE pg_current_wal_lsn() - '0/0'::pg_lsn END AS lsn"
         )
         return {k: int(row[k]) for k in ("payments", "ledger", "lsn")}
-    finally:
-        await conn.close()
 
 
 async def _wait_caught_up(cluster: Cluster, lsn: int, wait_s: float) -> None:

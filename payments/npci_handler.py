@@ -53,7 +53,7 @@ from core.events import (
 from core.inbox import already_processed, claim
 from core.metrics import PAYMENTS_FINAL, SWITCH_LATENCY
 from core.outbox import append_to_outbox
-from core.pii import Vpa, mask_vpa, partition_key_for
+from core.pii import Vpa, mask_vpa
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
@@ -61,6 +61,7 @@ from payments.npci.banks import bank_of
 from payments.npci.breaker import BankBreakers, BreakerPolicy
 from payments.npci.codes import BANK_UNAVAILABLE, Outcome, describe, outcome_of
 from payments.npci.switch import PayRequest, SwitchClient, SwitchResult
+from payments.publishing import wrap
 from payments.verification import VerificationPolicy, apply_fraud_decision
 
 __all__ = ["DeemedResolver", "NpciHandler", "NpciTimings", "record_switch_answer"]
@@ -83,15 +84,6 @@ class NpciTimings:
         return float(min(self.max_check_interval_s, self.first_check_s * 2 ** max(0, attempts)))
 
 
-def _wrap(event: Event, clock: Clock, cause: Envelope | None, payer_vpa: str) -> Envelope:
-    return Envelope.wrap(
-        event,
-        partition_key=cause.partition_key if cause else partition_key_for(payer_vpa),
-        occurred_at=clock.now(),
-        causation_id=cause.event_id if cause else None,
-    )
-
-
 async def _finish(
     conn: AsyncConnection,
     before: Payment,
@@ -104,7 +96,7 @@ async def _finish(
     await repository.save_transition(conn, before, after)
     if next_check_at is not None:
         await repository.schedule_check(conn, after.transaction_id, next_check_at)
-    await append_to_outbox(conn, [_wrap(event, clock, cause, before.payer_vpa)])
+    await append_to_outbox(conn, [wrap(event, clock, cause, before.payer_vpa)])
     if after.status.is_final:
         PAYMENTS_FINAL.labels(after.status.value).inc()
 
@@ -275,7 +267,7 @@ class NpciHandler:
                     await append_to_outbox(
                         conn,
                         [
-                            _wrap(
+                            wrap(
                                 PaymentSubmitted(
                                     transaction_id=txn,
                                     merchant_id=payment.merchant_id,

@@ -30,7 +30,6 @@ from core.clock import Clock
 from core.errors import NotFound, VerificationRejected
 from core.events import (
     Envelope,
-    Event,
     FraudAssessed,
     FraudDecision,
     PaymentBlocked,
@@ -39,12 +38,11 @@ from core.events import (
     PaymentVerified,
 )
 from core.metrics import PAYMENTS_FINAL
-from core.outbox import append_to_outbox
-from core.pii import partition_key_for
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
 from payments.npci.codes import describe
+from payments.publishing import emit
 
 __all__ = [
     "BLOCKED_CODE",
@@ -69,24 +67,6 @@ class VerificationPolicy:
     otp: str = "123456"
 
 
-async def _emit(
-    conn: AsyncConnection, payment: Payment, event: Event, clock: Clock, cause: Envelope | None
-) -> None:
-    await append_to_outbox(
-        conn,
-        [
-            Envelope.wrap(
-                event,
-                partition_key=cause.partition_key
-                if cause
-                else partition_key_for(payment.payer_vpa),
-                occurred_at=clock.now(),
-                causation_id=cause.event_id if cause else None,
-            )
-        ],
-    )
-
-
 async def _fail(
     conn: AsyncConnection, payment: Payment, code: str, clock: Clock, cause: Envelope | None = None
 ) -> Payment:
@@ -95,9 +75,8 @@ async def _fail(
         PaymentStatus.FAILED, at=now, response_code=code, reason=describe(code)
     )
     await repository.save_transition(conn, payment, failed)
-    await _emit(
+    await emit(
         conn,
-        payment,
         PaymentFailed(
             transaction_id=payment.transaction_id,
             merchant_id=payment.merchant_id,
@@ -108,6 +87,7 @@ async def _fail(
         ),
         clock,
         cause,
+        payment.payer_vpa,
     )
     PAYMENTS_FINAL.labels(PaymentStatus.FAILED.value).inc()
     return failed
@@ -146,9 +126,8 @@ async def apply_fraud_decision(
                 ),
                 {"t": payment.transaction_id, "e": expires},
             )
-            await _emit(
+            await emit(
                 conn,
-                payment,
                 PaymentVerificationRequired(
                     transaction_id=payment.transaction_id,
                     merchant_id=payment.merchant_id,
@@ -156,6 +135,7 @@ async def apply_fraud_decision(
                 ),
                 clock,
                 envelope,
+                payment.payer_vpa,
             )
             return after
         case FraudDecision.BLOCK:
@@ -164,9 +144,8 @@ async def apply_fraud_decision(
                 PaymentStatus.BLOCKED, at=now, response_code=BLOCKED_CODE, reason=reason[:200]
             )
             await repository.save_transition(conn, payment, after)
-            await _emit(
+            await emit(
                 conn,
-                payment,
                 PaymentBlocked(
                     transaction_id=payment.transaction_id,
                     merchant_id=payment.merchant_id,
@@ -177,6 +156,7 @@ async def apply_fraud_decision(
                 ),
                 clock,
                 envelope,
+                payment.payer_vpa,
             )
             PAYMENTS_FINAL.labels(PaymentStatus.BLOCKED.value).inc()
             return after
@@ -227,14 +207,14 @@ async def verify(
                 text("UPDATE payment_verifications SET verified_at = :n WHERE transaction_id = :t"),
                 {"n": now, "t": transaction_id},
             )
-            await _emit(
+            await emit(
                 conn,
-                payment,
                 PaymentVerified(
                     transaction_id=transaction_id, merchant_id=merchant_id, method="otp"
                 ),
                 clock,
                 None,
+                payment.payer_vpa,
             )
             return payment
         attempts = row.attempts + 1
