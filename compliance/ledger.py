@@ -319,12 +319,21 @@ _CHECKPOINT_COLUMNS = "height, head_hash, merkle_root, signed_at, signing_key_id
 
 
 async def _paged(
-    db: Database, from_height: int, sql: str, chunk: int, convert: Callable[[Any], T]
+    db: Database,
+    from_height: int,
+    sql: str,
+    chunk: int,
+    convert: Callable[[Any], T],
+    lanes: int = 1,
 ) -> AsyncIterator[T | chain.Checkpoint]:
-    """Pages of ``sql`` (params: first height, page size) converted row by row, with each
-    checkpoint h right after entry h-1 (the export order). Uses the raw asyncpg connection:
-    reading the chain is bound by per-row overhead."""
-    async with db.connection() as conn:
+    """Pages of ``sql`` (params: first height, end height exclusive) converted row by row,
+    with each checkpoint h right after entry h-1 (the export order), up to the height found
+    at the start. With ``lanes`` > 1 that many pages are fetched at once on as many
+    connections, so the database works on the next pages (on other cores) while this one
+    is consumed. Uses raw asyncpg connections: reading the chain is bound by per-row
+    overhead."""
+    async with contextlib.AsyncExitStack() as stack:
+        conn = await stack.enter_async_context(db.connection())
         checkpoints = iter(
             [
                 _checkpoint_of(r)
@@ -337,27 +346,56 @@ async def _paged(
                 )
             ]
         )
+        top = (
+            await conn.execute(text("SELECT COALESCE(max(height), -1) FROM ledger_entries"))
+        ).scalar_one()
+        raws: list[Any] = [(await conn.get_raw_connection()).driver_connection]
+        for _ in range(lanes - 1):
+            extra = await stack.enter_async_context(db.connection())
+            raws.append((await extra.get_raw_connection()).driver_connection)
+        assert all(raw is not None for raw in raws)
+        free = list(raws)
+        starts = iter(range(from_height, int(top) + 1, chunk))
+        in_flight: list[tuple[Any, asyncio.Task[list[Any]]]] = []
+
+        def refill() -> None:
+            while free:
+                start = next(starts, None)
+                if start is None:
+                    return
+                raw = free.pop()
+                in_flight.append((raw, asyncio.create_task(raw.fetch(sql, start, start + chunk))))
+
         next_cp = next(checkpoints, None)
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        height = from_height
-        while True:
-            rows = await raw.fetch(sql, height, chunk)
-            for row in rows:
-                while next_cp is not None and next_cp.height <= row[0]:
-                    yield next_cp
-                    next_cp = next(checkpoints, None)
-                yield convert(row)
-            if len(rows) < chunk:
-                break
-            height = int(rows[-1][0]) + 1
+        try:
+            refill()
+            while in_flight:
+                raw, task = in_flight.pop(0)
+                rows = await task
+                free.append(raw)
+                refill()
+                for n, row in enumerate(rows, 1):
+                    while next_cp is not None and next_cp.height <= row[0]:
+                        yield next_cp
+                        next_cp = next(checkpoints, None)
+                    yield convert(row)
+                    if lanes > 1 and n % 250 == 0:
+                        # Let the loop read the pages in flight: a consumer that never
+                        # awaits would leave their sockets full and the database idle.
+                        await asyncio.sleep(0)
+        finally:
+            for _, task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*(t for _, t in in_flight), return_exceptions=True)
         while next_cp is not None:
             yield next_cp
             next_cp = next(checkpoints, None)
 
 
 _ENTRIES_PAGE = (
-    f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE height >= $1 ORDER BY height LIMIT $2"
+    f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE height >= $1 AND height < $2"
+    " ORDER BY height"
 )
 
 
@@ -383,7 +421,7 @@ FROM (SELECT height, prev_hash, entry_hash, nonce, ciphertext,
              convert_to(event_id::text, 'UTF8') AS e, convert_to(event_type, 'UTF8') AS t,
              convert_to(transaction_id, 'UTF8') AS x, convert_to(recorded_at, 'UTF8') AS r,
              convert_to(key_id, 'UTF8') AS k
-      FROM ledger_entries WHERE height >= $1 ORDER BY height LIMIT $2) AS page
+      FROM ledger_entries WHERE height >= $1 AND height < $2 ORDER BY height) AS page
 """
 
 
@@ -391,7 +429,11 @@ def _stream_hashed(
     db: Database, from_height: int
 ) -> AsyncIterator[tuple[int, bytes, bytes, bool] | chain.Checkpoint]:
     """(height, prev_hash, entry_hash, hash_ok) per entry, with the checkpoints in order."""
-    return _paged(db, from_height, _HASHED_ENTRIES, 20_000, lambda r: (r[0], r[1], r[2], r[3]))
+    # Two pages in flight on two connections: PostgreSQL hashes the next page on the other
+    # core while this one is checked (1.3-1.5x one lane on this machine).
+    return _paged(
+        db, from_height, _HASHED_ENTRIES, 2_500, lambda r: (r[0], r[1], r[2], r[3]), lanes=2
+    )
 
 
 async def export_lines(db: Database, from_height: int = 0) -> AsyncIterator[dict[str, Any]]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import platform
 import shutil
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -82,6 +84,7 @@ async def run(entries: int, batch: int, data_dir: Path) -> dict[str, object]:
     start = time.perf_counter()
     assert chain.verify_lines(lines, public).valid
     mem_verify_s = time.perf_counter() - start
+    baselines = await _baselines(db, entries)
     await db.close()
     mb = int(stored) / 1e6
     return {
@@ -94,6 +97,46 @@ async def run(entries: int, batch: int, data_dir: Path) -> dict[str, object]:
         "verify_from_db_mb_per_s": round(mb / db_verify_s, 1),
         "verify_from_db_entries_per_s": round(entries / db_verify_s),
         "verify_export_in_memory_mb_per_s": round(size / 1e6 / mem_verify_s, 1),
+        **baselines,
+        "appends_vs_bare_copy": round(
+            (entries - 10) / append_s / baselines["baseline_bare_copy_rows_per_s"], 3
+        ),
+        "db_verify_vs_postgres_sha256": round(
+            mb / db_verify_s / baselines["baseline_postgres_sha256_mb_per_s"], 3
+        ),
+    }
+
+
+async def _baselines(db: Database, entries: int) -> dict[str, float]:
+    """The machine's own speed, measured in the same run: a bare COPY of rows as wide as
+    ledger entries into a table with no index (the floor of any append), PostgreSQL's
+    sha256() over the stored ciphertexts (the floor of verifying in the database), and
+    Python's hashlib over the same bytes."""
+    async with db.connection() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        await raw.execute(
+            "CREATE TEMP TABLE bare (height bigint, event_id uuid, payload bytea, h bytea)"
+        )
+        rows = [(i, uuid.uuid4(), os.urandom(800), os.urandom(32)) for i in range(entries)]
+        start = time.perf_counter()
+        for i in range(0, entries, 1000):
+            await raw.copy_records_to_table("bare", records=rows[i : i + 1000])
+        copy_s = time.perf_counter() - start
+        start = time.perf_counter()
+        hashed = await raw.fetch("SELECT sha256(ciphertext) FROM ledger_entries")
+        pg_s = time.perf_counter() - start
+        size = await raw.fetchval("SELECT sum(octet_length(ciphertext)) FROM ledger_entries")
+        blobs = [r[0] for r in await raw.fetch("SELECT ciphertext FROM ledger_entries")]
+    start = time.perf_counter()
+    for blob in blobs:
+        hashlib.sha256(blob).digest()
+    py_s = time.perf_counter() - start
+    assert len(hashed) == len(blobs)
+    return {
+        "baseline_bare_copy_rows_per_s": round(entries / copy_s),
+        "baseline_postgres_sha256_mb_per_s": round(int(size) / 1e6 / pg_s, 1),
+        "baseline_python_sha256_mb_per_s": round(int(size) / 1e6 / py_s, 1),
     }
 
 
