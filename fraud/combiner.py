@@ -21,7 +21,7 @@ silent ``ALLOW``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from core.events import FraudDecision
 from fraud.scorers import Signal, noisy_or
@@ -62,7 +62,6 @@ class Assessment:
     scores: dict[str, float]
     reasons: tuple[str, ...]
     skipped: tuple[str, ...] = ()
-    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 def combine(

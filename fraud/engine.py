@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 from fraud.combiner import Assessment, Thresholds, combine
 from fraud.features import History, Txn
@@ -39,25 +37,18 @@ class FraudEngine:
         self.weights = weights
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fraud")
 
-    def _timed(self, scorer: Scorer, txn: Txn, history: History) -> tuple[Signal, float]:
-        started = time.perf_counter()
-        signal = scorer.score(txn, history)
-        return signal, (time.perf_counter() - started) * 1000
-
     async def assess(self, txn: Txn, history: History) -> Assessment:
         loop = asyncio.get_running_loop()
         futures = {
-            s.name: loop.run_in_executor(self._pool, self._timed, s, txn, history)
-            for s in self.scorers
+            s.name: loop.run_in_executor(self._pool, s.score, txn, history) for s in self.scorers
         }
 
-        async def bounded(name: str) -> tuple[Signal, float]:
+        async def bounded(name: str) -> Signal:
             return await asyncio.wait_for(futures[name], self.budgets_s.get(name, 0.05))
 
         names = list(futures)
         results = await asyncio.gather(*(bounded(n) for n in names), return_exceptions=True)
         signals: dict[str, Signal] = {}
-        timings: dict[str, float] = {}
         skipped: list[str] = []
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):
@@ -65,9 +56,8 @@ class FraudEngine:
                     _log.warning("fraud scorer %s failed: %r", name, result)
                 skipped.append(name)
                 continue
-            signals[name], timings[name] = result
-        assessment = combine(signals, tuple(skipped), self.thresholds, self.weights)
-        return replace(assessment, timings_ms=timings)
+            signals[name] = result
+        return combine(signals, tuple(skipped), self.thresholds, self.weights)
 
     def assess_now(self, txn: Txn, history: History) -> Assessment:
         """Every scorer, in this thread, no budgets: for evaluation on simulated traffic."""
