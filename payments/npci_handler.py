@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import assert_never
 
 from sqlalchemy import text
@@ -43,7 +43,6 @@ from core.events import (
     Event,
     FraudAssessed,
     PaymentDeemed,
-    PaymentFailed,
     PaymentReversed,
     PaymentSubmitted,
     PaymentSucceeded,
@@ -51,7 +50,7 @@ from core.events import (
     Topic,
 )
 from core.inbox import already_processed, claim
-from core.metrics import PAYMENTS_FINAL, SWITCH_LATENCY
+from core.metrics import SWITCH_LATENCY
 from core.outbox import append_to_outbox
 from core.pii import Vpa, mask_vpa
 from core.storage import Database
@@ -61,7 +60,7 @@ from payments.npci.banks import bank_of
 from payments.npci.breaker import BankBreakers, BreakerPolicy
 from payments.npci.codes import BANK_UNAVAILABLE, Outcome, describe, outcome_of
 from payments.npci.switch import PayRequest, SwitchClient, SwitchResult
-from payments.publishing import wrap
+from payments.publishing import failed_event, finish, wrap
 from payments.verification import VerificationPolicy, apply_fraud_decision
 
 __all__ = ["DeemedResolver", "NpciHandler", "NpciTimings", "record_switch_answer"]
@@ -82,23 +81,6 @@ class NpciTimings:
 
     def next_check_after(self, attempts: int) -> float:
         return float(min(self.max_check_interval_s, self.first_check_s * 2 ** max(0, attempts)))
-
-
-async def _finish(
-    conn: AsyncConnection,
-    before: Payment,
-    after: Payment,
-    event: Event,
-    clock: Clock,
-    cause: Envelope | None,
-    next_check_at: datetime | None = None,
-) -> None:
-    await repository.save_transition(conn, before, after)
-    if next_check_at is not None:
-        await repository.schedule_check(conn, after.transaction_id, next_check_at)
-    await append_to_outbox(conn, [wrap(event, clock, cause, before.payer_vpa)])
-    if after.status.is_final:
-        PAYMENTS_FINAL.labels(after.status.value).inc()
 
 
 async def record_switch_answer(
@@ -124,7 +106,7 @@ async def record_switch_answer(
                 payer_bank=result.payer_bank,
                 payee_bank=result.payee_bank,
             )
-            await _finish(
+            await finish(
                 conn,
                 payment,
                 after,
@@ -154,11 +136,11 @@ async def record_switch_answer(
                 payer_bank=result.payer_bank,
                 payee_bank=result.payee_bank,
             )
-            await _finish(
+            await finish(
                 conn,
                 payment,
                 after,
-                _failed(payment, code, result.rrn, now),
+                failed_event(payment, code, result.rrn, now),
                 clock,
                 cause,
             )
@@ -168,7 +150,7 @@ async def record_switch_answer(
             after = payment.transition(
                 PaymentStatus.DEEMED, at=now, response_code=code, reason=describe(code)
             )
-            await _finish(
+            await finish(
                 conn,
                 payment,
                 after,
@@ -185,18 +167,6 @@ async def record_switch_answer(
         case _:
             assert_never(outcome)
     return after.status
-
-
-def _failed(payment: Payment, code: str, rrn: str | None, at: datetime) -> PaymentFailed:
-    return PaymentFailed(
-        transaction_id=payment.transaction_id,
-        merchant_id=payment.merchant_id,
-        amount_paise=payment.amount_paise,
-        response_code=code,
-        rrn=rrn,
-        completed_at=at,
-        reason=describe(code),
-    )
 
 
 class NpciHandler:
@@ -257,8 +227,8 @@ class NpciHandler:
                             response_code=BREAKER_OPEN_CODE,
                             reason=f"{payer_bank}: {describe(BREAKER_OPEN_CODE)}",
                         )
-                        event_failed = _failed(payment, BREAKER_OPEN_CODE, None, now)
-                        await _finish(conn, payment, failed, event_failed, self._clock, envelope)
+                        event_failed = failed_event(payment, BREAKER_OPEN_CODE, None, now)
+                        await finish(conn, payment, failed, event_failed, self._clock, envelope)
                         await claim(conn, self.consumer, envelope.event_id)
                         return
                     breaker = self.breakers[payer_bank]
@@ -506,7 +476,7 @@ class DeemedResolver:
                 after = payment.transition(
                     PaymentStatus.FAILED, at=now, response_code=code, reason=describe(code)
                 )
-                event = _failed(payment, code, payment.rrn, now)
+                event = failed_event(payment, code, payment.rrn, now)
             else:
                 return  # reversal failed (96): the lease expires, the next run retries
-            await _finish(conn, payment, after, event, self._clock, None)
+            await finish(conn, payment, after, event, self._clock, None)

@@ -33,16 +33,14 @@ from core.events import (
     FraudAssessed,
     FraudDecision,
     PaymentBlocked,
-    PaymentFailed,
     PaymentVerificationRequired,
     PaymentVerified,
 )
-from core.metrics import PAYMENTS_FINAL
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
 from payments.npci.codes import describe
-from payments.publishing import emit
+from payments.publishing import emit, failed_event, finish
 
 __all__ = [
     "BLOCKED_CODE",
@@ -67,30 +65,12 @@ class VerificationPolicy:
     otp: str = "123456"
 
 
-async def _fail(
-    conn: AsyncConnection, payment: Payment, code: str, clock: Clock, cause: Envelope | None = None
-) -> Payment:
+async def _fail(conn: AsyncConnection, payment: Payment, code: str, clock: Clock) -> None:
     now = clock.now()
     failed = payment.transition(
         PaymentStatus.FAILED, at=now, response_code=code, reason=describe(code)
     )
-    await repository.save_transition(conn, payment, failed)
-    await emit(
-        conn,
-        PaymentFailed(
-            transaction_id=payment.transaction_id,
-            merchant_id=payment.merchant_id,
-            amount_paise=payment.amount_paise,
-            response_code=code,
-            completed_at=now,
-            reason=describe(code),
-        ),
-        clock,
-        cause,
-        payment.payer_vpa,
-    )
-    PAYMENTS_FINAL.labels(PaymentStatus.FAILED.value).inc()
-    return failed
+    await finish(conn, payment, failed, failed_event(payment, code, None, now), clock, None)
 
 
 async def apply_fraud_decision(
@@ -118,7 +98,6 @@ async def apply_fraud_decision(
             after = payment.transition(
                 PaymentStatus.PENDING_VERIFICATION, at=now, reason="fraud: step-up verification"
             )
-            await repository.save_transition(conn, payment, after)
             await conn.execute(
                 text(
                     "INSERT INTO payment_verifications (transaction_id, expires_at)"
@@ -126,39 +105,27 @@ async def apply_fraud_decision(
                 ),
                 {"t": payment.transaction_id, "e": expires},
             )
-            await emit(
-                conn,
-                PaymentVerificationRequired(
-                    transaction_id=payment.transaction_id,
-                    merchant_id=payment.merchant_id,
-                    expires_at=expires,
-                ),
-                clock,
-                envelope,
-                payment.payer_vpa,
+            required = PaymentVerificationRequired(
+                transaction_id=payment.transaction_id,
+                merchant_id=payment.merchant_id,
+                expires_at=expires,
             )
+            await finish(conn, payment, after, required, clock, envelope)
             return after
         case FraudDecision.BLOCK:
             reason = f"{describe(BLOCKED_CODE)}: {', '.join(assessed.reasons) or 'fraud'}"
             after = payment.transition(
                 PaymentStatus.BLOCKED, at=now, response_code=BLOCKED_CODE, reason=reason[:200]
             )
-            await repository.save_transition(conn, payment, after)
-            await emit(
-                conn,
-                PaymentBlocked(
-                    transaction_id=payment.transaction_id,
-                    merchant_id=payment.merchant_id,
-                    amount_paise=payment.amount_paise,
-                    response_code=BLOCKED_CODE,
-                    completed_at=now,
-                    reasons=assessed.reasons,
-                ),
-                clock,
-                envelope,
-                payment.payer_vpa,
+            blocked = PaymentBlocked(
+                transaction_id=payment.transaction_id,
+                merchant_id=payment.merchant_id,
+                amount_paise=payment.amount_paise,
+                response_code=BLOCKED_CODE,
+                completed_at=now,
+                reasons=assessed.reasons,
             )
-            PAYMENTS_FINAL.labels(PaymentStatus.BLOCKED.value).inc()
+            await finish(conn, payment, after, blocked, clock, envelope)
             return after
 
 
