@@ -25,7 +25,6 @@ A circuit breaker per remitter bank (:mod:`payments.npci.breaker`) fails payment
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,6 +52,7 @@ from core.inbox import already_processed, claim
 from core.metrics import SWITCH_LATENCY
 from core.outbox import append_to_outbox
 from core.pii import Vpa, mask_vpa
+from core.polling import poll_until_stopped
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
@@ -350,17 +350,9 @@ class DeemedResolver:
         self._stopping.set()
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                resolved = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _log.warning("deemed resolver: %s", exc, exc_info=True)
-                resolved = 0
-            if resolved == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self._poll)
+        await poll_until_stopped(
+            "deemed resolver", self.run_once, self._stopping, lambda: self._poll
+        )
 
     async def run_once(self) -> int:
         """Ask about every due deemed payment once; returns how many were due."""

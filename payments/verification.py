@@ -17,7 +17,6 @@ the OTP is ``UPI_FRAUD_MOCK_OTP`` (``123456`` by default), documented for mercha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from core.events import (
     PaymentVerificationRequired,
     PaymentVerified,
 )
+from core.polling import poll_until_stopped
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
@@ -237,11 +237,6 @@ class VerificationExpirer:
         return len(rows)
 
     async def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                while await self.expire_due() > 0:
-                    pass
-            except Exception:
-                _log.exception("verification expiry failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._interval_s)
+        await poll_until_stopped(
+            "verification expiry", self.expire_due, self._stop, lambda: self._interval_s
+        )

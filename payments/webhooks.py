@@ -11,7 +11,6 @@ an operator replays it with ``upi-engine webhooks replay``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -38,6 +37,7 @@ from core.events import (
     Topic,
 )
 from core.inbox import claim
+from core.polling import poll_until_stopped
 from core.storage import Database
 from payments import repository
 from payments.views import payment_view
@@ -147,17 +147,9 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         try:
-            while not self._stopping.is_set():
-                try:
-                    sent = await self.run_once()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    _log.warning("webhook dispatcher: %s", exc, exc_info=True)
-                    sent = 0
-                if sent == 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._stopping.wait(), self._poll)
+            await poll_until_stopped(
+                "webhook dispatcher", self.run_once, self._stopping, lambda: self._poll
+            )
         finally:
             await self._client.aclose()
 

@@ -1,0 +1,34 @@
+"""The loop of the engine's background workers (deemed resolver, verification expiry,
+webhook dispatcher): do a step; when it found nothing to do, or failed, wait a while or
+until stopped; a step that did work is followed by another at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+__all__ = ["poll_until_stopped"]
+
+_log = logging.getLogger(__name__)
+
+
+async def poll_until_stopped(
+    name: str,
+    step: Callable[[], Awaitable[int]],
+    stopping: asyncio.Event,
+    interval_s: Callable[[], float],
+) -> None:
+    """Run ``step`` (which returns how much work it did) until ``stopping`` is set."""
+    while not stopping.is_set():
+        try:
+            done = await step()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.warning("%s: %s", name, exc, exc_info=True)
+            done = 0
+        if done == 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval_s())
