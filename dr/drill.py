@@ -39,7 +39,6 @@ import random
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,7 +49,14 @@ from typing import Any
 import httpx
 
 from dr.cluster import Cluster, PgBinaries
-from dr.orchestrator import EngineProcess, Orchestrator, Region, connect, ledger_verify
+from dr.orchestrator import (
+    UPI_ENGINE,
+    EngineProcess,
+    Orchestrator,
+    Region,
+    connect,
+    ledger_verify,
+)
 from dr.proxy import RoutingProxy
 
 __all__ = ["SCENARIOS", "DrillConfig", "run_drill"]
@@ -198,9 +204,17 @@ class Drill:
         return orchestrator
 
     def merchant(self, cluster: Cluster) -> dict[str, Any]:
-        exe = str(Path(sys.executable).parent / "upi-engine")
         done = subprocess.run(
-            [exe, "merchant", "create", "--name", "DR drill", "--vpa", "drill@okicici", "--json"],
+            [
+                UPI_ENGINE,
+                "merchant",
+                "create",
+                "--name",
+                "DR drill",
+                "--vpa",
+                "drill@okicici",
+                "--json",
+            ],
             env=self.region_env(cluster),
             capture_output=True,
             text=True,

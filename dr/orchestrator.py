@@ -48,9 +48,10 @@ from core.storage import Database
 from dr.cluster import Cluster
 from dr.proxy import RoutingProxy
 
-__all__ = ["EngineProcess", "Health", "Orchestrator", "Region", "probe"]
+__all__ = ["UPI_ENGINE", "EngineProcess", "Health", "Orchestrator", "Region", "probe"]
 
 _log = logging.getLogger(__name__)
+UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
 
 
 @contextlib.asynccontextmanager
@@ -123,10 +124,9 @@ class EngineProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
-        exe = str(Path(sys.executable).parent / "upi-engine")
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [exe, "serve", "--port", str(self.port)],
+                [UPI_ENGINE, "serve", "--port", str(self.port)],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -366,6 +366,7 @@ class Orchestrator:
             await asyncio.to_thread(old.engine.stop, True)
             return f"proxy paused; {old.name} engine stopped"
 
+        chosen: Region | None = None
         candidates = [r for r in self.standbys() if await probe(r.cluster, 2.0) == "standby"]
         if candidate is not None:
             candidates = [r for r in candidates if r is candidate]
@@ -373,6 +374,7 @@ class Orchestrator:
             raise RuntimeError("no standby is reachable: cannot fail over")
 
         async def drain() -> str:
+            nonlocal chosen
             best, best_lsn = None, -1
             for region in candidates:
                 lsn = await _received_lsn(region.cluster)
@@ -380,11 +382,15 @@ class Orchestrator:
                 if lsn > best_lsn:
                     best, best_lsn = region, lsn
             assert best is not None
-            self._candidate = best
+            chosen = best
             return f"{best.name} has the most WAL ({best_lsn})"
 
+        def new_primary() -> Region:
+            assert chosen is not None, "drain chooses the new primary"
+            return chosen
+
         async def promote() -> str:
-            new = self._candidate
+            new = new_primary()
             async with connect(new.cluster, "postgres") as conn:
                 ok = await conn.fetchval("SELECT pg_promote(true, 30)")
             if not ok:
@@ -394,11 +400,12 @@ class Orchestrator:
             return f"{new.name} promoted"
 
         async def fence() -> str:
-            await asyncio.to_thread(old.cluster.fence, self._candidate.cluster)
-            return f"{old.name} fenced: it can only start as a standby of {self._candidate.name}"
+            new = new_primary()
+            await asyncio.to_thread(old.cluster.fence, new.cluster)
+            return f"{old.name} fenced: it can only start as a standby of {new.name}"
 
         async def reroute() -> str:
-            new = self._candidate
+            new = new_primary()
             others = [r for r in self.regions.values() if r.role == "standby"]
             for region in others:
                 await asyncio.to_thread(region.cluster.follow, new.cluster)
@@ -417,7 +424,7 @@ class Orchestrator:
         await phase("promote", promote)
         await phase("fence", fence)
         await phase("reroute", reroute)
-        new = self._candidate
+        new = new_primary()
         verified = await phase("verify", lambda: self._verify(new))
         rto = round(time.monotonic() - t0, 3)
         report = {
@@ -437,31 +444,21 @@ class Orchestrator:
 
     async def _verify(self, new: Region) -> str:
         """The outbox drains, the ledger verifies (no fork), the regions agree on counts."""
-        db = Database(new.cluster.url(), pool_size=2)
-        try:
-            # Drained: everything committed before the failover (the events in flight from
-            # the old primary included) has been published from the new one. Traffic goes
-            # on meanwhile, so "the outbox is empty" is not the test.
-            async with db.connection() as conn:
-                target = (
-                    await conn.exec_driver_sql("SELECT COALESCE(max(id), 0) FROM outbox")
-                ).scalar_one()
+        # Drained: everything committed before the failover (the events in flight from the
+        # old primary included) has been published from the new one. Traffic goes on
+        # meanwhile, so "the outbox is empty" is not the test.
+        async with connect(new.cluster) as conn:
+            target = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM outbox")
             deadline = time.monotonic() + 30
-            while True:
-                async with db.connection() as conn:
-                    published = (
-                        await conn.exec_driver_sql(
-                            "SELECT COALESCE(max(last_id), 0) FROM outbox_position"
-                        )
-                    ).scalar_one()
-                if published >= target:
-                    break
+            while (
+                published := await conn.fetchval(
+                    "SELECT COALESCE(max(last_id), 0) FROM outbox_position"
+                )
+            ) < target:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"outbox not drained: published {published} < {target}")
                 await asyncio.sleep(0.1)
-            counts = await _counts(new.cluster)
-        finally:
-            await db.close()
+        counts = await _counts(new.cluster)
         ledger = await asyncio.to_thread(ledger_verify, new.cluster, new.engine.env)
         if not ledger.get("valid"):
             raise RuntimeError(f"ledger invalid after failover: {ledger}")
@@ -564,10 +561,9 @@ async def _wait_caught_up(cluster: Cluster, lsn: int, wait_s: float) -> None:
 def ledger_verify(cluster: Cluster, base_env: dict[str, str]) -> dict[str, Any]:
     """``upi-engine ledger verify --full --json`` against the cluster (the compliance
     context's own check; this context does not import it)."""
-    exe = str(Path(sys.executable).parent / "upi-engine")
     env = {**base_env, "UPI_DATABASE_URL": cluster.url(), "UPI_LOG_LEVEL": "WARNING"}
     done = subprocess.run(
-        [exe, "ledger", "verify", "--full", "--json"],
+        [UPI_ENGINE, "ledger", "verify", "--full", "--json"],
         env=env,
         capture_output=True,
         text=True,
