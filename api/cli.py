@@ -188,6 +188,22 @@ async def _with_engine(settings: Settings, work: Callable[[Engine], Awaitable[T]
         await engine.db.close()
 
 
+def _spinner(message: str, quiet: bool, *, elapsed: bool = False) -> Progress:
+    """A spinner with ``message`` on stderr, on a terminal unless ``quiet`` (``--json``);
+    its one task is ``progress.tasks[0]``."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}")]
+    if elapsed:
+        columns.append(TimeElapsedColumn())
+    progress = Progress(
+        *columns,
+        console=err_console,
+        transient=True,
+        disable=quiet or not err_console.is_terminal,
+    )
+    progress.add_task(message)
+    return progress
+
+
 def _print_token(role: PrincipalRole, name: str, json: bool) -> None:
     settings = _settings()
 
@@ -308,14 +324,7 @@ def ledger_verify(
     from core.clock import SystemClock
 
     settings = _settings()
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        console=err_console,
-        transient=True,
-        disable=json or not err_console.is_terminal,
-    ) as progress:
-        progress.add_task("verifying the ledger…")
+    with _spinner("verifying the ledger…", json):
         result = asyncio.run(
             _with_engine(settings, lambda e: verify_ledger(e.db, SystemClock(), full=full))
         )
@@ -416,18 +425,6 @@ def keys_shred(
         sys.stdout.write(orjson.dumps({"destroyed": destroyed}).decode() + "\n")
     else:
         out.print(f"destroyed {len(destroyed)} data keys: {', '.join(destroyed) or '-'}")
-
-
-def _spinner(message: str, quiet: bool) -> Progress:
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        console=err_console,
-        transient=True,
-        disable=quiet or not err_console.is_terminal,
-    )
-    progress.add_task(message)
-    return progress
 
 
 @fraud_app.command("train")
@@ -563,15 +560,8 @@ def dr_drill(
         keep=keep,
         pg_bin=settings.dr_pg_bin,
     )
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=json or not err_console.is_terminal,
-    ) as progress:
-        task = progress.add_task(f"{scenario} drill")
+    with _spinner(f"{scenario} drill", json, elapsed=True) as progress:
+        task = progress.tasks[0].id
 
         def report(step: str) -> None:
             progress.update(task, description=f"{scenario}: {step}")
