@@ -20,15 +20,13 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
-import signal
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+from _embedded import scratch_data_dir
 from sqlalchemy import text
 
 from api.bootstrap import all_migrations
@@ -112,16 +110,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--payments", type=int, default=5_000)
     args = parser.parse_args()
-    data_dir = Path(tempfile.mkdtemp(prefix="ufb", dir="/tmp"))
-    try:
+    with scratch_data_dir("ufb") as data_dir:
         result = asyncio.run(run(args.payments, data_dir))
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-    finally:
-        pidfile = data_dir / "pg" / "postmaster.pid"
-        if pidfile.exists():
-            os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
-            time.sleep(1)
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

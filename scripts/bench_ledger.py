@@ -14,14 +14,13 @@ import asyncio
 import hashlib
 import os
 import platform
-import shutil
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+from _embedded import scratch_data_dir
 
 from api.bootstrap import all_migrations
 from compliance import chain, keys
@@ -145,21 +144,12 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=1_000)
     args = parser.parse_args()
-    data_dir = Path(tempfile.mkdtemp(prefix="ulb", dir="/tmp"))
-    try:
+    with scratch_data_dir("ulb") as data_dir:
         print(
             orjson.dumps(
                 asyncio.run(run(args.entries, args.batch, data_dir)), option=orjson.OPT_INDENT_2
             ).decode()
         )
-    finally:
-        pidfile = data_dir / "pg" / "postmaster.pid"
-        if pidfile.exists():
-            import signal
-
-            os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
-            time.sleep(1)
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
