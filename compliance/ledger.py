@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import struct
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -318,76 +319,45 @@ _ENTRY_COLUMNS = (
 _CHECKPOINT_COLUMNS = "height, head_hash, merkle_root, signed_at, signing_key_id, signature"
 
 
+async def _checkpoints_and_top(
+    conn: AsyncConnection, from_height: int
+) -> tuple[Iterator[chain.Checkpoint], int]:
+    """The checkpoints above ``from_height`` and then the highest entry: read in this
+    order, every checkpoint's entries are within the height returned."""
+    checkpoints = [
+        _checkpoint_of(r)
+        for r in await conn.execute(
+            text(
+                f"SELECT {_CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE height > :h"
+                " ORDER BY height"
+            ),
+            {"h": from_height},
+        )
+    ]
+    top = (
+        await conn.execute(text("SELECT COALESCE(max(height), -1) FROM ledger_entries"))
+    ).scalar_one()
+    return iter(checkpoints), int(top)
+
+
 async def _paged(
-    db: Database,
-    from_height: int,
-    sql: str,
-    chunk: int,
-    convert: Callable[[Any], T],
-    lanes: int = 1,
+    db: Database, from_height: int, sql: str, chunk: int, convert: Callable[[Any], T]
 ) -> AsyncIterator[T | chain.Checkpoint]:
     """Pages of ``sql`` (params: first height, end height exclusive) converted row by row,
     with each checkpoint h right after entry h-1 (the export order), up to the height found
-    at the start. With ``lanes`` > 1 that many pages are fetched at once on as many
-    connections, so the database works on the next pages (on other cores) while this one
-    is consumed. Uses raw asyncpg connections: reading the chain is bound by per-row
+    at the start. Uses the raw asyncpg connection: reading the chain is bound by per-row
     overhead."""
-    async with contextlib.AsyncExitStack() as stack:
-        conn = await stack.enter_async_context(db.connection())
-        checkpoints = iter(
-            [
-                _checkpoint_of(r)
-                for r in await conn.execute(
-                    text(
-                        f"SELECT {_CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE height > :h"
-                        " ORDER BY height"
-                    ),
-                    {"h": from_height},
-                )
-            ]
-        )
-        top = (
-            await conn.execute(text("SELECT COALESCE(max(height), -1) FROM ledger_entries"))
-        ).scalar_one()
-        raws: list[Any] = [(await conn.get_raw_connection()).driver_connection]
-        for _ in range(lanes - 1):
-            extra = await stack.enter_async_context(db.connection())
-            raws.append((await extra.get_raw_connection()).driver_connection)
-        assert all(raw is not None for raw in raws)
-        free = list(raws)
-        starts = iter(range(from_height, int(top) + 1, chunk))
-        in_flight: list[tuple[Any, asyncio.Task[list[Any]]]] = []
-
-        def refill() -> None:
-            while free:
-                start = next(starts, None)
-                if start is None:
-                    return
-                raw = free.pop()
-                in_flight.append((raw, asyncio.create_task(raw.fetch(sql, start, start + chunk))))
-
+    async with db.connection() as conn:
+        checkpoints, top = await _checkpoints_and_top(conn, from_height)
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
         next_cp = next(checkpoints, None)
-        try:
-            refill()
-            while in_flight:
-                raw, task = in_flight.pop(0)
-                rows = await task
-                free.append(raw)
-                refill()
-                for n, row in enumerate(rows, 1):
-                    while next_cp is not None and next_cp.height <= row[0]:
-                        yield next_cp
-                        next_cp = next(checkpoints, None)
-                    yield convert(row)
-                    if lanes > 1 and n % 250 == 0:
-                        # Let the loop read the pages in flight: a consumer that never
-                        # awaits would leave their sockets full and the database idle.
-                        await asyncio.sleep(0)
-        finally:
-            for _, task in in_flight:
-                task.cancel()
-            if in_flight:
-                await asyncio.gather(*(t for _, t in in_flight), return_exceptions=True)
+        for start in range(from_height, top + 1, chunk):
+            for row in await raw.fetch(sql, start, start + chunk):
+                while next_cp is not None and next_cp.height <= row[0]:
+                    yield next_cp
+                    next_cp = next(checkpoints, None)
+                yield convert(row)
         while next_cp is not None:
             yield next_cp
             next_cp = next(checkpoints, None)
@@ -406,34 +376,158 @@ def _stream(db: Database, from_height: int) -> AsyncIterator[chain.LedgerEntry |
     return _paged(db, from_height, _ENTRIES_PAGE, 5_000, entry)
 
 
-# SPEC §6's entry hash, computed by PostgreSQL next to the data: verification then moves
-# 32-byte hashes into Python instead of every ciphertext. Same bytes as chain.entry_hash:
-# int8send/int4send are big-endian, strings are UTF-8 (the database encoding).
-_HASHED_ENTRIES = """
-SELECT height, prev_hash, entry_hash,
-       sha256(prev_hash || int8send(height)
-              || int4send(octet_length(e)) || e || int4send(octet_length(t)) || t
-              || int4send(octet_length(x)) || x || int4send(octet_length(r)) || r
-              || int4send(octet_length(k)) || k
-              || int4send(octet_length(nonce)) || nonce
-              || int4send(octet_length(ciphertext)) || ciphertext) = entry_hash AS ok
-FROM (SELECT height, prev_hash, entry_hash, nonce, ciphertext,
-             convert_to(event_id::text, 'UTF8') AS e, convert_to(event_type, 'UTF8') AS t,
-             convert_to(transaction_id, 'UTF8') AS x, convert_to(recorded_at, 'UTF8') AS r,
-             convert_to(key_id, 'UTF8') AS k
-      FROM ledger_entries WHERE height >= $1 AND height < $2 ORDER BY height) AS page
+# Verification streams the entries as binary COPY, whose fields are sent as
+# ``int32 length || bytes``: exactly SPEC §6's frame(). Selected in this order, each row
+# holds the entry's whole hash input as one run of bytes, from ``prev_hash || height`` (one
+# column) to the end of the ciphertext's frame, and the first column says how long that run
+# is. Python reads one length per entry and hashes the run in place (hashlib is several
+# times faster than PostgreSQL's sha256()) while the database streams the next rows on the
+# other core. A hash column that is not 32 bytes long (tampered) is sent as its SHA-256,
+# which keeps the layout fixed and cannot match. Text goes out as UTF-8 (the client
+# encoding); a uuid's text is always 36 bytes.
+_HASH_INPUTS = """
+SELECT 40 + 28 + 36 + octet_length(event_type) + octet_length(transaction_id)
+         + octet_length(recorded_at) + octet_length(key_id) + octet_length(nonce)
+         + octet_length(ciphertext),
+       CASE WHEN octet_length(prev_hash) = 32 THEN prev_hash ELSE sha256(prev_hash) END
+         || int8send(height),
+       event_id::text, event_type, transaction_id, recorded_at, key_id, nonce, ciphertext,
+       CASE WHEN octet_length(entry_hash) = 32 THEN entry_hash ELSE sha256(entry_hash) END
+FROM ledger_entries WHERE height >= {first} AND height <= {last} ORDER BY height
 """
+_VERIFY_PAGE = 16_384
+_VERIFY_LANES = 2
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_I32 = struct.Struct(">i").unpack_from
 
 
-def _stream_hashed(
-    db: Database, from_height: int
-) -> AsyncIterator[tuple[int, bytes, bytes, bool] | chain.Checkpoint]:
-    """(height, prev_hash, entry_hash, hash_ok) per entry, with the checkpoints in order."""
-    # Two pages in flight on two connections: PostgreSQL hashes the next page on the other
-    # core while this one is checked (1.3-1.5x one lane on this machine).
-    return _paged(
-        db, from_height, _HASHED_ENTRIES, 2_500, lambda r: (r[0], r[1], r[2], r[3]), lanes=2
-    )
+class _HashInputRows:
+    """Cuts PostgreSQL's binary COPY stream of ``_HASH_INPUTS`` into rows
+    ``(hash input, entry_hash)``; a row may span two chunks, a page is one COPY."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._header = True
+
+    def feed(self, chunk: bytes) -> list[tuple[memoryview, bytes]]:
+        buf = self._rest + chunk if self._rest else chunk
+        view = memoryview(buf)
+        pos, size = 0, len(buf)
+        rows: list[tuple[memoryview, bytes]] = []
+        while True:
+            if self._header:  # each COPY (page) starts with one
+                if pos + 19 > size:
+                    break
+                if buf[pos : pos + 11] != _COPY_SIGNATURE:
+                    raise ValueError("not a binary COPY stream")
+                pos += 19 + _I32(buf, pos + 15)[0]
+                self._header = False
+            # A row: int16 field count (10), the run's length as a field (4 + 4 bytes), the
+            # run (its first field's length, 4 bytes, is not part of it), int32 32 and the
+            # entry hash. The count -1 ends the COPY.
+            if pos + 10 > size:
+                break
+            if buf[pos] == 0xFF:
+                pos += 2
+                self._header = True
+                continue
+            run_end = pos + 14 + _I32(buf, pos + 6)[0]
+            end = run_end + 36
+            if end > size:
+                break
+            rows.append((view[pos + 14 : run_end], buf[run_end + 4 : end]))
+            pos = end
+        self._rest = buf[pos:]
+        return rows
+
+
+async def _verify_stored(
+    db: Database, verifier: chain.ChainVerifier, on_checkpoint: Callable[[chain.Checkpoint], None]
+) -> None:
+    """Feed ``verifier`` every stored entry from its ``next_height`` and, in order, every
+    checkpoint after it; stops at the first fault."""
+    async with db.connection() as conn:
+        pending, top = await _checkpoints_and_top(conn, verifier.next_height)
+        next_cp = next(pending, None)
+
+        def check_due_checkpoints() -> bool:
+            nonlocal next_cp
+            while next_cp is not None and next_cp.height <= verifier.next_height:
+                if not verifier.checkpoint(next_cp):
+                    return False
+                on_checkpoint(next_cp)
+                next_cp = next(pending, None)
+            return True
+
+        # Pages of entries are read as binary COPY by two tasks on two connections, each
+        # page into its own bounded queue, and checked in order: the database streams the
+        # next page on the other core while this one is hashed. To stop early the readers
+        # drop the rest of their page: cancelling a COPY from its sink leaves asyncpg's
+        # connection unusable if the server already sent everything.
+        firsts = range(verifier.next_height, top + 1, _VERIFY_PAGE)
+        pages: list[asyncio.Queue[bytes | None]] = [asyncio.Queue(64) for _ in firsts]
+        stop = False
+
+        async def read(lane: int) -> None:
+            async with contextlib.AsyncExitStack() as stack:
+                lane_conn = conn if lane == 0 else await stack.enter_async_context(db.connection())
+                raw = (await lane_conn.get_raw_connection()).driver_connection
+                assert raw is not None
+                for index in range(lane, len(pages), _VERIFY_LANES):
+                    page = pages[index]
+
+                    async def sink(chunk: bytes, page: asyncio.Queue[bytes | None] = page) -> None:
+                        if not stop:
+                            await page.put(chunk)
+
+                    if stop:
+                        return
+                    first = firsts[index]
+                    await raw.copy_from_query(
+                        _HASH_INPUTS.format(first=first, last=min(first + _VERIFY_PAGE - 1, top)),
+                        output=sink,
+                        format="binary",
+                    )
+                    if not stop:
+                        await page.put(None)
+
+        if not check_due_checkpoints():
+            return
+        readers = [asyncio.create_task(read(lane)) for lane in range(_VERIFY_LANES)]
+        rows_of = _HashInputRows()
+        ok = True
+        try:
+            for page in pages:
+                while ok and (chunk := await page.get()) is not None:
+                    rows = rows_of.feed(chunk)
+                    done = 0
+                    while ok and done < len(rows):
+                        # Entries up to the next checkpoint's height, then that checkpoint.
+                        take = len(rows) - done
+                        if next_cp is not None:
+                            take = min(take, next_cp.height - verifier.next_height)
+                        run = rows[done : done + take]
+                        ok = verifier.hash_inputs(run) and check_due_checkpoints()
+                        done += take
+                    await asyncio.sleep(0)  # let the loop read the sockets
+                if not ok:
+                    break
+        finally:
+            stop = True
+            while not all(reader.done() for reader in readers):
+                for page in pages:
+                    while not page.empty():
+                        page.get_nowait()  # unblocks a reader waiting on a full queue
+                await asyncio.sleep(0.001)
+            await asyncio.gather(*readers)
+        if not ok or not check_due_checkpoints():
+            return
+        # Checkpoints above the last entry vouch for entries that are not there: a fault.
+        while next_cp is not None:
+            if not verifier.checkpoint(next_cp):
+                return
+            on_checkpoint(next_cp)
+            next_cp = next(pending, None)
 
 
 async def export_lines(db: Database, from_height: int = 0) -> AsyncIterator[dict[str, Any]]:
@@ -460,13 +554,12 @@ async def verify_ledger(db: Database, clock: Clock, *, full: bool = False) -> ch
             int(resume.height), [bytes(f) for f in resume.frontier]
         )
     last_good: tuple[int, bytes, list[bytes]] | None = None
-    async for item in _stream_hashed(db, verifier.next_height):
-        if isinstance(item, chain.Checkpoint):
-            if not verifier.checkpoint(item):
-                break
-            last_good = (item.height, item.head_hash, list(verifier.accumulator.frontier))
-        elif not verifier.hashed_entry(*item):
-            break
+
+    def verified(checkpoint: chain.Checkpoint) -> None:
+        nonlocal last_good
+        last_good = (checkpoint.height, checkpoint.head_hash, list(verifier.accumulator.frontier))
+
+    await _verify_stored(db, verifier, verified)
     result = verifier.result()
     if result.valid and last_good is not None:
         async with db.transaction() as conn:

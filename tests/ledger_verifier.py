@@ -82,6 +82,8 @@ def verify(lines: list[dict], public_key: Ed25519PublicKey) -> tuple[bool, int |
                 public_key.verify(base64.b64decode(line["signature"]), payload)
             except InvalidSignature:
                 return False, bad_at, "checkpoint signature invalid"
+            if line["height"] > len(leaves):
+                return False, len(leaves), "entries the checkpoint covers are missing"
             if line["height"] != len(leaves):
                 return False, bad_at, "checkpoint height does not match the entries before it"
             if line["head_hash"] != prev.hex():

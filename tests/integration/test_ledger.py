@@ -13,7 +13,7 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from compliance import chain, keys
+from compliance import chain, keys, ledger
 from compliance.ledger import (
     LedgerWriter,
     export_lines,
@@ -159,7 +159,23 @@ async def tamper(db, sql: str) -> None:
             " get_byte(entry_hash, 0) # 1) WHERE height = 42",
             42,
         ),
+        (
+            "a prev hash one byte longer",
+            "UPDATE ledger_entries SET prev_hash = prev_hash || '\\x00'::bytea WHERE height = 42",
+            42,
+        ),
+        (
+            "a stored hash one byte shorter",
+            "UPDATE ledger_entries SET entry_hash = substr(entry_hash, 1, 31) WHERE height = 42",
+            42,
+        ),
+        (
+            "the event id",
+            "UPDATE ledger_entries SET event_id = gen_random_uuid() WHERE height = 42",
+            42,
+        ),
         ("a deleted entry", "DELETE FROM ledger_entries WHERE height = 42", 42),
+        ("the last entries deleted", "DELETE FROM ledger_entries WHERE height >= 140", 140),
         (
             "two swapped entries",
             "UPDATE ledger_entries SET height = -1 WHERE height = 42;"
@@ -182,8 +198,11 @@ async def tamper(db, sql: str) -> None:
     ],
 )
 async def test_tampering_in_the_database_is_found_at_its_height(
-    db, writer, clock, what, sql, bad_height
+    db, writer, clock, what, sql, bad_height, monkeypatch
 ):
+    # Small pages: the verifier reads the chain as many COPYs on two connections, and the
+    # faults fall inside pages, not on their edges.
+    monkeypatch.setattr(ledger, "_VERIFY_PAGE", 5)
     await writer.append(envelopes(100))
     await writer.checkpoint_if_due(force=True)
     await writer.append(envelopes(50, 500))
