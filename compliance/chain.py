@@ -38,6 +38,7 @@ __all__ = [
     "GENESIS_PREV",
     "ChainVerifier",
     "Checkpoint",
+    "EntryHasher",
     "LedgerEntry",
     "MerkleAccumulator",
     "VerifyResult",
@@ -140,6 +141,48 @@ def entry_hash(
             ciphertext,
         )
     ).digest()
+
+
+class EntryHasher:
+    """:func:`entry_hash` for a batch of entries that share ``recorded_at`` and ``key_id``
+    (the ledger writer's case): their frames are made once, and so is each event type's."""
+
+    def __init__(self, recorded_at: str, key_id: str) -> None:
+        self._shared = frame(recorded_at) + frame(key_id)
+        self._types: dict[str, bytes] = {}
+
+    def __call__(
+        self,
+        prev_hash: bytes,
+        height: int,
+        event_id: str,
+        event_type: str,
+        transaction_id: str,
+        nonce: bytes,
+        ciphertext: bytes,
+    ) -> bytes:
+        type_frame = self._types.get(event_type)
+        if type_frame is None:
+            type_frame = self._types[event_type] = frame(event_type)
+        e, x = event_id.encode(), transaction_id.encode()
+        return hashlib.sha256(
+            b"".join(
+                (
+                    prev_hash,
+                    _U64(height),
+                    _U32(len(e)),
+                    e,
+                    type_frame,
+                    _U32(len(x)),
+                    x,
+                    self._shared,
+                    _U32(len(nonce)),
+                    nonce,
+                    _U32(len(ciphertext)),
+                    ciphertext,
+                )
+            )
+        ).digest()
 
 
 def aad(event_id: str, event_type: str, transaction_id: str, key_id: str) -> bytes:
@@ -362,7 +405,7 @@ class MerkleAccumulator:
     frontier: list[bytes] = field(default_factory=list)
 
     def append(self, entry: bytes) -> None:
-        self.extend((entry,))
+        self.extend([entry])
 
     def extend(self, entries: Iterable[bytes]) -> None:
         sha256 = hashlib.sha256
