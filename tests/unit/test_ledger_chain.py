@@ -88,6 +88,16 @@ def test_entry_hash_known_answer():
         )
         == by_hand
     )
+    # The writer's batch hasher gives the same bytes, for any event type and transaction.
+    hasher = chain.EntryHasher("2026-01-01T00:00:00Z", "k1")
+    assert hasher(bytes(32), 0, "ev1", "PaymentInitiated", "UPI1", nonce, ct) == by_hand
+    for prev, height, event_type, txn in [
+        (b"\x07" * 32, 41, "AuditAccessed", ""),
+        (b"\x08" * 32, 2**40, "PaymentInitiated", "UPI2"),
+    ]:
+        assert hasher(prev, height, "ev2", event_type, txn, nonce, ct) == chain.entry_hash(
+            prev, height, "ev2", event_type, txn, "2026-01-01T00:00:00Z", "k1", nonce, ct
+        )
 
 
 def naive_root(hashes: list[bytes]) -> bytes:
