@@ -407,18 +407,32 @@ class MerkleAccumulator:
     def append(self, entry: bytes) -> None:
         self.extend([entry])
 
-    def extend(self, entries: Iterable[bytes]) -> None:
+    def extend(self, entries: Sequence[bytes]) -> None:
+        # Each step adds the largest perfect subtree that fits at the current size (a power
+        # of two dividing it), built level by level: far fewer Python steps per leaf than
+        # folding leaves one at a time, for the same hashes.
         sha256 = hashlib.sha256
         frontier = self.frontier
-        size = self.size
-        for node in [sha256(b"\x00" + entry).digest() for entry in entries]:
-            merged = size
-            while merged & 1:
+        level = [sha256(b"\x00" + entry).digest() for entry in entries]
+        done, total = 0, len(level)
+        while done < total:
+            width = self.size & -self.size or 1 << 62
+            while width > total - done:
+                width >>= 1
+            nodes = level[done : done + width]
+            while len(nodes) > 1:
+                nodes = [
+                    sha256(b"\x01" + left + right).digest()
+                    for left, right in zip(nodes[::2], nodes[1::2], strict=True)
+                ]
+            node = nodes[0]
+            blocks = self.size // width
+            while blocks & 1:
                 node = sha256(b"\x01" + frontier.pop() + node).digest()
-                merged >>= 1
+                blocks >>= 1
             frontier.append(node)
-            size += 1
-        self.size = size
+            self.size += width
+            done += width
 
     def root(self) -> bytes:
         if not self.frontier:

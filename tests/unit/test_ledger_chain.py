@@ -142,6 +142,18 @@ def test_accumulator_matches_the_full_tree_at_every_size(n):
     assert resumed.root() == chain.merkle_root([*hashes, extra])
 
 
+def test_accumulator_extended_in_runs_matches_the_full_tree():
+    # Runs of every shape: odd sizes, runs that start at sizes that are and are not powers
+    # of two, a run longer than any perfect subtree that fits.
+    hashes = [hashlib.sha256(str(i).encode()).digest() for i in range(600)]
+    acc = chain.MerkleAccumulator()
+    at = 0
+    for run in [1, 3, 8, 5, 64, 100, 2, 333, 0, 84]:
+        acc.extend(hashes[at : at + run])
+        at += run
+        assert acc.size == at and acc.root() == chain.merkle_root(hashes[:at]), at
+
+
 def test_seal_open_and_aad_binding():
     env = {"b": 1, "a": "₹ 100"}
     nonce, ct = chain.seal(DATA_KEY, "k1", env, event_id="e", event_type="T", transaction_id="t")
