@@ -15,7 +15,14 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import orjson
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from api.auth import Role as PrincipalRole
@@ -658,6 +665,111 @@ def settlement_run(
         f"  net payout {s['net_payout_paise']} (paise)"
     )
     out.print(f"reconciliation {s['reconciliation']}")
+
+
+def _bar(message: str, total: float | None, quiet: bool) -> Progress:
+    """A progress bar with ``message`` on stderr, on a terminal unless ``quiet``."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=quiet or not err_console.is_terminal,
+    )
+    progress.add_task(message, total=total)
+    return progress
+
+
+@app.command("load")
+def load(
+    url: Annotated[str, typer.Option(help="The engine's base URL, e.g. http://127.0.0.1:8000")],
+    api_key: Annotated[str, typer.Option(help="A merchant's API key")],
+    rate: Annotated[float, typer.Option(min=0.1, help="New payments per second")] = 10.0,
+    duration: Annotated[float, typer.Option(min=0.1, help="Seconds of traffic")] = 30.0,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated customers")] = 20261125,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Send realistic payments (the fraud simulator's ordinary customers: their VPAs,
+    amounts, phones and places) to a running engine at a steady rate, as a well-behaved
+    merchant: own idempotency keys, 429s waited out, 5xx retried. Exit 1 if a payment was
+    refused or never answered."""
+    import uuid
+
+    from api.loadgen import drive_at_rate, traffic
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    bodies = traffic(seed, f"load-{uuid.uuid4().hex[:8]}")
+    with _bar("payments", round(rate * duration), json) as progress:
+        task = progress.tasks[0].id
+        sent = asyncio.run(
+            drive_at_rate(
+                url.rstrip("/"),
+                api_key,
+                bodies,
+                rate,
+                duration,
+                on_sent=lambda: progress.advance(task),
+            )
+        )
+    summary = sent.summary()
+    if json:
+        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
+    else:
+        table = Table(title=f"load: {rate:g}/s for {duration:g} s against {url}")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        for key, value in summary.items():
+            table.add_row(key, str(value))
+        out.print(table)
+    raise typer.Exit(0 if summary["accepted"] == summary["sent"] else 1)
+
+
+@app.command("bench")
+def bench(
+    payments: Annotated[int, typer.Option(min=1, help="Payments to send")] = 2_000,
+    concurrency: Annotated[int, typer.Option(min=1, max=512, help="Requests in flight")] = 32,
+    bus: Annotated[str, typer.Option(help="memory | kafka (at UPI_KAFKA_BOOTSTRAP)")] = "memory",
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Run the whole engine on a scratch embedded PostgreSQL, send realistic payments, wait
+    for their final statuses and the ledger, and compare with baselines measured in the same
+    run: a bare FastAPI endpoint and a bare PostgreSQL insert loop (SPEC §9)."""
+    from api.bench import BenchError, run_bench
+
+    if bus not in ("memory", "kafka"):
+        err_console.print("--bus must be memory or kafka")
+        raise typer.Exit(2)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    with _bar("starting", payments, json) as progress:
+        task = progress.tasks[0].id
+        try:
+            result = asyncio.run(
+                run_bench(
+                    payments,
+                    concurrency,
+                    bus,
+                    on_phase=lambda phase: progress.update(task, description=phase),
+                    on_sent=lambda: progress.advance(task),
+                )
+            )
+        except BenchError as exc:
+            err_console.print(f"bench: {exc}")
+            raise typer.Exit(2 if "UPI_KAFKA_BOOTSTRAP" in str(exc) else 1) from None
+    if json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return
+    table = Table(title=f"bench: {payments} payments, {concurrency} in flight, bus {bus}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, dict):
+            for inner, v in value.items():
+                table.add_row(f"{key}: {inner}", str(v))
+        else:
+            table.add_row(key, str(value))
+    out.print(table)
 
 
 @db_app.command("url")

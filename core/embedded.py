@@ -8,9 +8,12 @@ first; otherwise the server would never be stopped again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import time
 import warnings
 from pathlib import Path
 from urllib.parse import quote
@@ -19,7 +22,7 @@ import psutil
 
 from core.errors import ConfigError
 
-__all__ = ["embedded_database_url", "embedded_url_if_running"]
+__all__ = ["embedded_database_url", "embedded_url_if_running", "stop_embedded"]
 
 _log = logging.getLogger(__name__)
 # Unix sockets live in the data dir; sun_path holds at most 107 bytes.
@@ -80,3 +83,15 @@ def embedded_url_if_running(data_dir: Path) -> str | None:
     if info is None or not info.is_running() or info.socket_dir is None:
         return None
     return _url(Path(info.socket_dir))
+
+
+def stop_embedded(data_dir: Path) -> None:
+    """Stop the embedded server of ``data_dir`` at once (it outlives the processes that
+    share it, a SIGKILLed one included), waiting up to 5 s for it to exit."""
+    pid_file = data_dir / "pg" / "postmaster.pid"
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(pid_file.read_text().splitlines()[0])
+        os.kill(pid, signal.SIGQUIT)  # immediate shutdown
+        for _ in range(100):
+            os.kill(pid, 0)
+            time.sleep(0.05)

@@ -37,7 +37,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -48,10 +47,9 @@ from typing import Any
 
 import httpx
 
+from core.processes import UPI_ENGINE, EngineProcess, free_port
 from dr.cluster import Cluster, PgBinaries
 from dr.orchestrator import (
-    UPI_ENGINE,
-    EngineProcess,
     Orchestrator,
     Region,
     connect,
@@ -63,12 +61,6 @@ __all__ = ["SCENARIOS", "DrillConfig", "run_drill"]
 
 SCENARIOS = ("primary-loss", "standby-loss", "failback")
 FINAL = {"SUCCESS", "FAILED", "BLOCKED", "REVERSED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

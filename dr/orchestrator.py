@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -40,18 +39,17 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 
 from core.events import Envelope, FailoverCompleted, FailoverStarted, PhaseTiming
 from core.outbox import append_to_outbox
+from core.processes import UPI_ENGINE, EngineProcess
 from core.storage import Database
 from dr.cluster import Cluster
 from dr.proxy import RoutingProxy
 
-__all__ = ["UPI_ENGINE", "EngineProcess", "Health", "Orchestrator", "Region", "probe"]
+__all__ = ["Health", "Orchestrator", "Region", "probe"]
 
 _log = logging.getLogger(__name__)
-UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
 
 
 @contextlib.asynccontextmanager
@@ -108,51 +106,6 @@ class Health:
             if self.up and self.failures >= self.fail_after:
                 self.up = False
         return self.up
-
-
-@dataclass
-class EngineProcess:
-    """``upi-engine serve`` for one region."""
-
-    port: int
-    env: dict[str, str]
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [UPI_ENGINE, "serve", "--port", str(self.port)],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"engine exited {self.proc.returncode}; see {self.log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise TimeoutError(f"engine not ready; see {self.log}")
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 @dataclass

@@ -4,13 +4,12 @@ is stopped, and the directory removed, when the block ends."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from core.embedded import stop_embedded
 
 
 @contextlib.contextmanager
@@ -19,8 +18,5 @@ def scratch_data_dir(prefix: str) -> Iterator[Path]:
     try:
         yield data_dir
     finally:
-        pidfile = data_dir / "pg" / "postmaster.pid"
-        if pidfile.exists():
-            os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
-            time.sleep(1)
+        stop_embedded(data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)

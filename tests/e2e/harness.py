@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
+from core.embedded import stop_embedded
 from tests.support import free_port
 
 UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
@@ -95,13 +96,7 @@ class Serve:
 
 def stop_embedded_postgres(data_dir: Path) -> None:
     """After a SIGKILLed serve the embedded server is still running: stop it."""
-    pid_file = data_dir / "pg" / "postmaster.pid"
-    with contextlib.suppress(OSError, ValueError):
-        pid = int(pid_file.read_text().splitlines()[0])
-        os.kill(pid, signal.SIGQUIT)  # immediate shutdown
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.05)
+    stop_embedded(data_dir)
 
 
 @contextlib.contextmanager

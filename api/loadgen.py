@@ -1,0 +1,190 @@
+"""Realistic payment traffic over HTTP, for ``upi-engine load`` and ``upi-engine bench``.
+
+The payments are the fraud simulator's ordinary customers (``fraud.simulator``): their
+VPAs, amounts (₹1 tea to a month's rent), phones and the places they pay from, one payment
+per payer so that a run measures the engine rather than the payer limits and velocity
+rules. A merchant client behaves as the merchant guide asks: each payment has its own
+idempotency key, a 429 waits for its ``Retry-After``, a 5xx or a broken connection is
+retried with the same key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from fraud.simulator import simulate
+
+__all__ = ["Sent", "drive_at_rate", "drive_concurrently", "percentile", "traffic"]
+
+_RETRIES = 5
+
+
+def traffic(seed: int, run: str) -> Iterator[dict[str, Any]]:
+    """Payment requests without end: the first ordinary payment of each simulated payer,
+    in batches of simulated customers; ``run`` keeps order ids apart between runs."""
+    batch = 0
+    n = 0
+    while True:
+        seen: set[str] = set()
+        for labelled in simulate(seed + batch, payers=2_000, days=1.0, scale=0.01):
+            txn = labelled.txn
+            if labelled.fraud or txn.payer in seen:
+                continue
+            seen.add(txn.payer)
+            body: dict[str, Any] = {
+                # The same customers come back in the next batch, with other names and phones.
+                "payer_vpa": txn.payer.replace("@", f".{batch}@") if batch else txn.payer,
+                "amount_paise": txn.amount_paise,
+                "merchant_order_id": f"{run}-{n}",
+            }
+            if txn.device_id is not None:
+                device_id = f"{txn.device_id}.{batch}" if batch else txn.device_id
+                device: dict[str, Any] = {"id": device_id, "rooted": txn.rooted}
+                if txn.location is not None:
+                    device["latitude"], device["longitude"] = txn.location
+                body["device"] = device
+            n += 1
+            yield body
+        batch += 1
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) by linear interpolation; 0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    at = (len(ordered) - 1) * q
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+@dataclass
+class Sent:
+    """What a run sent and got back."""
+
+    accepted: dict[str, float] = field(default_factory=dict)  # transaction id -> latency ms
+    statuses: Counter[int] = field(default_factory=Counter)  # final answer per payment
+    throttled: int = 0  # 429s waited out
+    errors: int = 0  # connections broken or 5xx, retried
+    started: float = field(default_factory=time.perf_counter)
+    finished: float = 0.0
+
+    @property
+    def sent(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    def summary(self) -> dict[str, Any]:
+        latencies = list(self.accepted.values())
+        return {
+            "sent": self.sent,
+            "accepted": len(self.accepted),
+            "rejected": {str(k): v for k, v in sorted(self.statuses.items()) if k != 202},
+            "throttled": self.throttled,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "accepted_per_second": round(len(self.accepted) / self.seconds, 1),
+            "latency_p50_ms": round(percentile(latencies, 0.5), 2),
+            "latency_p99_ms": round(percentile(latencies, 0.99), 2),
+        }
+
+
+async def _send(
+    client: httpx.AsyncClient, api_key: str, body: dict[str, Any], sent: Sent, path: str
+) -> None:
+    headers = {"Authorization": f"Bearer {api_key}", "Idempotency-Key": body["merchant_order_id"]}
+    status = 0
+    for attempt in range(_RETRIES):
+        began = time.perf_counter()
+        try:
+            response = await client.post(path, json=body, headers=headers)
+        except httpx.HTTPError:
+            sent.errors += 1
+            await asyncio.sleep(0.1 * 2**attempt)
+            continue
+        status = response.status_code
+        if status == 429:
+            sent.throttled += 1
+            await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+            continue
+        if status >= 500:
+            sent.errors += 1
+            await asyncio.sleep(0.1 * 2**attempt)
+            continue
+        if status == 202:
+            latency = (time.perf_counter() - began) * 1000
+            sent.accepted[response.json()["transaction_id"]] = latency
+        break
+    sent.statuses[status] += 1
+
+
+async def drive_concurrently(
+    url: str,
+    api_key: str,
+    bodies: Sequence[dict[str, Any]],
+    concurrency: int,
+    *,
+    path: str = "/v1/payments",
+    on_sent: Callable[[], None] | None = None,
+) -> Sent:
+    """Every body, ``concurrency`` requests in flight at a time."""
+    sent = Sent()
+    pending = iter(bodies)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+        async def worker() -> None:
+            for body in pending:
+                await _send(client, api_key, body, sent, path)
+                if on_sent is not None:
+                    on_sent()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    sent.finished = time.perf_counter()
+    return sent
+
+
+async def drive_at_rate(
+    url: str,
+    api_key: str,
+    bodies: Iterator[dict[str, Any]],
+    rate: float,
+    duration_s: float,
+    *,
+    on_sent: Callable[[], None] | None = None,
+) -> Sent:
+    """A new payment every 1/``rate`` seconds for ``duration_s``, however long answers take
+    (an open loop, as real customers arrive); waits for the last answers."""
+    sent = Sent()
+    tasks: set[asyncio.Task[None]] = set()
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+
+        async def one(body: dict[str, Any]) -> None:
+            await _send(client, api_key, body, sent, "/v1/payments")
+            if on_sent is not None:
+                on_sent()
+
+        n = 0
+        while (elapsed := time.perf_counter() - sent.started) < duration_s:
+            if elapsed * rate >= n:
+                task = asyncio.create_task(one(next(bodies)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                n += 1
+                continue
+            await asyncio.sleep(min(1 / rate, duration_s - elapsed))
+        if tasks:
+            await asyncio.gather(*tasks)
+    sent.finished = time.perf_counter()
+    return sent
