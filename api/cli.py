@@ -34,7 +34,7 @@ from core.errors import ConfigError
 from core.ids import new_merchant_id
 from core.logging import configure_logging
 from core.pii import VPA_PATTERN
-from core.storage import migrate, plain_url
+from core.storage import Database, migrate, plain_url
 
 __all__ = ["app", "main"]
 
@@ -187,12 +187,28 @@ async def _with_engine(settings: Settings, work: Callable[[Engine], Awaitable[T]
     """Run ``work`` against the database (migrated), then release it."""
     from api.bootstrap import all_migrations
 
-    engine = Engine.build(settings, [Role.ALL])
+    try:
+        engine = Engine.build(settings, [Role.ALL])
+    except ConfigError as exc:
+        _fail_config(exc)
     try:
         await migrate(engine.db, all_migrations())
         return await work(engine)
     finally:
         await engine.db.close()
+
+
+async def _with_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run ``work`` against the database (migrated) without the master key: for what reads
+    only signed or sealed data, so that auditors' tooling never needs the key."""
+    from api.bootstrap import all_migrations, database_url
+
+    db = Database(database_url(settings), pool_size=settings.db_pool_size)
+    try:
+        await migrate(db, all_migrations())
+        return await work(db)
+    finally:
+        await db.close()
 
 
 def _spinner(message: str, quiet: bool, *, elapsed: bool = False) -> Progress:
@@ -333,7 +349,7 @@ def ledger_verify(
     settings = _settings()
     with _spinner("verifying the ledger…", json):
         result = asyncio.run(
-            _with_engine(settings, lambda e: verify_ledger(e.db, SystemClock(), full=full))
+            _with_database(settings, lambda db: verify_ledger(db, SystemClock(), full=full))
         )
     if json:
         sys.stdout.write(orjson.dumps(result.to_dict()).decode() + "\n")
@@ -357,15 +373,15 @@ def ledger_export(
 
     settings = _settings()
 
-    async def export(engine: Engine) -> int:
+    async def export(db: Database) -> int:
         count = 0
         with out_file.open("wb") as f:
-            async for line in export_lines(engine.db, from_height):
+            async for line in export_lines(db, from_height):
                 f.write(orjson.dumps(line) + b"\n")
                 count += 1
         return count
 
-    count = asyncio.run(_with_engine(settings, export))
+    count = asyncio.run(_with_database(settings, export))
     out.print(f"wrote {count} lines to {out_file}")
 
 

@@ -145,3 +145,16 @@ def test_auditor_reads_verification_export_rotation_and_shredding(embedded_env, 
         assert bad.returncode == 1 and json.loads(bad.stdout)["first_bad_height"] == 4
         logs = server.log.read_text()
     assert "priya.sharma@ybl" not in logs
+
+
+def test_auditors_verify_and_export_without_the_master_key(distributed_env, tmp_path):
+    # Auditors' tooling reads only signed and sealed data: no UPI_MASTER_KEY needed.
+    env = {k: v for k, v in distributed_env.items() if k != "UPI_MASTER_KEY"}
+    done = cli(env, "ledger", "verify", "--full", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["valid"] is True
+    done = cli(env, "ledger", "export", "--out", str(tmp_path / "ledger.jsonl"))
+    assert done.returncode == 0, done.stderr
+    # What does need it still says so, in one line naming the variable.
+    done = cli(env, "keys", "rotate")
+    assert done.returncode == 2 and "UPI_MASTER_KEY" in done.stderr
