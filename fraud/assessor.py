@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 from core.bus.base import Subscription
@@ -30,7 +31,7 @@ from fraud.engine import FraudEngine
 from fraud.features import Txn
 from fraud.model import load_model
 from fraud.scorers import DeviceScorer, LocationScorer, ModelScorer, VelocityScorer
-from fraud.store import HistoryStore
+from fraud.store import HistoryPruner, HistoryStore
 
 __all__ = ["FraudAssessor", "build_engine", "txn_of"]
 
@@ -116,6 +117,9 @@ class FraudAssessor:
     ) -> FraudAssessor:
         engine, version = build_engine(settings)
         return cls(db, engine, HistoryStore(master_key), clock, version)
+
+    def pruner(self, retention: timedelta) -> HistoryPruner:
+        return HistoryPruner(self._db, self._store, self._clock, retention)
 
     def subscription(self) -> Subscription:
         return Subscription(

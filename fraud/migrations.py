@@ -36,4 +36,11 @@ MIGRATIONS = [
         );
         """,
     ),
+    Migration(
+        "fraud.0002_history_by_time",
+        """
+        -- The pruner deletes by age (UPI_FRAUD_HISTORY_DAYS).
+        CREATE INDEX fraud_obs_at ON fraud_observations (at);
+        """,
+    ),
 ]

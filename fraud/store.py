@@ -9,16 +9,21 @@ each worker sees every payment committed before it looks.
 
 from __future__ import annotations
 
+import asyncio
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.clock import Clock
 from core.crypto import MasterKey
+from core.polling import poll_until_stopped
+from core.storage import Database
 from fraud.features import History, Txn
 from fraud.history import DAY, HOUR, MINUTE, RECENT, USUAL_PLACES
 
-__all__ = ["HistoryStore"]
+__all__ = ["HistoryPruner", "HistoryStore"]
 
 _READ = text(
     f"""
@@ -158,3 +163,47 @@ class HistoryStore:
                 {"payer": keys["payer"], "device": keys["device"], "at": txn.at},
             )
         return True
+
+    async def prune(self, conn: AsyncConnection, before: datetime, limit: int = 5_000) -> int:
+        """Forget up to ``limit`` payments made before ``before``; how many went. The
+        per-payer count and devices stay: they are one row per payer, not per payment."""
+        deleted = await conn.execute(
+            text(
+                "DELETE FROM fraud_observations WHERE id IN (SELECT id FROM fraud_observations"
+                " WHERE at < :before ORDER BY at LIMIT :n)"
+            ),
+            {"before": before, "n": limit},
+        )
+        return int(deleted.rowcount)
+
+
+class HistoryPruner:
+    """Keeps the fraud history to its retention: deletes older payments in batches, then
+    looks again an hour later."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: HistoryStore,
+        clock: Clock,
+        retention: timedelta,
+        interval_s: float = 3_600.0,
+    ) -> None:
+        self._db = db
+        self._store = store
+        self._clock = clock
+        self._retention = retention
+        self._interval_s = interval_s
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def prune_once(self) -> int:
+        async with self._db.transaction() as conn:
+            return await self._store.prune(conn, self._clock.now() - self._retention)
+
+    async def run(self) -> None:
+        await poll_until_stopped(
+            "fraud history pruning", self.prune_once, self._stop, lambda: self._interval_s
+        )

@@ -133,3 +133,36 @@ async def test_impossible_travel_and_takeover_through_the_assessor(db):
     assert "DEVICE_CHANGE_BEFORE_HIGH_VALUE" in by_txn[t[5]].reasons
     assert by_txn[t[5]].decision.value in ("STEP_UP", "BLOCK")
     assert all(d.model_version.startswith("hgb-") for d in found.values())
+
+
+async def test_the_pruner_forgets_payments_past_retention_and_nothing_newer(db):
+    from fraud.features import Txn
+    from fraud.store import HistoryPruner
+
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    store = HistoryStore(KEY)
+    ages_days = [400, 200, 95, 91, 89, 30, 1, 0.01]
+    async with db.transaction() as conn:
+        for n, age in enumerate(ages_days):
+            at = now - timedelta(days=age)
+            txn = Txn("priya@okhdfc", "shop@okicici", 1_000 + n, at, "phone-1", (19.07, 72.87))
+            assert await store.observe(conn, f"T{n}", txn)
+    probe = Txn("priya@okhdfc", "shop@okicici", 500, now, "phone-1", (19.07, 72.87))
+    async with db.transaction() as conn:
+        before = await store.history(conn, probe)
+    pruner = HistoryPruner(db, store, FakeClock(now), timedelta(days=90))
+    assert await pruner.prune_once() == 4  # 400, 200, 95 and 91 days old
+    assert await pruner.prune_once() == 0
+    async with db.connection() as conn:
+        kept = (
+            await conn.execute(text("SELECT transaction_id FROM fraud_observations ORDER BY id"))
+        ).scalars()
+        assert list(kept) == ["T4", "T5", "T6", "T7"]
+        after = await store.history(conn, probe)
+    # What the scorers read of the last day, and the payer's count ever, are unchanged.
+    assert (after.payer_count_24h, after.payer_amount_24h) == (
+        before.payer_count_24h,
+        before.payer_amount_24h,
+    )
+    assert after.payer_payments_ever == before.payer_payments_ever == len(ages_days)
+    assert after.device_known_for_payer and after.last_location == before.last_location
