@@ -8,7 +8,7 @@ import base64
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -209,6 +209,25 @@ async def _with_database(settings: Settings, work: Callable[[Database], Awaitabl
         return await work(db)
     finally:
         await db.close()
+
+
+def _measures(title: str, rows: Iterable[tuple[str, object]]) -> None:
+    """A two-column table of measures on stdout."""
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, str(value))
+    out.print(table)
+
+
+def _flat(result: dict[str, Any]) -> Iterator[tuple[str, object]]:
+    """A result's fields, those of a nested object as ``outer: inner``."""
+    for key, value in result.items():
+        if isinstance(value, dict):
+            yield from ((f"{key}: {inner}", v) for inner, v in value.items())
+        else:
+            yield key, value
 
 
 def _spinner(message: str, quiet: bool, *, elapsed: bool = False) -> Progress:
@@ -595,10 +614,7 @@ def dr_drill(
     if json:
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
     else:
-        table = Table(title=f"DR drill: {scenario}")
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for key in (
+        keys = (
             "old_primary",
             "new_primary",
             "accepted_payments",
@@ -608,11 +624,9 @@ def dr_drill(
             "rto_seconds",
             "rpo_seconds",
             "ledger_valid",
-        ):
-            table.add_row(key, str(result[key]))
-        for phase in result["phases"]:
-            table.add_row(f"  phase {phase['name']}", f"{phase['seconds']} s")
-        out.print(table)
+        )
+        phases = [(f"  phase {p['name']}", f"{p['seconds']} s") for p in result["phases"]]
+        _measures(f"DR drill: {scenario}", [*((k, result[k]) for k in keys), *phases])
         out.print("[green]every invariant holds[/]" if result["ok"] else "[red]a check failed[/]")
     raise typer.Exit(0 if result["ok"] else 1)
 
@@ -733,12 +747,7 @@ def load(
     if json:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
     else:
-        table = Table(title=f"load: {rate:g}/s for {duration:g} s against {url}")
-        table.add_column("measure")
-        table.add_column("value", justify="right")
-        for key, value in summary.items():
-            table.add_row(key, str(value))
-        out.print(table)
+        _measures(f"load: {rate:g}/s for {duration:g} s against {url}", _flat(summary))
     raise typer.Exit(0 if summary["accepted"] == summary["sent"] else 1)
 
 
@@ -776,16 +785,7 @@ def bench(
     if json:
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
         return
-    table = Table(title=f"bench: {payments} payments, {concurrency} in flight, bus {bus}")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        if isinstance(value, dict):
-            for inner, v in value.items():
-                table.add_row(f"{key}: {inner}", str(v))
-        else:
-            table.add_row(key, str(value))
-    out.print(table)
+    _measures(f"bench: {payments} payments, {concurrency} in flight, bus {bus}", _flat(result))
 
 
 @db_app.command("url")

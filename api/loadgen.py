@@ -71,7 +71,7 @@ class Sent:
     """What a run sent and got back."""
 
     accepted: dict[str, float] = field(default_factory=dict)  # transaction id -> latency ms
-    statuses: Counter[int] = field(default_factory=Counter)  # final answer per payment
+    statuses: Counter[int] = field(default_factory=Counter)  # last answer per payment, 0: none
     throttled: int = 0  # 429s waited out
     errors: int = 0  # connections broken or 5xx, retried
     started: float = field(default_factory=time.perf_counter)
@@ -90,7 +90,8 @@ class Sent:
         return {
             "sent": self.sent,
             "accepted": len(self.accepted),
-            "rejected": {str(k): v for k, v in sorted(self.statuses.items()) if k != 202},
+            "rejected": {str(k): v for k, v in sorted(self.statuses.items()) if k not in (0, 202)},
+            "unanswered": self.statuses[0],  # no answer after every retry
             "throttled": self.throttled,
             "errors": self.errors,
             "seconds": round(self.seconds, 3),

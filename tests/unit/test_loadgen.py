@@ -46,4 +46,5 @@ def test_summary_counts_answers_not_attempts():
     summary = sent.summary()
     assert summary["sent"] == 3 and summary["accepted"] == 2
     assert summary["rejected"] == {"422": 1} and summary["throttled"] == 4
+    assert summary["unanswered"] == 0
     assert summary["accepted_per_second"] == 1.0 and summary["latency_p50_ms"] == 20.0
