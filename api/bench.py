@@ -106,6 +106,25 @@ def _scratch() -> Iterator[Path]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+_WORKER_ROLES = ("relay", "fraud", "switch", "ledger", "settlement")
+
+
+def _servers(env: dict[str, str], data_dir: Path, processes: int) -> list[EngineProcess]:
+    """One ``serve`` with every role, or the gateway in one and the workers (the relay with
+    its in-process consumers) in another; the gateway first."""
+    if processes == 1:
+        return [EngineProcess(free_port(), env, data_dir / "serve.log")]
+    ports = free_port(), free_port()
+    gateway = (UPI_ENGINE, "serve", "--port", str(ports[0]), "--role", "gateway")
+    workers = [UPI_ENGINE, "serve", "--port", str(ports[1])]
+    for role in _WORKER_ROLES:
+        workers += ["--role", role]
+    return [
+        EngineProcess(ports[0], env, data_dir / "gateway.log", gateway),
+        EngineProcess(ports[1], env, data_dir / "workers.log", tuple(workers)),
+    ]
+
+
 def _merchant(env: dict[str, str]) -> str:
     done = subprocess.run(
         [UPI_ENGINE, "merchant", "create", "--name", "bench", "--vpa", "bench@okicici", "--json"],
@@ -224,6 +243,7 @@ async def run_bench(
     concurrency: int,
     bus: str,
     *,
+    processes: int = 1,
     seed: int = 20261125,
     on_phase: Callable[[str], None] = lambda phase: None,
     on_sent: Callable[[], None] | None = None,
@@ -231,10 +251,12 @@ async def run_bench(
     bodies = list(itertools.islice(traffic(seed, f"bench-{uuid.uuid4().hex[:6]}"), payments))
     with _scratch() as data_dir:
         env = _env(data_dir, bus)
-        engine = EngineProcess(free_port(), env, data_dir / "serve.log")
+        servers = _servers(env, data_dir, processes)
+        engine = servers[0]  # the gateway
         on_phase("starting the engine")
         try:
-            await asyncio.to_thread(engine.start, 120)
+            for server in servers:
+                await asyncio.to_thread(server.start, 120)
             api_key = await asyncio.to_thread(_merchant, env)
             on_phase("sending payments")
             sent = await drive_concurrently(
@@ -256,7 +278,8 @@ async def run_bench(
             finally:
                 await conn.close()
         finally:
-            engine.stop()
+            for server in servers:
+                server.stop()
         on_phase("measuring the baselines")
         bare_http = await _bare_http(bodies, concurrency, data_dir / "bare.log")
         bare_insert = await _bare_inserts(conn_url, payments, concurrency)
@@ -266,12 +289,15 @@ async def run_bench(
         "payments": payments,
         "concurrency": concurrency,
         "bus": bus,
+        "processes": processes,
         "seconds": _r(sent.seconds, 3),
         "payments_per_second": _r(rate, 1),
         "initiation_p50_ms": _r(percentile(initiation, 0.5)),
         "initiation_p99_ms": _r(percentile(initiation, 0.99)),
         "final_p50_ms": _r(percentile(measured["final"], 0.5)),
         "final_p99_ms": _r(percentile(measured["final"], 0.99)),
+        # Payments completed end to end: all of them over the time until the last settled.
+        "settled_per_second": _r(payments / (caught_up - sent.started), 1),
         "ledger_entries_per_second": _r(measured["entries"] / (caught_up - sent.started), 1),
         "fraud_p50_ms": _r(percentile(measured["fraud"], 0.5)),
         "fraud_p99_ms": _r(percentile(measured["fraud"], 0.99)),

@@ -756,6 +756,9 @@ def bench(
     payments: Annotated[int, typer.Option(min=1, help="Payments to send")] = 2_000,
     concurrency: Annotated[int, typer.Option(min=1, max=512, help="Requests in flight")] = 32,
     bus: Annotated[str, typer.Option(help="memory | kafka (at UPI_KAFKA_BOOTSTRAP)")] = "memory",
+    processes: Annotated[
+        int, typer.Option(min=1, max=2, help="1: every role in one; 2: gateway | workers")
+    ] = 1,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Run the whole engine on a scratch embedded PostgreSQL, send realistic payments, wait
@@ -766,6 +769,9 @@ def bench(
     if bus not in ("memory", "kafka"):
         err_console.print("--bus must be memory or kafka")
         raise typer.Exit(2)
+    if processes > 1 and bus != "kafka":
+        err_console.print("--processes 2 needs --bus kafka: the in-process bus is one process")
+        raise typer.Exit(2)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     with _bar("starting", payments, json) as progress:
         task = progress.tasks[0].id
@@ -775,6 +781,7 @@ def bench(
                     payments,
                     concurrency,
                     bus,
+                    processes=processes,
                     on_phase=lambda phase: progress.update(task, description=phase),
                     on_sent=lambda: progress.advance(task),
                 )
@@ -785,7 +792,8 @@ def bench(
     if json:
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
         return
-    _measures(f"bench: {payments} payments, {concurrency} in flight, bus {bus}", _flat(result))
+    title = f"bench: {payments} payments, {concurrency} in flight, bus {bus}, {processes} process"
+    _measures(title + ("es" if processes > 1 else ""), _flat(result))
 
 
 @db_app.command("url")

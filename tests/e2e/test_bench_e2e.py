@@ -52,32 +52,25 @@ def test_bench_on_the_embedded_default():
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     check_bench(result, 40)
-    assert result["bus"] == "memory"
+    assert (result["bus"], result["processes"]) == ("memory", 1)
+    assert 0 < result["settled_per_second"] <= result["payments_per_second"]
 
 
-def test_bench_over_kafka(kafka_bootstrap):
+def test_bench_over_kafka_with_the_gateway_and_the_workers_apart(kafka_bootstrap):
     env = base_env(UPI_KAFKA_BOOTSTRAP=kafka_bootstrap, UPI_KAFKA_IDEMPOTENCE="false")
-    done = cli(
-        env,
-        "bench",
-        "--payments",
-        "30",
-        "--concurrency",
-        "4",
-        "--bus",
-        "kafka",
-        "--json",
-        timeout=300,
-    )
+    args = ["--payments", "30", "--concurrency", "4", "--bus", "kafka", "--processes", "2"]
+    done = cli(env, "bench", *args, "--json", timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     check_bench(result, 30)
-    assert result["bus"] == "kafka"
+    assert (result["bus"], result["processes"]) == ("kafka", 2)
 
 
-def test_bench_over_kafka_needs_a_broker():
+def test_bench_usage_errors_exit_2():
     done = cli(base_env(), "bench", "--bus", "kafka")
     assert done.returncode == 2 and "UPI_KAFKA_BOOTSTRAP" in done.stderr
+    done = cli(base_env(), "bench", "--processes", "2")
+    assert done.returncode == 2 and "--bus kafka" in done.stderr
 
 
 def test_load_sends_realistic_payments_to_a_running_engine(embedded_env):
