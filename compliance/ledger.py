@@ -473,32 +473,42 @@ async def _verify_stored(
         # next page on the other core while this one is hashed. To stop early the readers
         # drop the rest of their page: cancelling a COPY from its sink leaves asyncpg's
         # connection unusable if the server already sent everything.
+        # A reader's failure (the database gone) is put into every empty queue, so that
+        # the check waiting on one wakes up and raises it.
         firsts = range(verifier.next_height, top + 1, _VERIFY_PAGE)
-        pages: list[asyncio.Queue[bytes | None]] = [asyncio.Queue(64) for _ in firsts]
+        pages: list[asyncio.Queue[bytes | Exception | None]] = [asyncio.Queue(64) for _ in firsts]
+        failures: list[Exception] = []
         stop = False
 
         async def read(lane: int) -> None:
-            async with contextlib.AsyncExitStack() as stack:
-                lane_conn = conn if lane == 0 else await stack.enter_async_context(db.connection())
-                raw = (await lane_conn.get_raw_connection()).driver_connection
-                assert raw is not None
-                for index in range(lane, len(pages), _VERIFY_LANES):
-                    page = pages[index]
+            async def sink(chunk: bytes) -> None:
+                if not stop:
+                    await page.put(chunk)
 
-                    async def sink(chunk: bytes, page: asyncio.Queue[bytes | None] = page) -> None:
-                        if not stop:
-                            await page.put(chunk)
-
-                    if stop:
-                        return
-                    first = firsts[index]
-                    await raw.copy_from_query(
-                        _HASH_INPUTS.format(first=first, last=min(first + _VERIFY_PAGE - 1, top)),
-                        output=sink,
-                        format="binary",
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    lane_conn = (
+                        conn if lane == 0 else await stack.enter_async_context(db.connection())
                     )
-                    if not stop:
-                        await page.put(None)
+                    raw = (await lane_conn.get_raw_connection()).driver_connection
+                    assert raw is not None
+                    for index in range(lane, len(pages), _VERIFY_LANES):
+                        if stop:
+                            return
+                        page, first = pages[index], firsts[index]
+                        last = min(first + _VERIFY_PAGE - 1, top)
+                        await raw.copy_from_query(
+                            _HASH_INPUTS.format(first=first, last=last),
+                            output=sink,
+                            format="binary",
+                        )
+                        if not stop:
+                            await page.put(None)
+            except Exception as exc:
+                failures.append(exc)
+                for waiting in pages:
+                    if waiting.empty():
+                        waiting.put_nowait(exc)
 
         if not check_due_checkpoints():
             return
@@ -506,8 +516,15 @@ async def _verify_stored(
         rows_of = _HashInputRows()
         ok = True
         try:
-            for page in pages:
-                while ok and (chunk := await page.get()) is not None:
+            for queue in pages:
+                while ok:
+                    if failures and queue.empty():
+                        raise failures[0]
+                    chunk = await queue.get()
+                    if chunk is None:
+                        break
+                    if isinstance(chunk, Exception):
+                        raise chunk
                     rows = rows_of.feed(chunk)
                     done = 0
                     while ok and done < len(rows):
@@ -524,11 +541,10 @@ async def _verify_stored(
         finally:
             stop = True
             while not all(reader.done() for reader in readers):
-                for page in pages:
-                    while not page.empty():
-                        page.get_nowait()  # unblocks a reader waiting on a full queue
+                for queue in pages:
+                    while not queue.empty():
+                        queue.get_nowait()  # unblocks a reader waiting on a full queue
                 await asyncio.sleep(0.001)
-            await asyncio.gather(*readers)
         if not ok or not check_due_checkpoints():
             return
         # Checkpoints above the last entry vouch for entries that are not there: a fault.

@@ -302,3 +302,25 @@ async def test_no_pii_in_clear_in_any_ledger_table(db, writer):
             assert "rahul" not in (dump or ""), table
             hexed = PAYER.encode().hex()
             assert hexed not in (dump or ""), table
+
+
+async def test_verification_raises_when_the_database_fails_midway(db, writer, clock, monkeypatch):
+    # Pages of 5 on two connections; every page from height 10 on fails in the database
+    # (division by zero), while earlier pages are being checked: the error comes out, and
+    # verification neither hangs nor says anything about validity.
+    await writer.append(envelopes(40))
+    await writer.checkpoint_if_due(force=True)
+    monkeypatch.setattr(ledger, "_VERIFY_PAGE", 5)
+    failing = ledger._HASH_INPUTS.replace(
+        "ORDER BY height", "AND 1.0 / (10 - LEAST({first}, 10)) > 0 ORDER BY height"
+    )
+    monkeypatch.setattr(ledger, "_HASH_INPUTS", failing)
+    verifying = asyncio.create_task(verify_ledger(db, clock, full=True))
+    done, _ = await asyncio.wait({verifying}, timeout=30)  # a hang, not a speed limit
+    if not done:
+        verifying.cancel()
+    assert done, "verification hung after the database failed"
+    with pytest.raises(Exception, match="division by zero"):
+        verifying.result()
+    monkeypatch.undo()
+    assert (await verify_ledger(db, clock, full=True)).valid  # the connections still work
