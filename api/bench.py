@@ -112,23 +112,26 @@ _WORKER_ROLES = ("relay", "fraud", "switch", "ledger", "settlement")
 def _servers(env: dict[str, str], data_dir: Path, processes: int) -> list[EngineProcess]:
     """One ``serve`` with every role, or the gateway in one and the workers (the relay with
     its in-process consumers) in another; the gateway first."""
+    # They run in the scratch dir: a .env file where the bench was started (one naming a
+    # real database, say) must not reach them.
     if processes == 1:
-        return [EngineProcess(free_port(), env, data_dir / "serve.log")]
+        return [EngineProcess(free_port(), env, data_dir / "serve.log", cwd=data_dir)]
     ports = free_port(), free_port()
     gateway = (UPI_ENGINE, "serve", "--port", str(ports[0]), "--role", "gateway")
     workers = [UPI_ENGINE, "serve", "--port", str(ports[1])]
     for role in _WORKER_ROLES:
         workers += ["--role", role]
     return [
-        EngineProcess(ports[0], env, data_dir / "gateway.log", gateway),
-        EngineProcess(ports[1], env, data_dir / "workers.log", tuple(workers)),
+        EngineProcess(ports[0], env, data_dir / "gateway.log", gateway, data_dir),
+        EngineProcess(ports[1], env, data_dir / "workers.log", tuple(workers), data_dir),
     ]
 
 
-def _merchant(env: dict[str, str]) -> str:
+def _merchant(env: dict[str, str], data_dir: Path) -> str:
     done = subprocess.run(
         [UPI_ENGINE, "merchant", "create", "--name", "bench", "--vpa", "bench@okicici", "--json"],
         env=env,
+        cwd=data_dir,
         capture_output=True,
         text=True,
         timeout=120,
@@ -257,7 +260,7 @@ async def run_bench(
         try:
             for server in servers:
                 await asyncio.to_thread(server.start, 120)
-            api_key = await asyncio.to_thread(_merchant, env)
+            api_key = await asyncio.to_thread(_merchant, env, data_dir)
             on_phase("sending payments")
             sent = await drive_concurrently(
                 engine.url, api_key, bodies, concurrency, on_sent=on_sent

@@ -101,6 +101,14 @@ class Sent:
         }
 
 
+def _retry_after(header: str | None) -> float:
+    """Seconds to wait from a ``Retry-After`` (seconds; an HTTP date or nothing: 1 s)."""
+    try:
+        return min(max(float(header or "1"), 0.0), 60.0)
+    except ValueError:
+        return 1.0
+
+
 async def _send(
     client: httpx.AsyncClient, api_key: str, body: dict[str, Any], sent: Sent, path: str
 ) -> None:
@@ -117,7 +125,7 @@ async def _send(
         status = response.status_code
         if status == 429:
             sent.throttled += 1
-            await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+            await asyncio.sleep(_retry_after(response.headers.get("Retry-After")))
             continue
         if status >= 500:
             sent.errors += 1

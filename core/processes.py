@@ -33,6 +33,7 @@ class EngineProcess:
     env: dict[str, str]
     log: Path
     command: tuple[str, ...] = ()
+    cwd: Path | None = None  # where it runs (and reads a .env file from)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -44,6 +45,7 @@ class EngineProcess:
             self.proc = subprocess.Popen(
                 list(self.command) or [UPI_ENGINE, "serve", "--port", str(self.port)],
                 env=self.env,
+                cwd=self.cwd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
-from tests.e2e.harness import base_env, cli, create_merchant, query, serving
+from tests.e2e.harness import UPI_ENGINE, base_env, cli, create_merchant, query, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -47,8 +48,18 @@ def check_bench(result: dict, payments: int) -> None:
     )
 
 
-def test_bench_on_the_embedded_default():
-    done = cli(base_env(), "bench", "--payments", "40", "--concurrency", "4", "--json", timeout=300)
+def test_bench_on_the_embedded_default(tmp_path):
+    # Run where a .env names another database: the bench's own engine must not use it.
+    (tmp_path / ".env").write_text("UPI_DATABASE_URL=postgresql+asyncpg://x@127.0.0.1:1/nope\n")
+    done = subprocess.run(
+        [UPI_ENGINE, "bench", "--payments", "40", "--concurrency", "4", "--json"],
+        env=base_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     check_bench(result, 40)
