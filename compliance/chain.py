@@ -238,19 +238,6 @@ class LedgerEntry:
     prev_hash: bytes
     entry_hash: bytes
 
-    def computed_hash(self) -> bytes:
-        return entry_hash(
-            self.prev_hash,
-            self.height,
-            self.event_id,
-            self.event_type,
-            self.transaction_id,
-            self.recorded_at,
-            self.key_id,
-            self.nonce,
-            self.ciphertext,
-        )
-
     def to_export(self) -> dict[str, Any]:
         return {
             "type": "entry",
@@ -556,16 +543,10 @@ class ChainVerifier:
     entries: int = 0
     checkpoints: int = 0
     failure: VerifyResult | None = None
-    _head_by_height: dict[int, bytes] = field(default_factory=dict)
 
     def _fail(self, height: int, reason: str) -> bool:
         self.failure = VerifyResult(False, self.entries, self.checkpoints, height, reason)
         return False
-
-    def entry(self, e: LedgerEntry) -> bool:
-        return self.hashed_entry(
-            e.height, e.prev_hash, e.entry_hash, e.computed_hash() == e.entry_hash
-        )
 
     def hashed_entry(
         self, height: int, prev_hash: bytes, stored_hash: bytes, content_ok: bool
