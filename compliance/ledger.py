@@ -210,7 +210,6 @@ class LedgerWriter:
         signed each time the size crosses a multiple of 1,000."""
         aead = AESGCM(data_key.key)
         key_id = data_key.key_id
-        hasher = chain.EntryHasher(recorded_at, key_id)
         uncounted: list[bytes] = []  # hashes not in the Merkle accumulator yet
         for n, envelope in enumerate(envelopes, 1):
             payload = envelope.to_dict()
@@ -221,7 +220,9 @@ class LedgerWriter:
                 aead, key_id, payload, event_id=event_id, event_type=event_type, transaction_id=txn
             )
             prev = state.head
-            digest = hasher(prev, state.size, event_id, event_type, txn, nonce, ciphertext)
+            digest = chain.entry_hash(
+                prev, state.size, event_id, event_type, txn, recorded_at, key_id, nonce, ciphertext
+            )
             yield (
                 state.size,
                 envelope.event_id,
