@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -66,6 +67,14 @@ _ENTRY_COLUMN_NAMES = [
     "entry_hash",
 ]
 CHECKPOINT_INTERVAL_S = 10.0
+_COPY_CHUNK = 64
+# Binary COPY (PostgreSQL's own format): a signature, then flags and extension length.
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_COPY_HEADER = _COPY_SIGNATURE + bytes(8)  # no flags, no header extension
+_COPY_TRAILER = b"\xff\xff"
+_ROW_START = b"\x00\x0a\x00\x00\x00\x08"
+_UUID_LENGTH = b"\x00\x00\x00\x10"
+_HASH_LENGTH = b"\x00\x00\x00\x20"
 
 
 def _iso(at: datetime) -> str:
@@ -183,13 +192,14 @@ class LedgerWriter:
                 signer = await keys.active_signing_key(conn, self._master, now)
             checkpoints: list[chain.Checkpoint] = []
             # Binary COPY inside this transaction (several times faster than INSERTs), fed
-            # as the entries are sealed: asyncpg sends every 512 KB, so the database stores
-            # the first rows while the next ones are sealed here.
+            # in small chunks as the entries are sealed: the database stores the first rows
+            # while the next ones are sealed here.
             raw = await conn.get_raw_connection()
-            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+            await raw.driver_connection.copy_to_table(  # type: ignore[union-attr]
                 "ledger_entries",
+                source=self._sealed(fresh, state, data_key, _iso(now), signer, checkpoints, now),
                 columns=_ENTRY_COLUMN_NAMES,
-                records=self._sealed(fresh, state, data_key, _iso(now), signer, checkpoints, now),
+                format="binary",
             )
             await _insert_checkpoints(conn, checkpoints)
             await _save_state(conn, state)
@@ -205,13 +215,20 @@ class LedgerWriter:
         signer: keys.SigningKey | None,
         checkpoints: list[chain.Checkpoint],
         now: datetime,
-    ) -> AsyncIterator[tuple[Any, ...]]:
-        """COPY records of the envelopes, sealed and chained on ``state``; a checkpoint is
-        signed each time the size crosses a multiple of 1,000."""
+    ) -> AsyncIterator[bytes]:
+        """The envelopes sealed and chained on ``state``, as binary COPY data for
+        ``_ENTRY_COLUMN_NAMES`` in chunks of ``_COPY_CHUNK`` rows; a checkpoint is signed each
+        time the size crosses a multiple of 1,000.
+
+        A row is built from the entry's hash input, whose frames (``int32 length || bytes``)
+        are binary COPY's own field format: after ``prev_hash``, the height and the event
+        id's 36-character text, the input is the row's fields from ``event_type`` to
+        ``ciphertext``, as they are."""
         aead = AESGCM(data_key.key)
         key_id = data_key.key_id
         uncounted: list[bytes] = []  # hashes not in the Merkle accumulator yet
-        for n, envelope in enumerate(envelopes, 1):
+        rows: list[bytes] = [_COPY_HEADER]
+        for envelope in envelopes:
             payload = envelope.to_dict()
             event_id = payload["event_id"]
             event_type = envelope.event_type
@@ -220,20 +237,25 @@ class LedgerWriter:
                 aead, key_id, payload, event_id=event_id, event_type=event_type, transaction_id=txn
             )
             prev = state.head
-            digest = chain.entry_hash(
+            message = chain.hash_input(
                 prev, state.size, event_id, event_type, txn, recorded_at, key_id, nonce, ciphertext
             )
-            yield (
-                state.size,
-                envelope.event_id,
-                event_type,
-                txn,
-                recorded_at,
-                key_id,
-                nonce,
-                ciphertext,
-                prev,
-                digest,
+            digest = hashlib.sha256(message).digest()
+            assert len(event_id) == 36 and len(prev) == 32
+            rows.append(
+                b"".join(
+                    (
+                        _ROW_START,  # 10 fields, then the height's length (8)
+                        message[32:40],  # the height
+                        _UUID_LENGTH,
+                        envelope.event_id.bytes,
+                        message[80:],  # event_type ... ciphertext, framed
+                        _HASH_LENGTH,
+                        prev,
+                        _HASH_LENGTH,
+                        digest,
+                    )
+                )
             )
             uncounted.append(digest)
             state.head = digest
@@ -243,8 +265,12 @@ class LedgerWriter:
                 state.accumulator.extend(uncounted)
                 uncounted.clear()
                 checkpoints.append(self._checkpoint(signer, state, now))
-            if n % 128 == 0:
-                await asyncio.sleep(0)  # lets the transport send what asyncpg flushed
+            if len(rows) >= _COPY_CHUNK:
+                yield b"".join(rows)
+                rows.clear()
+                await asyncio.sleep(0)  # the transport sends it; the database stores it
+        rows.append(_COPY_TRAILER)
+        yield b"".join(rows)
         state.accumulator.extend(uncounted)
 
     def _checkpoint(
@@ -407,7 +433,6 @@ FROM ledger_entries WHERE height >= {first} AND height <= {last} ORDER BY height
 """
 _VERIFY_PAGE = 16_384
 _VERIFY_LANES = 2
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _I32 = struct.Struct(">i").unpack_from
 
 
