@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -53,6 +54,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 T = TypeVar("T")
 _APPEND_LOCK = 0x5550_4C47  # "UPLG"
+_UNIQUE_EVENT = "ledger_entries_event_id_key"
 CHECKPOINT_EVERY = 1_000
 _ENTRY_COLUMN_NAMES = [
     "height",
@@ -166,18 +168,33 @@ class LedgerWriter:
         )
 
     async def append(self, envelopes: Sequence[Envelope]) -> int:
-        """Append what is not in the chain yet; returns how many entries were added."""
+        """Append what is not in the chain yet; returns how many entries were added.
+
+        Optimistic: a batch is written without looking for its events first (redelivery is
+        rare, and the look costs an index probe per event); if one is there already, the
+        unique event id refuses the whole batch, which is then written again without
+        what was there."""
+        try:
+            return await self._append(envelopes, look_first=False)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != _UNIQUE_EVENT:
+                raise
+            return await self._append(envelopes, look_first=True)
+
+    async def _append(self, envelopes: Sequence[Envelope], *, look_first: bool) -> int:
         now = self._clock.now()
         async with self._db.transaction() as conn:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPEND_LOCK})
-            present = set(
-                (
-                    await conn.execute(
-                        text("SELECT event_id FROM ledger_entries WHERE event_id = ANY(:ids)"),
-                        {"ids": [e.event_id for e in envelopes]},
-                    )
-                ).scalars()
-            )
+            present: set[Any] = set()
+            if look_first:
+                present.update(
+                    (
+                        await conn.execute(
+                            text("SELECT event_id FROM ledger_entries WHERE event_id = ANY(:ids)"),
+                            {"ids": [e.event_id for e in envelopes]},
+                        )
+                    ).scalars()
+                )
             fresh: list[Envelope] = []
             for envelope in envelopes:
                 if envelope.event_id not in present:
