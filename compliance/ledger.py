@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from core.clock import Clock
 from core.crypto import MasterKey
 from core.events import Envelope, Topic
 from core.metrics import LEDGER_ENTRIES
+from core.polling import poll_until_stopped
 from core.storage import Database
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "verify_ledger",
 ]
 
-_log = logging.getLogger(__name__)
 T = TypeVar("T")
 _APPEND_LOCK = 0x5550_4C47  # "UPLG"
 _UNIQUE_EVENT = "ledger_entries_event_id_key"
@@ -325,15 +324,11 @@ class LedgerWriter:
         self._stopping.set()
 
     async def run_checkpointer(self, every_s: float = 1.0) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.checkpoint_if_due()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _log.warning("ledger checkpointer: %s", exc, exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), every_s)
+        async def step() -> int:
+            await self.checkpoint_if_due()
+            return 0  # look again in every_s, checkpoint or not
+
+        await poll_until_stopped("ledger checkpointer", step, self._stopping, lambda: every_s)
 
 
 # --------------------------------------------------------------------------- reading
