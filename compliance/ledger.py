@@ -24,7 +24,7 @@ import struct
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -51,7 +51,6 @@ __all__ = [
     "verify_ledger",
 ]
 
-T = TypeVar("T")
 _APPEND_LOCK = 0x5550_4C47  # "UPLG"
 _UNIQUE_EVENT = "ledger_entries_event_id_key"
 CHECKPOINT_EVERY = 1_000
@@ -388,40 +387,34 @@ async def _checkpoints_and_top(
     return iter(checkpoints), int(top)
 
 
-async def _paged(
-    db: Database, from_height: int, sql: str, chunk: int, convert: Callable[[Any], T]
-) -> AsyncIterator[T | chain.Checkpoint]:
-    """Pages of ``sql`` (params: first height, end height exclusive) converted row by row,
-    with each checkpoint h right after entry h-1 (the export order), up to the height found
-    at the start. Uses the raw asyncpg connection: reading the chain is bound by per-row
-    overhead."""
-    async with db.connection() as conn:
-        checkpoints, top = await _checkpoints_and_top(conn, from_height)
-        raw = (await conn.get_raw_connection()).driver_connection
-        assert raw is not None
-        next_cp = next(checkpoints, None)
-        for start in range(from_height, top + 1, chunk):
-            for row in await raw.fetch(sql, start, start + chunk):
-                while next_cp is not None and next_cp.height <= row[0]:
-                    yield next_cp
-                    next_cp = next(checkpoints, None)
-                yield convert(row)
-        while next_cp is not None:
-            yield next_cp
-            next_cp = next(checkpoints, None)
-
-
 _ENTRIES_PAGE = (
     f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE height >= $1 AND height < $2"
     " ORDER BY height"
 )
 
 
-def _stream(db: Database, from_height: int) -> AsyncIterator[chain.LedgerEntry | chain.Checkpoint]:
-    def entry(r: Any) -> chain.LedgerEntry:
-        return chain.LedgerEntry(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9])
-
-    return _paged(db, from_height, _ENTRIES_PAGE, 5_000, entry)
+async def _stream(
+    db: Database, from_height: int, chunk: int = 5_000
+) -> AsyncIterator[chain.LedgerEntry | chain.Checkpoint]:
+    """The entries from ``from_height`` in pages of ``chunk``, with each checkpoint h right
+    after entry h-1 (the export order), up to the height found at the start. Uses the raw
+    asyncpg connection: reading the chain is bound by per-row overhead."""
+    async with db.connection() as conn:
+        checkpoints, top = await _checkpoints_and_top(conn, from_height)
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        next_cp = next(checkpoints, None)
+        for start in range(from_height, top + 1, chunk):
+            for r in await raw.fetch(_ENTRIES_PAGE, start, start + chunk):
+                while next_cp is not None and next_cp.height <= r[0]:
+                    yield next_cp
+                    next_cp = next(checkpoints, None)
+                yield chain.LedgerEntry(
+                    r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]
+                )
+        while next_cp is not None:
+            yield next_cp
+            next_cp = next(checkpoints, None)
 
 
 # Verification streams the entries as binary COPY, whose fields are sent as
