@@ -24,18 +24,15 @@ The run:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +42,7 @@ from fastapi import FastAPI
 
 from api.loadgen import drive_concurrently, percentile, traffic
 from api.schemas import CreatePaymentRequest
-from core.embedded import embedded_database_url, stop_embedded
+from core.embedded import embedded_database_url, scratch_data_dir
 from core.processes import UPI_ENGINE, EngineProcess, free_port
 
 __all__ = ["BenchError", "bare_app", "run_bench"]
@@ -94,16 +91,6 @@ def _env(data_dir: Path, bus: str) -> dict[str, str]:
             }
         )
     return env
-
-
-@contextlib.contextmanager
-def _scratch() -> Iterator[Path]:
-    data_dir = Path(tempfile.mkdtemp(prefix="ub", dir="/tmp"))  # short: Unix socket path
-    try:
-        yield data_dir
-    finally:
-        stop_embedded(data_dir)
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 _WORKER_ROLES = ("relay", "fraud", "switch", "ledger", "settlement")
@@ -252,7 +239,7 @@ async def run_bench(
     on_sent: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     bodies = list(itertools.islice(traffic(seed, f"bench-{uuid.uuid4().hex[:6]}"), payments))
-    with _scratch() as data_dir:
+    with scratch_data_dir("ub") as data_dir:
         env = _env(data_dir, bus)
         servers = _servers(env, data_dir, processes)
         engine = servers[0]  # the gateway

@@ -12,9 +12,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,7 +25,12 @@ import psutil
 
 from core.errors import ConfigError
 
-__all__ = ["embedded_database_url", "embedded_url_if_running", "stop_embedded"]
+__all__ = [
+    "embedded_database_url",
+    "embedded_url_if_running",
+    "scratch_data_dir",
+    "stop_embedded",
+]
 
 _log = logging.getLogger(__name__)
 # Unix sockets live in the data dir; sun_path holds at most 107 bytes.
@@ -95,3 +103,15 @@ def stop_embedded(data_dir: Path) -> None:
         for _ in range(100):
             os.kill(pid, 0)
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def scratch_data_dir(prefix: str) -> Iterator[Path]:
+    """A throwaway data dir (the benchmarks'): its embedded server, if one was started in
+    it, is stopped and the directory removed when the block ends."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Unix socket path
+    try:
+        yield data_dir
+    finally:
+        stop_embedded(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)

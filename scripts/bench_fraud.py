@@ -26,13 +26,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
-from _embedded import scratch_data_dir
 from sqlalchemy import text
 
 from api.bootstrap import all_migrations
 from core.config import Settings
 from core.crypto import MasterKey
-from core.embedded import embedded_database_url
+from core.embedded import embedded_database_url, scratch_data_dir
 from core.storage import Database, migrate
 from fraud.assessor import build_engine
 from fraud.features import feature_vector

@@ -23,14 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
-from _embedded import scratch_data_dir
 
 from api.bootstrap import all_migrations
 from compliance import chain, keys
 from compliance.ledger import LedgerWriter, export_lines, verify_ledger
 from core.clock import SystemClock
 from core.crypto import MasterKey
-from core.embedded import embedded_database_url
+from core.embedded import embedded_database_url, scratch_data_dir
 from core.events import Envelope, PaymentSucceeded
 from core.storage import Database, migrate
 
