@@ -19,6 +19,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -230,20 +231,33 @@ def _flat(result: dict[str, Any]) -> Iterator[tuple[str, object]]:
             yield key, value
 
 
-def _spinner(message: str, quiet: bool, *, elapsed: bool = False) -> Progress:
-    """A spinner with ``message`` on stderr, on a terminal unless ``quiet`` (``--json``);
-    its one task is ``progress.tasks[0]``."""
-    columns = [SpinnerColumn(), TextColumn("{task.description}")]
-    if elapsed:
-        columns.append(TimeElapsedColumn())
+def _progress(
+    message: str, quiet: bool, *columns: ProgressColumn, total: float | None = None
+) -> Progress:
+    """Progress with ``message`` on stderr, on a terminal unless ``quiet`` (``--json``); its
+    one task is ``progress.tasks[0]``."""
     progress = Progress(
         *columns,
         console=err_console,
         transient=True,
         disable=quiet or not err_console.is_terminal,
     )
-    progress.add_task(message)
+    progress.add_task(message, total=total)
     return progress
+
+
+def _spinner(message: str, quiet: bool, *, elapsed: bool = False) -> Progress:
+    """A spinner: for work of unknown length."""
+    columns: list[ProgressColumn] = [SpinnerColumn(), TextColumn("{task.description}")]
+    if elapsed:
+        columns.append(TimeElapsedColumn())
+    return _progress(message, quiet, *columns)
+
+
+def _bar(message: str, total: float | None, quiet: bool) -> Progress:
+    """A bar counting up to ``total``."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    return _progress(message, quiet, *columns, TimeElapsedColumn(), total=total)
 
 
 def _print_token(role: PrincipalRole, name: str, json: bool) -> None:
@@ -695,21 +709,6 @@ def settlement_run(
         f"  net payout {s['net_payout_paise']} (paise)"
     )
     out.print(f"reconciliation {s['reconciliation']}")
-
-
-def _bar(message: str, total: float | None, quiet: bool) -> Progress:
-    """A progress bar with ``message`` on stderr, on a terminal unless ``quiet``."""
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=quiet or not err_console.is_terminal,
-    )
-    progress.add_task(message, total=total)
-    return progress
 
 
 @app.command("load")
