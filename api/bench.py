@@ -44,10 +44,13 @@ from api.loadgen import drive_concurrently, percentile, traffic
 from api.schemas import CreatePaymentRequest
 from core.embedded import embedded_database_url, scratch_data_dir
 from core.processes import UPI_ENGINE, EngineProcess, free_port
+from core.storage import plain_url
+from payments.domain import FINAL_STATUSES, PaymentStatus
 
 __all__ = ["BenchError", "bare_app", "run_bench"]
 
 _SETTLE_TIMEOUT_S = 300.0
+_FINAL = sorted(status.value for status in FINAL_STATUSES)
 
 
 class BenchError(Exception):
@@ -136,10 +139,10 @@ async def _wait_settled(
     event; returns when that happened (perf_counter)."""
     while True:
         row = await conn.fetchrow(
-            "SELECT (SELECT count(*) FROM payments WHERE status IN"
-            " ('SUCCESS', 'FAILED', 'BLOCKED', 'REVERSED', 'PENDING_VERIFICATION')) AS settled,"
+            "SELECT (SELECT count(*) FROM payments WHERE status = ANY($1::text[])) AS settled,"
             " (SELECT count(*) FROM outbox) AS events,"
-            " (SELECT count(*) FROM ledger_entries) AS entries"
+            " (SELECT count(*) FROM ledger_entries) AS entries",
+            [*_FINAL, PaymentStatus.PENDING_VERIFICATION.value],
         )
         assert row is not None
         if row["settled"] >= payments and row["entries"] >= row["events"]:
@@ -157,7 +160,8 @@ async def _measured(conn: asyncpg.Connection) -> dict[str, Any]:
         float(r[0])
         for r in await conn.fetch(
             "SELECT extract(epoch FROM completed_at - created_at) * 1000 FROM payments"
-            " WHERE status IN ('SUCCESS', 'FAILED', 'BLOCKED', 'REVERSED')"
+            " WHERE status = ANY($1::text[])",
+            _FINAL,
         )
     ]
     fraud = [
@@ -258,7 +262,7 @@ async def run_bench(
             # Joining the embedded server keeps it up after the engine stops, for the
             # insert baseline; the scratch dir's clean-up stops it.
             url = await asyncio.to_thread(embedded_database_url, data_dir)
-            conn_url = url.replace("postgresql+asyncpg://", "postgresql://")
+            conn_url = plain_url(url)
             conn = await asyncpg.connect(conn_url)
             try:
                 caught_up = await _wait_settled(
