@@ -541,7 +541,7 @@ class ChainVerifier:
         self.entries += 1
         return True
 
-    def hash_inputs(self, rows: Iterable[tuple[bytes | memoryview, bytes]]) -> bool:
+    def hash_inputs(self, rows: Iterable[tuple[bytes, bytes]]) -> bool:
         """Entries as ``(hash input, stored entry_hash)``, the hash input being
         ``prev_hash || uint64_be(height) || frame(event_id) || …`` with a 32-byte
         ``prev_hash``: the same checks as :meth:`hashed_entry`, in one tight loop for long
@@ -560,7 +560,7 @@ class ChainVerifier:
             self._accept(run)
             run = []
             row_height = int.from_bytes(message[32:40], "big")
-            if not self.hashed_entry(row_height, bytes(message[:32]), stored, content_ok):
+            if not self.hashed_entry(row_height, message[:32], stored, content_ok):
                 return False
             prev, height = self.prev_hash, self.next_height
         self._accept(run)
