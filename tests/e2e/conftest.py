@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import base_env, stop_embedded_postgres
+from core.embedded import stop_embedded
+from tests.e2e.harness import base_env
 from tests.support import short_tmpdir, unique_name
 
 
@@ -17,7 +18,7 @@ def embedded_env() -> Iterator[dict[str, str]]:
     """The embedded default: its own data dir, nothing else configured."""
     data_dir = short_tmpdir("ue")
     yield base_env(UPI_DATA_DIR=str(data_dir))
-    stop_embedded_postgres(data_dir)
+    stop_embedded(data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import orjson
 
-from core.embedded import stop_embedded
 from tests.support import free_port
 
 UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
@@ -92,11 +91,6 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-
-
-def stop_embedded_postgres(data_dir: Path) -> None:
-    """After a SIGKILLed serve the embedded server is still running: stop it."""
-    stop_embedded(data_dir)
 
 
 @contextlib.contextmanager

@@ -15,8 +15,9 @@ from typing import Any
 import httpx
 import pytest
 
+from core.embedded import stop_embedded
 from fraud.cities import CITIES
-from tests.e2e.harness import Serve, base_env, create_merchant, stop_embedded_postgres, wait_final
+from tests.e2e.harness import Serve, base_env, create_merchant, wait_final
 from tests.support import short_tmpdir
 
 pytestmark = pytest.mark.e2e
@@ -70,7 +71,7 @@ def api() -> Iterator[Api]:
             yield Api(client, {"Authorization": f"Bearer {merchant['api_key']}"})
     finally:
         server.stop()
-        stop_embedded_postgres(data_dir)
+        stop_embedded(data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
