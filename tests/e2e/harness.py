@@ -23,7 +23,17 @@ UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPI_")}
-    env.update({"UPI_LOG_LEVEL": "INFO", "UPI_NPCI_MOCK_LATENCY_SCALE": "0.2", **extra})
+    # Ordinary payers (not the SPEC §5 sandbox ones) are declined at their bank's business
+    # decline rate (1-3.5 %, drawn per transaction id), so a test asserting an ordinary
+    # payer's SUCCESS would fail now and then. Tests that want those declines set the scale.
+    env.update(
+        {
+            "UPI_LOG_LEVEL": "INFO",
+            "UPI_NPCI_MOCK_LATENCY_SCALE": "0.2",
+            "UPI_NPCI_MOCK_DECLINE_SCALE": "0",
+            **extra,
+        }
+    )
     return env
 
 
