@@ -1,6 +1,7 @@
 """The loop of the engine's background workers (deemed resolver, verification expiry,
-webhook dispatcher): do a step; when it found nothing to do, or failed, wait a while or
-until stopped; a step that did work is followed by another at once."""
+webhook dispatcher, fraud history pruning, ledger checkpoints): do a step; when it found
+nothing to do, or failed, wait a while or until stopped; a step that did work is followed
+by another at once."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-__all__ = ["poll_until_stopped"]
+__all__ = ["PollingWorker", "poll_until_stopped"]
 
 _log = logging.getLogger(__name__)
 
@@ -32,3 +33,24 @@ async def poll_until_stopped(
         if done == 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), interval_s())
+
+
+class PollingWorker:
+    """A background worker: :meth:`run` repeats :meth:`step` on :func:`poll_until_stopped`,
+    every ``interval_s`` while there is nothing to do, until :meth:`stop`."""
+
+    name = "worker"
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._stopping = asyncio.Event()
+
+    async def step(self) -> int:
+        """Do one round of work; return how much was done (0: wait before the next)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await poll_until_stopped(self.name, self.step, self._stopping, lambda: self.interval_s)

@@ -9,7 +9,6 @@ each worker sees every payment committed before it looks.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import Clock
 from core.crypto import MasterKey
-from core.polling import poll_until_stopped
+from core.polling import PollingWorker
 from core.storage import Database
 from fraud.features import History, Txn
 from fraud.history import DAY, HOUR, MINUTE, RECENT, USUAL_PLACES
@@ -177,9 +176,11 @@ class HistoryStore:
         return int(deleted.rowcount)
 
 
-class HistoryPruner:
+class HistoryPruner(PollingWorker):
     """Keeps the fraud history to its retention: deletes older payments in batches, then
     looks again an hour later."""
+
+    name = "fraud history pruning"
 
     def __init__(
         self,
@@ -189,21 +190,15 @@ class HistoryPruner:
         retention: timedelta,
         interval_s: float = 3_600.0,
     ) -> None:
+        super().__init__(interval_s)
         self._db = db
         self._store = store
         self._clock = clock
         self._retention = retention
-        self._interval_s = interval_s
-        self._stop = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     async def prune_once(self) -> int:
         async with self._db.transaction() as conn:
             return await self._store.prune(conn, self._clock.now() - self._retention)
 
-    async def run(self) -> None:
-        await poll_until_stopped(
-            "fraud history pruning", self.prune_once, self._stop, lambda: self._interval_s
-        )
+    async def step(self) -> int:
+        return await self.prune_once()

@@ -52,7 +52,7 @@ from core.inbox import already_processed, claim
 from core.metrics import SWITCH_LATENCY
 from core.outbox import append_to_outbox
 from core.pii import Vpa, mask_vpa
-from core.polling import poll_until_stopped
+from core.polling import PollingWorker
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
@@ -320,13 +320,15 @@ class NpciHandler:
             return await asyncio.wait_for(self._switch.pay(request), self.timings.pay_timeout_s)
 
 
-class DeemedResolver:
+class DeemedResolver(PollingWorker):
     """Resolves ``DEEMED`` payments: check-status with backoff, reversal past the max age.
 
     Several resolvers may run (one per switch worker): due rows are leased with
     ``FOR UPDATE SKIP LOCKED`` and their next check pushed past the lease, so each is asked
     about by one worker at a time.
     """
+
+    name = "deemed resolver"
 
     def __init__(
         self,
@@ -338,21 +340,12 @@ class DeemedResolver:
         batch_size: int = 50,
         poll_interval_s: float = 0.5,
     ) -> None:
+        super().__init__(poll_interval_s)
         self._db = db
         self._switch = switch
         self._clock = clock
         self.timings = timings or NpciTimings()
         self._batch = batch_size
-        self._poll = poll_interval_s
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
-        await poll_until_stopped(
-            "deemed resolver", self.run_once, self._stopping, lambda: self._poll
-        )
 
     async def run_once(self) -> int:
         """Ask about every due deemed payment once; returns how many were due."""
@@ -377,6 +370,9 @@ class DeemedResolver:
         if due:
             await asyncio.gather(*(self._resolve(txn) for txn in due))
         return len(due)
+
+    async def step(self) -> int:
+        return await self.run_once()
 
     async def _deem_stale_submissions(self) -> None:
         """A payment left ``SUBMITTED`` well past the pay timeout lost its handler (crash,

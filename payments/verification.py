@@ -16,7 +16,6 @@ the OTP is ``UPI_FRAUD_MOCK_OTP`` (``123456`` by default), documented for mercha
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from core.events import (
     PaymentVerificationRequired,
     PaymentVerified,
 )
-from core.polling import poll_until_stopped
+from core.polling import PollingWorker
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
@@ -200,17 +199,15 @@ async def verify(
     raise rejection
 
 
-class VerificationExpirer:
+class VerificationExpirer(PollingWorker):
     """Fails stepped-up payments whose window closed unverified (``U69``)."""
 
+    name = "verification expiry"
+
     def __init__(self, db: Database, clock: Clock, interval_s: float = 1.0) -> None:
+        super().__init__(interval_s)
         self._db = db
         self._clock = clock
-        self._interval_s = interval_s
-        self._stop = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stop.set()
 
     async def expire_due(self, limit: int = 100) -> int:
         async with self._db.transaction() as conn:
@@ -236,7 +233,5 @@ class VerificationExpirer:
                 await _fail(conn, payment, EXPIRED_CODE, self._clock)
         return len(rows)
 
-    async def run(self) -> None:
-        await poll_until_stopped(
-            "verification expiry", self.expire_due, self._stop, lambda: self._interval_s
-        )
+    async def step(self) -> int:
+        return await self.expire_due()

@@ -37,7 +37,7 @@ from core.events import (
     Topic,
 )
 from core.inbox import claim
-from core.polling import poll_until_stopped
+from core.polling import PollingWorker
 from core.storage import Database
 from payments import repository
 from payments.views import payment_view
@@ -122,7 +122,9 @@ class WebhookRecorder:
             )
 
 
-class WebhookDispatcher:
+class WebhookDispatcher(PollingWorker):
+    name = "webhook dispatcher"
+
     def __init__(
         self,
         db: Database,
@@ -137,19 +139,16 @@ class WebhookDispatcher:
         self._key = master_key
         self._clock = clock
         self.policy = policy or WebhookPolicy()
+        super().__init__(poll_interval_s)
         self._client = httpx.AsyncClient(timeout=self.policy.timeout_s, transport=transport)
-        self._poll = poll_interval_s
-        self._stopping = asyncio.Event()
         self._secrets: dict[str, str] = {}
 
-    def stop(self) -> None:
-        self._stopping.set()
+    async def step(self) -> int:
+        return await self.run_once()
 
     async def run(self) -> None:
         try:
-            await poll_until_stopped(
-                "webhook dispatcher", self.run_once, self._stopping, lambda: self._poll
-            )
+            await super().run()
         finally:
             await self._client.aclose()
 

@@ -41,7 +41,7 @@ async def start_engine(db_url: str, **overrides: object) -> Engine:
     engine = Engine.build(Settings(**{**FAST, **overrides}), url=db_url)
     await engine.start()
     assert engine.resolver is not None
-    engine.resolver._poll = 0.05  # tests poll faster
+    engine.resolver.interval_s = 0.05  # tests poll faster
     async with engine.db.transaction() as conn:
         await insert_merchant(conn, Merchant("mer_1", "Shop", "shop@okicici", "5411", None), b"x")
     return engine
