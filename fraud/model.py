@@ -207,14 +207,20 @@ def evaluate(
     xs, ys, rows = _dataset(seed + HELD_OUT_OFFSET, **sim)
     model_scores = [float(p) for p in model.estimator.predict_proba(xs)[:, 1]]
     engine = FraudEngine(
-        [VelocityScorer(), LocationScorer(), DeviceScorer(), _Precomputed(model_scores)],
+        [
+            VelocityScorer(),
+            LocationScorer(),
+            DeviceScorer(),
+            _Precomputed(
+                {id(item.txn): s for (item, _), s in zip(rows, model_scores, strict=True)}
+            ),
+        ],
         budgets_s={},
         thresholds=Thresholds(block=block, step_up=step_up),
     )
     combined: list[float] = []
     by_typology: dict[str, list[int]] = {}
-    for i, (item, history) in enumerate(rows):
-        engine.scorers[-1].index = i  # type: ignore[attr-defined]
+    for item, history in rows:
         assessment = engine.assess_now(item.txn, history)
         combined.append(assessment.score)
         caught = int(assessment.score >= step_up)
@@ -245,18 +251,18 @@ def evaluate(
 
 class _Precomputed:
     """The model's scores for the held-out set, computed in one batch (much faster than one
-    row at a time, same numbers), served to the engine as the ``model`` scorer."""
+    row at a time; the same numbers as :class:`~fraud.scorers.ModelScorer`'s compiled trees,
+    tests/unit/test_fraud.py), served to the engine as the ``model`` scorer, by payment."""
 
     name = "model"
 
-    def __init__(self, scores: list[float]) -> None:
-        self.scores = scores
-        self.index = 0
+    def __init__(self, scores_by_txn: dict[int, float]) -> None:
+        self.scores_by_txn = scores_by_txn  # keyed by id() of the held-out Txn objects
 
     def score(self, txn: Any, history: Any) -> Any:
         from fraud.scorers import Signal
 
-        s = self.scores[self.index]
+        s = self.scores_by_txn[id(txn)]
         return Signal(round(s, 6), ("MODEL_HIGH_RISK",) if s >= 0.5 else ())
 
 
