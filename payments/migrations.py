@@ -162,4 +162,16 @@ MIGRATIONS = [
             WHERE verified_at IS NULL;
         """,
     ),
+    Migration(
+        "payments.0007_worker_scan_indexes",
+        """
+        -- The background workers poll every second or so; without these their scans read
+        -- the whole payments table each time (payments/npci_handler.py STALE_SUBMISSIONS,
+        -- payments/verification.py EXPIRED_VERIFICATIONS).
+        CREATE INDEX payments_submitted_since ON payments (updated_at)
+            WHERE status = 'SUBMITTED';
+        CREATE INDEX payments_pending_verification ON payments (transaction_id)
+            WHERE status = 'PENDING_VERIFICATION';
+        """,
+    ),
 ]

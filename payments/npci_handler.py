@@ -320,6 +320,19 @@ class NpciHandler:
             return await asyncio.wait_for(self._switch.pay(request), self.timings.pay_timeout_s)
 
 
+# The resolver's scans, each on its partial index (payments.0003, payments.0007).
+DEEMED_DUE = text(
+    "SELECT transaction_id FROM payments WHERE status = 'DEEMED'"
+    " AND next_check_at <= :now ORDER BY next_check_at LIMIT :n"
+    " FOR UPDATE SKIP LOCKED"
+)
+STALE_SUBMISSIONS = text(
+    "SELECT transaction_id FROM payments WHERE status = 'SUBMITTED'"
+    " AND updated_at < :before ORDER BY updated_at LIMIT :n"
+    " FOR UPDATE SKIP LOCKED"
+)
+
+
 class DeemedResolver(PollingWorker):
     """Resolves ``DEEMED`` payments: check-status with backoff, reversal past the max age.
 
@@ -353,18 +366,7 @@ class DeemedResolver(PollingWorker):
         now = self._clock.now()
         lease = now + timedelta(seconds=self.timings.check_status_timeout_s * 2 + 1)
         async with self._db.transaction() as conn:
-            due = list(
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT transaction_id FROM payments WHERE status = 'DEEMED'"
-                            " AND next_check_at <= :now ORDER BY next_check_at LIMIT :n"
-                            " FOR UPDATE SKIP LOCKED"
-                        ),
-                        {"now": now, "n": self._batch},
-                    )
-                ).scalars()
-            )
+            due = list((await conn.execute(DEEMED_DUE, {"now": now, "n": self._batch})).scalars())
             for txn in due:
                 await repository.schedule_check(conn, txn, lease)
         if due:
@@ -381,14 +383,7 @@ class DeemedResolver(PollingWorker):
         stale_before = now - timedelta(seconds=self.timings.pay_timeout_s * 2 + 5)
         async with self._db.transaction() as conn:
             rows = (
-                await conn.execute(
-                    text(
-                        "SELECT transaction_id FROM payments WHERE status = 'SUBMITTED'"
-                        " AND updated_at < :before ORDER BY updated_at LIMIT :n"
-                        " FOR UPDATE SKIP LOCKED"
-                    ),
-                    {"before": stale_before, "n": self._batch},
-                )
+                await conn.execute(STALE_SUBMISSIONS, {"before": stale_before, "n": self._batch})
             ).scalars()
             for txn in list(rows):
                 payment = await repository.load_payment(conn, txn)

@@ -199,6 +199,17 @@ async def verify(
     raise rejection
 
 
+# The payments awaiting verification are few, and found by their own partial index
+# (payments.0007): expired windows of failed payments stay in payment_verifications.
+EXPIRED_VERIFICATIONS = text(
+    "SELECT p.transaction_id FROM payments p"
+    " JOIN payment_verifications v USING (transaction_id)"
+    " WHERE p.status = 'PENDING_VERIFICATION' AND v.verified_at IS NULL"
+    " AND v.expires_at <= :now ORDER BY v.expires_at LIMIT :n"
+    " FOR UPDATE OF p, v SKIP LOCKED"
+)
+
+
 class VerificationExpirer(PollingWorker):
     """Fails stepped-up payments whose window closed unverified (``U69``)."""
 
@@ -212,18 +223,7 @@ class VerificationExpirer(PollingWorker):
     async def expire_due(self, limit: int = 100) -> int:
         async with self._db.transaction() as conn:
             rows = (
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT p.transaction_id FROM payments p"
-                            " JOIN payment_verifications v USING (transaction_id)"
-                            " WHERE p.status = 'PENDING_VERIFICATION' AND v.verified_at IS NULL"
-                            " AND v.expires_at <= :now ORDER BY v.expires_at LIMIT :n"
-                            " FOR UPDATE OF p, v SKIP LOCKED"
-                        ),
-                        {"now": self._clock.now(), "n": limit},
-                    )
-                )
+                (await conn.execute(EXPIRED_VERIFICATIONS, {"now": self._clock.now(), "n": limit}))
                 .scalars()
                 .all()
             )
