@@ -11,6 +11,10 @@ Rules both follow (the *definition* of each :class:`~fraud.features.History` fie
   located payments, as cell centres, ties broken by the cell;
 * ``last_location`` / ``seconds_since_last`` come from the payer's latest located payment;
 * ``device_vpas_24h`` counts the *other* payers seen on the device in 24 h;
+* the payee's 1 h window holds at most its latest ``PAYEE_WINDOW`` (1,000) payments: a
+  merchant paid thousands of times an hour would otherwise make the check of every
+  payment to it read all of them, and the fan-in rule (30 distinct payers) is decided
+  long before that;
 * ``seconds_since_device_change`` is how long the payer's current device has been in use,
   when the payer had another device before it (0 for a device new to the payer), or None.
 """
@@ -32,6 +36,7 @@ HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 RECENT = 50
 USUAL_PLACES = 5
+PAYEE_WINDOW = 1_000
 
 
 def cell_centre(location: tuple[float, float]) -> tuple[float, float]:
@@ -99,7 +104,7 @@ class HistoryTracker:
                     since_change = (at - current).total_seconds()
         payee = self._payee[txn.payee]
         self._prune(payee, at)
-        payee_1h = _window(payee, at - HOUR)
+        payee_1h = _window(payee, at - HOUR)[-PAYEE_WINDOW:]
         return History(
             payer_count_1m=len(p1m),
             payer_count_1h=len(p1h),

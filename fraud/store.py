@@ -20,7 +20,7 @@ from core.crypto import MasterKey
 from core.polling import PollingWorker
 from core.storage import Database
 from fraud.features import History, Txn
-from fraud.history import DAY, HOUR, MINUTE, RECENT, USUAL_PLACES
+from fraud.history import DAY, HOUR, MINUTE, PAYEE_WINDOW, RECENT, USUAL_PLACES
 
 __all__ = ["HistoryPruner", "HistoryStore"]
 
@@ -42,8 +42,10 @@ _READ = text(
         FROM fraud_observations
         WHERE device_key = CAST(:device AS bytea) AND at > :t24h
     ), payee AS (
-        SELECT count(*) AS c1h, count(DISTINCT payer_key) AS payers
-        FROM fraud_observations WHERE payee_key = :payee AND at > :t1h
+        SELECT count(*) AS c1h, count(DISTINCT payer_key) AS payers FROM (
+            SELECT payer_key FROM fraud_observations WHERE payee_key = :payee AND at > :t1h
+            ORDER BY at DESC, id DESC LIMIT {PAYEE_WINDOW}
+        ) AS latest
     ), last_located AS (
         SELECT at, lat, lon FROM fraud_observations
         WHERE payer_key = :payer AND lat IS NOT NULL ORDER BY id DESC LIMIT 1

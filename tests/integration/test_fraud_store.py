@@ -15,13 +15,15 @@ from core.crypto import MasterKey
 from core.events import CATALOGUE, DeviceInfo, Envelope, FraudAssessed, PaymentInitiated
 from core.pii import Vpa, partition_key_for
 from fraud.assessor import FraudAssessor
-from fraud.history import HistoryTracker
+from fraud.features import Txn
+from fraud.history import PAYEE_WINDOW, HistoryTracker
 from fraud.simulator import simulate
 from fraud.store import HistoryStore
 
 pytestmark = pytest.mark.postgres
 
 KEY = MasterKey(os.urandom(32))
+MS = timedelta(milliseconds=1)
 
 
 async def test_database_history_equals_the_simulators_history(db):
@@ -166,3 +168,22 @@ async def test_the_pruner_forgets_payments_past_retention_and_nothing_newer(db):
     )
     assert after.payer_payments_ever == before.payer_payments_ever == len(ages_days)
     assert after.device_known_for_payer and after.last_location == before.last_location
+
+
+async def test_a_payees_hour_window_is_its_latest_payments_capped_in_both_histories(db):
+    """A merchant paid more than PAYEE_WINDOW times in the hour: the check of each new
+    payment reads only the latest PAYEE_WINDOW of them, in the database as in memory."""
+    start = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    many = PAYEE_WINDOW + 200
+    store, memory = HistoryStore(KEY), HistoryTracker()
+    async with db.transaction() as conn:
+        for n in range(many):
+            txn = Txn(f"payer{n % (many - 50)}@ybl", "bigshop@okicici", 500, start + n * MS)
+            await store.observe(conn, f"T{n}", txn)
+            memory.observe(txn)
+        nxt = Txn("new@ybl", "bigshop@okicici", 500, start + many * MS)
+        from_db = await store.history(conn, nxt)
+    assert from_db == memory.history(nxt)
+    assert from_db.payee_count_1h == PAYEE_WINDOW
+    # 1,150 payers paid in the hour; the latest 1,000 payments came from 1,000 of them.
+    assert from_db.payee_payers_1h == PAYEE_WINDOW
