@@ -7,11 +7,10 @@ import hmac
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.ids import new_token
-from core.storage import Database
+from core.storage import Database, sql_text
 
 __all__ = ["Principal", "Role", "authenticate", "issue_token"]
 
@@ -48,7 +47,7 @@ async def issue_token(
     """Create a principal and return its token (shown once)."""
     token = new_token(_PREFIX[role])
     await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO principals (principal_id, role, name, merchant_id, token_hash)"
             " VALUES (:id, :r, :n, :m, :h)"
         ),
@@ -64,7 +63,7 @@ async def authenticate(db: Database, token: str) -> Principal | None:
     async with db.connection() as conn:
         row = (
             await conn.execute(
-                text(
+                sql_text(
                     "SELECT principal_id, role, name, merchant_id, token_hash FROM principals"
                     " WHERE token_hash = :h"
                 ),

@@ -306,7 +306,7 @@ def webhooks_list(
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """List webhook deliveries (by default the dead-lettered ones)."""
-    from sqlalchemy import text
+    from core.storage import sql_text
 
     status = status.upper()
     if status not in {"PENDING", "DELIVERED", "DEAD"}:
@@ -323,7 +323,7 @@ def webhooks_list(
             sql += " AND merchant_id = :m"
             params["m"] = merchant
         async with engine.db.connection() as conn:
-            rows = (await conn.execute(text(sql + " ORDER BY id LIMIT 1000"), params)).all()
+            rows = (await conn.execute(sql_text(sql + " ORDER BY id LIMIT 1000"), params)).all()
         return [{**r._asdict(), "created_at": r.created_at.isoformat()} for r in rows]
 
     rows = asyncio.run(_with_engine(settings, fetch))

@@ -15,10 +15,10 @@ from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.crypto import MasterKey
+from core.storage import sql_text
 
 __all__ = [
     "RETENTION",
@@ -63,9 +63,9 @@ def _aad(kind: str, key_id: str) -> bytes:
 async def rotate_data_key(conn: AsyncConnection, master: MasterKey, now: datetime) -> DataKey:
     key_id = f"dk-{now:%Y%m%d%H%M%S}-{os.urandom(3).hex()}"
     raw = os.urandom(32)
-    await conn.execute(text("UPDATE ledger_keys SET active = false WHERE active"))
+    await conn.execute(sql_text("UPDATE ledger_keys SET active = false WHERE active"))
     await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO ledger_keys (key_id, wrapped, active, created_at)"
             " VALUES (:k, :w, true, :at)"
         ),
@@ -75,7 +75,9 @@ async def rotate_data_key(conn: AsyncConnection, master: MasterKey, now: datetim
 
 
 async def active_data_key(conn: AsyncConnection, master: MasterKey, now: datetime) -> DataKey:
-    row = (await conn.execute(text("SELECT key_id, wrapped FROM ledger_keys WHERE active"))).first()
+    row = (
+        await conn.execute(sql_text("SELECT key_id, wrapped FROM ledger_keys WHERE active"))
+    ).first()
     if row is None:
         return await rotate_data_key(conn, master, now)
     return DataKey(row.key_id, master.open(bytes(row.wrapped), _aad("data-key", row.key_id)))
@@ -83,7 +85,9 @@ async def active_data_key(conn: AsyncConnection, master: MasterKey, now: datetim
 
 async def data_key(conn: AsyncConnection, master: MasterKey, key_id: str) -> DataKey:
     row = (
-        await conn.execute(text("SELECT wrapped FROM ledger_keys WHERE key_id = :k"), {"k": key_id})
+        await conn.execute(
+            sql_text("SELECT wrapped FROM ledger_keys WHERE key_id = :k"), {"k": key_id}
+        )
     ).first()
     if row is None or row.wrapped is None:
         raise KeyDestroyed(key_id)
@@ -95,7 +99,7 @@ async def shred_data_keys(
 ) -> list[str]:
     """Destroy every inactive data key created before ``now - retention``."""
     rows = await conn.execute(
-        text(
+        sql_text(
             "UPDATE ledger_keys SET wrapped = NULL, destroyed_at = :now"
             " WHERE wrapped IS NOT NULL AND NOT active AND created_at < :before"
             " RETURNING key_id"
@@ -108,7 +112,9 @@ async def shred_data_keys(
 async def active_signing_key(conn: AsyncConnection, master: MasterKey, now: datetime) -> SigningKey:
     row = (
         await conn.execute(
-            text("SELECT key_id, wrapped_private, public_pem FROM ledger_signing_keys WHERE active")
+            sql_text(
+                "SELECT key_id, wrapped_private, public_pem FROM ledger_signing_keys WHERE active"
+            )
         )
     ).first()
     if row is not None:
@@ -125,7 +131,7 @@ async def active_signing_key(conn: AsyncConnection, master: MasterKey, now: date
         .decode()
     )
     inserted = await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO ledger_signing_keys (key_id, wrapped_private, public_pem, active,"
             " created_at) VALUES (:k, :w, :p, true, :at) ON CONFLICT DO NOTHING RETURNING 1"
         ),
@@ -138,7 +144,7 @@ async def active_signing_key(conn: AsyncConnection, master: MasterKey, now: date
 
 async def public_keys(conn: AsyncConnection) -> dict[str, Ed25519PublicKey]:
     keys: dict[str, Ed25519PublicKey] = {}
-    for row in await conn.execute(text("SELECT key_id, public_pem FROM ledger_signing_keys")):
+    for row in await conn.execute(sql_text("SELECT key_id, public_pem FROM ledger_signing_keys")):
         key = serialization.load_pem_public_key(row.public_pem.encode())
         assert isinstance(key, Ed25519PublicKey)
         keys[row.key_id] = key

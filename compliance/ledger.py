@@ -28,7 +28,6 @@ from typing import Any
 
 import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compliance import chain, keys
@@ -38,7 +37,7 @@ from core.crypto import MasterKey
 from core.events import Envelope, Topic
 from core.metrics import LEDGER_ENTRIES
 from core.polling import poll_until_stopped
-from core.storage import Database
+from core.storage import Database, sql_text
 
 __all__ = [
     "CHECKPOINT_EVERY",
@@ -93,7 +92,7 @@ class _State:
 async def _load_state(conn: AsyncConnection, now: datetime) -> _State:
     row = (
         await conn.execute(
-            text(
+            sql_text(
                 "SELECT size, head_hash, frontier, checkpoint_height, checkpoint_at"
                 " FROM ledger_state WHERE id = 1"
             )
@@ -112,7 +111,7 @@ async def _load_state(conn: AsyncConnection, now: datetime) -> _State:
 
 async def _save_state(conn: AsyncConnection, state: _State) -> None:
     await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO ledger_state (id, size, head_hash, frontier, checkpoint_height,"
             " checkpoint_at) VALUES (1, :s, :h, :f, :ch, :cat) ON CONFLICT (id) DO UPDATE SET"
             " size = EXCLUDED.size, head_hash = EXCLUDED.head_hash,"
@@ -132,7 +131,7 @@ async def _save_state(conn: AsyncConnection, state: _State) -> None:
 async def _insert_checkpoints(conn: AsyncConnection, checkpoints: list[chain.Checkpoint]) -> None:
     for cp in checkpoints:
         await conn.execute(
-            text(
+            sql_text(
                 "INSERT INTO ledger_checkpoints (height, head_hash, merkle_root, signed_at,"
                 " signing_key_id, signature) VALUES (:h, :hh, :r, :at, :k, :sig)"
                 " ON CONFLICT (height) DO NOTHING"
@@ -182,13 +181,15 @@ class LedgerWriter:
     async def _append(self, envelopes: Sequence[Envelope], *, look_first: bool) -> int:
         now = self._clock.now()
         async with self._db.transaction() as conn:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPEND_LOCK})
+            await conn.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPEND_LOCK})
             present: set[Any] = set()
             if look_first:
                 present.update(
                     (
                         await conn.execute(
-                            text("SELECT event_id FROM ledger_entries WHERE event_id = ANY(:ids)"),
+                            sql_text(
+                                "SELECT event_id FROM ledger_entries WHERE event_id = ANY(:ids)"
+                            ),
                             {"ids": [e.event_id for e in envelopes]},
                         )
                     ).scalars()
@@ -306,7 +307,7 @@ class LedgerWriter:
         """Sign a checkpoint over uncovered entries once 10 s passed (or when forced)."""
         now = self._clock.now()
         async with self._db.transaction() as conn:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPEND_LOCK})
+            await conn.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": _APPEND_LOCK})
             state = await _load_state(conn, now)
             if state.size == state.checkpoint_height:
                 return None
@@ -374,7 +375,7 @@ async def _checkpoints_and_top(
     checkpoints = [
         _checkpoint_of(r)
         for r in await conn.execute(
-            text(
+            sql_text(
                 f"SELECT {_CHECKPOINT_COLUMNS} FROM ledger_checkpoints WHERE height > :h"
                 " ORDER BY height"
             ),
@@ -382,7 +383,7 @@ async def _checkpoints_and_top(
         )
     ]
     top = (
-        await conn.execute(text("SELECT COALESCE(max(height), -1) FROM ledger_entries"))
+        await conn.execute(sql_text("SELECT COALESCE(max(height), -1) FROM ledger_entries"))
     ).scalar_one()
     return iter(checkpoints), int(top)
 
@@ -599,7 +600,7 @@ async def verify_ledger(db: Database, clock: Clock, *, full: bool = False) -> ch
         if not full:
             resume = (
                 await conn.execute(
-                    text("SELECT height, head_hash, frontier FROM ledger_verified WHERE id = 1")
+                    sql_text("SELECT height, head_hash, frontier FROM ledger_verified WHERE id = 1")
                 )
             ).first()
     verifier = chain.ChainVerifier(public)
@@ -620,7 +621,7 @@ async def verify_ledger(db: Database, clock: Clock, *, full: bool = False) -> ch
     if result.valid and last_good is not None:
         async with db.transaction() as conn:
             await conn.execute(
-                text(
+                sql_text(
                     "INSERT INTO ledger_verified (id, height, head_hash, frontier, verified_at)"
                     " VALUES (1, :h, :hh, :f, :at) ON CONFLICT (id) DO UPDATE SET"
                     " height = EXCLUDED.height, head_hash = EXCLUDED.head_hash,"
@@ -634,7 +635,7 @@ async def verify_ledger(db: Database, clock: Clock, *, full: bool = False) -> ch
 async def public_key_pems(db: Database) -> dict[str, str]:
     async with db.connection() as conn:
         rows = await conn.execute(
-            text("SELECT key_id, public_pem FROM ledger_signing_keys ORDER BY created_at")
+            sql_text("SELECT key_id, public_pem FROM ledger_signing_keys ORDER BY created_at")
         )
         return {r.key_id: r.public_pem for r in rows}
 
@@ -643,7 +644,7 @@ async def latest_checkpoint(db: Database) -> chain.Checkpoint | None:
     async with db.connection() as conn:
         row = (
             await conn.execute(
-                text(
+                sql_text(
                     f"SELECT {_CHECKPOINT_COLUMNS} FROM ledger_checkpoints"
                     " ORDER BY height DESC LIMIT 1"
                 )
@@ -670,7 +671,7 @@ async def transaction_audit(db: Database, master: MasterKey, transaction_id: str
     async with db.connection() as conn:
         rows = (
             await conn.execute(
-                text(
+                sql_text(
                     f"SELECT {_ENTRY_COLUMNS} FROM ledger_entries WHERE transaction_id = :t"
                     " ORDER BY height"
                 ),
@@ -683,7 +684,7 @@ async def transaction_audit(db: Database, master: MasterKey, transaction_id: str
                 bytes(h)
                 for h in (
                     await conn.execute(
-                        text(
+                        sql_text(
                             "SELECT entry_hash FROM ledger_entries WHERE height < :n"
                             " ORDER BY height"
                         ),

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
-
 from core.bus.base import DeadLetter
-from core.storage import Database
+from core.storage import Database, sql_text
 
 __all__ = ["TableDeadLetters"]
 
@@ -17,7 +15,7 @@ class TableDeadLetters:
     async def dead_letter(self, letter: DeadLetter) -> None:
         async with self._db.transaction() as conn:
             await conn.execute(
-                text(
+                sql_text(
                     "INSERT INTO dead_letters"
                     " (consumer, topic, event_id, event_type, raw, reason, attempts)"
                     " VALUES (:c, :t, :e, :et, :raw, :r, :a)"

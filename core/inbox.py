@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import uuid
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.storage import sql_text
 
 __all__ = ["already_processed", "claim"]
 
@@ -19,7 +20,7 @@ async def claim(conn: AsyncConnection, consumer: str, event_id: uuid.UUID) -> bo
     """Record that ``consumer`` handles ``event_id`` in this transaction; False if done before."""
     row = (
         await conn.execute(
-            text(
+            sql_text(
                 "INSERT INTO inbox (consumer, event_id) VALUES (:c, :e)"
                 " ON CONFLICT DO NOTHING RETURNING 1"
             ),
@@ -32,7 +33,7 @@ async def claim(conn: AsyncConnection, consumer: str, event_id: uuid.UUID) -> bo
 async def already_processed(conn: AsyncConnection, consumer: str, event_id: uuid.UUID) -> bool:
     row = (
         await conn.execute(
-            text("SELECT 1 FROM inbox WHERE consumer = :c AND event_id = :e"),
+            sql_text("SELECT 1 FROM inbox WHERE consumer = :c AND event_id = :e"),
             {"c": consumer, "e": event_id},
         )
     ).first()

@@ -22,12 +22,11 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.events import Envelope
-from core.storage import Database
+from core.storage import Database, sql_text
 
 __all__ = ["OUTBOX_WRITE_LOCK", "OutboxRelay", "append_to_outbox"]
 
@@ -35,7 +34,7 @@ _log = logging.getLogger(__name__)
 OUTBOX_WRITE_LOCK = 0x5550_4F42  # "UPOB"
 _RELAY_LEADER_LOCK = 0x5550_524C  # "UPRL"
 
-_INSERT = text(
+_INSERT = sql_text(
     "INSERT INTO outbox (event_id, topic, partition_key, event_type, envelope)"
     " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:topics AS text[]),"
     " CAST(:keys AS text[]), CAST(:types AS text[]), CAST(:envs AS bytea[]))"
@@ -46,7 +45,7 @@ async def append_to_outbox(conn: AsyncConnection, envelopes: Sequence[Envelope])
     """Add events to the current transaction's outbox. Call it last in the unit of work."""
     if not envelopes:
         return
-    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": OUTBOX_WRITE_LOCK})
+    await conn.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": OUTBOX_WRITE_LOCK})
     await conn.execute(
         _INSERT,
         {
@@ -112,7 +111,7 @@ class OutboxRelay:
                             with contextlib.suppress(SQLAlchemyError, OSError):
                                 await leader_conn.rollback()
                                 await leader_conn.execute(
-                                    text("SELECT pg_advisory_unlock(:k)"),
+                                    sql_text("SELECT pg_advisory_unlock(:k)"),
                                     {"k": _RELAY_LEADER_LOCK},
                                 )
                                 await leader_conn.commit()
@@ -128,7 +127,9 @@ class OutboxRelay:
 
     async def _try_lead(self, conn: AsyncConnection) -> bool:
         got = (
-            await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _RELAY_LEADER_LOCK})
+            await conn.execute(
+                sql_text("SELECT pg_try_advisory_lock(:k)"), {"k": _RELAY_LEADER_LOCK}
+            )
         ).scalar_one()
         await conn.commit()
         return bool(got)
@@ -143,7 +144,9 @@ class OutboxRelay:
         while not self._stopping.is_set():
             rows = (
                 await leader_conn.execute(
-                    text("SELECT id, envelope FROM outbox WHERE id > :last ORDER BY id LIMIT :n"),
+                    sql_text(
+                        "SELECT id, envelope FROM outbox WHERE id > :last ORDER BY id LIMIT :n"
+                    ),
                     {"last": last_id, "n": self._batch_size},
                 )
             ).all()
@@ -155,7 +158,7 @@ class OutboxRelay:
             await self._publish(batch)
             last_id = rows[-1].id
             await leader_conn.execute(
-                text(
+                sql_text(
                     "INSERT INTO outbox_position (destination, last_id) VALUES (:d, :id)"
                     " ON CONFLICT (destination) DO UPDATE"
                     " SET last_id = EXCLUDED.last_id, updated_at = now()"
@@ -170,7 +173,7 @@ class OutboxRelay:
     async def _prune(self, conn: AsyncConnection, last_id: int) -> None:
         """Forget rows published long ago; the compliance ledger is the permanent record."""
         await conn.execute(
-            text(
+            sql_text(
                 "DELETE FROM outbox WHERE id <= :last"
                 " AND created_at < now() - make_interval(secs => :keep)"
             ),
@@ -182,7 +185,7 @@ class OutboxRelay:
     async def _position(self, conn: AsyncConnection) -> int:
         row = (
             await conn.execute(
-                text("SELECT last_id FROM outbox_position WHERE destination = :d"),
+                sql_text("SELECT last_id FROM outbox_position WHERE destination = :d"),
                 {"d": self._destination},
             )
         ).scalar_one_or_none()
@@ -195,7 +198,7 @@ class OutboxRelay:
             return int(
                 (
                     await conn.execute(
-                        text(
+                        sql_text(
                             "SELECT count(*) FROM outbox WHERE id > COALESCE("
                             "(SELECT last_id FROM outbox_position WHERE destination = :d), 0)"
                         ),

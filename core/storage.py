@@ -8,20 +8,31 @@ order under an advisory lock, so processes starting together do not race.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from core.errors import StorageError
 
-__all__ = ["Database", "Migration", "asyncpg_url", "migrate", "plain_url"]
+__all__ = ["Database", "Migration", "asyncpg_url", "migrate", "plain_url", "sql_text"]
 
 _log = logging.getLogger(__name__)
 _MIGRATION_LOCK = 0x5550_4D49  # "UPMI"
+
+
+@functools.lru_cache(maxsize=1024)
+def sql_text(statement: str) -> TextClause:
+    """``text(statement)``, built once per distinct statement and shared. SQLAlchemy finds
+    a statement's compiled form by the clause's cache key, which it memoises on the clause:
+    a fresh ``text()`` on every execution parsed the statement for its bind parameters and
+    computed that key again, about a tenth of the engine's CPU per payment
+    (docs/benchmarks.md). Clauses are immutable (``bindparams()`` returns a copy)."""
+    return text(statement)
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,7 @@ class Database:
     async def ping(self) -> bool:
         try:
             async with self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+                await conn.execute(sql_text("SELECT 1"))
             return True
         except (SQLAlchemyError, OSError):
             return False
@@ -101,14 +112,14 @@ async def migrate(db: Database, migrations: Sequence[Migration]) -> list[str]:
     """Apply the migrations not yet applied; returns their ids."""
     applied: list[str] = []
     async with db.transaction() as conn:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
+        await conn.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
         await conn.execute(
-            text(
+            sql_text(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 " id text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
         )
-        done = set((await conn.execute(text("SELECT id FROM schema_migrations"))).scalars())
+        done = set((await conn.execute(sql_text("SELECT id FROM schema_migrations"))).scalars())
         for migration in migrations:
             if migration.id in done:
                 continue
@@ -117,7 +128,7 @@ async def migrate(db: Database, migrations: Sequence[Migration]) -> list[str]:
             raw = await conn.get_raw_connection()
             await raw.driver_connection.execute(migration.sql)  # type: ignore[union-attr]
             await conn.execute(
-                text("INSERT INTO schema_migrations (id) VALUES (:id)"), {"id": migration.id}
+                sql_text("INSERT INTO schema_migrations (id) VALUES (:id)"), {"id": migration.id}
             )
             applied.append(migration.id)
     if applied:

@@ -9,15 +9,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.storage import sql_text
 
 __all__ = ["dr_status"]
 
 
 async def dr_status(conn: AsyncConnection, state_file: Path | None = None) -> dict[str, Any]:
-    in_recovery = bool((await conn.execute(text("SELECT pg_is_in_recovery()"))).scalar_one())
-    sync_names = (await conn.execute(text("SHOW synchronous_standby_names"))).scalar_one()
+    in_recovery = bool((await conn.execute(sql_text("SELECT pg_is_in_recovery()"))).scalar_one())
+    sync_names = (await conn.execute(sql_text("SHOW synchronous_standby_names"))).scalar_one()
     standbys = [
         {
             "name": r.application_name,
@@ -26,7 +27,7 @@ async def dr_status(conn: AsyncConnection, state_file: Path | None = None) -> di
             "replay_lag_seconds": r.lag,
         }
         for r in await conn.execute(
-            text(
+            sql_text(
                 "SELECT application_name, state, sync_state,"
                 " EXTRACT(EPOCH FROM replay_lag)::float AS lag FROM pg_stat_replication"
                 " ORDER BY application_name"
@@ -35,7 +36,7 @@ async def dr_status(conn: AsyncConnection, state_file: Path | None = None) -> di
     ]
     last = (
         await conn.execute(
-            text(
+            sql_text(
                 "SELECT old_primary, new_primary, reason, started_at, completed_at, phases"
                 " FROM dr_failovers ORDER BY id DESC LIMIT 1"
             )

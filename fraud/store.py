@@ -12,19 +12,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import Clock
 from core.crypto import MasterKey
 from core.polling import PollingWorker
-from core.storage import Database
+from core.storage import Database, sql_text
 from fraud.features import History, Txn
 from fraud.history import DAY, HOUR, MINUTE, PAYEE_WINDOW, RECENT, USUAL_PLACES
 
 __all__ = ["HistoryPruner", "HistoryStore"]
 
-_READ = text(
+_READ = sql_text(
     f"""
     WITH payer AS (
         SELECT count(*) FILTER (WHERE at > :t1m) AS c1m,
@@ -130,7 +129,7 @@ class HistoryStore:
         lat, lon = txn.location if txn.location else (None, None)
         inserted = (
             await conn.execute(
-                text(
+                sql_text(
                     "INSERT INTO fraud_observations (transaction_id, payer_key, device_key,"
                     " payee_key, amount_paise, at, lat, lon) VALUES (:t, :payer, :device,"
                     " :payee, :amount, :at, :lat, :lon) ON CONFLICT (transaction_id)"
@@ -149,7 +148,7 @@ class HistoryStore:
         if inserted is None:
             return False
         await conn.execute(
-            text(
+            sql_text(
                 "INSERT INTO fraud_payers (payer_key, payments) VALUES (:payer, 1)"
                 " ON CONFLICT (payer_key) DO UPDATE SET payments = fraud_payers.payments + 1"
             ),
@@ -157,7 +156,7 @@ class HistoryStore:
         )
         if keys["device"] is not None:
             await conn.execute(
-                text(
+                sql_text(
                     "INSERT INTO fraud_payer_devices (payer_key, device_key, first_seen)"
                     " VALUES (:payer, :device, :at) ON CONFLICT DO NOTHING"
                 ),
@@ -169,7 +168,7 @@ class HistoryStore:
         """Forget up to ``limit`` payments made before ``before``; how many went. The
         per-payer count and devices stay: they are one row per payer, not per payment."""
         deleted = await conn.execute(
-            text(
+            sql_text(
                 "DELETE FROM fraud_observations WHERE id IN (SELECT id FROM fraud_observations"
                 " WHERE at < :before ORDER BY at LIMIT :n)"
             ),

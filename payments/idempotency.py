@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import IdempotencyConflict
+from core.storage import sql_text
 
 __all__ = ["claim_key", "stored_response"]
 
@@ -32,7 +32,7 @@ async def claim_key(
     """Record the key with its response; False if the key was already used."""
     row = (
         await conn.execute(
-            text(
+            sql_text(
                 "INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
                 " transaction_id, response_status, response_body)"
                 " VALUES (:m, :k, :h, :t, :s, CAST(:b AS jsonb))"
@@ -57,7 +57,7 @@ async def stored_response(
     """The first response under this key, or :class:`IdempotencyConflict` for another body."""
     row = (
         await conn.execute(
-            text(
+            sql_text(
                 "SELECT request_hash, response_status, response_body FROM idempotency_keys"
                 " WHERE merchant_id = :m AND idempotency_key = :k"
             ),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from core.storage import sql_text
 
 __all__ = ["Merchant", "insert_merchant", "load_merchant"]
 
@@ -23,7 +24,7 @@ async def insert_merchant(
     conn: AsyncConnection, merchant: Merchant, webhook_secret_enc: bytes
 ) -> None:
     await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO merchants (merchant_id, name, vpa, mcc, webhook_url, webhook_secret_enc)"
             " VALUES (:id, :n, :v, :mcc, :url, :sec)"
         ),
@@ -41,7 +42,7 @@ async def insert_merchant(
 async def load_merchant(conn: AsyncConnection, merchant_id: str) -> Merchant | None:
     row = (
         await conn.execute(
-            text(
+            sql_text(
                 "SELECT merchant_id, name, vpa, mcc, webhook_url FROM merchants"
                 " WHERE merchant_id = :id"
             ),

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import assert_never
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.bus.base import Subscription
@@ -53,7 +52,7 @@ from core.metrics import SWITCH_LATENCY
 from core.outbox import append_to_outbox
 from core.pii import Vpa, mask_vpa
 from core.polling import PollingWorker
-from core.storage import Database
+from core.storage import Database, sql_text
 from payments import repository
 from payments.domain import Payment, PaymentStatus
 from payments.npci.banks import bank_of
@@ -321,12 +320,12 @@ class NpciHandler:
 
 
 # The resolver's scans, each on its partial index (payments.0003, payments.0007).
-DEEMED_DUE = text(
+DEEMED_DUE = sql_text(
     "SELECT transaction_id FROM payments WHERE status = 'DEEMED'"
     " AND next_check_at <= :now ORDER BY next_check_at LIMIT :n"
     " FOR UPDATE SKIP LOCKED"
 )
-STALE_SUBMISSIONS = text(
+STALE_SUBMISSIONS = sql_text(
     "SELECT transaction_id FROM payments WHERE status = 'SUBMITTED'"
     " AND updated_at < :before ORDER BY updated_at LIMIT :n"
     " FOR UPDATE SKIP LOCKED"

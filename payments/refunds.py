@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.bus.base import Subscription
@@ -33,7 +32,7 @@ from core.ids import new_event_id
 from core.inbox import claim
 from core.outbox import append_to_outbox
 from core.pii import partition_key_for
-from core.storage import Database
+from core.storage import Database, sql_text
 from payments import repository
 from payments.domain import PaymentStatus
 from payments.idempotency import claim_key, stored_response
@@ -125,7 +124,7 @@ async def request_refund(
             )
         refunded = (
             await conn.execute(
-                text(
+                sql_text(
                     "SELECT coalesce(sum(amount_paise), 0) FROM refunds"
                     " WHERE transaction_id = :t AND status <> 'FAILED'"
                 ),
@@ -138,7 +137,7 @@ async def request_refund(
                 f"{refunded} of {payment.amount_paise} paise already refunded or in flight",
             )
         await conn.execute(
-            text(
+            sql_text(
                 "INSERT INTO refunds (refund_id, transaction_id, merchant_id, amount_paise,"
                 " status, created_at) VALUES (:r, :t, :m, :a, 'PENDING', :at)"
             ),
@@ -162,7 +161,7 @@ async def list_refunds(db: Database, merchant_id: str, transaction_id: str) -> l
         if payment is None or payment.merchant_id != merchant_id:
             raise NotFound(f"no payment {transaction_id}")
         rows = await conn.execute(
-            text(
+            sql_text(
                 f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE transaction_id = :t"
                 " ORDER BY created_at, refund_id"
             ),
@@ -197,7 +196,7 @@ class RefundHandler:
         async with self._db.connection() as conn:
             status = (
                 await conn.execute(
-                    text("SELECT status FROM refunds WHERE refund_id = :r"),
+                    sql_text("SELECT status FROM refunds WHERE refund_id = :r"),
                     {"r": event.refund_id},
                 )
             ).scalar_one_or_none()
@@ -270,7 +269,7 @@ async def _complete(
 ) -> bool:
     row = (
         await conn.execute(
-            text(
+            sql_text(
                 "UPDATE refunds SET status = :s, response_code = :c, rrn = :rrn, reason = :why,"
                 " completed_at = :at WHERE refund_id = :r AND status = 'PENDING' RETURNING 1"
             ),

@@ -6,11 +6,11 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import InvalidTransition
+from core.storage import sql_text
 from payments.domain import Payment, PaymentStatus
 
 __all__ = [
@@ -58,7 +58,7 @@ async def insert_payment(
     conn: AsyncConnection, payment: Payment, device: dict[str, Any] | None
 ) -> None:
     await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO payments (transaction_id, merchant_id, merchant_order_id, payer_vpa,"
             " payee_vpa, amount_paise, currency, note, mcc, device, status, created_at,"
             " updated_at) VALUES (:t, :m, :o, :payer, :payee, :amt, :cur, :note, :mcc,"
@@ -80,7 +80,7 @@ async def insert_payment(
         },
     )
     await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO payment_status_history (transaction_id, seq, status, at)"
             " VALUES (:t, 1, :s, :at)"
         ),
@@ -94,7 +94,7 @@ async def load_payment(
     sql = f"SELECT {_COLUMNS} FROM payments WHERE transaction_id = :t"
     if for_update:
         sql += " FOR UPDATE"
-    row = (await conn.execute(text(sql), {"t": transaction_id})).first()
+    row = (await conn.execute(sql_text(sql), {"t": transaction_id})).first()
     return to_payment(row) if row is not None else None
 
 
@@ -103,7 +103,7 @@ async def save_transition(conn: AsyncConnection, before: Payment, after: Payment
     change = after.history[-1]
     updated = (
         await conn.execute(
-            text(
+            sql_text(
                 "UPDATE payments SET status = :s, response_code = :c, rrn = :rrn,"
                 " payer_bank = :pb, payee_bank = :eb, updated_at = :at, completed_at = :done"
                 " WHERE transaction_id = :t AND status = :prev RETURNING 1"
@@ -124,7 +124,7 @@ async def save_transition(conn: AsyncConnection, before: Payment, after: Payment
     if updated is None:
         raise InvalidTransition(f"{after.transaction_id}: status changed concurrently")
     await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO payment_status_history"
             " (transaction_id, seq, status, response_code, reason, at)"
             " SELECT :t, COALESCE(MAX(seq), 0) + 1, :s, :c, :r, :at"
@@ -154,19 +154,19 @@ async def list_payments_by_order(
         sql += " AND transaction_id > :after"
         params["after"] = after_transaction_id
     sql += " ORDER BY transaction_id LIMIT :n"
-    return [to_payment(r) for r in (await conn.execute(text(sql), params)).all()]
+    return [to_payment(r) for r in (await conn.execute(sql_text(sql), params)).all()]
 
 
 async def record_fraud(conn: AsyncConnection, transaction_id: str, fraud: dict[str, Any]) -> None:
     await conn.execute(
-        text("UPDATE payments SET fraud = CAST(:f AS jsonb) WHERE transaction_id = :t"),
+        sql_text("UPDATE payments SET fraud = CAST(:f AS jsonb) WHERE transaction_id = :t"),
         {"f": orjson.dumps(fraud).decode(), "t": transaction_id},
     )
 
 
 async def schedule_check(conn: AsyncConnection, transaction_id: str, at: datetime) -> None:
     await conn.execute(
-        text("UPDATE payments SET next_check_at = :at WHERE transaction_id = :t"),
+        sql_text("UPDATE payments SET next_check_at = :at WHERE transaction_id = :t"),
         {"at": at, "t": transaction_id},
     )
 
@@ -175,7 +175,7 @@ async def count_check(conn: AsyncConnection, transaction_id: str) -> int:
     """Count one more check-status for a deemed payment; returns the count before it."""
     row = (
         await conn.execute(
-            text(
+            sql_text(
                 "UPDATE payments SET check_attempts = check_attempts + 1"
                 " WHERE transaction_id = :t RETURNING check_attempts - 1"
             ),

@@ -13,7 +13,6 @@ from datetime import datetime, time
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import IST, Clock, business_date
@@ -23,7 +22,7 @@ from core.ids import new_transaction_id
 from core.metrics import PAYMENTS_INITIATED
 from core.outbox import append_to_outbox
 from core.pii import Vpa, partition_key_for
-from core.storage import Database
+from core.storage import Database, sql_text
 from payments import repository
 from payments.domain import Payment, PaymentStatus
 from payments.idempotency import claim_key, stored_response
@@ -81,12 +80,12 @@ async def _check_payer_day(
     """Per payer per IST day. The advisory lock serialises one payer's initiations, so two
     concurrent requests cannot both squeeze under the limit."""
     await conn.execute(
-        text("SELECT pg_advisory_xact_lock(hashtextextended(:p, 0))"), {"p": "payer:" + payer}
+        sql_text("SELECT pg_advisory_xact_lock(hashtextextended(:p, 0))"), {"p": "payer:" + payer}
     )
     day_start = datetime.combine(business_date(now), time(), tzinfo=IST)
     count, total = (
         await conn.execute(
-            text(
+            sql_text(
                 "SELECT count(*), coalesce(sum(amount_paise), 0) FROM payments"
                 " WHERE payer_vpa = :p AND created_at >= :start"
                 " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED')"

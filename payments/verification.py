@@ -21,7 +21,6 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import Clock
@@ -35,7 +34,7 @@ from core.events import (
     PaymentVerified,
 )
 from core.polling import PollingWorker
-from core.storage import Database
+from core.storage import Database, sql_text
 from payments import repository
 from payments.domain import Payment, PaymentStatus
 from payments.npci.codes import describe
@@ -98,7 +97,7 @@ async def apply_fraud_decision(
                 PaymentStatus.PENDING_VERIFICATION, at=now, reason="fraud: step-up verification"
             )
             await conn.execute(
-                text(
+                sql_text(
                     "INSERT INTO payment_verifications (transaction_id, expires_at)"
                     " VALUES (:t, :e) ON CONFLICT DO NOTHING"
                 ),
@@ -147,7 +146,7 @@ async def verify(
             raise NotFound(f"no payment {transaction_id}")
         row = (
             await conn.execute(
-                text(
+                sql_text(
                     "SELECT expires_at, verified_at, attempts FROM payment_verifications"
                     " WHERE transaction_id = :t FOR UPDATE"
                 ),
@@ -170,7 +169,9 @@ async def verify(
             raise VerificationRejected("verification_expired", "the verification window has closed")
         if hmac.compare_digest(otp.encode(), policy.otp.encode()):
             await conn.execute(
-                text("UPDATE payment_verifications SET verified_at = :n WHERE transaction_id = :t"),
+                sql_text(
+                    "UPDATE payment_verifications SET verified_at = :n WHERE transaction_id = :t"
+                ),
                 {"n": now, "t": transaction_id},
             )
             await emit(
@@ -185,7 +186,7 @@ async def verify(
             return payment
         attempts = row.attempts + 1
         await conn.execute(
-            text("UPDATE payment_verifications SET attempts = :a WHERE transaction_id = :t"),
+            sql_text("UPDATE payment_verifications SET attempts = :a WHERE transaction_id = :t"),
             {"a": attempts, "t": transaction_id},
         )
         left = policy.max_attempts - attempts
@@ -201,7 +202,7 @@ async def verify(
 
 # The payments awaiting verification are few, and found by their own partial index
 # (payments.0007): expired windows of failed payments stay in payment_verifications.
-EXPIRED_VERIFICATIONS = text(
+EXPIRED_VERIFICATIONS = sql_text(
     "SELECT p.transaction_id FROM payments p"
     " JOIN payment_verifications v USING (transaction_id)"
     " WHERE p.status = 'PENDING_VERIFICATION' AND v.verified_at IS NULL"

@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import orjson
-from sqlalchemy import text
 from sqlalchemy.engine import Row
 
 from core.bus.base import Subscription
@@ -38,7 +37,7 @@ from core.events import (
 )
 from core.inbox import claim
 from core.polling import PollingWorker
-from core.storage import Database
+from core.storage import Database, sql_text
 from payments import repository
 from payments.views import payment_view
 
@@ -96,7 +95,7 @@ class WebhookRecorder:
                 return
             url = (
                 await conn.execute(
-                    text("SELECT webhook_url FROM merchants WHERE merchant_id = :m"),
+                    sql_text("SELECT webhook_url FROM merchants WHERE merchant_id = :m"),
                     {"m": getattr(event, "merchant_id", "")},
                 )
             ).scalar_one_or_none()
@@ -105,7 +104,7 @@ class WebhookRecorder:
                 return
             now = self._clock.now()
             await conn.execute(
-                text(
+                sql_text(
                     "INSERT INTO webhook_deliveries (event_id, merchant_id, transaction_id, url,"
                     " body, status, next_attempt_at, created_at)"
                     " VALUES (:e, :m, :t, :u, :b, 'PENDING', :now, :now)"
@@ -123,7 +122,7 @@ class WebhookRecorder:
 
 
 # On its partial index (payments.0004).
-DUE_DELIVERIES = text(
+DUE_DELIVERIES = sql_text(
     "SELECT id, merchant_id, transaction_id, event_id, url, body, attempts,"
     " created_at FROM webhook_deliveries WHERE status = 'PENDING'"
     " AND next_attempt_at <= :now ORDER BY next_attempt_at LIMIT :n"
@@ -167,7 +166,7 @@ class WebhookDispatcher(PollingWorker):
             async with self._db.connection() as conn:
                 sealed = (
                     await conn.execute(
-                        text("SELECT webhook_secret_enc FROM merchants WHERE merchant_id = :m"),
+                        sql_text("SELECT webhook_secret_enc FROM merchants WHERE merchant_id = :m"),
                         {"m": merchant_id},
                     )
                 ).scalar_one()
@@ -182,7 +181,9 @@ class WebhookDispatcher(PollingWorker):
             rows = (await conn.execute(DUE_DELIVERIES, {"now": now, "n": batch})).all()
             if rows:
                 await conn.execute(
-                    text("UPDATE webhook_deliveries SET next_attempt_at = :l WHERE id = ANY(:ids)"),
+                    sql_text(
+                        "UPDATE webhook_deliveries SET next_attempt_at = :l WHERE id = ANY(:ids)"
+                    ),
                     {"l": lease, "ids": [r.id for r in rows]},
                 )
         await asyncio.gather(*(self._deliver(r) for r in rows))
@@ -212,7 +213,7 @@ class WebhookDispatcher(PollingWorker):
         async with self._db.transaction() as conn:
             if error is None:
                 await conn.execute(
-                    text(
+                    sql_text(
                         "UPDATE webhook_deliveries SET status = 'DELIVERED', attempts = :a,"
                         " delivered_at = :now, last_error = NULL WHERE id = :id"
                     ),
@@ -223,7 +224,7 @@ class WebhookDispatcher(PollingWorker):
             delay = self.policy.next_delay(attempts)
             dead = age + delay > self.policy.max_age_s
             await conn.execute(
-                text(
+                sql_text(
                     "UPDATE webhook_deliveries SET status = :s, attempts = :a, last_error = :e,"
                     " next_attempt_at = :next WHERE id = :id"
                 ),
@@ -259,5 +260,5 @@ async def replay_dead_webhooks(
         sql += " AND id = :id"
         params["id"] = delivery_id
     async with db.transaction() as conn:
-        result = await conn.execute(text(sql + " RETURNING id"), params)
+        result = await conn.execute(sql_text(sql + " RETURNING id"), params)
         return len(result.all())

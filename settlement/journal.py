@@ -13,10 +13,8 @@ from collections.abc import Iterable
 from datetime import date, datetime, time, timedelta
 from typing import Protocol
 
-from sqlalchemy import text
-
 from core.clock import IST
-from core.storage import Database
+from core.storage import Database, sql_text
 from settlement.domain import ItemKind, JournalRow
 
 __all__ = ["ComplianceLedgerIndex", "LedgerIndex", "NpciJournal", "SwitchJournal"]
@@ -37,7 +35,7 @@ class NpciJournal:
         end = start + timedelta(days=1)
         async with self._db.connection() as conn:
             result = await conn.execute(
-                text(
+                sql_text(
                     "SELECT txn_id, kind, amount_paise, debited FROM npci_transactions"
                     " WHERE txn_id = ANY(:refs) OR (debited AND created_at >= :start"
                     " AND created_at < :end) ORDER BY txn_id"
@@ -69,7 +67,7 @@ class ComplianceLedgerIndex:
         wanted = set(event_ids)
         async with self._db.connection() as conn:
             found = await conn.execute(
-                text("SELECT event_id FROM ledger_entries WHERE event_id = ANY(:ids)"),
+                sql_text("SELECT event_id FROM ledger_entries WHERE event_id = ANY(:ids)"),
                 {"ids": list(wanted)},
             )
             return wanted - set(found.scalars())

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.bus.base import Subscription
@@ -30,7 +29,7 @@ from core.events import (
     RefundSucceeded,
     Topic,
 )
-from core.storage import Database
+from core.storage import Database, sql_text
 
 __all__ = ["SETTLEMENT_LOCK", "SettlementRecorder", "open_cycle_date"]
 
@@ -52,7 +51,7 @@ async def open_cycle_date(conn: AsyncConnection, day: date) -> date:
     closed = set(
         (
             await conn.execute(
-                text("SELECT business_date FROM settlement_runs WHERE business_date >= :d"),
+                sql_text("SELECT business_date FROM settlement_runs WHERE business_date >= :d"),
                 {"d": day},
             )
         ).scalars()
@@ -158,7 +157,7 @@ class SettlementRecorder:
         if not items and not others:
             return
         async with self._db.transaction() as conn:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SETTLEMENT_LOCK})
+            await conn.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": SETTLEMENT_LOCK})
             cycle_of_day: dict[date, date] = {}
             for item in items:
                 day = item["business_date"]
@@ -173,7 +172,7 @@ class SettlementRecorder:
                     )
             if items:
                 await conn.execute(
-                    text(
+                    sql_text(
                         "INSERT INTO settlement_items (event_id, kind, reference, transaction_id,"
                         " merchant_id, mcc, amount_paise, payer_bank, payee_bank, final_at,"
                         " business_date, cycle_date, note) VALUES (:event_id, :kind, :reference,"
@@ -186,7 +185,7 @@ class SettlementRecorder:
             for reference, status, amount, day, at in others:
                 # A final status never goes back to DEEMED; later events win otherwise.
                 await conn.execute(
-                    text(
+                    sql_text(
                         "INSERT INTO settlement_other (reference, status, amount_paise,"
                         " business_date, updated_at) VALUES (:r, :s, :a, :d, :at)"
                         " ON CONFLICT (reference) DO UPDATE SET status = EXCLUDED.status,"

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 
 from core.clock import Clock
 from core.events import Envelope, SettlementClosed
 from core.outbox import append_to_outbox
-from core.storage import Database
+from core.storage import Database, sql_text
 from settlement.domain import (
     Item,
     ItemKind,
@@ -180,10 +179,10 @@ async def settle_business_date(
     clock: Clock,
 ) -> SettlementResult:
     async with db.transaction() as conn:
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": SETTLEMENT_LOCK})
+        await conn.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": SETTLEMENT_LOCK})
         stored = (
             await conn.execute(
-                text("SELECT summary, files FROM settlement_runs WHERE business_date = :d"),
+                sql_text("SELECT summary, files FROM settlement_runs WHERE business_date = :d"),
                 {"d": day},
             )
         ).first()
@@ -191,7 +190,7 @@ async def settle_business_date(
             return SettlementResult(day, dict(stored.summary), dict(stored.files), False)
         rows = (
             await conn.execute(
-                text(
+                sql_text(
                     "SELECT event_id, kind, reference, transaction_id, merchant_id, mcc,"
                     " amount_paise, payer_bank, payee_bank, final_at, note FROM settlement_items"
                     " WHERE cycle_date = :d ORDER BY reference"
@@ -237,7 +236,7 @@ async def settle_business_date(
         ]
         other = (
             await conn.execute(
-                text(
+                sql_text(
                     "SELECT reference, status, amount_paise FROM settlement_other"
                     " WHERE (status IN ('FAILED', 'BLOCKED') AND business_date = :d)"
                     " OR (status IN ('PENDING', 'DEEMED') AND business_date <= :d)"
@@ -253,7 +252,7 @@ async def settle_business_date(
         known_success = set(
             (
                 await conn.execute(
-                    text(
+                    sql_text(
                         "SELECT reference FROM settlement_other WHERE status = 'SETTLED'"
                         " AND business_date <> :d"
                     ),
@@ -284,7 +283,7 @@ async def settle_business_date(
         )
         now = clock.now()
         await conn.execute(
-            text(
+            sql_text(
                 "INSERT INTO settlement_runs (business_date, settlement_date, closed_at, summary,"
                 " files) VALUES (:d, :s, :at, CAST(:sum AS jsonb), CAST(:f AS jsonb))"
             ),
@@ -314,7 +313,7 @@ async def closed_summary(db: Database, day: date) -> dict[str, Any] | None:
     async with db.connection() as conn:
         row = (
             await conn.execute(
-                text("SELECT summary FROM settlement_runs WHERE business_date = :d"), {"d": day}
+                sql_text("SELECT summary FROM settlement_runs WHERE business_date = :d"), {"d": day}
             )
         ).first()
     return dict(row.summary) if row is not None else None

@@ -35,13 +35,12 @@ from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import SwitchError
 from core.ids import new_rrn
 from core.money import Paise
-from core.storage import Database
+from core.storage import Database, sql_text
 from payments.npci.banks import bank_of
 from payments.npci.switch import (
     PayRequest,
@@ -184,7 +183,7 @@ class MockSwitch:
         async with self._db.transaction() as conn:
             inserted = (
                 await conn.execute(
-                    text(
+                    sql_text(
                         "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
                         " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
                         " debited, visible_at) VALUES (:t, 'PAY', :payer, :payee, :pb, :eb,"
@@ -250,7 +249,7 @@ class MockSwitch:
         async with self._db.transaction() as conn:
             row = (
                 await conn.execute(
-                    text(
+                    sql_text(
                         "SELECT status, debited, payer_vpa, payee_vpa, amount_paise"
                         " FROM npci_transactions WHERE txn_id = :t FOR UPDATE"
                     ),
@@ -261,7 +260,7 @@ class MockSwitch:
                 # Never seen: void the id so that a late request cannot debit.
                 voided = (
                     await conn.execute(
-                        text(
+                        sql_text(
                             "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
                             " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
                             " debited) VALUES (:t, 'PAY', 'void@void', 'void@void', 'NONE',"
@@ -276,7 +275,7 @@ class MockSwitch:
                 # A pay request committed while we were voiding: it won, reverse it.
                 row = (
                     await conn.execute(
-                        text(
+                        sql_text(
                             "SELECT status, debited, payer_vpa, payee_vpa, amount_paise"
                             " FROM npci_transactions WHERE txn_id = :t FOR UPDATE"
                         ),
@@ -287,7 +286,7 @@ class MockSwitch:
                 return ReversalResult(txn_id, "00", reversed=True)
             if not row.debited:
                 await conn.execute(
-                    text(
+                    sql_text(
                         "UPDATE npci_transactions SET visible_at = now(), updated_at = now()"
                         " WHERE txn_id = :t"
                     ),
@@ -297,7 +296,7 @@ class MockSwitch:
             if not await _move(conn, row.payee_vpa, row.payer_vpa, int(row.amount_paise)):
                 return ReversalResult(txn_id, "96", reversed=False)
             await conn.execute(
-                text(
+                sql_text(
                     "UPDATE npci_transactions SET status = 'REVERSED', debited = false,"
                     " visible_at = now(), updated_at = now() WHERE txn_id = :t"
                 ),
@@ -312,7 +311,7 @@ class MockSwitch:
         async with self._db.transaction() as conn:
             inserted = (
                 await conn.execute(
-                    text(
+                    sql_text(
                         "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
                         " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
                         " debited, original_txn_id) VALUES (:t, 'REFUND', :payer, :payee, :pb,"
@@ -349,7 +348,7 @@ class MockSwitch:
         async with self._db.connection() as conn:
             row = (
                 await conn.execute(
-                    text("SELECT balance_paise FROM npci_accounts WHERE vpa = :v"), {"v": vpa}
+                    sql_text("SELECT balance_paise FROM npci_accounts WHERE vpa = :v"), {"v": vpa}
                 )
             ).scalar_one_or_none()
         return int(row) if row is not None else opening_balance(vpa)
@@ -358,7 +357,7 @@ class MockSwitch:
 async def _settle_journal(conn: AsyncConnection, txn_id: str, code: str) -> None:
     """Record the answer of a journal row: ``00`` means the money moved."""
     await conn.execute(
-        text(
+        sql_text(
             "UPDATE npci_transactions SET status = :s, response_code = :c,"
             " debited = :d, updated_at = now() WHERE txn_id = :t"
         ),
@@ -368,7 +367,7 @@ async def _settle_journal(conn: AsyncConnection, txn_id: str, code: str) -> None
 
 async def _ensure_account(conn: AsyncConnection, vpa: str, bank: str) -> None:
     await conn.execute(
-        text(
+        sql_text(
             "INSERT INTO npci_accounts (vpa, bank, balance_paise) VALUES (:v, :b, :bal)"
             " ON CONFLICT (vpa) DO NOTHING"
         ),
@@ -380,7 +379,7 @@ async def _move(conn: AsyncConnection, debit: str, credit: str, amount: Paise) -
     """Debit one account and credit another, atomically; False if the debit cannot be made."""
     debited = (
         await conn.execute(
-            text(
+            sql_text(
                 "UPDATE npci_accounts SET balance_paise = balance_paise - :a"
                 " WHERE vpa = :v AND balance_paise >= :a RETURNING 1"
             ),
@@ -390,7 +389,7 @@ async def _move(conn: AsyncConnection, debit: str, credit: str, amount: Paise) -
     if debited is None:
         return False
     await conn.execute(
-        text("UPDATE npci_accounts SET balance_paise = balance_paise + :a WHERE vpa = :v"),
+        sql_text("UPDATE npci_accounts SET balance_paise = balance_paise + :a WHERE vpa = :v"),
         {"a": amount, "v": credit},
     )
     return True
@@ -399,7 +398,7 @@ async def _move(conn: AsyncConnection, debit: str, credit: str, amount: Paise) -
 async def _journal_result(conn: AsyncConnection, txn_id: str) -> SwitchResult:
     row = (
         await conn.execute(
-            text(
+            sql_text(
                 "SELECT response_code, rrn, payer_bank, payee_bank, status,"
                 " visible_at > now() AS pending FROM npci_transactions WHERE txn_id = :t"
             ),

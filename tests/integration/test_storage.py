@@ -3,9 +3,9 @@
 import asyncio
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event
 
-from core.storage import Database
+from core.storage import Database, sql_text
 
 pytestmark = pytest.mark.postgres
 
@@ -24,7 +24,7 @@ async def test_bursts_beyond_the_pool_wait_and_do_not_open_connections(db_url):
         async with db.transaction() as conn:
             in_flight += 1
             most = max(most, in_flight)
-            query = text("SELECT CAST(:n AS int) FROM pg_sleep(0.01)")
+            query = sql_text("SELECT CAST(:n AS int) FROM pg_sleep(0.01)")
             value = (await conn.execute(query, {"n": n})).scalar_one()
             in_flight -= 1
             return int(value)
@@ -37,3 +37,10 @@ async def test_bursts_beyond_the_pool_wait_and_do_not_open_connections(db_url):
         assert len(opened) <= 3
     finally:
         await db.close()
+
+
+def test_a_statement_is_one_shared_clause():
+    """Built once: SQLAlchemy memoises the compiled-cache key on the clause object, and the
+    burst test above runs the one clause concurrently with different parameters."""
+    assert sql_text("SELECT 1") is sql_text("SELECT 1")
+    assert sql_text("SELECT 1") is not sql_text("SELECT 2")
