@@ -341,4 +341,6 @@ class Engine:
             await self.bus.stop()
         if self.fraud is not None:
             self.fraud.close()
+        if isinstance(self.switch, MockSwitch):
+            await self.switch.aclose()
         await self.db.close()

@@ -28,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import random
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -100,6 +102,15 @@ def load_profiles(raw: dict[str, Any] | None = None) -> dict[str, BankProfile]:
     return profiles
 
 
+_T = TypeVar("_T")
+_log = logging.getLogger(__name__)
+
+
+def _log_failure_nobody_awaits(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        _log.warning("mock switch: a request failed after its caller stopped waiting: %r", exc)
+
+
 class MockSwitch:
     def __init__(
         self,
@@ -121,6 +132,7 @@ class MockSwitch:
         self._rng = random.Random(seed)  # latency
         self._fault_rng = random.Random(seed)  # which calls an injected fault hits
         self.faults: dict[str, Faults] = {}
+        self._in_flight: set[asyncio.Future[Any]] = set()
 
     # ----------------------------------------------------------------- faults
 
@@ -165,6 +177,27 @@ class MockSwitch:
         codes, weights = zip(*profile.decline_codes.items(), strict=True)
         return str(draw.choices(codes, weights)[0])
 
+    # ----------------------------------------------------------------- requests received
+
+    async def _received(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """Run ``work``, what the switch does with a request that reached it, to its end
+        even when the caller stops waiting (its leg timed out): NPCI goes on processing a
+        request whose answer is lost, and a later check-status finds the result. Cancelling
+        it instead would also cut its database transaction short mid-statement."""
+        task = asyncio.ensure_future(work)
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_log_failure_nobody_awaits)
+            raise
+
+    async def aclose(self, wait_s: float = 5.0) -> None:
+        """Let the requests already received finish, before the database goes."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=wait_s)
+
     # ----------------------------------------------------------------- operations
 
     async def pay(self, request: PayRequest) -> SwitchResult:
@@ -180,6 +213,24 @@ class MockSwitch:
         )
         now = datetime.now(UTC)
         visible_at = now + timedelta(seconds=self.pending_s) if hangs else now
+        result, first_time = await self._received(
+            self._record_pay(request, payer_bank, payee_bank, fault, visible_at)
+        )
+        if hangs and first_time:
+            # Processed, but the answer is lost on the way back: the caller times out.
+            await asyncio.sleep(self.hang_s)
+            return SwitchResult(request.txn_id, "01", result.rrn, payer_bank, payee_bank)
+        return result
+
+    async def _record_pay(
+        self,
+        request: PayRequest,
+        payer_bank: str | None,
+        payee_bank: str | None,
+        fault: Faults,
+        visible_at: datetime,
+    ) -> tuple[SwitchResult, bool]:
+        """The pay request in the journal and the money moved; False for a repeat."""
         async with self._db.transaction() as conn:
             inserted = (
                 await conn.execute(
@@ -203,15 +254,10 @@ class MockSwitch:
                 )
             ).first()
             if inserted is None:  # a repeat: answer what we answered the first time
-                return await _journal_result(conn, request.txn_id)
+                return await _journal_result(conn, request.txn_id), False
             code = await self._decide_and_move(conn, request, payer_bank, payee_bank, fault)
             await _settle_journal(conn, request.txn_id, code)
-        result = SwitchResult(request.txn_id, code, inserted.rrn, payer_bank, payee_bank)
-        if hangs:
-            # Processed, but the answer is lost on the way back: the caller times out.
-            await asyncio.sleep(self.hang_s)
-            return SwitchResult(request.txn_id, "01", inserted.rrn, payer_bank, payee_bank)
-        return result
+        return SwitchResult(request.txn_id, code, inserted.rrn, payer_bank, payee_bank), True
 
     async def _decide_and_move(
         self,
@@ -246,6 +292,9 @@ class MockSwitch:
 
     async def reverse(self, txn_id: str) -> ReversalResult:
         await self._latency(None)
+        return await self._received(self._reverse(txn_id))
+
+    async def _reverse(self, txn_id: str) -> ReversalResult:
         async with self._db.transaction() as conn:
             row = (
                 await conn.execute(
@@ -308,6 +357,11 @@ class MockSwitch:
         payer_bank = bank_of(request.payer_vpa)
         payee_bank = bank_of(request.payee_vpa)
         await self._latency(payee_bank)
+        return await self._received(self._refund(request, payer_bank, payee_bank))
+
+    async def _refund(
+        self, request: RefundRequest, payer_bank: str | None, payee_bank: str | None
+    ) -> SwitchResult:
         async with self._db.transaction() as conn:
             inserted = (
                 await conn.execute(

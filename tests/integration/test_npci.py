@@ -232,3 +232,32 @@ async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_
             assert await switch.balance(payer) == opening_balance(payer) - spent, payer
     finally:
         await engine.stop()
+
+
+async def test_a_pay_request_goes_on_at_the_switch_after_its_caller_timed_out(db):
+    """The caller's pay leg times out while the switch is still moving the money (here its
+    debit waits on the payer's account row). NPCI would finish the request and lose only the
+    answer: the mock does the same, and check-status then tells the outcome. Cancelling the
+    switch's work with the caller's wait would roll the debit back halfway instead."""
+    from payments.npci.switch import PayRequest
+
+    switch = MockSwitch(db, latency_scale=0, decline_scale=0)
+    payer, payee = "patient.payer@okaxis", "shop@okicici"
+    first = await switch.pay(PayRequest("UPI-TIMEOUT-0", payer, payee, 100))
+    assert first.response_code == "00"  # both accounts exist now
+    before = await switch.balance(payer)
+    async with db.transaction() as blocker:
+        await blocker.execute(
+            text("SELECT 1 FROM npci_accounts WHERE vpa = :v FOR UPDATE"), {"v": payer}
+        )
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(switch.pay(PayRequest("UPI-TIMEOUT-1", payer, payee, 250)), 0.3)
+    # The row lock is released: the request the switch received completes.
+    for _ in range(100):
+        status = await switch.check_status("UPI-TIMEOUT-1")
+        if status.response_code == "00":
+            break
+        await asyncio.sleep(0.05)
+    assert (status.known, status.response_code) == (True, "00")
+    assert await switch.balance(payer) == before - 250
+    await switch.aclose()
