@@ -193,7 +193,7 @@ class MockSwitch:
             task.add_done_callback(_log_failure_nobody_awaits)
             raise
 
-    async def aclose(self, wait_s: float = 5.0) -> None:
+    async def close(self, wait_s: float = 5.0) -> None:
         """Let the requests already received finish, before the database goes."""
         if self._in_flight:
             await asyncio.wait(set(self._in_flight), timeout=wait_s)

@@ -260,4 +260,4 @@ async def test_a_pay_request_goes_on_at_the_switch_after_its_caller_timed_out(db
         await asyncio.sleep(0.05)
     assert (status.known, status.response_code) == (True, "00")
     assert await switch.balance(payer) == before - 250
-    await switch.aclose()
+    await switch.close()
