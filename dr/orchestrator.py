@@ -65,22 +65,28 @@ async def connect(cluster: Cluster, database: str = "upi") -> AsyncIterator[Any]
 
 
 async def probe(cluster: Cluster, within_s: float = 1.0) -> str | None:
-    """``"primary"`` / ``"standby"`` if the cluster answers within ``within_s``, else None."""
-    timeout = within_s
+    """``"primary"`` / ``"standby"`` if the cluster answers within ``within_s``, else None.
+
+    Any failure to answer is no answer, whatever asyncpg raises: a server dying mid-reply
+    can leave the client protocol in a state asyncpg reports as an internal error
+    ("another operation is in progress"), and a health check must not crash the
+    orchestrator that failovers depend on."""
     try:
         conn = await asyncpg.connect(
-            host="127.0.0.1", port=cluster.port, user="postgres", database="upi", timeout=timeout
+            host="127.0.0.1", port=cluster.port, user="postgres", database="upi", timeout=within_s
         )
-    except (OSError, asyncpg.PostgresError, TimeoutError):
+    except Exception as exc:
+        _log.debug("probe %s: no connection: %r", cluster.name, exc)
         return None
     try:
-        in_recovery = await asyncio.wait_for(conn.fetchval("SELECT pg_is_in_recovery()"), timeout)
-        return "standby" if in_recovery else "primary"
-    except (OSError, asyncpg.PostgresError, TimeoutError):
+        in_recovery = await asyncio.wait_for(conn.fetchval("SELECT pg_is_in_recovery()"), within_s)
+    except Exception as exc:
+        _log.debug("probe %s: no answer: %r", cluster.name, exc)
+        conn.terminate()  # its state is unknown: drop it rather than close it politely
         return None
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), timeout)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(conn.close(), within_s)
+    return "standby" if in_recovery else "primary"
 
 
 @dataclass

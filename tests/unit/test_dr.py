@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
-from dr.orchestrator import Health, quorum
+import asyncpg
+from asyncpg import InternalClientError
+
+from dr.orchestrator import Health, probe, quorum
 from dr.proxy import RoutingProxy
 
 
@@ -60,3 +64,37 @@ async def test_proxy_keeps_one_address_and_holds_connections_while_paused():
         await proxy.stop()
         a.close()
         b.close()
+
+
+class _BrokenConnection:
+    """What asyncpg left once in a drill, when a region's server died mid-reply."""
+
+    def __init__(self) -> None:
+        self.terminated = self.closed = False
+
+    async def fetchval(self, query: str) -> object:
+        raise InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_probe_that_gets_no_proper_answer_says_no_answer(monkeypatch):
+    region = SimpleNamespace(name="mumbai", port=1)
+    broken = _BrokenConnection()
+
+    async def connect_to_broken(**_: object) -> _BrokenConnection:
+        return broken
+
+    monkeypatch.setattr(asyncpg, "connect", connect_to_broken)
+    assert await probe(region) is None  # not an exception that stops the orchestrator
+    assert broken.terminated and not broken.closed
+
+    async def connect_fails(**_: object) -> None:
+        raise InternalClientError("protocol confused")
+
+    monkeypatch.setattr(asyncpg, "connect", connect_fails)
+    assert await probe(region) is None
