@@ -260,10 +260,9 @@ class _Precomputed:
         self.scores_by_txn = scores_by_txn  # keyed by id() of the held-out Txn objects
 
     def score(self, txn: Any, history: Any) -> Any:
-        from fraud.scorers import Signal
+        from fraud.scorers import model_signal
 
-        s = self.scores_by_txn[id(txn)]
-        return Signal(round(s, 6), ("MODEL_HIGH_RISK",) if s >= 0.5 else ())
+        return model_signal(self.scores_by_txn[id(txn)])
 
 
 def main_train(seed: int, out_dir: Path) -> dict[str, Any]:

@@ -40,6 +40,7 @@ __all__ = [
     "Signal",
     "VelocityRules",
     "VelocityScorer",
+    "model_signal",
     "noisy_or",
 ]
 
@@ -231,6 +232,11 @@ class DeviceScorer:
 # --------------------------------------------------------------------------- model
 
 
+def model_signal(proba: float, threshold: float = 0.5) -> Signal:
+    """The model's fraud probability as a signal (also for batch-scored evaluation)."""
+    return Signal(round(proba, 6), ("MODEL_HIGH_RISK",) if proba >= threshold else ())
+
+
 class ModelScorer:
     """The trained model (:mod:`fraud.model`): its fraud probability is the score."""
 
@@ -244,6 +250,4 @@ class ModelScorer:
         self.threshold = threshold
 
     def score(self, txn: Txn, history: History) -> Signal:
-        proba = self._trees.predict_one(feature_vector(txn, history))
-        reasons = ("MODEL_HIGH_RISK",) if proba >= self.threshold else ()
-        return Signal(round(proba, 6), reasons)
+        return model_signal(self._trees.predict_one(feature_vector(txn, history)), self.threshold)
