@@ -78,6 +78,7 @@ def create_mock_app(
         if on_start:
             await on_start()
         yield
+        await switch.close()  # the requests it received finish before the database goes
         if on_stop:
             await on_stop()
 
