@@ -8,12 +8,19 @@ first transaction, then finds the row.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.storage import sql_text
 
-__all__ = ["already_processed", "claim"]
+__all__ = ["already_processed", "claim", "claim_many"]
+
+_CLAIM_MANY = sql_text(
+    "INSERT INTO inbox (consumer, event_id)"
+    " SELECT :c, e FROM unnest(CAST(:es AS uuid[])) AS e"
+    " ON CONFLICT DO NOTHING RETURNING event_id"
+)
 
 
 async def claim(conn: AsyncConnection, consumer: str, event_id: uuid.UUID) -> bool:
@@ -38,3 +45,14 @@ async def already_processed(conn: AsyncConnection, consumer: str, event_id: uuid
         )
     ).first()
     return row is not None
+
+
+async def claim_many(
+    conn: AsyncConnection, consumer: str, event_ids: Sequence[uuid.UUID]
+) -> set[uuid.UUID]:
+    """:func:`claim` for a batch, in one statement: the ids claimed now (the others were
+    handled before, or are being handled by a concurrent delivery that this one waits for)."""
+    if not event_ids:
+        return set()
+    rows = await conn.execute(_CLAIM_MANY, {"c": consumer, "es": [str(e) for e in event_ids]})
+    return {uuid.UUID(str(r[0])) for r in rows}
