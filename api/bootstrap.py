@@ -272,7 +272,7 @@ class Engine:
             bus.subscribe(self.ledger.subscription())
             self._spawn(self.ledger.run_checkpointer(), "ledger-checkpointer")
         if Role.SETTLEMENT in self.roles:
-            bus.subscribe(SettlementRecorder(self.db).subscription())
+            bus.subscribe(SettlementRecorder(self.db, self.master_key).subscription())
         if Role.GATEWAY in self.roles:
             # Merchant notifications belong to the gateway: record final statuses, send them.
             bus.subscribe(WebhookRecorder(self.db, self.clock).subscription())
@@ -287,7 +287,10 @@ class Engine:
                 bus.publish,
                 batch_size=self.settings.relay_batch_size,
                 poll_interval=self.settings.relay_poll_interval_s,
+                max_in_flight=4 if isinstance(bus, MemoryBus) else 1,
             )
+            if isinstance(bus, MemoryBus):
+                bus.on_settled = self.relay.wake  # consumers here commit new outbox rows
             self._spawn(self.relay.run(), "outbox-relay")
             self._spawn(self._watch_backlog(), "backlog-gauge")
         _log.info(

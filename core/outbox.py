@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -59,6 +60,11 @@ async def append_to_outbox(conn: AsyncConnection, envelopes: Sequence[Envelope])
 
 
 Publish = Callable[[Sequence[Envelope]], Awaitable[None]]
+_READ_AFTER = sql_text("SELECT id, envelope FROM outbox WHERE id > :last ORDER BY id LIMIT :n")
+_STORE_POSITION = sql_text(
+    "INSERT INTO outbox_position (destination, last_id) VALUES (:d, :id)"
+    " ON CONFLICT (destination) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()"
+)
 
 
 class OutboxRelay:
@@ -74,6 +80,7 @@ class OutboxRelay:
         poll_interval: float = 0.05,
         retention_s: float = 24 * 3600,
         prune_every: int = 10_000,
+        max_in_flight: int = 1,
     ) -> None:
         self._db = db
         self._publish = publish
@@ -87,6 +94,10 @@ class OutboxRelay:
         self._retention_s = retention_s
         self._pruned_at = 0
         self._prune_every = prune_every
+        # More than one only for a bus that settles batches side by side and in order per
+        # subscriber (the in-process bus); a broker's publish keeps one batch at a time, so
+        # that its sends stay in commit order.
+        self._max_in_flight = max_in_flight
 
     def wake(self) -> None:
         """Hint that new rows were committed (saves a poll interval in one process)."""
@@ -140,35 +151,56 @@ class OutboxRelay:
         self._wake.clear()
 
     async def _publish_loop(self, leader_conn: AsyncConnection) -> None:
-        last_id = await self._position(leader_conn)
-        while not self._stopping.is_set():
-            rows = (
-                await leader_conn.execute(
-                    sql_text(
-                        "SELECT id, envelope FROM outbox WHERE id > :last ORDER BY id LIMIT :n"
-                    ),
-                    {"last": last_id, "n": self._batch_size},
-                )
-            ).all()
-            await leader_conn.commit()
-            if not rows:
-                await self._sleep(self._poll)
-                continue
-            batch = [Envelope.from_bytes(bytes(row.envelope)) for row in rows]
-            await self._publish(batch)
-            last_id = rows[-1].id
-            await leader_conn.execute(
-                sql_text(
-                    "INSERT INTO outbox_position (destination, last_id) VALUES (:d, :id)"
-                    " ON CONFLICT (destination) DO UPDATE"
-                    " SET last_id = EXCLUDED.last_id, updated_at = now()"
-                ),
-                {"d": self._destination, "id": last_id},
-            )
-            await leader_conn.commit()
-            self.published += len(batch)
-            if self.published - self._pruned_at >= self._prune_every:
-                await self._prune(leader_conn, last_id)
+        """Read ahead and publish up to ``max_in_flight`` batches at once (a pipelined bus
+        settles them side by side); store the position of the longest settled prefix."""
+        settled_id = read_id = await self._position(leader_conn)
+        in_flight: deque[tuple[int, int, asyncio.Future[None]]] = deque()
+        try:
+            while not self._stopping.is_set():
+                settled = 0
+                while in_flight and in_flight[0][2].done():
+                    settled_id, count, task = in_flight.popleft()
+                    task.result()  # a failed publish raises here: start over from the position
+                    settled += count
+                if settled:
+                    await self._store(leader_conn, settled_id, settled)
+                if len(in_flight) >= self._max_in_flight:
+                    await asyncio.wait({in_flight[0][2]})
+                    continue
+                rows = (
+                    await leader_conn.execute(
+                        _READ_AFTER, {"last": read_id, "n": self._batch_size}
+                    )
+                ).all()
+                await leader_conn.commit()
+                if not rows:
+                    if in_flight:
+                        await asyncio.wait({in_flight[0][2]}, timeout=self._poll)
+                    else:
+                        await self._sleep(self._poll)
+                    continue
+                batch = [Envelope.from_bytes(bytes(row.envelope)) for row in rows]
+                read_id = rows[-1].id
+                task = asyncio.ensure_future(self._publish(batch))
+                in_flight.append((read_id, len(batch), task))
+            # Stopping: let what was handed over settle, and remember how far it got.
+            settled = 0
+            while in_flight:
+                settled_id, count, task = in_flight.popleft()
+                await task
+                settled += count
+            if settled:
+                await self._store(leader_conn, settled_id, settled)
+        finally:
+            for _, _, task in in_flight:
+                task.cancel()
+
+    async def _store(self, conn: AsyncConnection, last_id: int, count: int) -> None:
+        await conn.execute(_STORE_POSITION, {"d": self._destination, "id": last_id})
+        await conn.commit()
+        self.published += count
+        if self.published - self._pruned_at >= self._prune_every:
+            await self._prune(conn, last_id)
 
     async def _prune(self, conn: AsyncConnection, last_id: int) -> None:
         """Forget rows published long ago; the compliance ledger is the permanent record."""

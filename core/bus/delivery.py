@@ -122,6 +122,13 @@ async def _settle_as_batch(
             return
         except asyncio.CancelledError:
             raise
+        except PoisonMessage as exc:
+            # One of them cannot be handled at all: no point in retrying the batch.
+            _log.warning(
+                "batch holds a poison event, settling one by one",
+                extra={"consumer": sub.consumer, "error": repr(exc)},
+            )
+            break
         except Exception as exc:
             _log.warning(
                 "batch handler failed",

@@ -1,15 +1,31 @@
 """In-process bus, the embedded default.
 
-It has no storage of its own: the outbox is the log. The relay hands it a batch of rows
-and :meth:`MemoryBus.publish` returns only when every subscriber has settled every event
-(handled or dead-lettered), so the relay's position never passes an event a consumer has
-not seen; after a crash the relay resends from its position and inboxes drop repeats.
+It has no storage of its own: the outbox is the log. The relay hands it batches of rows;
+each subscriber has its own queue and its own worker, which takes *everything waiting* (up
+to ``max_batch`` events, across relay batches) and settles it as one delivery
+(:func:`~core.bus.delivery.deliver_batch`: a consumer with a ``batch_handler`` applies it
+set-based in one transaction). Subscribers therefore run side by side: a slow one (the NPCI
+handler waiting for the switch) does not hold the others, and under load its batches grow
+instead of its queue.
+
+:meth:`MemoryBus.publish` returns only when every subscriber has settled every event of the
+batch (handled or dead-lettered), so the relay's stored position never passes an event a
+consumer has not seen; after a crash the relay resends from its position and inboxes drop
+repeats. The relay may have several batches in flight (:attr:`MemoryBus.pipelined`): it
+stores the position of the longest prefix of batches that have settled.
+
+Order: one subscriber's worker settles its queue in order, one delivery at a time, and a
+delivery keeps the order of events sharing a partition key; so per-payer order holds.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from core.bus.base import DeadLetterSink, Subscription
 from core.bus.delivery import Delivery, RetryPolicy, deliver_batch
@@ -17,31 +33,132 @@ from core.events import Envelope
 
 __all__ = ["MemoryBus"]
 
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Ticket:
+    """One published batch, as far as one subscriber is concerned."""
+
+    pending: int
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _Consumer:
+    def __init__(
+        self,
+        sub: Subscription,
+        sink: DeadLetterSink,
+        policy: RetryPolicy,
+        max_batch: int,
+        on_settled: Callable[[], None],
+    ) -> None:
+        self.sub = sub
+        self._sink = sink
+        self._policy = policy
+        self._max_batch = max_batch
+        self._on_settled = on_settled
+        self._queue: deque[tuple[Delivery, _Ticket]] = deque()
+        self._ready = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def offer(self, items: list[Delivery]) -> _Ticket:
+        ticket = _Ticket(pending=len(items))
+        if not items:
+            ticket.done.set()
+            return ticket
+        self._queue.extend((item, ticket) for item in items)
+        self._ready.set()
+        return ticket
+
+    async def run(self) -> None:
+        while True:
+            await self._ready.wait()
+            taken = [
+                self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
+            ]
+            if not self._queue:
+                self._ready.clear()
+            if not taken:
+                continue
+            try:
+                await deliver_batch(self.sub, [d for d, _ in taken], self._sink, self._policy)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # deliver_batch settles every item (handled or dead-lettered); reaching here
+                # means the dead-letter sink itself failed. Put the events back, in order,
+                # and try again: nothing is acknowledged that was not settled.
+                _log.exception("consumer %s: delivery failed, retrying", self.sub.consumer)
+                self._queue.extendleft(reversed(taken))
+                self._ready.set()
+                await asyncio.sleep(self._policy.base_delay)
+                continue
+            for _, ticket in taken:
+                ticket.pending -= 1
+                if ticket.pending == 0:
+                    ticket.done.set()
+            self._on_settled()
+
 
 class MemoryBus:
-    def __init__(self, dead_letters: DeadLetterSink, policy: RetryPolicy | None = None) -> None:
-        self._subs: list[Subscription] = []
+    #: The relay may publish the next batches before this one settled.
+    pipelined = True
+
+    def __init__(
+        self,
+        dead_letters: DeadLetterSink,
+        policy: RetryPolicy | None = None,
+        *,
+        max_batch: int = 1_000,
+    ) -> None:
         self._sink = dead_letters
         self._policy = policy or RetryPolicy()
+        self._max_batch = max_batch
+        self._consumers: list[_Consumer] = []
+        #: Called after a subscriber settled a delivery: its handlers may have committed
+        #: new outbox rows, so the relay (in this process) can look at once.
+        self.on_settled: Callable[[], None] = lambda: None
 
     def subscribe(self, subscription: Subscription) -> None:
-        self._subs.append(subscription)
+        self._consumers.append(
+            _Consumer(
+                subscription,
+                self._sink,
+                self._policy,
+                self._max_batch,
+                lambda: self.on_settled(),
+            )
+        )
 
     async def start(self) -> None:
-        return None
+        for consumer in self._consumers:
+            if consumer.task is None:
+                consumer.task = asyncio.create_task(
+                    consumer.run(), name=f"consumer-{consumer.sub.consumer}"
+                )
 
     async def stop(self) -> None:
-        return None
+        tasks = [c.task for c in self._consumers if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for consumer in self._consumers:
+            consumer.task = None
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
-        jobs = []
-        for sub in self._subs:
+        if any(c.task is None for c in self._consumers):
+            await self.start()  # used without start() (tests, tools): start on demand
+        tickets = []
+        for consumer in self._consumers:
+            topics = consumer.sub.topics
             items = [
                 Delivery(topic=e.topic, key=e.partition_key, envelope=e)
                 for e in envelopes
-                if e.topic in sub.topics
+                if e.topic in topics
             ]
-            if items:
-                jobs.append(deliver_batch(sub, items, self._sink, self._policy))
-        if jobs:
-            await asyncio.gather(*jobs)
+            tickets.append(consumer.offer(items))
+        for ticket in tickets:
+            await ticket.done.wait()
