@@ -31,7 +31,7 @@ from api.auth import issue_token
 from api.bootstrap import Engine, Role
 from core.config import Settings, load_settings
 from core.embedded import embedded_url_if_running
-from core.errors import ConfigError
+from core.errors import ConfigError, NotFound, VpaTaken
 from core.ids import new_merchant_id
 from core.logging import configure_logging
 from core.pii import VPA_PATTERN
@@ -117,7 +117,6 @@ async def _create_merchant(
     sealed = engine.master_key.seal(webhook_secret.encode(), merchant_id.encode())
     merchant = Merchant(merchant_id, name, vpa.lower(), mcc, webhook_url)
     async with engine.db.transaction() as conn:
-        await insert_merchant(conn, merchant, sealed)
         api_key = await issue_token(
             conn,
             principal_id=merchant_id,
@@ -125,6 +124,8 @@ async def _create_merchant(
             name=name,
             merchant_id=merchant_id,
         )
+        # Last: registering the merchant's VPA writes to the outbox.
+        await insert_merchant(conn, merchant, sealed)
     return {"merchant_id": merchant_id, "api_key": api_key, "webhook_secret": webhook_secret}
 
 
@@ -175,6 +176,8 @@ def merchant_create(
         )
     except ConfigError as exc:
         _fail_config(exc)
+    except VpaTaken as exc:
+        _fail_config(ConfigError(f"--vpa: {exc}"))
     if json:
         sys.stdout.write(orjson.dumps(created).decode() + "\n")
         return
@@ -182,6 +185,45 @@ def merchant_create(
     out.print(f"api_key         {created['api_key']}")
     out.print(f"webhook_secret  {created['webhook_secret']}")
     out.print("[yellow]The API key and webhook secret are shown once. Store them now.[/]")
+
+
+@merchant_app.command("add-vpa")
+def merchant_add_vpa(
+    merchant: Annotated[str, typer.Option(help="Merchant id (mer_…)")],
+    vpa: Annotated[str, typer.Option(help="Another VPA the merchant collects into")],
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Register another VPA the merchant collects into (its payments may name it as payee).
+
+    One VPA belongs to one merchant; adding one already registered to this merchant
+    changes nothing.
+    """
+    from core.pii import Vpa
+    from payments.merchants import register_vpa
+
+    if not VPA_PATTERN.match(vpa):
+        _fail_config(ConfigError("--vpa: not a valid VPA (local-part@handle)"))
+    settings = _settings()
+
+    async def add(engine: Engine) -> bool:
+        async with engine.db.transaction() as conn:
+            return await register_vpa(conn, merchant, Vpa(vpa))
+
+    try:
+        added = asyncio.run(_with_engine(settings, add))
+    except ConfigError as exc:
+        _fail_config(exc)
+    except NotFound:
+        _fail_config(ConfigError(f"--merchant: no merchant {merchant}"))
+    except VpaTaken as exc:
+        _fail_config(ConfigError(f"--vpa: {exc}"))
+    if json:
+        result = {"merchant_id": merchant, "vpa": vpa.lower(), "registered": added}
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    elif added:
+        out.print(f"registered {Vpa(vpa)} for {merchant}")
+    else:
+        out.print(f"{Vpa(vpa)} was already registered for {merchant}")
 
 
 async def _with_engine(settings: Settings, work: Callable[[Engine], Awaitable[T]]) -> T:

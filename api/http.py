@@ -177,6 +177,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             "validation_error",
             "idempotency_key_missing",
             "idempotency_conflict",
+            "payee_not_allowed",
             "amount_over_limit",
             "payer_daily_count_exceeded",
             "payer_daily_amount_exceeded",

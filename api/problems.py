@@ -17,6 +17,7 @@ from core.errors import (
     InvalidTransition,
     LimitExceeded,
     NotFound,
+    PayeeNotAllowed,
     RefundRejected,
     StorageError,
     VerificationRejected,
@@ -32,6 +33,7 @@ CODES: dict[str, tuple[int, str]] = {
     "idempotency_key_missing": (400, "The Idempotency-Key header is required"),
     "idempotency_conflict": (409, "Idempotency-Key reused with a different request"),
     "invalid_transition": (409, "The payment is not in a state that allows this"),
+    "payee_not_allowed": (422, "The payee VPA is not one of this merchant's registered VPAs"),
     "amount_over_limit": (422, "Amount above the per-transaction limit for this merchant category"),
     "payer_daily_count_exceeded": (422, "The payer reached the daily number of payments"),
     "payer_daily_amount_exceeded": (422, "The payer reached the daily amount"),
@@ -123,7 +125,7 @@ def install_problem_handlers(app: FastAPI) -> None:
                 return problem_response("idempotency_conflict", str(exc))
             case InvalidTransition():
                 return problem_response("invalid_transition", str(exc))
-            case LimitExceeded() | RefundRejected() | VerificationRejected():
+            case PayeeNotAllowed() | LimitExceeded() | RefundRejected() | VerificationRejected():
                 return problem_response(exc.code, str(exc))
         return problem_response("validation_error", str(exc))
 

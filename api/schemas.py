@@ -50,7 +50,11 @@ class DeviceIn(_Strict):
 
 class CreatePaymentRequest(_Strict):
     payer_vpa: Vpa = Field(description="Payer's UPI address (local-part@handle)")
-    payee_vpa: Vpa | None = Field(default=None, description="Defaults to the merchant's VPA")
+    payee_vpa: Vpa | None = Field(
+        default=None,
+        description="Defaults to the merchant's VPA; otherwise one of the VPAs registered to"
+        " the merchant (upi-engine merchant add-vpa), else 422 payee_not_allowed",
+    )
     amount_paise: Annotated[int, Field(ge=1, le=_MAX_ANY_LIMIT), WholePaise] = Field(
         description="Integer paise, 1 .. the merchant category's per-transaction limit"
         " (₹1,00,000 = 10000000 by default)"

@@ -6,6 +6,8 @@ UpiError
 │   ├── InvalidTransition    a payment state change the state machine forbids
 │   ├── IdempotencyConflict  same Idempotency-Key, different request
 │   ├── NotFound             no such payment/merchant (or not yours)
+│   ├── PayeeNotAllowed      the payee VPA is not one of the merchant's registered VPAs
+│   ├── VpaTaken             the VPA is already registered to another merchant
 │   └── LimitExceeded, RefundRejected, VerificationRejected (each with a problem ``code``)
 ├── StorageError             the database failed or is unreachable
 ├── BusError                 the event bus failed
@@ -24,6 +26,7 @@ __all__ = [
     "InvalidTransition",
     "LimitExceeded",
     "NotFound",
+    "PayeeNotAllowed",
     "PoisonMessage",
     "RefundRejected",
     "StorageError",
@@ -31,6 +34,7 @@ __all__ = [
     "SwitchTimeout",
     "UpiError",
     "VerificationRejected",
+    "VpaTaken",
 ]
 
 
@@ -56,6 +60,19 @@ class IdempotencyConflict(DomainError):
 
 class NotFound(DomainError):
     code = "not_found"
+
+
+class PayeeNotAllowed(DomainError):
+    """A merchant collects only into its registered VPAs: otherwise money it is credited
+    with at settlement would land in someone else's account."""
+
+    code = "payee_not_allowed"
+
+
+class VpaTaken(DomainError):
+    """One VPA belongs to one merchant."""
+
+    code = "vpa_taken"
 
 
 class LimitExceeded(DomainError):

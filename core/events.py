@@ -38,6 +38,7 @@ __all__ = [
     "FailoverStarted",
     "FraudAssessed",
     "FraudDecision",
+    "MerchantVpaRegistered",
     "PaymentBlocked",
     "PaymentDeemed",
     "PaymentFailed",
@@ -165,6 +166,18 @@ class PaymentReversed(_PaymentFinal):
     name: ClassVar[str] = "PaymentReversed"
     payer_vpa: Vpa
     payer_bank: str
+
+
+class MerchantVpaRegistered(Event):
+    """A VPA the merchant may collect into (its own at creation, then each one added).
+    One VPA belongs to one merchant. Settlement keeps its own copy of these, to check
+    that the money it credits to a merchant was paid to one of the merchant's VPAs."""
+
+    name: ClassVar[str] = "MerchantVpaRegistered"
+    topic: ClassVar[Topic] = Topic.PAYMENTS
+    merchant_id: str
+    vpa: Vpa
+    registered_at: datetime
 
 
 class _RefundEvent(_PaymentEvent):
@@ -427,6 +440,7 @@ for _event in (
     RefundInitiated,
     RefundSucceeded,
     RefundFailed,
+    MerchantVpaRegistered,
     FraudAssessed,
     AuditAccessed,
     SettlementClosed,

@@ -1,14 +1,33 @@
-"""Merchants: who collects money, to which VPA, under which category (MCC)."""
+"""Merchants: who collects money, to which VPAs, under which category (MCC).
+
+A merchant collects only into its registered VPAs (``merchant_vpas``): its own, registered
+when it is created, and those an operator adds (``upi-engine merchant add-vpa``). One VPA
+belongs to one merchant. Each registration is published as ``MerchantVpaRegistered`` in the
+same transaction, so that settlement can check, with its own copy, that what it credits to
+a merchant was paid into one of the merchant's VPAs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.errors import NotFound, VpaTaken
+from core.events import Envelope, MerchantVpaRegistered
+from core.outbox import append_to_outbox
+from core.pii import Vpa
 from core.storage import sql_text
 
-__all__ = ["Merchant", "insert_merchant", "load_merchant"]
+__all__ = [
+    "CollectingMerchant",
+    "Merchant",
+    "insert_merchant",
+    "load_collecting_merchant",
+    "load_merchant",
+    "register_vpa",
+]
 
 
 @dataclass(frozen=True)
@@ -20,9 +39,24 @@ class Merchant:
     webhook_url: str | None
 
 
+@dataclass(frozen=True)
+class CollectingMerchant:
+    """A merchant as a payment initiation needs it: and whether the payee it asked for is
+    one of its registered VPAs."""
+
+    merchant: Merchant
+    payee_registered: bool
+
+
 async def insert_merchant(
-    conn: AsyncConnection, merchant: Merchant, webhook_secret_enc: bytes
+    conn: AsyncConnection,
+    merchant: Merchant,
+    webhook_secret_enc: bytes,
+    *,
+    at: datetime | None = None,
 ) -> None:
+    """Create the merchant and register its own VPA (:class:`VpaTaken` if another merchant
+    has it). Writes to the outbox: call it last in the unit of work."""
     await conn.execute(
         sql_text(
             "INSERT INTO merchants (merchant_id, name, vpa, mcc, webhook_url, webhook_secret_enc)"
@@ -37,6 +71,49 @@ async def insert_merchant(
             "sec": webhook_secret_enc,
         },
     )
+    await register_vpa(conn, merchant.merchant_id, Vpa(merchant.vpa), at=at)
+
+
+async def register_vpa(
+    conn: AsyncConnection, merchant_id: str, vpa: Vpa, *, at: datetime | None = None
+) -> bool:
+    """Let the merchant collect into ``vpa``. True if newly registered, False if it already
+    was this merchant's; :class:`VpaTaken` if it is another merchant's, :class:`NotFound`
+    for an unknown merchant. Writes to the outbox: call it last in the unit of work."""
+    at = at or datetime.now(UTC)
+    # The merchant row is locked so that it cannot go away under the registration; a
+    # concurrent registration of the same VPA waits on the primary key, then finds it.
+    exists = (
+        await conn.execute(
+            sql_text("SELECT 1 FROM merchants WHERE merchant_id = :m FOR KEY SHARE"),
+            {"m": merchant_id},
+        )
+    ).first()
+    if exists is None:
+        raise NotFound(f"no merchant {merchant_id}")
+    inserted = (
+        await conn.execute(
+            sql_text(
+                "INSERT INTO merchant_vpas (vpa, merchant_id, created_at) VALUES (:v, :m, :at)"
+                " ON CONFLICT (vpa) DO NOTHING RETURNING 1"
+            ),
+            {"v": vpa.value, "m": merchant_id, "at": at},
+        )
+    ).first()
+    if inserted is None:
+        owner = (
+            await conn.execute(
+                sql_text("SELECT merchant_id FROM merchant_vpas WHERE vpa = :v"), {"v": vpa.value}
+            )
+        ).scalar_one()
+        if owner != merchant_id:
+            raise VpaTaken(f"{vpa} is already registered to another merchant")
+        return False
+    event = MerchantVpaRegistered(merchant_id=merchant_id, vpa=vpa, registered_at=at)
+    await append_to_outbox(
+        conn, [Envelope.wrap(event, partition_key=f"merchant:{merchant_id}", occurred_at=at)]
+    )
+    return True
 
 
 async def load_merchant(conn: AsyncConnection, merchant_id: str) -> Merchant | None:
@@ -52,3 +129,27 @@ async def load_merchant(conn: AsyncConnection, merchant_id: str) -> Merchant | N
     if row is None:
         return None
     return Merchant(row.merchant_id, row.name, row.vpa, row.mcc, row.webhook_url)
+
+
+async def load_collecting_merchant(
+    conn: AsyncConnection, merchant_id: str, payee: Vpa
+) -> CollectingMerchant | None:
+    """The merchant and whether ``payee`` is registered to it, in one statement (one more
+    primary-key probe than :func:`load_merchant`; it is on the payment path)."""
+    row = (
+        await conn.execute(
+            sql_text(
+                "SELECT m.merchant_id, m.name, m.vpa, m.mcc, m.webhook_url,"
+                " EXISTS (SELECT 1 FROM merchant_vpas v"
+                " WHERE v.vpa = :payee AND v.merchant_id = m.merchant_id) AS payee_registered"
+                " FROM merchants m WHERE m.merchant_id = :id"
+            ),
+            {"id": merchant_id, "payee": payee.value},
+        )
+    ).first()
+    if row is None:
+        return None
+    return CollectingMerchant(
+        Merchant(row.merchant_id, row.name, row.vpa, row.mcc, row.webhook_url),
+        bool(row.payee_registered),
+    )

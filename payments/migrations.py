@@ -4,6 +4,7 @@ The mock switch keeps its own tables (``npci_*``): in a real deployment they wou
 NPCI's and the banks' systems, never ours. It shares the database only for convenience.
 """
 
+from core.outbox import OUTBOX_WRITE_LOCK
 from core.storage import Migration
 
 MIGRATIONS = [
@@ -172,6 +173,54 @@ MIGRATIONS = [
             WHERE status = 'SUBMITTED';
         CREATE INDEX payments_pending_verification ON payments (transaction_id)
             WHERE status = 'PENDING_VERIFICATION';
+        """,
+    ),
+    Migration(
+        "payments.0008_merchant_vpas",
+        f"""
+        -- The VPAs a merchant collects into (SPEC §4 payee_vpa): its own, and those added by
+        -- `merchant add-vpa`. One VPA belongs to one merchant (the primary key). VPAs are
+        -- stored lower-cased, as core.pii.Vpa spells them.
+        CREATE TABLE merchant_vpas (
+            vpa         text PRIMARY KEY,
+            merchant_id text NOT NULL REFERENCES merchants,
+            created_at  timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX merchant_vpas_by_merchant ON merchant_vpas (merchant_id);
+        -- Existing merchants keep their own VPA. Where two merchants shared one, the first
+        -- to take it keeps it: the others' payments are then refused for an explicit
+        -- payee_vpa, and withheld at settlement, until an operator sorts it out.
+        INSERT INTO merchant_vpas (vpa, merchant_id, created_at)
+        SELECT DISTINCT ON (lower(vpa)) lower(vpa), merchant_id, created_at FROM merchants
+        ORDER BY lower(vpa), created_at, merchant_id;
+        -- ... and each of them is published as MerchantVpaRegistered v1 (core/events.py), as
+        -- payments/merchants.py register_vpa does, so that settlement's copy of the
+        -- registrations has them too. The envelope is core.events.Envelope.to_dict's; the
+        -- outbox write lock keeps outbox ids in commit order (core/outbox.py).
+        SELECT pg_advisory_xact_lock({OUTBOX_WRITE_LOCK});
+        INSERT INTO outbox (event_id, topic, partition_key, event_type, envelope)
+        SELECT event_id, 'payments', partition_key, 'MerchantVpaRegistered',
+               convert_to(jsonb_build_object(
+                   'event_id', event_id::text,
+                   'event_type', 'MerchantVpaRegistered',
+                   'version', 1,
+                   'occurred_at', to_jsonb(now()),
+                   'topic', 'payments',
+                   'partition_key', partition_key,
+                   'transaction_id', NULL,
+                   'causation_id', NULL,
+                   'payload', jsonb_build_object(
+                       'merchant_id', merchant_id,
+                       'vpa', vpa,
+                       'registered_at', to_jsonb(created_at)
+                   )
+               )::text, 'UTF8')
+        FROM (
+            SELECT gen_random_uuid() AS event_id, 'merchant:' || merchant_id AS partition_key,
+                   merchant_id, vpa, created_at
+            FROM merchant_vpas ORDER BY created_at, vpa
+        ) AS registered
+        ORDER BY created_at, vpa;
         """,
     ),
 ]

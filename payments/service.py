@@ -2,7 +2,9 @@
 
 ``initiate_payment`` is one unit of work: the idempotency key row (:mod:`payments.idempotency`),
 the payment, its first history row and the ``PaymentInitiated`` outbox row commit together or
-not at all.
+not at all. A refused request (a payee that is not one of the merchant's registered VPAs, an
+amount over the limit, a payer over its day) raises inside it, so the key is released with
+everything else and the merchant can send the corrected request under the same key.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import IST, Clock, business_date
-from core.errors import LimitExceeded, NotFound
+from core.errors import LimitExceeded, NotFound, PayeeNotAllowed
 from core.events import DeviceInfo, Envelope, PaymentInitiated
 from core.ids import new_transaction_id
 from core.metrics import PAYMENTS_INITIATED
@@ -27,7 +29,7 @@ from payments import repository
 from payments.domain import Payment, PaymentStatus
 from payments.idempotency import claim_key, stored_response
 from payments.limits import PayerDailyLimits, per_transaction_limit
-from payments.merchants import load_merchant
+from payments.merchants import load_collecting_merchant, load_merchant
 
 __all__ = [
     "InitiatePayment",
@@ -135,9 +137,21 @@ async def initiate_payment(
                 request_hash=cmd.request_hash,
             )
             return InitiationResult(status, stored, replayed=True)
-        merchant = await load_merchant(conn, cmd.merchant_id)
-        if merchant is None:
-            raise NotFound(f"no merchant {cmd.merchant_id}")
+        if cmd.payee_vpa is None:  # the merchant's own VPA, registered with it
+            merchant = await load_merchant(conn, cmd.merchant_id)
+            if merchant is None:
+                raise NotFound(f"no merchant {cmd.merchant_id}")
+        else:
+            collecting = await load_collecting_merchant(conn, cmd.merchant_id, cmd.payee_vpa)
+            if collecting is None:
+                raise NotFound(f"no merchant {cmd.merchant_id}")
+            if not collecting.payee_registered:
+                raise PayeeNotAllowed(
+                    f"payee_vpa {cmd.payee_vpa} is not one of this merchant's registered VPAs;"
+                    " omit payee_vpa to collect into the merchant's own VPA, or have the"
+                    " operator register it (upi-engine merchant add-vpa)"
+                )
+            merchant = collecting.merchant
         limit = per_transaction_limit(merchant.mcc, limits.mcc_overrides)
         if cmd.amount_paise > limit:
             raise LimitExceeded(

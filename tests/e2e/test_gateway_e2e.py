@@ -55,6 +55,8 @@ BAD_INPUTS = [
     ("amount as a string", {**GOOD, "amount_paise": "100"}, 422, "validation_error"),
     ("amount above any limit", {**GOOD, "amount_paise": 10**12}, 422, "validation_error"),
     ("above the MCC limit", {**GOOD, "amount_paise": 10_000_001}, 422, "amount_over_limit"),
+    ("payee nobody registered", {**GOOD, "payee_vpa": "thief@okaxis"}, 422, "payee_not_allowed"),
+    ("another merchant's VPA", {**GOOD, "payee_vpa": "other@ybl"}, 422, "payee_not_allowed"),
     ("not INR", {**GOOD, "currency": "USD"}, 422, "validation_error"),
     ("unknown field", {**GOOD, "tip": 5}, 422, "validation_error"),
     (
@@ -154,6 +156,71 @@ def test_idempotency_replay_conflict_and_concurrency(gateway):
     assert results[0].json()["transaction_id"] == results[1].json()["transaction_id"]
     [(n,)] = query(env, "SELECT count(*) FROM payments WHERE payer_vpa = 'racer@okaxis'")
     assert n == 1
+
+
+def test_a_merchant_collects_only_into_its_registered_vpas(gateway):
+    env, client, merchant, other = gateway
+    mid = merchant["merchant_id"]
+    before = counts(env)
+    extra = {**GOOD, "payer_vpa": "success@oksbi", "payee_vpa": "shop2@okicici"}
+    refused = client.post("/v1/payments", json=extra, headers=auth(merchant, "payee-1"))
+    assert refused.status_code == 422, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    problem = refused.json()
+    assert problem["code"] == "payee_not_allowed"
+    assert "merchant add-vpa" in problem["detail"] and "shop2@okicici" not in problem["detail"]
+    assert counts(env) == before, "a refused payment left a payment, an event or a key"
+
+    added = cli(env, "merchant", "add-vpa", "--merchant", mid, "--vpa", "Shop2@OKICICI", "--json")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout) == {
+        "merchant_id": mid,
+        "vpa": "shop2@okicici",
+        "registered": True,
+    }
+    again = cli(env, "merchant", "add-vpa", "--merchant", mid, "--vpa", "shop2@okicici")
+    assert again.returncode == 0 and "already registered" in again.stdout
+    assert "shop2@okicici" not in again.stdout  # masked
+
+    # The refused request's key was not used up: the same request now goes through.
+    r = client.post("/v1/payments", json=extra, headers=auth(merchant, "payee-1"))
+    assert r.status_code == 202 and "idempotent-replayed" not in r.headers, r.text
+    paid = wait_final(client, r.json()["transaction_id"], auth(merchant))
+    assert paid["status"] == "SUCCESS" and paid["payee_vpa"] == "sh***p2@okicici"
+    [(payee,)] = query(
+        env, f"SELECT payee_vpa FROM payments WHERE transaction_id = '{paid['transaction_id']}'"
+    )
+    assert payee == "shop2@okicici"
+
+    # A wrong payee, then the corrected body under the same key.
+    wrong = {**GOOD, "payer_vpa": "success@okaxis", "payee_vpa": "shop3@okicici"}
+    r = client.post("/v1/payments", json=wrong, headers=auth(merchant, "payee-2"))
+    assert r.status_code == 422 and r.json()["code"] == "payee_not_allowed"
+    fixed = {**wrong, "payee_vpa": "shop2@okicici"}
+    r = client.post("/v1/payments", json=fixed, headers=auth(merchant, "payee-2"))
+    assert r.status_code == 202, r.text
+    assert wait_final(client, r.json()["transaction_id"], auth(merchant))["status"] == "SUCCESS"
+
+    # Another merchant can neither collect into it nor register it.
+    r = client.post("/v1/payments", json=extra, headers=auth(other, "theirs-1"))
+    assert r.status_code == 422 and r.json()["code"] == "payee_not_allowed"
+    taken = cli(
+        env, "merchant", "add-vpa", "--merchant", other["merchant_id"], "--vpa", "shop2@okicici"
+    )
+    assert taken.returncode == 2 and "another merchant" in taken.stderr
+    dup = cli(env, "merchant", "create", "--name", "Copycat", "--vpa", "shop@okicici")
+    assert dup.returncode == 2 and "another merchant" in dup.stderr
+    nobody = cli(env, "merchant", "add-vpa", "--merchant", "mer_nobody", "--vpa", "x1@ybl")
+    assert nobody.returncode == 2 and "no merchant mer_nobody" in nobody.stderr
+    bad = cli(env, "merchant", "add-vpa", "--merchant", mid, "--vpa", "not-a-vpa")
+    assert bad.returncode == 2 and "--vpa" in bad.stderr
+    assert sorted(query(env, "SELECT vpa, merchant_id FROM merchant_vpas")) == sorted(
+        [("shop@okicici", mid), ("shop2@okicici", mid), ("other@ybl", other["merchant_id"])]
+    )
+    [(registrations,)] = query(
+        env, "SELECT count(*) FROM outbox WHERE event_type = 'MerchantVpaRegistered'"
+    )
+    assert registrations == 3
 
 
 def test_get_list_and_pagination_with_masked_vpas(gateway):
