@@ -14,8 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.storage import sql_text
 
-__all__ = ["already_processed", "claim", "claim_many"]
+__all__ = ["already_processed", "already_processed_many", "claim", "claim_many"]
 
+_PROCESSED = sql_text(
+    "SELECT event_id FROM inbox WHERE consumer = :c AND event_id = ANY(CAST(:es AS uuid[]))"
+)
 _CLAIM_MANY = sql_text(
     "INSERT INTO inbox (consumer, event_id)"
     " SELECT :c, e FROM unnest(CAST(:es AS uuid[])) AS e"
@@ -55,4 +58,14 @@ async def claim_many(
     if not event_ids:
         return set()
     rows = await conn.execute(_CLAIM_MANY, {"c": consumer, "es": [str(e) for e in event_ids]})
+    return {uuid.UUID(str(r[0])) for r in rows}
+
+
+async def already_processed_many(
+    conn: AsyncConnection, consumer: str, event_ids: Sequence[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Those of ``event_ids`` that ``consumer`` handled before, in one statement."""
+    if not event_ids:
+        return set()
+    rows = await conn.execute(_PROCESSED, {"c": consumer, "es": [str(e) for e in event_ids]})
     return {uuid.UUID(str(r[0])) for r in rows}

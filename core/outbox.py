@@ -168,9 +168,7 @@ class OutboxRelay:
                     await asyncio.wait({in_flight[0][2]})
                     continue
                 rows = (
-                    await leader_conn.execute(
-                        _READ_AFTER, {"last": read_id, "n": self._batch_size}
-                    )
+                    await leader_conn.execute(_READ_AFTER, {"last": read_id, "n": self._batch_size})
                 ).all()
                 await leader_conn.commit()
                 if not rows:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import assert_never
@@ -47,22 +49,28 @@ from core.events import (
     PaymentVerified,
     Topic,
 )
-from core.inbox import already_processed, claim
+from core.inbox import already_processed_many
 from core.metrics import SWITCH_LATENCY
-from core.outbox import append_to_outbox
 from core.pii import Vpa, mask_vpa
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
 from payments import repository
+from payments.changes import PaymentChanges
 from payments.domain import Payment, PaymentStatus
 from payments.npci.banks import bank_of
-from payments.npci.breaker import BankBreakers, BreakerPolicy
+from payments.npci.breaker import BankBreakers, BreakerPolicy, CircuitBreaker
 from payments.npci.codes import BANK_UNAVAILABLE, Outcome, describe, outcome_of
 from payments.npci.switch import PayRequest, SwitchClient, SwitchResult
-from payments.publishing import failed_event, finish, wrap
+from payments.publishing import failed_event, finish
 from payments.verification import VerificationPolicy, apply_fraud_decision
 
-__all__ = ["DeemedResolver", "NpciHandler", "NpciTimings", "record_switch_answer"]
+__all__ = [
+    "DeemedResolver",
+    "NpciHandler",
+    "NpciTimings",
+    "record_switch_answer",
+    "switch_answer",
+]
 
 _log = logging.getLogger(__name__)
 DEEMED_CODE = "RB"
@@ -82,16 +90,17 @@ class NpciTimings:
         return float(min(self.max_check_interval_s, self.first_check_s * 2 ** max(0, attempts)))
 
 
-async def record_switch_answer(
-    conn: AsyncConnection,
+def switch_answer(
+    changes: PaymentChanges,
     payment: Payment,
     result: SwitchResult,
     *,
     clock: Clock,
     timings: NpciTimings,
     cause: Envelope | None = None,
-) -> PaymentStatus:
-    """Apply the switch's answer to a ``SUBMITTED`` or ``DEEMED`` payment (row locked)."""
+) -> Payment:
+    """Apply the switch's answer to a ``SUBMITTED`` or ``DEEMED`` payment (row locked);
+    returns the payment after it."""
     now = clock.now()
     code = result.response_code
     outcome = outcome_of(code) if result.known else Outcome.PENDING
@@ -105,8 +114,7 @@ async def record_switch_answer(
                 payer_bank=result.payer_bank,
                 payee_bank=result.payee_bank,
             )
-            await finish(
-                conn,
+            return changes.transition(
                 payment,
                 after,
                 PaymentSucceeded(
@@ -122,7 +130,6 @@ async def record_switch_answer(
                     payee_bank=result.payee_bank or "UNKNOWN",
                     merchant_mcc=payment.mcc,
                 ),
-                clock,
                 cause,
             )
         case Outcome.FAILED:
@@ -135,22 +142,19 @@ async def record_switch_answer(
                 payer_bank=result.payer_bank,
                 payee_bank=result.payee_bank,
             )
-            await finish(
-                conn,
+            return changes.transition(
                 payment,
                 after,
                 failed_event(payment, code, result.rrn, now),
-                clock,
                 cause,
             )
         case Outcome.DEEMED | Outcome.PENDING:
             if payment.status is PaymentStatus.DEEMED:
-                return payment.status  # still unknown: the resolver reschedules
+                return payment  # still unknown: the resolver reschedules
             after = payment.transition(
                 PaymentStatus.DEEMED, at=now, response_code=code, reason=describe(code)
             )
-            await finish(
-                conn,
+            return changes.transition(
                 payment,
                 after,
                 PaymentDeemed(
@@ -159,16 +163,47 @@ async def record_switch_answer(
                     response_code=code,
                     deemed_at=now,
                 ),
-                clock,
                 cause,
                 next_check_at=now + timedelta(seconds=timings.next_check_after(0)),
             )
         case _:
             assert_never(outcome)
+
+
+async def record_switch_answer(
+    conn: AsyncConnection,
+    payment: Payment,
+    result: SwitchResult,
+    *,
+    clock: Clock,
+    timings: NpciTimings,
+    cause: Envelope | None = None,
+) -> PaymentStatus:
+    """:func:`switch_answer` for one payment, written at once; the status after."""
+    changes = PaymentChanges(clock)
+    after = switch_answer(changes, payment, result, clock=clock, timings=timings, cause=cause)
+    await changes.flush(conn)
     return after.status
 
 
+@dataclass
+class _Submission:
+    """A payment of the batch that goes to the switch, and the events waiting on it."""
+
+    payment: Payment
+    resubmission: bool  # we were here before and do not know the answer
+    events: list[uuid.UUID]
+    cause: Envelope
+    breaker: CircuitBreaker | None
+
+
 class NpciHandler:
+    """Consumes ``FraudAssessed`` (the payment waited for it) and ``PaymentVerified`` (a
+    step-up passed), either of which may release a payment to the switch, a batch at a
+    time: one transaction records every decision and moves the released payments to
+    ``SUBMITTED``; the switch is asked about all of them at once; one transaction records
+    every answer with the inbox rows."""
+
     consumer = "npci-handler"
 
     def __init__(
@@ -192,75 +227,145 @@ class NpciHandler:
             consumer=self.consumer,
             topics=(Topic.PAYMENTS.value, Topic.FRAUD.value),
             handler=self.handle,
+            batch_handler=self.handle_batch,
             event_types=frozenset({FraudAssessed.name, PaymentVerified.name}),
         )
 
     async def handle(self, envelope: Envelope) -> None:
-        """``FraudAssessed`` (the payment waited for it) or ``PaymentVerified`` (a step-up
-        passed): either may release the payment to the switch."""
-        event = CATALOGUE.decode(envelope)
-        if not isinstance(event, FraudAssessed | PaymentVerified):
-            raise PoisonMessage(f"npci-handler does not handle {envelope.event_type}")
-        txn = event.transaction_id
-        breaker = None
-        async with self._db.transaction() as conn:
-            if await already_processed(conn, self.consumer, envelope.event_id):
-                return
-            payment = await repository.load_payment(conn, txn, for_update=True)
-            if payment is None:
-                raise PoisonMessage(f"{envelope.event_type} for unknown payment {txn}")
-            payer_bank = bank_of(payment.payer_vpa) or "UNKNOWN"
-            releasable = PaymentStatus.PENDING_VERIFICATION
-            if isinstance(event, FraudAssessed) and payment.status is PaymentStatus.INITIATED:
-                payment = await apply_fraud_decision(
-                    conn, payment, event, envelope, self._clock, self.verification
-                )
-                releasable = PaymentStatus.INITIATED
-            match payment.status:
-                case status if status is releasable:
-                    now = self._clock.now()
-                    if not self.breakers[payer_bank].allow():
-                        failed = payment.transition(
-                            PaymentStatus.FAILED,
-                            at=now,
-                            response_code=BREAKER_OPEN_CODE,
-                            reason=f"{payer_bank}: {describe(BREAKER_OPEN_CODE)}",
-                        )
-                        event_failed = failed_event(payment, BREAKER_OPEN_CODE, None, now)
-                        await finish(conn, payment, failed, event_failed, self._clock, envelope)
-                        await claim(conn, self.consumer, envelope.event_id)
-                        return
-                    breaker = self.breakers[payer_bank]
-                    submitted = payment.transition(PaymentStatus.SUBMITTED, at=now)
-                    await repository.save_transition(conn, payment, submitted)
-                    await append_to_outbox(
-                        conn,
-                        [
-                            wrap(
-                                PaymentSubmitted(
-                                    transaction_id=txn,
-                                    merchant_id=payment.merchant_id,
-                                    payer_vpa=Vpa(payment.payer_vpa),
-                                    payee_vpa=Vpa(payment.payee_vpa),
-                                    amount_paise=payment.amount_paise,
-                                    submitted_at=now,
-                                ),
-                                self._clock,
-                                envelope,
-                                payment.payer_vpa,
-                            )
-                        ],
-                    )
-                    resubmission = False
-                case PaymentStatus.SUBMITTED:
-                    resubmission = True  # we were here before and do not know the answer
-                case _:
-                    # Stepped up or blocked just now; final; or owned by another flow (the
-                    # deemed resolver). A verification for a payment not (or no longer)
-                    # awaiting it changes nothing.
-                    await claim(conn, self.consumer, envelope.event_id)
-                    return
+        await self.handle_batch([envelope])
 
+    async def handle_batch(self, envelopes: Sequence[Envelope]) -> None:
+        decoded: list[tuple[Envelope, FraudAssessed | PaymentVerified]] = []
+        for envelope in envelopes:
+            event = CATALOGUE.decode(envelope)
+            if not isinstance(event, FraudAssessed | PaymentVerified):
+                raise PoisonMessage(f"npci-handler does not handle {envelope.event_type}")
+            decoded.append((envelope, event))
+        submissions = await self._release(decoded)
+        if not submissions:
+            return
+        answers = await asyncio.gather(
+            *(self._answer(s) for s in submissions), return_exceptions=True
+        )
+        failed: BaseException | None = None
+        changes = PaymentChanges(self._clock, self.consumer)
+        async with self._db.transaction() as conn:
+            current = await repository.load_payments(
+                conn, [s.payment.transaction_id for s in submissions], for_update=True
+            )
+            for submission, answer in zip(submissions, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    failed = failed or answer  # check-status failed: retried with the batch
+                    continue
+                payment = current[submission.payment.transaction_id]
+                if payment.status is PaymentStatus.SUBMITTED:
+                    switch_answer(
+                        changes,
+                        payment,
+                        answer,
+                        clock=self._clock,
+                        timings=self.timings,
+                        cause=submission.cause,
+                    )
+                for event_id in submission.events:
+                    changes.claim(event_id)
+            await changes.flush(conn)
+        if failed is not None:
+            raise failed
+
+    async def _release(
+        self, decoded: Sequence[tuple[Envelope, FraudAssessed | PaymentVerified]]
+    ) -> list[_Submission]:
+        """The first transaction: record the decisions, submit what may go to the switch."""
+        changes = PaymentChanges(self._clock, self.consumer)
+        submissions: dict[str, _Submission] = {}
+        async with self._db.transaction() as conn:
+            done = await already_processed_many(
+                conn, self.consumer, [envelope.event_id for envelope, _ in decoded]
+            )
+            current = await repository.load_payments(
+                conn, [event.transaction_id for _, event in decoded], for_update=True
+            )
+            for envelope, event in decoded:
+                if envelope.event_id in done:
+                    continue
+                done.add(envelope.event_id)  # the same event twice in one batch: once
+                txn = event.transaction_id
+                payment = current.get(txn)
+                if payment is None:
+                    raise PoisonMessage(f"{envelope.event_type} for unknown payment {txn}")
+                if txn in submissions:  # already going to the switch in this batch
+                    submissions[txn].events.append(envelope.event_id)
+                    continue
+                payment = self._decide(changes, payment, envelope, event, submissions)
+                current[txn] = payment
+            await changes.flush(conn)
+        return list(submissions.values())
+
+    def _decide(
+        self,
+        changes: PaymentChanges,
+        payment: Payment,
+        envelope: Envelope,
+        event: FraudAssessed | PaymentVerified,
+        submissions: dict[str, _Submission],
+    ) -> Payment:
+        txn = payment.transaction_id
+        releasable = PaymentStatus.PENDING_VERIFICATION
+        if isinstance(event, FraudAssessed) and payment.status is PaymentStatus.INITIATED:
+            payment = apply_fraud_decision(
+                changes, payment, event, envelope, self._clock, self.verification
+            )
+            releasable = PaymentStatus.INITIATED
+        match payment.status:
+            case status if status is releasable:
+                now = self._clock.now()
+                payer_bank = bank_of(payment.payer_vpa) or "UNKNOWN"
+                breaker = self.breakers[payer_bank]
+                if not breaker.allow():
+                    failed = payment.transition(
+                        PaymentStatus.FAILED,
+                        at=now,
+                        response_code=BREAKER_OPEN_CODE,
+                        reason=f"{payer_bank}: {describe(BREAKER_OPEN_CODE)}",
+                    )
+                    event_failed = failed_event(payment, BREAKER_OPEN_CODE, None, now)
+                    changes.claim(envelope.event_id)
+                    return changes.transition(payment, failed, event_failed, envelope)
+                submitted = payment.transition(PaymentStatus.SUBMITTED, at=now)
+                changes.transition(
+                    payment,
+                    submitted,
+                    PaymentSubmitted(
+                        transaction_id=txn,
+                        merchant_id=payment.merchant_id,
+                        payer_vpa=Vpa(payment.payer_vpa),
+                        payee_vpa=Vpa(payment.payee_vpa),
+                        amount_paise=payment.amount_paise,
+                        submitted_at=now,
+                    ),
+                    envelope,
+                )
+                submissions[txn] = _Submission(
+                    submitted, False, [envelope.event_id], envelope, breaker
+                )
+                return submitted
+            case PaymentStatus.SUBMITTED:
+                submissions[txn] = _Submission(payment, True, [envelope.event_id], envelope, None)
+                return payment
+            case _:
+                # Stepped up or blocked just now; final; or owned by another flow (the
+                # deemed resolver). A verification for a payment not (or no longer)
+                # awaiting it changes nothing.
+                changes.claim(envelope.event_id)
+                return payment
+
+    async def _answer(self, submission: _Submission) -> SwitchResult:
+        """The switch's answer for one submission; raises only for a failed check-status
+        of a resubmission (safe to retry)."""
+        payment, breaker = submission.payment, submission.breaker
+        txn = payment.transaction_id
+        payer_bank = bank_of(payment.payer_vpa) or "UNKNOWN"
         request = PayRequest(
             txn_id=txn,
             payer_vpa=payment.payer_vpa,
@@ -269,7 +374,7 @@ class NpciHandler:
             note=payment.note,
         )
         try:
-            result = await self._ask_switch(request, resubmission)
+            result = await self._ask_switch(request, submission.resubmission)
         except (TimeoutError, SwitchTimeout):
             # No answer: the debit may or may not have happened. Never resend; deem it.
             result = SwitchResult(txn, DEEMED_CODE, None, payer_bank, None, known=True)
@@ -278,7 +383,7 @@ class NpciHandler:
         except SwitchError as exc:
             if breaker is not None:
                 breaker.record(False)
-            if resubmission:
+            if submission.resubmission:
                 raise  # check-status failed: safe to retry the whole delivery
             # This request was refused unprocessed, but a duplicate delivery may be sending
             # the same txn id right now: only the switch can say nothing was debited. Deem
@@ -292,20 +397,13 @@ class NpciHandler:
         else:
             if breaker is not None:
                 breaker.record(result.response_code not in BANK_UNAVAILABLE)
-        _log.info(
-            "switch answered %s",
-            result.response_code,
-            extra={"transaction_id": txn, "payer_vpa": mask_vpa(payment.payer_vpa)},
-        )
-
-        async with self._db.transaction() as conn:
-            current = await repository.load_payment(conn, txn, for_update=True)
-            assert current is not None
-            if current.status is PaymentStatus.SUBMITTED:
-                await record_switch_answer(
-                    conn, current, result, clock=self._clock, timings=self.timings, cause=envelope
-                )
-            await claim(conn, self.consumer, envelope.event_id)
+        if _log.isEnabledFor(logging.INFO):
+            _log.info(
+                "switch answered %s",
+                result.response_code,
+                extra={"transaction_id": txn, "payer_vpa": mask_vpa(payment.payer_vpa)},
+            )
+        return result
 
     async def _ask_switch(self, request: PayRequest, resubmission: bool) -> SwitchResult:
         if resubmission:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -9,7 +10,6 @@ import orjson
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.errors import InvalidTransition
 from core.storage import sql_text
 from payments.domain import Payment, PaymentStatus
 
@@ -18,8 +18,7 @@ __all__ = [
     "insert_payment",
     "list_payments_by_order",
     "load_payment",
-    "record_fraud",
-    "save_transition",
+    "load_payments",
     "schedule_check",
     "to_payment",
 ]
@@ -98,46 +97,19 @@ async def load_payment(
     return to_payment(row) if row is not None else None
 
 
-async def save_transition(conn: AsyncConnection, before: Payment, after: Payment) -> None:
-    """Persist ``after`` (one transition past ``before``) and append its history row."""
-    change = after.history[-1]
-    updated = (
-        await conn.execute(
-            sql_text(
-                "UPDATE payments SET status = :s, response_code = :c, rrn = :rrn,"
-                " payer_bank = :pb, payee_bank = :eb, updated_at = :at, completed_at = :done"
-                " WHERE transaction_id = :t AND status = :prev RETURNING 1"
-            ),
-            {
-                "s": after.status.value,
-                "c": after.response_code,
-                "rrn": after.rrn,
-                "pb": after.payer_bank,
-                "eb": after.payee_bank,
-                "at": after.updated_at,
-                "done": after.completed_at,
-                "t": after.transaction_id,
-                "prev": before.status.value,
-            },
-        )
-    ).first()
-    if updated is None:
-        raise InvalidTransition(f"{after.transaction_id}: status changed concurrently")
-    await conn.execute(
-        sql_text(
-            "INSERT INTO payment_status_history"
-            " (transaction_id, seq, status, response_code, reason, at)"
-            " SELECT :t, COALESCE(MAX(seq), 0) + 1, :s, :c, :r, :at"
-            " FROM payment_status_history WHERE transaction_id = :t"
-        ),
-        {
-            "t": after.transaction_id,
-            "s": change.status.value,
-            "c": change.response_code,
-            "r": change.reason,
-            "at": change.at,
-        },
+async def load_payments(
+    conn: AsyncConnection, transaction_ids: Sequence[str], *, for_update: bool = False
+) -> dict[str, Payment]:
+    """The payments of ``transaction_ids`` that exist, by id, in one statement (rows locked
+    in id order with ``for_update``, so that two batches cannot deadlock)."""
+    sql = (
+        f"SELECT {_COLUMNS} FROM payments WHERE transaction_id = ANY(CAST(:ts AS text[]))"
+        " ORDER BY transaction_id"
     )
+    if for_update:
+        sql += " FOR UPDATE"
+    rows = (await conn.execute(sql_text(sql), {"ts": sorted(set(transaction_ids))})).all()
+    return {row.transaction_id: to_payment(row) for row in rows}
 
 
 async def list_payments_by_order(
@@ -155,13 +127,6 @@ async def list_payments_by_order(
         params["after"] = after_transaction_id
     sql += " ORDER BY transaction_id LIMIT :n"
     return [to_payment(r) for r in (await conn.execute(sql_text(sql), params)).all()]
-
-
-async def record_fraud(conn: AsyncConnection, transaction_id: str, fraud: dict[str, Any]) -> None:
-    await conn.execute(
-        sql_text("UPDATE payments SET fraud = CAST(:f AS jsonb) WHERE transaction_id = :t"),
-        {"f": orjson.dumps(fraud).decode(), "t": transaction_id},
-    )
 
 
 async def schedule_check(conn: AsyncConnection, transaction_id: str, at: datetime) -> None:

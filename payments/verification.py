@@ -36,6 +36,7 @@ from core.events import (
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
 from payments import repository
+from payments.changes import PaymentChanges
 from payments.domain import Payment, PaymentStatus
 from payments.npci.codes import describe
 from payments.publishing import emit, failed_event, finish
@@ -71,8 +72,8 @@ async def _fail(conn: AsyncConnection, payment: Payment, code: str, clock: Clock
     await finish(conn, payment, failed, failed_event(payment, code, None, now), clock, None)
 
 
-async def apply_fraud_decision(
-    conn: AsyncConnection,
+def apply_fraud_decision(
+    changes: PaymentChanges,
     payment: Payment,
     assessed: FraudAssessed,
     envelope: Envelope,
@@ -86,7 +87,7 @@ async def apply_fraud_decision(
         "score": assessed.score,
         "reasons": list(assessed.reasons),
     }
-    await repository.record_fraud(conn, payment.transaction_id, fraud)
+    changes.record_fraud(payment.transaction_id, fraud)
     now = clock.now()
     match assessed.decision:
         case FraudDecision.ALLOW:
@@ -96,20 +97,13 @@ async def apply_fraud_decision(
             after = payment.transition(
                 PaymentStatus.PENDING_VERIFICATION, at=now, reason="fraud: step-up verification"
             )
-            await conn.execute(
-                sql_text(
-                    "INSERT INTO payment_verifications (transaction_id, expires_at)"
-                    " VALUES (:t, :e) ON CONFLICT DO NOTHING"
-                ),
-                {"t": payment.transaction_id, "e": expires},
-            )
+            changes.open_verification(payment.transaction_id, expires)
             required = PaymentVerificationRequired(
                 transaction_id=payment.transaction_id,
                 merchant_id=payment.merchant_id,
                 expires_at=expires,
             )
-            await finish(conn, payment, after, required, clock, envelope)
-            return after
+            return changes.transition(payment, after, required, envelope)
         case FraudDecision.BLOCK:
             reason = f"{describe(BLOCKED_CODE)}: {', '.join(assessed.reasons) or 'fraud'}"
             after = payment.transition(
@@ -123,8 +117,7 @@ async def apply_fraud_decision(
                 completed_at=now,
                 reasons=assessed.reasons,
             )
-            await finish(conn, payment, after, blocked, clock, envelope)
-            return after
+            return changes.transition(payment, after, blocked, envelope)
 
 
 async def verify(

@@ -74,9 +74,7 @@ class _Consumer:
     async def run(self) -> None:
         while True:
             await self._ready.wait()
-            taken = [
-                self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))
-            ]
+            taken = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
             if not self._queue:
                 self._ready.clear()
             if not taken:
