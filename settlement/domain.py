@@ -1,5 +1,6 @@
-"""Settlement math, pure (no I/O): inter-bank net positions, merchant payouts, and the
-reconciliation of our records against the switch's journal.
+"""Settlement math, pure (no I/O): inter-bank net positions, merchant payouts, the
+reconciliation of our records against the switch's journal, and of each payment's payee
+against the VPAs registered to the merchant it is credited to.
 
 All money is integer paise. Fees round half up once per merchant and business date:
 ``fee = round(gross * mdr_bps / 10_000)``, ``gst = round(fee * 18 / 100)``,
@@ -31,6 +32,7 @@ __all__ = [
     "merchant_payouts",
     "reconcile",
     "round_half_up",
+    "withhold_unregistered_payees",
 ]
 
 GST_PERCENT = 18
@@ -55,6 +57,9 @@ class Item:
     payer_bank: str
     payee_bank: str
     final_at: datetime
+    # The VPA the payment was paid into, or a stable stand-in for it (settlement keeps a
+    # keyed pseudonym). None: not known (refunds; payments recorded before payees were).
+    payee: str | None = None
 
 
 def cycle_of(at: datetime) -> int:
@@ -144,6 +149,8 @@ class MismatchClass(StrEnum):
     GATEWAY_ONLY = "gateway_only"  # we recorded a success the switch has no debit for
     AMOUNT_MISMATCH = "amount_mismatch"
     DEEMED_UNRESOLVED = "deemed_unresolved"
+    # Paid into a VPA that is not one of the merchant's registered VPAs.
+    PAYEE_NOT_REGISTERED = "payee_not_registered"
 
 
 _HOLD = "hold: excluded from the merchant payout, raised with the switch"
@@ -152,6 +159,9 @@ ACTIONS: dict[MismatchClass, str] = {
     MismatchClass.GATEWAY_ONLY: _HOLD,
     MismatchClass.AMOUNT_MISMATCH: _HOLD,
     MismatchClass.DEEMED_UNRESOLVED: "carried to the next cycle: check-status continues",
+    MismatchClass.PAYEE_NOT_REGISTERED: (
+        "withheld from the merchant payout: the payee VPA is not registered to this merchant"
+    ),
 }
 
 
@@ -250,3 +260,38 @@ def reconcile(
         )
     mismatches.sort(key=lambda m: (m.mismatch.value, m.reference))
     return to_settle, mismatches
+
+
+def withhold_unregistered_payees(
+    items: Iterable[Item], payee_owners: Mapping[str, str]
+) -> tuple[list[Item], list[Mismatch]]:
+    """Split reconciled items into those credited to their merchants and the payments whose
+    payee is not a VPA registered to the merchant credited, which are withheld.
+
+    ``payee_owners``: payee (as :attr:`Item.payee` spells it) → the merchant it is
+    registered to. The gateway refuses such payees; this is the second line, for data from
+    before that check or a registration that is gone. A withheld payment still moved
+    between the banks (the switch debited the payer): only the merchant is not credited.
+    Items whose payee is not known are credited as before.
+    """
+    payable: list[Item] = []
+    withheld: list[Mismatch] = []
+    for item in items:
+        if (
+            item.kind is ItemKind.PAYMENT
+            and item.payee is not None
+            and payee_owners.get(item.payee) != item.merchant_id
+        ):
+            withheld.append(
+                Mismatch(
+                    item.reference,
+                    MismatchClass.PAYEE_NOT_REGISTERED,
+                    "SUCCESS",
+                    item.amount_paise,
+                    "DEBITED",
+                    item.amount_paise,
+                )
+            )
+        else:
+            payable.append(item)
+    return payable, withheld

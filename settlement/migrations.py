@@ -43,4 +43,20 @@ MIGRATIONS = [
         );
         """,
     ),
+    Migration(
+        "settlement.0002_merchant_vpas",
+        """
+        -- Settlement's own copy of the merchants' collection VPAs, from MerchantVpaRegistered
+        -- events: a payment is credited to its merchant only if its payee is one of them.
+        -- VPAs are kept as keyed pseudonyms (core.crypto.MasterKey.pseudonym), never in clear.
+        CREATE TABLE settlement_merchant_vpas (
+            vpa_key       bytea PRIMARY KEY,
+            merchant_id   text NOT NULL,
+            registered_at timestamptz NOT NULL
+        );
+        -- The payee of a payment item, as the same pseudonym. NULL for refunds, and for
+        -- payments recorded before payees were (they are not checked).
+        ALTER TABLE settlement_items ADD COLUMN payee_key bytea;
+        """,
+    ),
 ]

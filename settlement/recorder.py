@@ -6,6 +6,10 @@ debit the switch already made for them is not taken for a mismatch at close. If 
 closed when the event arrives, the item goes to the next open business date, with a note.
 The advisory lock it shares with :func:`settlement.run.settle_business_date` makes that
 decision race-free: an item is either in the closed date's snapshot or in a later one.
+
+Settlement also keeps its own copy of the merchants' collection VPAs
+(``MerchantVpaRegistered``), and the payee of each payment, both as keyed pseudonyms: at the
+close, a payment whose payee is not registered to its merchant is withheld from the payout.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.bus.base import Subscription
 from core.clock import business_date
+from core.crypto import MasterKey
 from core.events import (
     CATALOGUE,
     Envelope,
+    MerchantVpaRegistered,
     PaymentBlocked,
     PaymentDeemed,
     PaymentFailed,
@@ -31,9 +37,12 @@ from core.events import (
 )
 from core.storage import Database, sql_text
 
-__all__ = ["SETTLEMENT_LOCK", "SettlementRecorder", "open_cycle_date"]
+__all__ = ["PAYEE_PSEUDONYM", "SETTLEMENT_LOCK", "SettlementRecorder", "open_cycle_date"]
 
 SETTLEMENT_LOCK = 0x5550_5354  # "UPST"
+# The pseudonym purpose of payee and registered VPAs (its own: settlement's keys do not
+# join with another context's pseudonyms of the same VPA).
+PAYEE_PSEUDONYM = "settlement-payee"
 _EVENTS = frozenset(
     {
         PaymentSucceeded.name,
@@ -43,6 +52,7 @@ _EVENTS = frozenset(
         PaymentReversed.name,
         PaymentDeemed.name,
         PaymentSubmitted.name,
+        MerchantVpaRegistered.name,
     }
 )
 
@@ -64,8 +74,12 @@ async def open_cycle_date(conn: AsyncConnection, day: date) -> date:
 class SettlementRecorder:
     consumer = "settlement"
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, master_key: MasterKey) -> None:
         self._db = db
+        self._key = master_key
+
+    def _payee_key(self, vpa: str) -> bytes:
+        return self._key.pseudonym(vpa, PAYEE_PSEUDONYM)
 
     def subscription(self) -> Subscription:
         return Subscription(
@@ -79,6 +93,7 @@ class SettlementRecorder:
     async def record(self, envelopes: Sequence[Envelope]) -> None:
         items: list[dict[str, object]] = []
         others: list[tuple[str, str, int | None, date, datetime]] = []
+        registrations: list[dict[str, object]] = []
         for envelope in envelopes:
             if envelope.event_type not in _EVENTS:
                 continue
@@ -97,6 +112,7 @@ class SettlementRecorder:
                             event.payer_bank,
                             event.payee_bank,
                             event.completed_at,
+                            self._payee_key(event.payee_vpa.value),
                         )
                     )
                     others.append(
@@ -121,6 +137,7 @@ class SettlementRecorder:
                             event.payer_bank,
                             event.payee_bank,
                             event.completed_at,
+                            None,
                         )
                     )
                 case PaymentFailed() | PaymentBlocked() | PaymentReversed():
@@ -154,7 +171,15 @@ class SettlementRecorder:
                             event.submitted_at,
                         )
                     )
-        if not items and not others:
+                case MerchantVpaRegistered():
+                    registrations.append(
+                        {
+                            "k": self._payee_key(event.vpa.value),
+                            "m": event.merchant_id,
+                            "at": event.registered_at,
+                        }
+                    )
+        if not items and not others and not registrations:
             return
         async with self._db.transaction() as conn:
             await conn.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": SETTLEMENT_LOCK})
@@ -170,15 +195,24 @@ class SettlementRecorder:
                         f"late: final status on {day}, which was already closed;"
                         f" settled with {cycle_of_day[day]}"
                     )
+            if registrations:
+                # One VPA belongs to one merchant (the gateway's rule): the first wins.
+                await conn.execute(
+                    sql_text(
+                        "INSERT INTO settlement_merchant_vpas (vpa_key, merchant_id,"
+                        " registered_at) VALUES (:k, :m, :at) ON CONFLICT (vpa_key) DO NOTHING"
+                    ),
+                    registrations,
+                )
             if items:
                 await conn.execute(
                     sql_text(
                         "INSERT INTO settlement_items (event_id, kind, reference, transaction_id,"
                         " merchant_id, mcc, amount_paise, payer_bank, payee_bank, final_at,"
-                        " business_date, cycle_date, note) VALUES (:event_id, :kind, :reference,"
-                        " :transaction_id, :merchant_id, :mcc, :amount_paise, :payer_bank,"
-                        " :payee_bank, :final_at, :business_date, :cycle_date, :note)"
-                        " ON CONFLICT DO NOTHING"
+                        " business_date, cycle_date, note, payee_key) VALUES (:event_id, :kind,"
+                        " :reference, :transaction_id, :merchant_id, :mcc, :amount_paise,"
+                        " :payer_bank, :payee_bank, :final_at, :business_date, :cycle_date,"
+                        " :note, :payee_key) ON CONFLICT DO NOTHING"
                     ),
                     items,
                 )
@@ -209,6 +243,7 @@ def _item(
     payer_bank: str,
     payee_bank: str,
     final_at: datetime,
+    payee_key: bytes | None,
 ) -> dict[str, object]:
     return {
         "event_id": envelope.event_id,
@@ -224,4 +259,5 @@ def _item(
         "business_date": business_date(final_at),
         "cycle_date": None,
         "note": None,
+        "payee_key": payee_key,
     }

@@ -1,8 +1,9 @@
 """Closing a business date: ``settle_business_date`` (SPEC §7).
 
 The first run for a date closes it: under the settlement lock it reconciles the items of
-that date against the switch's journal, computes the inter-bank net positions and the
-merchant payouts, and stores the rendered files with the run (and publishes
+that date against the switch's journal and each payment's payee against the VPAs
+registered to its merchant (settlement's own copy), computes the inter-bank net positions
+and the merchant payouts, and stores the rendered files with the run (and publishes
 ``SettlementClosed``) in one transaction. Every later run — a rerun, or a rerun after a
 crash that happened after that commit — writes the stored files again, so two runs give
 byte-identical files and a late event never changes a closed date: it is carried by the
@@ -16,7 +17,7 @@ import csv
 import io
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from settlement.domain import (
     interbank_positions,
     merchant_payouts,
     reconcile,
+    withhold_unregistered_payees,
 )
 from settlement.holidays import HolidayCalendar
 from settlement.journal import LedgerIndex, SwitchJournal
@@ -68,13 +70,17 @@ def _render(
     failed: dict[str, int],
     deemed: dict[str, int],
     journal_rows: list[Any],
+    payee_owners: Mapping[str, str],
     notes: dict[str, str],
     mdr_bps: Mapping[str, int],
     not_in_ledger: list[str] | None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     to_settle, mismatches = reconcile(items, failed, deemed, journal_rows)
+    payable, withheld = withhold_unregistered_payees(to_settle, payee_owners)
+    mismatches = sorted([*mismatches, *withheld], key=lambda m: (m.mismatch.value, m.reference))
+    # A withheld payment still moved between the banks: only its merchant is not credited.
     positions = interbank_positions(to_settle)
-    payouts = merchant_payouts(to_settle, mdr_bps, settlement_date)
+    payouts = merchant_payouts(payable, mdr_bps, settlement_date)
     assert sum(p.net_paise for p in positions) == 0, "inter-bank nets must sum to zero"
     files = {
         "interbank_net.csv": _csv(
@@ -131,16 +137,16 @@ def _render(
         ),
     }
     by_class = {c.value: 0 for c in MismatchClass}
-    by_class[MismatchClass.MATCHED.value] = len(to_settle)
+    by_class[MismatchClass.MATCHED.value] = len(payable)
     for m in mismatches:
         by_class[m.mismatch.value] += 1
     cycles: dict[str, dict[str, int]] = {}
-    for item in to_settle:
+    for item in payable:
         cycle = cycles.setdefault(str(cycle_of(item.final_at)), {"items": 0, "amount_paise": 0})
         cycle["items"] += 1
         cycle["amount_paise"] += item.amount_paise
-    payments = [i for i in to_settle if i.kind is ItemKind.PAYMENT]
-    refunds = [i for i in to_settle if i.kind is ItemKind.REFUND]
+    payments = [i for i in payable if i.kind is ItemKind.PAYMENT]
+    refunds = [i for i in payable if i.kind is ItemKind.REFUND]
     summary = {
         "business_date": day.isoformat(),
         "settlement_date": settlement_date.isoformat(),
@@ -155,6 +161,7 @@ def _render(
         "banks": len(positions),
         "interbank_nets_sum_paise": sum(p.net_paise for p in positions),
         "reconciliation": by_class,
+        "withheld_paise": sum(m.gateway_amount_paise or 0 for m in withheld),
         "cycles": dict(sorted(cycles.items(), key=lambda kv: int(kv[0]))),
         "late_items": dict(sorted(notes.items())),
         "ledger": {
@@ -192,8 +199,8 @@ async def settle_business_date(
             await conn.execute(
                 sql_text(
                     "SELECT event_id, kind, reference, transaction_id, merchant_id, mcc,"
-                    " amount_paise, payer_bank, payee_bank, final_at, note FROM settlement_items"
-                    " WHERE cycle_date = :d ORDER BY reference"
+                    " amount_paise, payer_bank, payee_bank, final_at, note, payee_key"
+                    " FROM settlement_items WHERE cycle_date = :d ORDER BY reference"
                 ),
                 {"d": day},
             )
@@ -209,6 +216,7 @@ async def settle_business_date(
                 r.payer_bank,
                 r.payee_bank,
                 r.final_at,
+                bytes(r.payee_key).hex() if r.payee_key is not None else None,
             )
             for r in rows
         ]
@@ -218,22 +226,21 @@ async def settle_business_date(
         not_in_ledger = sorted(r.reference for r in rows if r.event_id in missing_ids)
         # A merchant's category comes from its payments (refund items carry none).
         mcc = {i.merchant_id: i.mcc for i in items if i.kind is ItemKind.PAYMENT}
-        items = [
-            i
-            if i.mcc
-            else Item(
-                i.kind,
-                i.reference,
-                i.transaction_id,
-                i.merchant_id,
-                mcc.get(i.merchant_id, "0000"),
-                i.amount_paise,
-                i.payer_bank,
-                i.payee_bank,
-                i.final_at,
-            )
-            for i in items
-        ]
+        items = [i if i.mcc else replace(i, mcc=mcc.get(i.merchant_id, "0000")) for i in items]
+        # Whom each payee is registered to, in settlement's own copy of the registrations.
+        payees = list({bytes(r.payee_key) for r in rows if r.payee_key is not None})
+        payee_owners = {
+            bytes(key).hex(): merchant_id
+            for key, merchant_id in (
+                await conn.execute(
+                    sql_text(
+                        "SELECT vpa_key, merchant_id FROM settlement_merchant_vpas"
+                        " WHERE vpa_key = ANY(:keys)"
+                    ),
+                    {"keys": payees},
+                )
+            ).all()
+        }
         other = (
             await conn.execute(
                 sql_text(
@@ -277,6 +284,7 @@ async def settle_business_date(
             failed,
             deemed,
             journal_rows,
+            payee_owners,
             notes,
             mdr_bps,
             not_in_ledger if ledger else None,

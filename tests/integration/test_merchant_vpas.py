@@ -1,9 +1,10 @@
 """A merchant collects only into its registered VPAs, on the real PostgreSQL: the
 registrations, the gateway's check (and what a refused payment leaves behind: nothing),
-and the migration that registers existing merchants."""
+the migration that registers existing merchants, and settlement's own copy."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 
 import pytest
@@ -11,13 +12,16 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.bootstrap import all_migrations
+from compliance.ledger import LedgerWriter
 from core.clock import FakeClock
+from core.crypto import MasterKey
 from core.errors import LimitExceeded, NotFound, PayeeNotAllowed, VpaTaken
 from core.events import CATALOGUE, Envelope, MerchantVpaRegistered
 from core.pii import Vpa
 from core.storage import Database, migrate
 from payments import service
 from payments.merchants import Merchant, insert_merchant, register_vpa
+from settlement.recorder import PAYEE_PSEUDONYM, SettlementRecorder
 from tests.support import unique_name
 
 pytestmark = pytest.mark.postgres
@@ -138,9 +142,9 @@ async def test_a_foreign_payee_is_refused_leaves_nothing_and_the_key_can_be_reus
         assert sorted(payees) == ["shop.counter2@okicici", "shop@okicici", "shop@okicici"]
 
 
-async def test_the_migration_registers_existing_merchants_and_publishes_them(pg_server):
+async def test_the_migration_registers_existing_merchants_and_tells_settlement(pg_server):
     """A database from before merchant_vpas: each merchant's own VPA is registered (the
-    first merchant keeps a VPA two of them shared) and published."""
+    first merchant keeps a VPA two of them shared) and published for settlement's copy."""
     name = unique_name("m")
     admin = create_async_engine(pg_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
     async with admin.connect() as conn:
@@ -174,5 +178,22 @@ async def test_the_migration_registers_existing_merchants_and_publishes_them(pg_
         ]
         assert events[0].registered_at == datetime(2026, 1, 1, tzinfo=UTC)
         assert {e.partition_key for e in envelopes} == {"merchant:mer_old", "merchant:mer_tea"}
+
+        key = MasterKey(os.urandom(32))
+        # The ledger takes them like any event (they are in the audit trail too).
+        assert await LedgerWriter(db, key, FakeClock(NOW)).append(envelopes) == 2
+        recorder = SettlementRecorder(db, key)
+        await recorder.record(envelopes)
+        await recorder.record(envelopes)  # a redelivery changes nothing
+        async with db.connection() as conn:
+            copy = (
+                await conn.execute(
+                    text("SELECT vpa_key, merchant_id FROM settlement_merchant_vpas")
+                )
+            ).all()
+        assert {(bytes(k), m) for k, m in copy} == {
+            (key.pseudonym("shop@okicici", PAYEE_PSEUDONYM), "mer_old"),
+            (key.pseudonym("tea@oksbi", PAYEE_PSEUDONYM), "mer_tea"),
+        }
     finally:
         await db.close()

@@ -1,5 +1,6 @@
 """T+1 settlement on the real PostgreSQL with a simulated day of 10,000+ payments, refunds,
-failures and deemed payments, and mismatches injected into the switch's journal."""
+failures and deemed payments, mismatches injected into the switch's journal, and payments
+into VPAs that are not registered to the merchant credited."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from compliance.ledger import LedgerWriter
 from core.clock import IST, FakeClock
 from core.crypto import MasterKey
 from core.events import (
+    CATALOGUE,
     Envelope,
+    MerchantVpaRegistered,
     PaymentDeemed,
     PaymentFailed,
     PaymentSubmitted,
@@ -26,6 +29,7 @@ from core.events import (
     RefundSucceeded,
 )
 from core.ids import new_rrn
+from core.pii import Vpa
 from settlement import run as settlement_run
 from settlement.holidays import HolidayCalendar
 from settlement.journal import ComplianceLedgerIndex, NpciJournal
@@ -43,6 +47,22 @@ MERCHANTS = {
     "mer_d": ("7999", "games@ybl"),
 }
 MDR = {"5411": 30, "5812": 0, "8220": 15, "default": 0}
+# A second collection VPA of each merchant (upi-engine merchant add-vpa).
+ADDED = {m: f"{m}-till2@okaxis" for m in MERCHANTS}
+KEY = MasterKey(os.urandom(32))
+
+
+def registrations() -> list[Envelope]:
+    """The merchants' VPAs, as the gateway published them when they were registered."""
+    before = datetime.combine(DAY, time(), tzinfo=IST) - timedelta(days=30)
+    return [
+        Envelope.wrap(
+            MerchantVpaRegistered(merchant_id=m, vpa=Vpa(vpa), registered_at=before),
+            partition_key=f"merchant:{m}",
+        )
+        for m in sorted(MERCHANTS)
+        for vpa in (MERCHANTS[m][1], ADDED[m])
+    ]
 
 
 def at(seconds: int) -> datetime:
@@ -54,7 +74,8 @@ class Day:
 
     def __init__(self, n: int = 10_000, seed: int = 7) -> None:
         rng = random.Random(seed)
-        self.events: list[Envelope] = []
+        self.events: list[Envelope] = registrations()
+        success_at: dict[str, int] = {}  # txn → its PaymentSucceeded in events
         self.journal: list[tuple] = []
         self.succeeded: dict[str, tuple[str, int, str, str]] = {}  # txn → merchant, amount, banks
         self.failed: list[str] = []
@@ -146,6 +167,7 @@ class Day:
                     )
                 )
             )
+            success_at[txn] = len(self.events) - 1
             self.succeeded[txn] = (merchant, amount, payer_bank, payee_bank)
             self.journal.append(
                 (
@@ -198,13 +220,29 @@ class Day:
                     )
                 )
 
+        # Three payments name another payee (data from before the gateway refused foreign
+        # payees): one into a VPA nobody registered, one into another merchant's VPA — both
+        # withheld — and one into its merchant's added VPA, credited as usual.
+        thief, others, added = sorted(self.succeeded)[-3:]
+        stranger = next(m for m in sorted(MERCHANTS) if m != self.succeeded[others][0])
+        for txn, payee in (
+            (thief, "thief@okaxis"),
+            (others, MERCHANTS[stranger][1]),
+            (added, ADDED[self.succeeded[added][0]]),
+        ):
+            event = CATALOGUE.decode(self.events[success_at[txn]])
+            self.events[success_at[txn]] = self._wrap(
+                event.model_copy(update={"payee_vpa": Vpa(payee)})
+            )
+        self.withheld = {thief, others}
+
     @staticmethod
     def _wrap(event) -> Envelope:
         return Envelope.wrap(event, partition_key="k", occurred_at=datetime.now(UTC))
 
 
 async def load(db, day: Day) -> None:
-    recorder = SettlementRecorder(db)
+    recorder = SettlementRecorder(db, KEY)
     for i in range(0, len(day.events), 1_000):
         await recorder.record(day.events[i : i + 1_000])
     async with db.transaction() as conn:
@@ -269,6 +307,8 @@ async def inject(db, day: Day) -> dict[str, str]:
             expected[ghost] = "switch_only"
     for txn in day.deemed_open:
         expected[txn] = "deemed_unresolved"
+    for txn in day.withheld:
+        expected[txn] = "payee_not_registered"
     return expected
 
 
@@ -325,10 +365,18 @@ async def test_a_simulated_day_settles_to_the_paisa(db, simulated, tmp_path: Pat
 
     held = {t for t, c in expected.items() if c in ("gateway_only", "amount_mismatch")}
     settled = {t: v for t, v in day.succeeded.items() if t not in held}
+    # Withheld payments moved between the banks, but are not credited to the merchant.
+    credited = {t: v for t, v in settled.items() if t not in day.withheld}
+    assert len(day.withheld) == 2 and day.withheld <= set(settled)
+    withheld_rows = [r for r in recon if r["class"] == "payee_not_registered"]
+    assert all(r["action"].startswith("withheld from the merchant payout") for r in withheld_rows)
+    assert {(r["gateway_status"], r["switch_status"]) for r in withheld_rows} == {
+        ("SUCCESS", "DEBITED")
+    }
     payouts = read_csv(files["merchant_payouts.csv"])
     for row in payouts:
         m = row["merchant_id"]
-        gross = sum(a for (mm, a, _, _) in settled.values() if mm == m)
+        gross = sum(a for (mm, a, _, _) in credited.values() if mm == m)
         refunds = sum(a for (mm, a, _, _) in day.refunds.values() if mm == m)
         fee = (2 * gross * MDR.get(MERCHANTS[m][0], 0) + 10_000) // 20_000
         gst = (2 * fee * 18 + 100) // 200
@@ -336,7 +384,7 @@ async def test_a_simulated_day_settles_to_the_paisa(db, simulated, tmp_path: Pat
         assert int(row["refunds_paise"]) == refunds, m
         assert int(row["fee_paise"]) == fee and int(row["gst_on_fee_paise"]) == gst, m
         assert int(row["net_payout_paise"]) == gross - refunds - fee - gst, m
-        assert int(row["count"]) == sum(1 for (mm, *_) in settled.values() if mm == m)
+        assert int(row["count"]) == sum(1 for (mm, *_) in credited.values() if mm == m)
         assert row["settlement_date"] == "2026-03-03"
     assert {r["merchant_id"] for r in payouts} == set(MERCHANTS)
 
@@ -350,11 +398,13 @@ async def test_a_simulated_day_settles_to_the_paisa(db, simulated, tmp_path: Pat
         assert (int(r["debits_paise"]), int(r["credits_paise"])) == (debits, credits), r["bank"]
 
     summary = orjson.loads(files["summary.json"])
-    assert summary["payments"] == len(settled)
-    assert summary["gross_paise"] == sum(a for (_, a, _, _) in settled.values())
+    assert summary["payments"] == len(credited)
+    assert summary["gross_paise"] == sum(a for (_, a, _, _) in credited.values())
+    assert summary["withheld_paise"] == sum(day.succeeded[t][1] for t in day.withheld)
     assert summary["interbank_nets_sum_paise"] == 0
-    assert summary["reconciliation"]["matched"] == len(settled) + len(day.refunds)
-    assert sum(c["items"] for c in summary["cycles"].values()) == len(settled) + len(day.refunds)
+    assert summary["reconciliation"]["matched"] == len(credited) + len(day.refunds)
+    assert summary["reconciliation"]["payee_not_registered"] == 2
+    assert sum(c["items"] for c in summary["cycles"].values()) == len(credited) + len(day.refunds)
     assert summary["ledger"] == {"checked": True, "not_in_ledger": day.lost_from_ledger}
 
     # Running it again gives identical files.
@@ -414,7 +464,8 @@ async def test_a_crash_in_the_middle_then_a_rerun_gives_the_right_files(
 
 async def test_a_final_status_after_the_date_closed_goes_to_the_next_cycle(db, tmp_path: Path):
     clock = FakeClock(datetime(2026, 3, 3, 2, 0, tzinfo=UTC))
-    recorder = SettlementRecorder(db)
+    recorder = SettlementRecorder(db, KEY)
+    await recorder.record(registrations())
     first = PaymentSucceeded(
         transaction_id="UPI1",
         merchant_id="mer_a",

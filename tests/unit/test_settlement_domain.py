@@ -13,6 +13,7 @@ from settlement.domain import (
     merchant_payouts,
     reconcile,
     round_half_up,
+    withhold_unregistered_payees,
 )
 from settlement.holidays import HolidayCalendar
 
@@ -20,8 +21,16 @@ AT = datetime(2026, 3, 2, 6, 0, tzinfo=UTC)  # 11:30 IST
 BANKS = ["HDFC", "ICICI", "SBI", "AXIS", "YES"]
 
 
-def pay(ref: str, amount: int, payer="HDFC", payee="ICICI", merchant="m1", mcc="5411") -> Item:
-    return Item(ItemKind.PAYMENT, ref, ref, merchant, mcc, amount, payer, payee, AT)
+def pay(
+    ref: str,
+    amount: int,
+    payer="HDFC",
+    payee="ICICI",
+    merchant="m1",
+    mcc="5411",
+    payee_vpa: str | None = None,
+) -> Item:
+    return Item(ItemKind.PAYMENT, ref, ref, merchant, mcc, amount, payer, payee, AT, payee_vpa)
 
 
 def refund(ref: str, txn: str, amount: int, payer="HDFC", payee="ICICI", merchant="m1") -> Item:
@@ -98,6 +107,36 @@ def test_reconciliation_classifies_every_kind_of_disagreement():
     assert next(m for m in mismatches if m.reference == "we-failed").action.startswith(
         "credit adjustment"
     )
+
+
+def test_a_payment_into_a_vpa_not_registered_to_its_merchant_is_withheld_from_the_payout():
+    owners = {"shop@okicici": "m1", "shop2@okicici": "m1", "other@ybl": "m2"}
+    items = [
+        pay("own", 100, payee_vpa="shop@okicici"),
+        pay("added", 200, payee_vpa="shop2@okicici"),
+        pay("thief", 300, payee_vpa="thief@okaxis"),  # registered to nobody
+        pay("others", 400, payee_vpa="other@ybl"),  # another merchant's VPA
+        pay("m2-own", 500, merchant="m2", payee_vpa="other@ybl"),
+        pay("before", 600),  # recorded before payees were: not known, not checked
+        refund("r1", "own", 50),
+    ]
+    payable, withheld = withhold_unregistered_payees(items, owners)
+    assert [i.reference for i in payable] == ["own", "added", "m2-own", "before", "r1"]
+    assert [(m.reference, m.mismatch) for m in withheld] == [
+        ("thief", MismatchClass.PAYEE_NOT_REGISTERED),
+        ("others", MismatchClass.PAYEE_NOT_REGISTERED),
+    ]
+    thief = withheld[0]
+    assert (thief.gateway_status, thief.gateway_amount_paise) == ("SUCCESS", 300)
+    assert (thief.switch_status, thief.switch_amount_paise) == ("DEBITED", 300)
+    assert thief.action.startswith("withheld from the merchant payout")
+    # Only the registered payees are credited to m1; m2 gets its own payment, not m1's.
+    by_merchant = {p.merchant_id: p for p in merchant_payouts(payable, {}, date(2026, 3, 3))}
+    assert (by_merchant["m1"].gross_paise, by_merchant["m1"].refunds_paise) == (900, 50)
+    assert by_merchant["m2"].gross_paise == 500
+    # Nobody's registrations: every known payee is withheld.
+    payable, withheld = withhold_unregistered_payees(items, {})
+    assert [i.reference for i in payable] == ["before", "r1"]
 
 
 def test_cycles_follow_the_ist_time_of_day():
