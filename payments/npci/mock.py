@@ -31,11 +31,11 @@ import json
 import logging
 import math
 import random
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -111,6 +111,59 @@ def _log_failure_nobody_awaits(task: asyncio.Future[Any]) -> None:
         _log.warning("mock switch: a request failed after its caller stopped waiting: %r", exc)
 
 
+@dataclass(frozen=True)
+class _Pay:
+    """A pay request as it reached the switch."""
+
+    request: PayRequest
+    payer_bank: str | None
+    payee_bank: str | None
+    fault: Faults
+    visible_at: datetime
+
+
+_I = TypeVar("_I")
+_R = TypeVar("_R")
+
+
+class _Coalescer(Generic[_I, _R]):
+    """Requests that arrive in the same turn of the event loop are processed together,
+    by one call of ``process`` (each caller gets its own result, or the batch's error)."""
+
+    def __init__(self, process: Callable[[Sequence[_I]], Awaitable[list[_R]]]) -> None:
+        self._process = process
+        self._waiting: list[tuple[_I, asyncio.Future[_R]]] = []
+        self._running: set[asyncio.Future[None]] = set()  # held: the loop keeps weak refs
+
+    async def submit(self, item: _I) -> _R:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_R] = loop.create_future()
+        if not self._waiting:
+            loop.call_soon(self._start)
+        self._waiting.append((item, future))
+        return await future
+
+    def _start(self) -> None:
+        batch, self._waiting = self._waiting, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[tuple[_I, asyncio.Future[_R]]]) -> None:
+        try:
+            results = await self._process([item for item, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
 class MockSwitch:
     def __init__(
         self,
@@ -133,6 +186,7 @@ class MockSwitch:
         self._fault_rng = random.Random(seed)  # which calls an injected fault hits
         self.faults: dict[str, Faults] = {}
         self._in_flight: set[asyncio.Future[Any]] = set()
+        self._pays: _Coalescer[_Pay, tuple[SwitchResult, bool]] = _Coalescer(self._record_pays)
 
     # ----------------------------------------------------------------- faults
 
@@ -157,9 +211,9 @@ class MockSwitch:
     def _profile(self, bank: str | None) -> BankProfile:
         return self._profiles.get(bank or "", self._profiles["default"])
 
-    async def _latency(self, bank: str | None) -> None:
+    async def _latency(self, bank: str | None, *, with_faults: bool = True) -> None:
         profile = self._profile(bank)
-        fault = self.faults.get(bank or "")
+        fault = self.faults.get(bank or "") if with_faults else None
         ms = profile.latency_median_ms * math.exp(self._rng.gauss(0, profile.latency_sigma))
         ms = ms * self._latency_scale + (fault.extra_latency_ms if fault else 0.0)
         if ms > 0:
@@ -201,11 +255,17 @@ class MockSwitch:
     # ----------------------------------------------------------------- operations
 
     async def pay(self, request: PayRequest) -> SwitchResult:
+        """The request reaches the switch (after an injected ``extra_latency_ms``: a request
+        delayed past the caller's leg may never be seen), is processed, and the answer comes
+        back after the bank's latency. Requests that arrive together are processed in one
+        transaction (:meth:`_record_pays`), as a switch batches its journal writes."""
         payer_bank = bank_of(request.payer_vpa)
         payee_bank = bank_of(request.payee_vpa)
         fault = self.faults.get(payer_bank or "", Faults())
-        await self._latency(payer_bank)
+        if fault.extra_latency_ms > 0:
+            await asyncio.sleep(fault.extra_latency_ms / 1000)
         if fault.error_rate and self._fault_rng.random() < fault.error_rate:
+            await self._latency(payer_bank, with_faults=False)
             raise SwitchError("switch answered 503: service unavailable (nothing processed)")
         local = request.payer_vpa.split("@", 1)[0]
         hangs = local in _HANGS or (
@@ -213,77 +273,100 @@ class MockSwitch:
         )
         now = datetime.now(UTC)
         visible_at = now + timedelta(seconds=self.pending_s) if hangs else now
-        result, first_time = await self._received(
-            self._record_pay(request, payer_bank, payee_bank, fault, visible_at)
-        )
+        arrival = _Pay(request, payer_bank, payee_bank, fault, visible_at)
+        result, first_time = await self._received(self._pays.submit(arrival))
+        await self._latency(payer_bank, with_faults=False)
         if hangs and first_time:
             # Processed, but the answer is lost on the way back: the caller times out.
             await asyncio.sleep(self.hang_s)
             return SwitchResult(request.txn_id, "01", result.rrn, payer_bank, payee_bank)
         return result
 
-    async def _record_pay(
-        self,
-        request: PayRequest,
-        payer_bank: str | None,
-        payee_bank: str | None,
-        fault: Faults,
-        visible_at: datetime,
-    ) -> tuple[SwitchResult, bool]:
-        """The pay request in the journal and the money moved; False for a repeat."""
+    async def _record_pays(self, pays: Sequence[_Pay]) -> list[tuple[SwitchResult, bool]]:
+        """Pay requests in the journal and the money moved, in one transaction; each with
+        False for a repeat (of an earlier request, or of one before it in ``pays``).
+
+        The journal rows are inserted first, keyed by txn id, so a repeat never debits
+        again; the accounts touched are locked in one statement (in VPA order), the money
+        moves in arrival order in memory, and the balances and answers are written back
+        set-based."""
         async with self._db.transaction() as conn:
-            inserted = (
-                await conn.execute(
-                    sql_text(
-                        "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
-                        " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
-                        " debited, visible_at) VALUES (:t, 'PAY', :payer, :payee, :pb, :eb,"
-                        " :amt, 'PROCESSING', '01', :rrn, false, :vis)"
-                        " ON CONFLICT (txn_id) DO NOTHING RETURNING rrn"
-                    ),
+            rrns = {p.request.txn_id: new_rrn() for p in pays}
+            firsts = {
+                txn: i for i, txn in reversed(list(enumerate(p.request.txn_id for p in pays)))
+            }
+            unique = [pays[i] for i in sorted(firsts.values())]
+            inserted = {
+                row.txn_id: row.rrn
+                for row in await conn.execute(
+                    _JOURNAL_PAYS,
                     {
-                        "t": request.txn_id,
-                        "payer": request.payer_vpa,
-                        "payee": request.payee_vpa,
-                        "pb": payer_bank or "UNKNOWN",
-                        "eb": payee_bank or "UNKNOWN",
-                        "amt": request.amount_paise,
-                        "rrn": new_rrn(),
-                        "vis": visible_at,
+                        "t": [p.request.txn_id for p in unique],
+                        "payer": [p.request.payer_vpa for p in unique],
+                        "payee": [p.request.payee_vpa for p in unique],
+                        "pb": [p.payer_bank or "UNKNOWN" for p in unique],
+                        "eb": [p.payee_bank or "UNKNOWN" for p in unique],
+                        "amt": [p.request.amount_paise for p in unique],
+                        "rrn": [rrns[p.request.txn_id] for p in unique],
+                        "vis": [p.visible_at for p in unique],
                     },
                 )
-            ).first()
-            if inserted is None:  # a repeat: answer what we answered the first time
-                return await _journal_result(conn, request.txn_id), False
-            code = await self._decide_and_move(conn, request, payer_bank, payee_bank, fault)
-            await _settle_journal(conn, request.txn_id, code)
-        return SwitchResult(request.txn_id, code, inserted.rrn, payer_bank, payee_bank), True
+            }
+            fresh = [p for p in unique if p.request.txn_id in inserted]
+            codes = {p.request.txn_id: self._decide(p) for p in fresh}
+            moving = [p for p in fresh if codes[p.request.txn_id] is None]
+            if moving:
+                balances = await _lock_accounts(conn, moving)
+                for p in moving:  # in arrival order: one payer's payments one after another
+                    r = p.request
+                    if balances[r.payer_vpa] >= r.amount_paise:
+                        balances[r.payer_vpa] -= r.amount_paise
+                        balances[r.payee_vpa] += r.amount_paise
+                        codes[r.txn_id] = "00"
+                    else:
+                        codes[r.txn_id] = "Z9"
+                await conn.execute(
+                    _SET_BALANCES, {"v": list(balances), "b": list(balances.values())}
+                )
+            if fresh:
+                settled = [codes[p.request.txn_id] or "00" for p in fresh]
+                await conn.execute(
+                    _SETTLE_JOURNAL,
+                    {
+                        "t": [p.request.txn_id for p in fresh],
+                        "s": ["SUCCESS" if c == "00" else "FAILED" for c in settled],
+                        "c": settled,
+                    },
+                )
+            repeats = {p.request.txn_id for p in pays} - set(inserted)
+            earlier = await _journal_results(conn, sorted(repeats)) if repeats else {}
+        results: list[tuple[SwitchResult, bool]] = []
+        for i, p in enumerate(pays):
+            txn = p.request.txn_id
+            if txn in inserted and firsts[txn] == i:
+                code = codes[txn] or "00"
+                answer = SwitchResult(txn, code, inserted[txn], p.payer_bank, p.payee_bank)
+                results.append((answer, True))
+            elif txn in inserted:  # the same txn id twice in this batch: the first answer
+                results.append((results[firsts[txn]][0], False))
+            else:
+                results.append((earlier[txn], False))
+        return results
 
-    async def _decide_and_move(
-        self,
-        conn: AsyncConnection,
-        request: PayRequest,
-        payer_bank: str | None,
-        payee_bank: str | None,
-        fault: Faults,
-    ) -> str:
+    def _decide(self, pay: _Pay) -> str | None:
+        """The answer decided before any money moves; None: move the money."""
+        request, payer_bank, payee_bank = pay.request, pay.payer_bank, pay.payee_bank
         if payer_bank is None or payee_bank is None:
             return "ZH"
         local = request.payer_vpa.split("@", 1)[0]
         sandbox = SANDBOX_CODES.get(local)
-        if fault.down or sandbox == "XY":
+        if pay.fault.down or sandbox == "XY":
             return "XY"
         if sandbox is not None and sandbox != "00":
             return sandbox
         if sandbox is None:
-            declined = self._business_decline(request, payer_bank)
-            if declined is not None:
-                return declined
-        await _ensure_account(conn, request.payer_vpa, payer_bank)
-        await _ensure_account(conn, request.payee_vpa, payee_bank)
-        if not await _move(conn, request.payer_vpa, request.payee_vpa, request.amount_paise):
-            return "Z9"
-        return "00"
+            return self._business_decline(request, payer_bank)
+        return None
 
     async def check_status(self, txn_id: str) -> SwitchResult:
         await self._latency(None)
@@ -408,6 +491,55 @@ class MockSwitch:
         return int(row) if row is not None else opening_balance(vpa)
 
 
+_JOURNAL_PAYS = sql_text(
+    "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa, payer_bank, payee_bank,"
+    " amount_paise, status, response_code, rrn, debited, visible_at)"
+    " SELECT t, 'PAY', payer, payee, pb, eb, amt, 'PROCESSING', '01', rrn, false, vis"
+    " FROM unnest(CAST(:t AS text[]), CAST(:payer AS text[]), CAST(:payee AS text[]),"
+    " CAST(:pb AS text[]), CAST(:eb AS text[]), CAST(:amt AS bigint[]), CAST(:rrn AS text[]),"
+    " CAST(:vis AS timestamptz[])) AS u(t, payer, payee, pb, eb, amt, rrn, vis)"
+    " ON CONFLICT (txn_id) DO NOTHING RETURNING txn_id, rrn"
+)
+_ENSURE_ACCOUNTS = sql_text(
+    "INSERT INTO npci_accounts (vpa, bank, balance_paise)"
+    " SELECT * FROM unnest(CAST(:v AS text[]), CAST(:b AS text[]), CAST(:bal AS bigint[]))"
+    " ON CONFLICT (vpa) DO NOTHING"
+)
+_LOCK_ACCOUNTS = sql_text(
+    "SELECT vpa, balance_paise FROM npci_accounts WHERE vpa = ANY(CAST(:v AS text[]))"
+    " ORDER BY vpa FOR UPDATE"
+)
+_SET_BALANCES = sql_text(
+    "UPDATE npci_accounts AS a SET balance_paise = u.b"
+    " FROM unnest(CAST(:v AS text[]), CAST(:b AS bigint[])) AS u(v, b) WHERE a.vpa = u.v"
+)
+_SETTLE_JOURNAL = sql_text(
+    "UPDATE npci_transactions AS j SET status = u.s, response_code = u.c,"
+    " debited = (u.c = '00'), updated_at = now()"
+    " FROM unnest(CAST(:t AS text[]), CAST(:s AS text[]), CAST(:c AS text[])) AS u(t, s, c)"
+    " WHERE j.txn_id = u.t"
+)
+_JOURNAL_READ = (
+    "SELECT txn_id, response_code, rrn, payer_bank, payee_bank, status,"
+    " visible_at > now() AS pending FROM npci_transactions"
+)
+
+
+async def _lock_accounts(conn: AsyncConnection, pays: Sequence[_Pay]) -> dict[str, int]:
+    """The balances of every account the payments touch (opened if new), rows locked."""
+    banks: dict[str, str] = {}
+    for p in pays:
+        banks.setdefault(p.request.payer_vpa, p.payer_bank or "UNKNOWN")
+        banks.setdefault(p.request.payee_vpa, p.payee_bank or "UNKNOWN")
+    vpas = sorted(banks)
+    await conn.execute(
+        _ENSURE_ACCOUNTS,
+        {"v": vpas, "b": [banks[v] for v in vpas], "bal": [opening_balance(v) for v in vpas]},
+    )
+    rows = await conn.execute(_LOCK_ACCOUNTS, {"v": vpas})
+    return {row.vpa: int(row.balance_paise) for row in rows}
+
+
 async def _settle_journal(conn: AsyncConnection, txn_id: str, code: str) -> None:
     """Record the answer of a journal row: ``00`` means the money moved."""
     await conn.execute(
@@ -449,16 +581,7 @@ async def _move(conn: AsyncConnection, debit: str, credit: str, amount: Paise) -
     return True
 
 
-async def _journal_result(conn: AsyncConnection, txn_id: str) -> SwitchResult:
-    row = (
-        await conn.execute(
-            sql_text(
-                "SELECT response_code, rrn, payer_bank, payee_bank, status,"
-                " visible_at > now() AS pending FROM npci_transactions WHERE txn_id = :t"
-            ),
-            {"t": txn_id},
-        )
-    ).first()
+def _journal_answer(txn_id: str, row: Any) -> SwitchResult:
     if row is None:
         return SwitchResult(txn_id, "01", None, None, None, known=False)
     if row.pending or row.status == "PROCESSING":
@@ -466,3 +589,22 @@ async def _journal_result(conn: AsyncConnection, txn_id: str) -> SwitchResult:
     if row.status == "REVERSED":
         return SwitchResult(txn_id, "RB", row.rrn, row.payer_bank, row.payee_bank)
     return SwitchResult(txn_id, row.response_code, row.rrn, row.payer_bank, row.payee_bank)
+
+
+async def _journal_result(conn: AsyncConnection, txn_id: str) -> SwitchResult:
+    row = (
+        await conn.execute(sql_text(_JOURNAL_READ + " WHERE txn_id = :t"), {"t": txn_id})
+    ).first()
+    return _journal_answer(txn_id, row)
+
+
+async def _journal_results(
+    conn: AsyncConnection, txn_ids: Sequence[str]
+) -> dict[str, SwitchResult]:
+    rows = {
+        row.txn_id: row
+        for row in await conn.execute(
+            sql_text(_JOURNAL_READ + " WHERE txn_id = ANY(CAST(:ts AS text[]))"), {"ts": txn_ids}
+        )
+    }
+    return {t: _journal_answer(t, rows.get(t)) for t in txn_ids}
