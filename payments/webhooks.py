@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -35,7 +36,7 @@ from core.events import (
     PaymentSucceeded,
     Topic,
 )
-from core.inbox import claim
+from core.inbox import claim_many
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
 from payments import repository
@@ -84,41 +85,60 @@ class WebhookRecorder:
             consumer=self.consumer,
             topics=(Topic.PAYMENTS.value,),
             handler=self.handle,
+            batch_handler=self.record,
             event_types=_FINAL_EVENTS,
         )
 
     async def handle(self, envelope: Envelope) -> None:
-        event = CATALOGUE.decode(envelope)
-        txn = envelope.transaction_id or ""
+        await self.record([envelope])
+
+    async def record(self, envelopes: Sequence[Envelope]) -> None:
+        """One delivery per final-status event of a merchant with a webhook URL, for a
+        batch in one transaction (an event seen before is skipped)."""
+        merchants = {}
+        for envelope in envelopes:
+            merchants[envelope.event_id] = getattr(CATALOGUE.decode(envelope), "merchant_id", "")
         async with self._db.transaction() as conn:
-            if not await claim(conn, self.consumer, envelope.event_id):
+            fresh = await claim_many(conn, self.consumer, [e.event_id for e in envelopes])
+            todo = [e for e in envelopes if e.event_id in fresh]
+            if not todo:
                 return
-            url = (
-                await conn.execute(
-                    sql_text("SELECT webhook_url FROM merchants WHERE merchant_id = :m"),
-                    {"m": getattr(event, "merchant_id", "")},
+            urls = {
+                row.merchant_id: row.webhook_url
+                for row in await conn.execute(
+                    _WEBHOOK_URLS, {"ms": sorted({merchants[e.event_id] for e in todo})}
                 )
-            ).scalar_one_or_none()
-            payment = await repository.load_payment(conn, txn)
-            if not url or payment is None:
+            }
+            todo = [e for e in todo if urls.get(merchants[e.event_id])]
+            payments = await repository.load_payments(conn, [e.transaction_id or "" for e in todo])
+            rows = [(e, payments[e.transaction_id]) for e in todo if e.transaction_id in payments]
+            if not rows:
                 return
             now = self._clock.now()
             await conn.execute(
-                sql_text(
-                    "INSERT INTO webhook_deliveries (event_id, merchant_id, transaction_id, url,"
-                    " body, status, next_attempt_at, created_at)"
-                    " VALUES (:e, :m, :t, :u, :b, 'PENDING', :now, :now)"
-                    " ON CONFLICT (event_id) DO NOTHING"
-                ),
+                _NEW_DELIVERIES,
                 {
-                    "e": envelope.event_id,
-                    "m": payment.merchant_id,
-                    "t": txn,
-                    "u": url,
-                    "b": orjson.dumps(payment_view(payment)),
+                    "e": [str(e.event_id) for e, _ in rows],
+                    "m": [p.merchant_id for _, p in rows],
+                    "t": [p.transaction_id for _, p in rows],
+                    "u": [urls[p.merchant_id] for _, p in rows],
+                    "b": [orjson.dumps(payment_view(p)) for _, p in rows],
                     "now": now,
                 },
             )
+
+
+_WEBHOOK_URLS = sql_text(
+    "SELECT merchant_id, webhook_url FROM merchants"
+    " WHERE merchant_id = ANY(CAST(:ms AS text[])) AND webhook_url IS NOT NULL"
+)
+_NEW_DELIVERIES = sql_text(
+    "INSERT INTO webhook_deliveries (event_id, merchant_id, transaction_id, url, body, status,"
+    " next_attempt_at, created_at)"
+    " SELECT e, m, t, u, b, 'PENDING', :now, :now FROM unnest(CAST(:e AS uuid[]),"
+    " CAST(:m AS text[]), CAST(:t AS text[]), CAST(:u AS text[]), CAST(:b AS bytea[]))"
+    " AS x(e, m, t, u, b) ON CONFLICT (event_id) DO NOTHING"
+)
 
 
 # On its partial index (payments.0004).
