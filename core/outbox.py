@@ -35,10 +35,13 @@ _log = logging.getLogger(__name__)
 OUTBOX_WRITE_LOCK = 0x5550_4F42  # "UPOB"
 _RELAY_LEADER_LOCK = 0x5550_524C  # "UPRL"
 
+# One statement: the lock is taken (``lk`` is joined to every row) before any row's id is
+# drawn from the sequence, which happens as each joined row is formed for the insert.
 _INSERT = sql_text(
-    "INSERT INTO outbox (event_id, topic, partition_key, event_type, envelope)"
-    " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:topics AS text[]),"
-    " CAST(:keys AS text[]), CAST(:types AS text[]), CAST(:envs AS bytea[]))"
+    "WITH lk AS (SELECT pg_advisory_xact_lock(:lock))"
+    " INSERT INTO outbox (event_id, topic, partition_key, event_type, envelope)"
+    " SELECT u.* FROM lk, unnest(CAST(:ids AS uuid[]), CAST(:topics AS text[]),"
+    " CAST(:keys AS text[]), CAST(:types AS text[]), CAST(:envs AS bytea[])) AS u"
 )
 
 
@@ -46,10 +49,10 @@ async def append_to_outbox(conn: AsyncConnection, envelopes: Sequence[Envelope])
     """Add events to the current transaction's outbox. Call it last in the unit of work."""
     if not envelopes:
         return
-    await conn.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": OUTBOX_WRITE_LOCK})
     await conn.execute(
         _INSERT,
         {
+            "lock": OUTBOX_WRITE_LOCK,
             "ids": [str(e.event_id) for e in envelopes],
             "topics": [e.topic for e in envelopes],
             "keys": [e.partition_key for e in envelopes],

@@ -44,14 +44,26 @@ async def test_rolled_back_transaction_leaves_no_event(db):
         assert (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one() == 0
 
 
-async def test_relays_publish_everything_once_in_commit_order_under_concurrent_writers(db):
+@pytest.mark.parametrize("in_flight", [1, 4])
+async def test_relays_publish_everything_once_in_commit_order_under_concurrent_writers(
+    db, in_flight
+):
+    """With ``in_flight`` > 1 the publishes overlap, as on the in-process bus: a batch is
+    taken in order at once and settles later, in any order."""
     published: list[Envelope] = []
 
     async def publish(batch):
-        await asyncio.sleep(random.uniform(0, 0.01))
-        published.extend(batch)
+        if in_flight > 1:
+            published.extend(batch)
+            await asyncio.sleep(random.uniform(0, 0.01))
+        else:
+            await asyncio.sleep(random.uniform(0, 0.01))
+            published.extend(batch)
 
-    relays = [OutboxRelay(db, publish, batch_size=7, poll_interval=0.005) for _ in range(2)]
+    relays = [
+        OutboxRelay(db, publish, batch_size=7, poll_interval=0.005, max_in_flight=in_flight)
+        for _ in range(2)
+    ]
     tasks = [asyncio.create_task(r.run()) for r in relays]
 
     async def writer(w: int) -> list[str]:
