@@ -21,10 +21,8 @@ from core.pii import Vpa
 from core.storage import sql_text
 
 __all__ = [
-    "CollectingMerchant",
     "Merchant",
     "insert_merchant",
-    "load_collecting_merchant",
     "load_merchant",
     "register_vpa",
 ]
@@ -37,15 +35,6 @@ class Merchant:
     vpa: str
     mcc: str
     webhook_url: str | None
-
-
-@dataclass(frozen=True)
-class CollectingMerchant:
-    """A merchant as a payment initiation needs it: and whether the payee it asked for is
-    one of its registered VPAs."""
-
-    merchant: Merchant
-    payee_registered: bool
 
 
 async def insert_merchant(
@@ -129,27 +118,3 @@ async def load_merchant(conn: AsyncConnection, merchant_id: str) -> Merchant | N
     if row is None:
         return None
     return Merchant(row.merchant_id, row.name, row.vpa, row.mcc, row.webhook_url)
-
-
-async def load_collecting_merchant(
-    conn: AsyncConnection, merchant_id: str, payee: Vpa
-) -> CollectingMerchant | None:
-    """The merchant and whether ``payee`` is registered to it, in one statement (one more
-    primary-key probe than :func:`load_merchant`; it is on the payment path)."""
-    row = (
-        await conn.execute(
-            sql_text(
-                "SELECT m.merchant_id, m.name, m.vpa, m.mcc, m.webhook_url,"
-                " EXISTS (SELECT 1 FROM merchant_vpas v"
-                " WHERE v.vpa = :payee AND v.merchant_id = m.merchant_id) AS payee_registered"
-                " FROM merchants m WHERE m.merchant_id = :id"
-            ),
-            {"id": merchant_id, "payee": payee.value},
-        )
-    ).first()
-    if row is None:
-        return None
-    return CollectingMerchant(
-        Merchant(row.merchant_id, row.name, row.vpa, row.mcc, row.webhook_url),
-        bool(row.payee_registered),
-    )

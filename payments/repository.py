@@ -53,16 +53,22 @@ def to_payment(row: Row[Any]) -> Payment:
     )
 
 
+_INSERT_PAYMENT = sql_text(
+    "WITH p AS (INSERT INTO payments (transaction_id, merchant_id, merchant_order_id, payer_vpa,"
+    " payee_vpa, amount_paise, currency, note, mcc, device, status, created_at, updated_at)"
+    " VALUES (:t, :m, :o, :payer, :payee, :amt, :cur, :note, :mcc, CAST(:device AS jsonb), :s,"
+    " :at, :at) RETURNING transaction_id)"
+    " INSERT INTO payment_status_history (transaction_id, seq, status, at)"
+    " SELECT transaction_id, 1, :s, :at FROM p"
+)
+
+
 async def insert_payment(
     conn: AsyncConnection, payment: Payment, device: dict[str, Any] | None
 ) -> None:
+    """The payment and its first history row, in one statement."""
     await conn.execute(
-        sql_text(
-            "INSERT INTO payments (transaction_id, merchant_id, merchant_order_id, payer_vpa,"
-            " payee_vpa, amount_paise, currency, note, mcc, device, status, created_at,"
-            " updated_at) VALUES (:t, :m, :o, :payer, :payee, :amt, :cur, :note, :mcc,"
-            " CAST(:device AS jsonb), :s, :at, :at)"
-        ),
+        _INSERT_PAYMENT,
         {
             "t": payment.transaction_id,
             "m": payment.merchant_id,
@@ -77,13 +83,6 @@ async def insert_payment(
             "s": payment.status.value,
             "at": payment.created_at,
         },
-    )
-    await conn.execute(
-        sql_text(
-            "INSERT INTO payment_status_history (transaction_id, seq, status, at)"
-            " VALUES (:t, 1, :s, :at)"
-        ),
-        {"t": payment.transaction_id, "s": payment.status.value, "at": payment.created_at},
     )
 
 

@@ -27,9 +27,9 @@ from core.pii import Vpa, partition_key_for
 from core.storage import Database, sql_text
 from payments import repository
 from payments.domain import Payment, PaymentStatus
-from payments.idempotency import claim_key, stored_response
+from payments.idempotency import stored_response
 from payments.limits import PayerDailyLimits, per_transaction_limit
-from payments.merchants import load_collecting_merchant, load_merchant
+from payments.merchants import Merchant
 
 __all__ = [
     "InitiatePayment",
@@ -76,25 +76,36 @@ class PaymentLimits:
     payer_daily: PayerDailyLimits = field(default_factory=PayerDailyLimits)
 
 
+# The first statement of an initiation, one round trip on the hot path: claim the
+# idempotency key (as :func:`payments.idempotency.claim_key`), take the payer's advisory lock
+# (it serialises one payer's initiations, so two concurrent requests cannot both squeeze
+# under the day's limits: the next statement, which reads them, sees every initiation of
+# the payer committed before it), and read the merchant with whether the payee asked for is
+# one of its registered VPAs (as :func:`payments.merchants.load_collecting_merchant`).
+_OPEN = sql_text(
+    "WITH k AS (INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
+    " transaction_id, response_status, response_body)"
+    " VALUES (:m, :k, :h, :t, 202, CAST(:b AS jsonb)) ON CONFLICT DO NOTHING RETURNING 1),"
+    " lk AS (SELECT pg_advisory_xact_lock(hashtextextended(:payer_lock, 0)))"
+    " SELECT (SELECT count(*) FROM k) AS fresh, (SELECT count(*) FROM lk) AS locked,"
+    " m.merchant_id, m.name, m.vpa, m.mcc, m.webhook_url,"
+    " EXISTS (SELECT 1 FROM merchant_vpas v WHERE v.vpa = :payee"
+    " AND v.merchant_id = m.merchant_id) AS payee_registered"
+    " FROM (SELECT 1) AS one LEFT JOIN merchants m ON m.merchant_id = :m"
+)
+_PAYER_DAY = sql_text(
+    "SELECT count(*), coalesce(sum(amount_paise), 0) FROM payments"
+    " WHERE payer_vpa = :p AND created_at >= :start"
+    " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED')"
+)
+
+
 async def _check_payer_day(
     conn: AsyncConnection, payer: str, amount: int, now: datetime, limits: PayerDailyLimits
 ) -> None:
-    """Per payer per IST day. The advisory lock serialises one payer's initiations, so two
-    concurrent requests cannot both squeeze under the limit."""
-    await conn.execute(
-        sql_text("SELECT pg_advisory_xact_lock(hashtextextended(:p, 0))"), {"p": "payer:" + payer}
-    )
+    """Per payer per IST day (the payer's lock is held: :data:`_OPEN`)."""
     day_start = datetime.combine(business_date(now), time(), tzinfo=IST)
-    count, total = (
-        await conn.execute(
-            sql_text(
-                "SELECT count(*), coalesce(sum(amount_paise), 0) FROM payments"
-                " WHERE payer_vpa = :p AND created_at >= :start"
-                " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED')"
-            ),
-            {"p": payer, "start": day_start},
-        )
-    ).one()
+    count, total = (await conn.execute(_PAYER_DAY, {"p": payer, "start": day_start})).one()
     if count + 1 > limits.max_count:
         raise LimitExceeded(
             "payer_daily_count_exceeded",
@@ -110,6 +121,8 @@ async def _check_payer_day(
 async def initiate_payment(
     db: Database, cmd: InitiatePayment, clock: Clock, limits: PaymentLimits | None = None
 ) -> InitiationResult:
+    """Four statements: :data:`_OPEN`, the payer's day, the payment with its first history
+    row, the outbox row."""
     limits = limits or PaymentLimits()
     now = clock.now()
     transaction_id = new_transaction_id()
@@ -121,15 +134,21 @@ async def initiate_payment(
         "created_at": now.isoformat().replace("+00:00", "Z"),
     }
     async with db.transaction() as conn:
-        fresh = await claim_key(
-            conn,
-            merchant_id=cmd.merchant_id,
-            key=cmd.idempotency_key,
-            request_hash=cmd.request_hash,
-            transaction_id=transaction_id,
-            response=body,
-        )
-        if not fresh:
+        opened = (
+            await conn.execute(
+                _OPEN,
+                {
+                    "m": cmd.merchant_id,
+                    "k": cmd.idempotency_key,
+                    "h": cmd.request_hash,
+                    "t": transaction_id,
+                    "b": orjson.dumps(body).decode(),
+                    "payer_lock": "payer:" + cmd.payer_vpa.value,
+                    "payee": cmd.payee_vpa.value if cmd.payee_vpa else None,
+                },
+            )
+        ).one()
+        if not opened.fresh:
             status, stored = await stored_response(
                 conn,
                 merchant_id=cmd.merchant_id,
@@ -137,21 +156,17 @@ async def initiate_payment(
                 request_hash=cmd.request_hash,
             )
             return InitiationResult(status, stored, replayed=True)
-        if cmd.payee_vpa is None:  # the merchant's own VPA, registered with it
-            merchant = await load_merchant(conn, cmd.merchant_id)
-            if merchant is None:
-                raise NotFound(f"no merchant {cmd.merchant_id}")
-        else:
-            collecting = await load_collecting_merchant(conn, cmd.merchant_id, cmd.payee_vpa)
-            if collecting is None:
-                raise NotFound(f"no merchant {cmd.merchant_id}")
-            if not collecting.payee_registered:
-                raise PayeeNotAllowed(
-                    f"payee_vpa {cmd.payee_vpa} is not one of this merchant's registered VPAs;"
-                    " omit payee_vpa to collect into the merchant's own VPA, or have the"
-                    " operator register it (upi-engine merchant add-vpa)"
-                )
-            merchant = collecting.merchant
+        if opened.merchant_id is None:
+            raise NotFound(f"no merchant {cmd.merchant_id}")
+        merchant = Merchant(
+            opened.merchant_id, opened.name, opened.vpa, opened.mcc, opened.webhook_url
+        )
+        if cmd.payee_vpa is not None and not opened.payee_registered:
+            raise PayeeNotAllowed(
+                f"payee_vpa {cmd.payee_vpa} is not one of this merchant's registered VPAs;"
+                " omit payee_vpa to collect into the merchant's own VPA, or have the"
+                " operator register it (upi-engine merchant add-vpa)"
+            )
         limit = per_transaction_limit(merchant.mcc, limits.mcc_overrides)
         if cmd.amount_paise > limit:
             raise LimitExceeded(
