@@ -210,7 +210,12 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
     result = await service.initiate_payment(db, command(payer, 9_900, "k1"), eng.clock)
     async with db.connection() as conn:
         raw = (
-            await conn.execute(text("SELECT envelope FROM outbox WHERE event_type = 'PaymentInitiated' ORDER BY id LIMIT 1"))
+            await conn.execute(
+                text(
+                    "SELECT envelope FROM outbox WHERE event_type = 'PaymentInitiated'"
+                    " ORDER BY id LIMIT 1"
+                )
+            )
         ).scalar_one()
     initiated = Envelope.from_bytes(bytes(raw))
     assert isinstance(CATALOGUE.decode(initiated), PaymentInitiated)
