@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core.ids import new_token
 from core.storage import Database, sql_text
 
-__all__ = ["Principal", "Role", "authenticate", "issue_token"]
+__all__ = ["Principal", "Role", "TokenCache", "authenticate", "issue_token"]
 
 
 class Role(StrEnum):
@@ -56,10 +57,40 @@ async def issue_token(
     return token
 
 
-async def authenticate(db: Database, token: str) -> Principal | None:
+class TokenCache:
+    """Principals of tokens seen in the last ``ttl_s`` seconds, so that a merchant sending a
+    thousand payments a second costs one lookup a second, not one per request (and no
+    connection checkout). Only hits are kept, by the token's hash: an unknown token is
+    looked up every time, and a revoked one stops working within ``ttl_s``."""
+
+    def __init__(self, ttl_s: float = 1.0, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self._max = max_entries
+        self._entries: dict[bytes, tuple[float, Principal]] = {}
+
+    def get(self, digest: bytes) -> Principal | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._entries[digest]
+            return None
+        return entry[1]
+
+    def put(self, digest: bytes, principal: Principal) -> None:
+        if len(self._entries) >= self._max:
+            self._entries.clear()  # crude, and rare: at most one lookup per token again
+        self._entries[digest] = (time.monotonic() + self.ttl_s, principal)
+
+
+async def authenticate(
+    db: Database, token: str, cache: TokenCache | None = None
+) -> Principal | None:
     if not token or len(token) > 200:
         return None
     digest = _hash(token)
+    if cache is not None and (known := cache.get(digest)) is not None:
+        return known
     async with db.connection() as conn:
         row = (
             await conn.execute(
@@ -74,4 +105,7 @@ async def authenticate(db: Database, token: str) -> Principal | None:
     # of a real token's hash); the final comparison is constant time all the same.
     if row is None or not hmac.compare_digest(bytes(row.token_hash), digest):
         return None
-    return Principal(row.principal_id, Role(row.role), row.name, row.merchant_id)
+    found = Principal(row.principal_id, Role(row.role), row.name, row.merchant_id)
+    if cache is not None:
+        cache.put(digest, found)
+    return found

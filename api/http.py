@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.auth import Principal, Role, authenticate
+from api.auth import Principal, Role, TokenCache, authenticate
 from api.bootstrap import Engine, verification_policy
 from api.bootstrap import Role as EngineRole
 from api.problems import CODES, Problem, install_problem_handlers
@@ -97,12 +97,14 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         )
         return response
 
+    tokens = TokenCache()
+
     async def principal(
         creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
         if creds is None:
             raise Problem("unauthenticated")
-        found = await authenticate(engine.db, creds.credentials)
+        found = await authenticate(engine.db, creds.credentials, tokens)
         if found is None:
             raise Problem("unauthenticated")
         return found
