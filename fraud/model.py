@@ -22,9 +22,12 @@ import hashlib
 import json
 import math
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fraud.features import FEATURE_NAMES
 
@@ -52,13 +55,24 @@ TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredict
 
 
 class CompiledTrees:
-    """The trained ensemble as plain Python lists, to score one payment in about a tenth of a
-    millisecond: scikit-learn's ``predict_proba`` spends a millisecond on validation and
-    thread start-up for a single row (and more when the CPU is busy). Same numbers: the
-    test suite checks it against ``predict_proba`` on simulated traffic.
+    """The trained ensemble compiled at load, to score payments without scikit-learn's
+    per-call overhead: its ``predict_proba`` spends a millisecond on validation and thread
+    start-up for a single row, and more when the CPU is busy (12 ms for 200 rows on the
+    loaded 2-core VM). Same numbers: the test suite checks it against ``predict_proba`` on
+    simulated traffic.
+
+    * :meth:`predict_one` walks plain Python lists: 30-40 µs for one payment;
+    * :meth:`predict_many` walks every tree for every row at once with numpy, one level at a
+      time (about 5 µs a row for 200 rows, 7 µs a row for 50), and gives *bit for bit*
+      :meth:`predict_one`'s numbers: the same comparisons, the leaf values added in the
+      same order from the same baseline, the same ``math.exp``. Below
+      :data:`VECTOR_MIN_ROWS` rows, or for a row with a missing (NaN) feature, it uses
+      :meth:`predict_one`.
 
     Built from the fitted estimator's trees (``_predictors``, ``_baseline_prediction``): a
     binary ``HistGradientBoostingClassifier`` without categorical features."""
+
+    VECTOR_MIN_ROWS = 4  # numpy's fixed cost (~0.1 ms) is worth it from about 4 rows
 
     def __init__(self, estimator: Any) -> None:
         self.baseline = float(estimator._baseline_prediction.ravel()[0])
@@ -80,6 +94,7 @@ class CompiledTrees:
                     [bool(v) for v in nodes["missing_go_to_left"]],
                 )
             )
+        self._vector = _VectorTrees(self.trees)
 
     def predict_one(self, x: list[float]) -> float:
         raw = self.baseline
@@ -95,6 +110,101 @@ class CompiledTrees:
                     node = right[node]
             raw += value[node]
         return 1.0 / (1.0 + math.exp(-raw))
+
+    def predict_many(self, xs: Sequence[list[float]]) -> list[float]:
+        """:meth:`predict_one` of each row, the same numbers, faster for many rows."""
+        if len(xs) < self.VECTOR_MIN_ROWS:
+            return [self.predict_one(x) for x in xs]
+        x = np.asarray(xs, dtype=np.float64)
+        missing = np.isnan(x).any(axis=1)
+        if missing.any():
+            # Live features are never NaN (fraud.features); the tree walk below does not
+            # know the missing-value branches, so such a row takes the exact path.
+            out = self._vector.proba(self.baseline, np.nan_to_num(x))
+            for i in np.flatnonzero(missing).tolist():
+                out[i] = self.predict_one(xs[i])
+            return out
+        return self._vector.proba(self.baseline, x)
+
+
+class _VectorTrees:
+    """All the trees as flat numpy arrays, walked for many rows at once.
+
+    ``node`` holds, for each tree and row, the node reached so far (trees by rows). A leaf
+    points to itself on both sides (and compares against +inf), so a row that reached its
+    leaf stays there while the others go on, without a test. Trees are walked deepest
+    first, and at each level only the trees that still have a level that deep, so the work
+    is the sum of the trees' depths, not the deepest depth times the number of trees."""
+
+    def __init__(
+        self,
+        trees: list[
+            tuple[list[int], list[float], list[int], list[int], list[bool], list[float], list[bool]]
+        ],
+    ) -> None:
+        feature: list[int] = []
+        threshold: list[float] = []
+        left: list[int] = []
+        right: list[int] = []
+        value: list[float] = []
+        roots: list[int] = []
+        depths: list[int] = []
+        for tree_feature, tree_threshold, tree_left, tree_right, leaf, tree_value, _ in trees:
+            base = len(feature)
+            roots.append(base)
+            depths.append(_depth(tree_left, tree_right, leaf))
+            for i, is_leaf in enumerate(leaf):
+                feature.append(0 if is_leaf else tree_feature[i])
+                threshold.append(math.inf if is_leaf else tree_threshold[i])
+                left.append(base + (i if is_leaf else tree_left[i]))
+                right.append(base + (i if is_leaf else tree_right[i]))
+                value.append(tree_value[i])
+        deepest_first = sorted(range(len(trees)), key=lambda t: -depths[t])
+        self._roots = np.array([roots[t] for t in deepest_first], dtype=np.intp)
+        # The first ``k`` trees (deepest first) of each level that still need a step.
+        self._levels = [
+            sum(1 for t in deepest_first if depths[t] > level)
+            for level in range(max(depths, default=0))
+        ]
+        # Back to the estimator's order, for adding the leaf values as predict_one does.
+        self._original = np.argsort(np.array(deepest_first, dtype=np.intp))
+        self._feature = np.array(feature, dtype=np.intp)
+        self._threshold = np.array(threshold, dtype=np.float64)
+        self._left = np.array(left, dtype=np.intp)
+        self._right = np.array(right, dtype=np.intp)
+        self._value = np.array(value, dtype=np.float64)
+
+    def proba(self, baseline: float, x: Any) -> list[float]:
+        rows = x.shape[0]
+        by_feature = np.ascontiguousarray(x.T).ravel()  # feature f of row r at f * rows + r
+        offset = self._feature * rows
+        row = np.arange(rows, dtype=np.intp)
+        node = np.repeat(self._roots[:, None], rows, axis=1)
+        for k in self._levels:
+            here = node[:k]
+            v = by_feature[offset[here] + row]
+            node[:k] = np.where(v <= self._threshold[here], self._left[here], self._right[here])
+        terms = np.empty((len(self._roots) + 1, rows), dtype=np.float64)
+        terms[0] = baseline
+        terms[1:] = self._value[node[self._original]]
+        # add.accumulate adds in sequence (a sum may pair terms up): baseline + tree 0 +
+        # tree 1 + ..., exactly predict_one's order, so the same float64 result.
+        raw = np.add.accumulate(terms, axis=0)[-1]
+        return [1.0 / (1.0 + math.exp(-r)) for r in raw.tolist()]
+
+
+def _depth(left: list[int], right: list[int], leaf: list[bool]) -> int:
+    """Edges from the root (node 0) to the deepest leaf."""
+    deepest = 0
+    stack = [(0, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if leaf[node]:
+            deepest = max(deepest, depth)
+        else:
+            stack.append((left[node], depth + 1))
+            stack.append((right[node], depth + 1))
+    return deepest
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,19 @@ synchronous; :mod:`fraud.engine` runs them concurrently, each within its own tim
   or rooted flags. A payer's very first payment on a steady device scores 0.
 * :class:`ModelScorer`: the scikit-learn model over :data:`fraud.features.FEATURE_NAMES`.
 
+A scorer may also have ``score_batch(txns, histories)``, the same signals for many payments
+at once (:class:`BatchScorer`): the model has one, vectorised; the rules are scored in a
+loop (:func:`score_each`).
+
 Inside a scorer several rules combine by noisy-OR (:func:`noisy_or`), like the scorers do in
 :mod:`fraud.combiner`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from fraud.features import (
     History,
@@ -31,6 +35,7 @@ from fraud.features import (
 )
 
 __all__ = [
+    "BatchScorer",
     "DeviceRules",
     "DeviceScorer",
     "LocationRules",
@@ -42,6 +47,7 @@ __all__ = [
     "VelocityScorer",
     "model_signal",
     "noisy_or",
+    "score_each",
 ]
 
 
@@ -58,6 +64,30 @@ class Scorer(Protocol):
     name: str
 
     def score(self, txn: Txn, history: History) -> Signal: ...
+
+
+@runtime_checkable
+class BatchScorer(Scorer, Protocol):
+    def score_batch(self, txns: Sequence[Txn], histories: Sequence[History]) -> list[Signal]:
+        """``[score(t, h) for t, h in zip(txns, histories)]``, the same signals, faster."""
+        ...
+
+
+def score_each(
+    scorer: Scorer, txns: Sequence[Txn], histories: Sequence[History]
+) -> list[Signal | BaseException]:
+    """Each payment's signal, or the error the scorer raised for it (the others still
+    count). One call scores a whole batch, so it runs as one job on the engine's pool. A
+    :class:`BatchScorer` scores them all at once: what it raises is raised for all."""
+    if isinstance(scorer, BatchScorer):
+        return list(scorer.score_batch(txns, histories))
+    out: list[Signal | BaseException] = []
+    for txn, history in zip(txns, histories, strict=True):
+        try:
+            out.append(scorer.score(txn, history))
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 def noisy_or(scores: Iterable[float]) -> float:
@@ -251,3 +281,7 @@ class ModelScorer:
 
     def score(self, txn: Txn, history: History) -> Signal:
         return model_signal(self._trees.predict_one(feature_vector(txn, history)), self.threshold)
+
+    def score_batch(self, txns: Sequence[Txn], histories: Sequence[History]) -> list[Signal]:
+        vectors = [feature_vector(t, h) for t, h in zip(txns, histories, strict=True)]
+        return [model_signal(p, self.threshold) for p in self._trees.predict_many(vectors)]
