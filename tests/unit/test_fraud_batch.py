@@ -1,14 +1,21 @@
-"""Scoring a batch: the vectorised model. No database."""
+"""Scoring a batch: the vectorised model, the engine's batch path and its budget. No
+database."""
 
 from __future__ import annotations
 
 import math
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from fraud.engine import FraudEngine
+from fraud.features import History, Txn
 from fraud.model import CompiledTrees, load_model
-from fraud.scorers import ModelScorer
+from fraud.scorers import DeviceScorer, LocationScorer, ModelScorer, Signal, VelocityScorer
 from fraud.simulator import featurise, simulate
+
+T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +62,110 @@ def test_model_scorer_scores_a_batch_as_one_payment_at_a_time(estimator, traffic
     assert scorer.score_batch(txns, histories) == [
         scorer.score(t, h) for t, h in zip(txns, histories, strict=True)
     ]
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+async def test_engine_batch_equals_one_payment_at_a_time(estimator, traffic):
+    scorers = [VelocityScorer(), LocationScorer(), DeviceScorer(), ModelScorer(estimator, "v")]
+    # Budgets no loaded machine overruns: this test is about the numbers.
+    engine = FraudEngine(scorers, budgets_s=dict.fromkeys([s.name for s in scorers], 30.0))
+    txns = [item.txn for item, _, _ in traffic]
+    histories = [history for _, _, history in traffic]
+    try:
+        batch = await engine.assess_batch(txns, histories)
+        single = [await engine.assess(t, h) for t, h in zip(txns, histories, strict=True)]
+    finally:
+        engine.close()
+    assert batch == single
+    assert not any(a.skipped for a in batch)
+    assert {a.decision.value for a in batch} == {"ALLOW", "STEP_UP", "BLOCK"}
+
+
+def txn(n: int, **kw: object) -> Txn:
+    base: dict[str, object] = {
+        "payer": f"p{n}@ybl",
+        "payee": "shop@okicici",
+        "amount_paise": 10_000 + n,
+        "at": T0 + timedelta(seconds=n),
+        "device_id": f"d{n}",
+    }
+    base.update(kw)
+    return Txn(**base)  # type: ignore[arg-type]
+
+
+class Sleepy:
+    """Sleeps ``per_payment_s`` for each payment it scores."""
+
+    def __init__(self, name: str, per_payment_s: float) -> None:
+        self.name = name
+        self.per_payment_s = per_payment_s
+
+    def score(self, txn: Txn, history: History) -> Signal:
+        time.sleep(self.per_payment_s)
+        return Signal(0.1, (f"{self.name.upper()}_SEEN",))
+
+
+class FailsOn:
+    """Raises for one payment, answers for the others."""
+
+    name = "location"
+
+    def __init__(self, amount: int) -> None:
+        self.amount = amount
+
+    def score(self, txn: Txn, history: History) -> Signal:
+        if txn.amount_paise == self.amount:
+            raise RuntimeError("boom")
+        return Signal(0.0)
+
+
+async def test_a_scorer_over_its_batch_budget_is_skipped_for_the_whole_round():
+    engine = FraudEngine(
+        [Sleepy("velocity", 0.0), Sleepy("model", 0.3)],
+        budgets_s={"velocity": 1.0, "model": 0.05},
+        per_payment_s=0.001,
+    )
+    txns = [txn(n) for n in range(10)]
+    started = time.perf_counter()
+    assessments = await engine.assess_batch(txns, [History()] * 10)
+    elapsed = time.perf_counter() - started
+    engine.close()
+    assert elapsed < 0.3  # waited 0.05 + 9 x 0.001 s, not for the slow one
+    assert all(a.skipped == ("model",) for a in assessments)
+    assert all("SCORER_SKIPPED_MODEL" in a.reasons for a in assessments)
+    assert all(a.scores == {"velocity": 0.1} for a in assessments)
+
+
+async def test_each_payment_of_a_batch_adds_to_the_budget():
+    """40 payments at 2 ms each: 80 ms, over the 30 ms per-payment budget, within
+    30 ms + 39 x 5 ms; without the per-payment allowance the scorer would be skipped."""
+    txns = [txn(n) for n in range(40)]
+    for per_payment_s, skipped in ((0.005, ()), (0.0, ("velocity",))):
+        engine = FraudEngine(
+            [Sleepy("velocity", 0.002)], budgets_s={"velocity": 0.03}, per_payment_s=per_payment_s
+        )
+        assert engine.budget_s("velocity") == 0.03
+        assert engine.budget_s("velocity", 40) == pytest.approx(0.03 + 39 * per_payment_s)
+        assessments = await engine.assess_batch(txns, [History()] * 40)
+        engine.close()
+        assert {a.skipped for a in assessments} == {skipped}, per_payment_s
+
+
+async def test_a_scorer_failing_on_one_payment_is_skipped_for_that_payment_only():
+    engine = FraudEngine(
+        [Sleepy("velocity", 0.0), FailsOn(10_003)], budgets_s={"velocity": 1.0, "location": 1.0}
+    )
+    txns = [txn(n) for n in range(6)]
+    assessments = await engine.assess_batch(txns, [History()] * 6)
+    engine.close()
+    assert [a.skipped for a in assessments] == [(), (), (), ("location",), (), ()]
+
+
+async def test_every_scorer_failing_steps_the_whole_round_up():
+    engine = FraudEngine([Sleepy("model", 0.3)], budgets_s={"model": 0.02}, per_payment_s=0.0)
+    assessments = await engine.assess_batch([txn(1), txn(2)], [History(), History()])
+    engine.close()
+    assert all(a.decision.value == "STEP_UP" for a in assessments)
+    assert all(a.reasons[0] == "FRAUD_SCORERS_UNAVAILABLE" for a in assessments)
