@@ -1,16 +1,28 @@
 """The scorers' history in PostgreSQL: what live scoring reads, restart-safe and shared by
 every fraud worker. It follows the definitions of :mod:`fraud.history` field by field (a
-test holds the two to the same numbers); one statement reads it all.
+test holds the two to the same numbers, payment by payment and batch by batch).
+
+A batch is read and recorded with a few set-based statements, whatever its size: the
+payee windows of the whole batch (:meth:`HistoryStore.payee_windows`), then for each
+round (:func:`split_rounds`) the rest of the history of its payments
+(:meth:`HistoryStore.histories`) and their recording (:meth:`HistoryStore.observe_many`).
+The histories are those of reading and recording the batch one payment at a time, in
+order. Rows get their ids round by round: a payer's rows keep the payer's order, and
+across payers an id may differ from the batch's order, which matters only to break a tie
+between two payments to one payee at the same microsecond.
 
 With several workers, per-payer windows stay exact because a payer's events are handled
-one at a time (one partition, one lane); device and payee windows are shared tables, so
-each worker sees every payment committed before it looks.
+by one worker, in order (one partition); device and payee windows are shared tables, so
+each worker sees every payment committed before it looks, and misses those another worker
+has not committed yet (at most that worker's batch in flight, as with one payment per
+transaction before).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -21,148 +33,313 @@ from core.storage import Database, sql_text
 from fraud.features import History, Txn
 from fraud.history import DAY, HOUR, MINUTE, PAYEE_WINDOW, RECENT, USUAL_PLACES
 
-__all__ = ["HistoryPruner", "HistoryStore"]
+__all__ = ["HistoryPruner", "HistoryStore", "PayeeWindow", "Pseudonyms", "split_rounds"]
 
+
+def _seconds(window: timedelta) -> str:
+    """An exact interval: ``interval '1 day'`` would be a calendar day, DST included."""
+    return f"interval '{int(window.total_seconds())} seconds'"
+
+
+# The history of each payment of a round, one row each, in the round's order: each LATERAL
+# part is one definition of fraud.history (see there), read by the keys of the payment q.
+# Everything here is keyed by the payment's payer or device; the payee's window is read
+# apart, once per batch (_READ_PAYEES).
 _READ = sql_text(
     f"""
-    WITH payer AS (
-        SELECT count(*) FILTER (WHERE at > :t1m) AS c1m,
-               count(*) FILTER (WHERE at > :t1h) AS c1h,
-               count(*) AS c24,
-               coalesce(sum(amount_paise) FILTER (WHERE at > :t1h), 0) AS a1h,
-               coalesce(sum(amount_paise), 0) AS a24
-        FROM fraud_observations WHERE payer_key = :payer AND at > :t24h
-    ), recent AS (
-        SELECT amount_paise, at, lat, lon, id FROM fraud_observations
-        WHERE payer_key = :payer ORDER BY id DESC LIMIT {RECENT}
-    ), device AS (
-        SELECT count(*) FILTER (WHERE at > :t1h) AS c1h,
-               count(DISTINCT payer_key) FILTER (WHERE payer_key <> :payer) AS others
-        FROM fraud_observations
-        WHERE device_key = CAST(:device AS bytea) AND at > :t24h
-    ), payee AS (
-        SELECT count(*) AS c1h, count(DISTINCT payer_key) AS payers FROM (
-            SELECT payer_key FROM fraud_observations WHERE payee_key = :payee AND at > :t1h
-            ORDER BY at DESC, id DESC LIMIT {PAYEE_WINDOW}
-        ) AS latest
-    ), last_located AS (
-        SELECT at, lat, lon FROM fraud_observations
-        WHERE payer_key = :payer AND lat IS NOT NULL ORDER BY id DESC LIMIT 1
-    ), places AS (
-        SELECT floor(lat * 10) / 10 + 0.05 AS plat, floor(lon * 10) / 10 + 0.05 AS plon,
-               count(*) AS n
-        FROM recent WHERE lat IS NOT NULL GROUP BY 1, 2
-        ORDER BY n DESC, plat, plon LIMIT {USUAL_PLACES}
-    )
-    SELECT payer.*,
-           (SELECT payments FROM fraud_payers WHERE payer_key = :payer) AS ever,
-           (SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY amount_paise) FROM recent)
-               AS median,
+    SELECT payer.c1m, payer.c1h, payer.c24, payer.a1h, payer.a24,
+           (SELECT payments FROM fraud_payers WHERE payer_key = q.payer) AS ever,
+           recent.median, recent.places,
            device.c1h AS device_c1h, device.others AS device_others,
-           payee.c1h AS payee_c1h, payee.payers AS payee_payers,
-           (SELECT array_agg(ARRAY[plat, plon] ORDER BY n DESC, plat, plon) FROM places)
-               AS places,
-           (SELECT at FROM last_located) AS last_at,
-           (SELECT lat FROM last_located) AS last_lat,
-           (SELECT lon FROM last_located) AS last_lon,
-           (SELECT array_agg(device_key = CAST(:device AS bytea)) FROM fraud_payer_devices
-            WHERE payer_key = :payer) AS device_is_current,
-           (SELECT array_agg(first_seen) FROM fraud_payer_devices WHERE payer_key = :payer)
-               AS device_first_seen
-    FROM payer, device, payee
+           last_located.at AS last_at, last_located.lat AS last_lat,
+           last_located.lon AS last_lon,
+           devices.is_current AS device_is_current, devices.first_seen AS device_first_seen
+    FROM unnest(
+        CAST(:payers AS bytea[]), CAST(:devices AS bytea[]), CAST(:ats AS timestamptz[])
+    ) WITH ORDINALITY AS q(payer, device, at, ord)
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE o.at > q.at - {_seconds(MINUTE)}) AS c1m,
+               count(*) FILTER (WHERE o.at > q.at - {_seconds(HOUR)}) AS c1h,
+               count(*) AS c24,
+               coalesce(sum(o.amount_paise) FILTER (WHERE o.at > q.at - {_seconds(HOUR)}), 0)
+                   AS a1h,
+               coalesce(sum(o.amount_paise), 0) AS a24
+        FROM fraud_observations o
+        WHERE o.payer_key = q.payer AND o.at > q.at - {_seconds(DAY)}
+    ) AS payer
+    CROSS JOIN LATERAL (
+        WITH latest AS (
+            SELECT o.amount_paise, o.lat, o.lon FROM fraud_observations o
+            WHERE o.payer_key = q.payer ORDER BY o.id DESC LIMIT {RECENT}
+        ), places AS (
+            SELECT floor(lat * 10) / 10 + 0.05 AS plat, floor(lon * 10) / 10 + 0.05 AS plon,
+                   count(*) AS n
+            FROM latest WHERE lat IS NOT NULL GROUP BY 1, 2
+            ORDER BY n DESC, plat, plon LIMIT {USUAL_PLACES}
+        )
+        SELECT (SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY amount_paise) FROM latest)
+                   AS median,
+               (SELECT array_agg(ARRAY[plat, plon] ORDER BY n DESC, plat, plon) FROM places)
+                   AS places
+    ) AS recent
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE o.at > q.at - {_seconds(HOUR)}) AS c1h,
+               count(DISTINCT o.payer_key) FILTER (WHERE o.payer_key <> q.payer) AS others
+        FROM fraud_observations o
+        WHERE o.device_key = q.device AND o.at > q.at - {_seconds(DAY)}
+    ) AS device
+    LEFT JOIN LATERAL (
+        SELECT o.at, o.lat, o.lon FROM fraud_observations o
+        WHERE o.payer_key = q.payer AND o.lat IS NOT NULL ORDER BY o.id DESC LIMIT 1
+    ) AS last_located ON true
+    CROSS JOIN LATERAL (
+        SELECT array_agg(d.device_key = q.device) AS is_current,
+               array_agg(d.first_seen) AS first_seen
+        FROM fraud_payer_devices d WHERE d.payer_key = q.payer
+    ) AS devices
+    ORDER BY q.ord
+    """
+)
+
+# Each payment's payee window, for a whole batch, read before any of it is recorded: the
+# recorded payments to the payee, plus the batch's earlier ones (r), placed after every
+# recorded one as they would be if the batch were handled one payment at a time.
+_READ_PAYEES = sql_text(
+    f"""
+    WITH q AS (
+        SELECT * FROM unnest(
+            CAST(:payers AS bytea[]), CAST(:payees AS bytea[]), CAST(:ats AS timestamptz[])
+        ) WITH ORDINALITY AS u(payer, payee, at, ord)
+    )
+    SELECT payee.c1h, payee.payers
+    FROM q
+    CROSS JOIN LATERAL (
+        SELECT count(*) AS c1h, count(DISTINCT w.payer_key) AS payers FROM (
+            SELECT seen.payer_key FROM (
+                SELECT o.payer_key, o.at, 0 AS in_batch, o.id AS seq
+                FROM fraud_observations o
+                WHERE o.payee_key = q.payee AND o.at > q.at - {_seconds(HOUR)}
+                UNION ALL
+                SELECT r.payer, r.at, 1, r.ord FROM q AS r
+                WHERE r.payee = q.payee AND r.ord < q.ord AND r.at > q.at - {_seconds(HOUR)}
+            ) AS seen
+            ORDER BY seen.at DESC, seen.in_batch DESC, seen.seq DESC LIMIT {PAYEE_WINDOW}
+        ) AS w
+    ) AS payee
+    ORDER BY q.ord
+    """
+)
+
+# Records a round: its payments in order, each payer's count, each payer's devices first
+# seen. The three inserts are one statement; the counts and devices follow only the
+# payments inserted now (a payment recorded before adds nothing). Payers' rows are
+# written in key order, so that two transactions never wait for each other's rows in
+# opposite orders.
+_OBSERVE = sql_text(
+    """
+    WITH batch AS (
+        SELECT * FROM unnest(
+            CAST(:ts AS text[]), CAST(:payers AS bytea[]), CAST(:devices AS bytea[]),
+            CAST(:payees AS bytea[]), CAST(:amounts AS bigint[]), CAST(:ats AS timestamptz[]),
+            CAST(:lats AS double precision[]), CAST(:lons AS double precision[])
+        ) WITH ORDINALITY AS u(transaction_id, payer_key, device_key, payee_key, amount_paise,
+                               at, lat, lon, ord)
+    ), inserted AS (
+        INSERT INTO fraud_observations (transaction_id, payer_key, device_key, payee_key,
+                                        amount_paise, at, lat, lon)
+        SELECT transaction_id, payer_key, device_key, payee_key, amount_paise, at, lat, lon
+        FROM batch ORDER BY ord
+        ON CONFLICT (transaction_id) DO NOTHING
+        RETURNING transaction_id
+    ), recorded AS (
+        SELECT batch.* FROM batch JOIN inserted USING (transaction_id)
+    ), payers AS (
+        INSERT INTO fraud_payers (payer_key, payments)
+        SELECT payer_key, count(*) FROM recorded GROUP BY payer_key ORDER BY payer_key
+        ON CONFLICT (payer_key) DO UPDATE SET payments = fraud_payers.payments + EXCLUDED.payments
+    ), devices AS (
+        INSERT INTO fraud_payer_devices (payer_key, device_key, first_seen)
+        SELECT DISTINCT ON (payer_key, device_key) payer_key, device_key, at
+        FROM recorded WHERE device_key IS NOT NULL ORDER BY payer_key, device_key, ord
+        ON CONFLICT DO NOTHING
+    )
+    SELECT transaction_id FROM inserted
     """
 )
 
 
+class Pseudonyms(NamedTuple):
+    """A payment's keys in the history (computed once, for reading and recording)."""
+
+    payer: bytes
+    device: bytes | None
+    payee: bytes
+
+
+class PayeeWindow(NamedTuple):
+    """``History.payee_count_1h`` and ``payee_payers_1h``."""
+
+    count_1h: int
+    payers_1h: int
+
+
+def split_rounds(txns: Sequence[Txn]) -> list[list[int]]:
+    """The positions of ``txns`` in rounds: no payer and no device twice in a round, and a
+    payment in a later round than every earlier payment of its payer or device.
+
+    A round is read at once and recorded before the next is read. Each payment is put in
+    the first round after those of its payer's and its device's earlier payments: then it
+    sees all of those in its history, and none of their later ones; the payments of other
+    payers on other devices do not touch what it reads (the payee's window is read apart,
+    :meth:`HistoryStore.payee_windows`). So the histories are those of reading and
+    recording ``txns`` one at a time, in order, in as few rounds as the repeats allow (a
+    burst of ten payments by one payer takes ten). Each round lists its payments in
+    ``txns``'s order."""
+    rounds: list[list[int]] = []
+    after_payer: dict[str, int] = {}
+    after_device: dict[str, int] = {}
+    for i, txn in enumerate(txns):
+        k = after_payer.get(txn.payer, 0)
+        if txn.device_id is not None:
+            k = max(k, after_device.get(txn.device_id, 0))
+        if k == len(rounds):
+            rounds.append([])
+        rounds[k].append(i)
+        after_payer[txn.payer] = k + 1
+        if txn.device_id is not None:
+            after_device[txn.device_id] = k + 1
+    return rounds
+
+
+def _history(row: Any, payee: PayeeWindow, txn: Txn) -> History:
+    at = txn.at
+    since_change: float | None = None
+    known = False
+    devices = list(zip(row.device_is_current or [], row.device_first_seen or [], strict=True))
+    if txn.device_id is not None and devices:
+        known = any(bool(is_current) for is_current, _ in devices)
+        current = next((first for is_cur, first in devices if is_cur), at)
+        if any(first < current for is_cur, first in devices if not is_cur):
+            since_change = (at - current).total_seconds()
+    last = (row.last_lat, row.last_lon) if row.last_at is not None else None
+    return History(
+        payer_count_1m=row.c1m,
+        payer_count_1h=row.c1h,
+        payer_count_24h=row.c24,
+        payer_amount_1h=int(row.a1h),
+        payer_amount_24h=int(row.a24),
+        payer_payments_ever=int(row.ever or 0),
+        payer_median_amount=int(row.median or 0),
+        device_count_1h=row.device_c1h if txn.device_id else 0,
+        device_vpas_24h=row.device_others if txn.device_id else 0,
+        payee_count_1h=payee.count_1h,
+        payee_payers_1h=payee.payers_1h,
+        device_known_for_payer=known,
+        payer_devices_ever=len(devices),
+        seconds_since_device_change=since_change,
+        last_location=last,
+        seconds_since_last=(at - row.last_at).total_seconds() if row.last_at else None,
+        usual_places=tuple((float(p[0]), float(p[1])) for p in row.places or ()),
+    )
+
+
 class HistoryStore:
+    """Reads a batch as :mod:`fraud.assessor` does: :meth:`payee_windows` for the whole
+    batch first, then for each round (:func:`split_rounds`) :meth:`histories` and
+    :meth:`observe_many`. :meth:`history` and :meth:`observe` are the same for one
+    payment."""
+
     def __init__(self, master_key: MasterKey) -> None:
         self._key = master_key
 
-    def keys(self, txn: Txn) -> dict[str, Any]:
-        return {
-            "payer": self._key.pseudonym(txn.payer, "payer"),
-            "device": self._key.pseudonym(txn.device_id, "device") if txn.device_id else None,
-            "payee": self._key.pseudonym(txn.payee, "payee"),
-        }
+    def pseudonyms(self, txn: Txn) -> Pseudonyms:
+        key = self._key.pseudonym
+        return Pseudonyms(
+            key(txn.payer, "payer"),
+            key(txn.device_id, "device") if txn.device_id else None,
+            key(txn.payee, "payee"),
+        )
+
+    async def payee_windows(
+        self,
+        conn: AsyncConnection,
+        txns: Sequence[Txn],
+        keys: Sequence[Pseudonyms] | None = None,
+    ) -> list[PayeeWindow]:
+        """Each payment's payee window, the batch's earlier payments included, in one
+        statement. Read before recording any payment of the batch."""
+        if not txns:
+            return []
+        keys = keys or [self.pseudonyms(t) for t in txns]
+        rows = await conn.execute(
+            _READ_PAYEES,
+            {
+                "payers": [k.payer for k in keys],
+                "payees": [k.payee for k in keys],
+                "ats": [t.at for t in txns],
+            },
+        )
+        return [PayeeWindow(int(r.c1h), int(r.payers)) for r in rows]
+
+    async def histories(
+        self,
+        conn: AsyncConnection,
+        txns: Sequence[Txn],
+        payee: Sequence[PayeeWindow],
+        keys: Sequence[Pseudonyms] | None = None,
+    ) -> list[History]:
+        """The history of each payment of a round, in one statement (``payee``: their
+        windows from :meth:`payee_windows`)."""
+        if not txns:
+            return []
+        keys = keys or [self.pseudonyms(t) for t in txns]
+        rows = (
+            await conn.execute(
+                _READ,
+                {
+                    "payers": [k.payer for k in keys],
+                    "devices": [k.device for k in keys],
+                    "ats": [t.at for t in txns],
+                },
+            )
+        ).all()
+        return [_history(*parts) for parts in zip(rows, payee, txns, strict=True)]
 
     async def history(self, conn: AsyncConnection, txn: Txn) -> History:
-        at = txn.at
-        params = {
-            **self.keys(txn),
-            "t1m": at - MINUTE,
-            "t1h": at - HOUR,
-            "t24h": at - DAY,
-        }
-        row = (await conn.execute(_READ, params)).one()
-        since_change: float | None = None
-        known = False
-        devices = list(zip(row.device_is_current or [], row.device_first_seen or [], strict=True))
-        if txn.device_id is not None and devices:
-            known = any(bool(is_current) for is_current, _ in devices)
-            current = next((first for is_cur, first in devices if is_cur), at)
-            if any(first < current for is_cur, first in devices if not is_cur):
-                since_change = (at - current).total_seconds()
-        last = (row.last_lat, row.last_lon) if row.last_at is not None else None
-        return History(
-            payer_count_1m=row.c1m,
-            payer_count_1h=row.c1h,
-            payer_count_24h=row.c24,
-            payer_amount_1h=int(row.a1h),
-            payer_amount_24h=int(row.a24),
-            payer_payments_ever=int(row.ever or 0),
-            payer_median_amount=int(row.median or 0),
-            device_count_1h=row.device_c1h if txn.device_id else 0,
-            device_vpas_24h=row.device_others if txn.device_id else 0,
-            payee_count_1h=row.payee_c1h,
-            payee_payers_1h=row.payee_payers,
-            device_known_for_payer=known,
-            payer_devices_ever=len(devices),
-            seconds_since_device_change=since_change,
-            last_location=last,
-            seconds_since_last=(at - row.last_at).total_seconds() if row.last_at else None,
-            usual_places=tuple((float(p[0]), float(p[1])) for p in row.places or ()),
+        keys = [self.pseudonyms(txn)]
+        payee = await self.payee_windows(conn, [txn], keys)
+        return (await self.histories(conn, [txn], payee, keys))[0]
+
+    async def observe_many(
+        self,
+        conn: AsyncConnection,
+        transaction_ids: Sequence[str],
+        txns: Sequence[Txn],
+        keys: Sequence[Pseudonyms] | None = None,
+    ) -> set[str]:
+        """Record the payments, in order, in one statement; the transaction ids recorded
+        now (one recorded before changes nothing)."""
+        if not txns:
+            return set()
+        keys = keys or [self.pseudonyms(t) for t in txns]
+        rows = await conn.execute(
+            _OBSERVE,
+            {
+                "ts": list(transaction_ids),
+                "payers": [k.payer for k in keys],
+                "devices": [k.device for k in keys],
+                "payees": [k.payee for k in keys],
+                "amounts": [t.amount_paise for t in txns],
+                "ats": [t.at for t in txns],
+                "lats": [t.location[0] if t.location else None for t in txns],
+                "lons": [t.location[1] if t.location else None for t in txns],
+            },
         )
+        return {str(r[0]) for r in rows}
 
     async def observe(self, conn: AsyncConnection, transaction_id: str, txn: Txn) -> bool:
         """Record the payment; False (and nothing changed) if it was recorded before."""
-        keys = self.keys(txn)
-        lat, lon = txn.location if txn.location else (None, None)
-        inserted = (
-            await conn.execute(
-                sql_text(
-                    "INSERT INTO fraud_observations (transaction_id, payer_key, device_key,"
-                    " payee_key, amount_paise, at, lat, lon) VALUES (:t, :payer, :device,"
-                    " :payee, :amount, :at, :lat, :lon) ON CONFLICT (transaction_id)"
-                    " DO NOTHING RETURNING 1"
-                ),
-                {
-                    **keys,
-                    "t": transaction_id,
-                    "amount": txn.amount_paise,
-                    "at": txn.at,
-                    "lat": lat,
-                    "lon": lon,
-                },
-            )
-        ).first()
-        if inserted is None:
-            return False
-        await conn.execute(
-            sql_text(
-                "INSERT INTO fraud_payers (payer_key, payments) VALUES (:payer, 1)"
-                " ON CONFLICT (payer_key) DO UPDATE SET payments = fraud_payers.payments + 1"
-            ),
-            {"payer": keys["payer"]},
-        )
-        if keys["device"] is not None:
-            await conn.execute(
-                sql_text(
-                    "INSERT INTO fraud_payer_devices (payer_key, device_key, first_seen)"
-                    " VALUES (:payer, :device, :at) ON CONFLICT DO NOTHING"
-                ),
-                {"payer": keys["payer"], "device": keys["device"], "at": txn.at},
-            )
-        return True
+        return bool(await self.observe_many(conn, [transaction_id], [txn]))
 
     async def prune(self, conn: AsyncConnection, before: datetime, limit: int = 5_000) -> int:
         """Forget up to ``limit`` payments made before ``before``; how many went. The

@@ -18,7 +18,7 @@ from fraud.assessor import FraudAssessor
 from fraud.features import Txn
 from fraud.history import PAYEE_WINDOW, HistoryTracker
 from fraud.simulator import simulate
-from fraud.store import HistoryStore
+from fraud.store import HistoryStore, split_rounds
 
 pytestmark = pytest.mark.postgres
 
@@ -38,6 +38,44 @@ async def test_database_history_equals_the_simulators_history(db):
         from_memory = memory.history(item.txn)
         memory.observe(item.txn)
         assert from_db == from_memory, (n, item)
+
+
+async def read_and_record_in_rounds(conn, store: HistoryStore, ids: list[str], txns: list[Txn]):
+    """What the fraud consumer does with a batch: the payee windows of the whole batch,
+    then round by round the histories and the recording. The histories, by position."""
+    keys = [store.pseudonyms(t) for t in txns]
+    payee = await store.payee_windows(conn, txns, keys)
+    found: dict[int, object] = {}
+    rounds = split_rounds(txns)
+    for positions in rounds:
+        part = [txns[i] for i in positions]
+        read = await store.histories(
+            conn, part, [payee[i] for i in positions], [keys[i] for i in positions]
+        )
+        found.update(zip(positions, read, strict=True))
+        recorded = await store.observe_many(
+            conn, [ids[i] for i in positions], part, [keys[i] for i in positions]
+        )
+        assert recorded == {ids[i] for i in positions}
+    return [found[i] for i in range(len(txns))], len(rounds)
+
+
+async def test_database_history_read_by_batches_equals_the_simulators_history(db):
+    """The same, read and recorded as the consumer does, 60 payments at a time: each
+    payment's history is the one it has when the payments are handled one at a time."""
+    traffic = [item.txn for item in simulate(11, payers=120, days=1.0, scale=0.08)]
+    store, memory = HistoryStore(KEY), HistoryTracker()
+    most_rounds = 0
+    for start in range(0, len(traffic), 60):
+        batch = traffic[start : start + 60]
+        ids = [f"T{start + i}" for i in range(len(batch))]
+        async with db.transaction() as conn:
+            from_db, rounds = await read_and_record_in_rounds(conn, store, ids, batch)
+        most_rounds = max(most_rounds, rounds)
+        for n, txn in enumerate(batch):
+            assert from_db[n] == memory.history(txn), (start + n, txn)
+            memory.observe(txn)
+    assert most_rounds > 3  # payers and devices came back within a batch
 
 
 def initiated(payer: str, amount: int, at: datetime, device: str = "phone-1", **where: float):
@@ -187,3 +225,34 @@ async def test_a_payees_hour_window_is_its_latest_payments_capped_in_both_histor
     assert from_db.payee_count_1h == PAYEE_WINDOW
     # 1,150 payers paid in the hour; the latest 1,000 payments came from 1,000 of them.
     assert from_db.payee_payers_1h == PAYEE_WINDOW
+
+
+async def test_a_batchs_payee_windows_count_its_own_earlier_payments_within_the_cap(db):
+    """A busy merchant's window, read for a whole batch at once: each payment's window is
+    its latest PAYEE_WINDOW payments, the batch's earlier ones included, as in memory."""
+    start = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    store, memory = HistoryStore(KEY), HistoryTracker()
+    before = [
+        Txn(f"regular{n % 900}@ybl", "bigshop@okicici", 500, start + n * MS)
+        for n in range(PAYEE_WINDOW - 40)
+    ]
+    async with db.transaction() as conn:
+        await store.observe_many(conn, [f"T{n}" for n in range(len(before))], before)
+    for txn in before:
+        memory.observe(txn)
+    # 120 more, half from new payers, some paying twice (two rounds), all to the shop.
+    batch = [
+        Txn(f"new{n // 2 if n % 3 else n}@ybl", "bigshop@okicici", 700, start + (2_000 + n) * MS)
+        for n in range(120)
+    ]
+    async with db.transaction() as conn:
+        from_db, rounds = await read_and_record_in_rounds(
+            conn, store, [f"B{n}" for n in range(len(batch))], batch
+        )
+    expected = []
+    for txn in batch:
+        expected.append(memory.history(txn))
+        memory.observe(txn)
+    assert from_db == expected
+    assert rounds > 1
+    assert [h.payee_count_1h for h in from_db[38:43]] == [998, 999, 1000, 1000, 1000]

@@ -1,5 +1,6 @@
-"""Scoring a batch: the vectorised model, the engine's batch path and its budget. No
-database."""
+"""Scoring a batch: the vectorised model, the engine's batch path and its budget, the
+rounds a batch is split into. No database (tests/integration/test_fraud_batch.py has the
+consumer)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fraud.engine import FraudEngine
 from fraud.features import History, Txn
 from fraud.model import CompiledTrees, load_model
 from fraud.scorers import DeviceScorer, LocationScorer, ModelScorer, Signal, VelocityScorer
 from fraud.simulator import featurise, simulate
+from fraud.store import split_rounds
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 
@@ -169,3 +173,59 @@ async def test_every_scorer_failing_steps_the_whole_round_up():
     engine.close()
     assert all(a.decision.value == "STEP_UP" for a in assessments)
     assert all(a.reasons[0] == "FRAUD_SCORERS_UNAVAILABLE" for a in assessments)
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def test_rounds_put_each_payment_after_its_payers_and_its_devices_earlier_ones():
+    txns = [
+        txn(0, payer="a@ybl", device_id="da"),
+        txn(1, payer="b@ybl", device_id="db"),
+        txn(2, payer="a@ybl", device_id="da"),  # a again: after 0
+        txn(3, payer="c@ybl", device_id="db"),  # b's phone: after 1
+        txn(4, payer="d@ybl", device_id=None),  # shares nothing: the first round
+        txn(5, payer="a@ybl", device_id="dz"),  # a a third time: after 2
+        txn(6, payer="e@ybl", device_id=None),
+    ]
+    assert split_rounds(txns) == [[0, 1, 4, 6], [2, 3], [5]]
+    assert split_rounds([]) == []
+    distinct = [txn(n) for n in range(50)]
+    assert split_rounds(distinct) == [list(range(50))]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 6), st.one_of(st.none(), st.integers(0, 4))),
+        max_size=60,
+    )
+)
+def test_rounds_keep_every_payers_and_devices_order(spec: list[tuple[int, int | None]]):
+    txns = [
+        txn(n, payer=f"p{p}@ybl", device_id=None if d is None else f"d{d}")
+        for n, (p, d) in enumerate(spec)
+    ]
+    rounds = split_rounds(txns)
+    round_of = {i: k for k, positions in enumerate(rounds) for i in positions}
+    assert sorted(round_of) == list(range(len(txns)))  # each payment once
+    assert all(positions == sorted(positions) and positions for positions in rounds)
+    for i, a in enumerate(txns):
+        for j in range(i + 1, len(txns)):
+            b = txns[j]
+            if a.payer == b.payer or (a.device_id is not None and a.device_id == b.device_id):
+                assert round_of[i] < round_of[j], (i, j)
+    # As few rounds as the longest chain of payments sharing a payer or device needs:
+    # every round but the first has a payment that had to wait for the round before.
+    for k in range(1, len(rounds)):
+        assert any(
+            any(
+                round_of[i] == k - 1
+                and i < j
+                and (
+                    txns[i].payer == txns[j].payer
+                    or (txns[j].device_id is not None and txns[i].device_id == txns[j].device_id)
+                )
+                for i in range(len(txns))
+            )
+            for j in rounds[k]
+        )
