@@ -40,4 +40,20 @@ MIGRATIONS = [
         );
         """,
     ),
+    Migration(
+        "core.0002_outbox_visibility_order",
+        """
+        -- The relay reads by transaction visibility (core/outbox.py). Rows already here get
+        -- this migration's transaction id, and each position moves to it, keeping its id:
+        -- what was published stays published, what was not is read next.
+        ALTER TABLE outbox ADD COLUMN txid xid8;
+        UPDATE outbox SET txid = pg_current_xact_id();
+        ALTER TABLE outbox ALTER COLUMN txid SET DEFAULT pg_current_xact_id(),
+                           ALTER COLUMN txid SET NOT NULL;
+        CREATE INDEX outbox_by_visibility ON outbox (txid, id);
+        ALTER TABLE outbox_position ADD COLUMN last_txid xid8;
+        UPDATE outbox_position SET last_txid = pg_current_xact_id();
+        ALTER TABLE outbox_position ALTER COLUMN last_txid SET NOT NULL;
+        """,
+    ),
 ]

@@ -1,18 +1,28 @@
 """Transactional outbox: events are rows written in the same transaction as the business rows.
 
-Commit order. A relay reads ``outbox`` by ``id`` and remembers the last id it published. That
-is only safe if ids become visible in increasing order: with plain concurrent inserts, a
-transaction that took id 7 may commit after one that took id 8, and a relay that already
-moved past 8 would skip 7 for ever. Like the eventsourcing library's PostgreSQL recorder
-(``_lock_table``), we serialise the *insertion* of outbox rows: each writer takes one
-transaction-scoped advisory lock just before inserting its rows, and holds it until it
-commits. Ids are drawn after the lock is held, so they are handed out in commit order,
-and a reader can never see id N+1 before id N is committed or rolled back. The lock is
-taken at the very end of the unit of work, so only the insert and the commit are serialised.
+Reading in a safe order. A relay reads ``outbox`` forward from the last row it published
+and must never skip a row that commits late: with plain ids from a sequence, a transaction
+that took id 7 may commit after one that took id 8, and a relay that already moved past 8
+would skip 7 for ever. Writers used to take one advisory lock around their insert and
+commit, so that ids were handed out in commit order (the eventsourcing library's
+``_lock_table``); that serialised every event-writing commit of the engine, and each held
+the lock for as long as its process took to send the COMMIT.
+
+Now writers never wait for each other, and the relay orders rows by *transaction
+visibility*, as PgQ (and pgque) do: each row records the id of the transaction that wrote
+it (``txid``, ``pg_current_xact_id()``), and the relay reads only rows whose transaction is
+older than the ``xmin`` of a snapshot taken just before: every transaction below ``xmin``
+has committed or rolled back, so every row it wrote is visible now, and none can appear
+later. Rows are read in ``(txid, id)`` order and the position is the last ``(txid, id)``
+published; a row below the position was visible when the relay passed it. A transaction's
+rows appear together, and one caused by an event (a consumer's) always has a greater
+``txid`` than the transaction that wrote that event, so causal and per-payer order hold.
+The price is latency: a row waits until every older writing transaction has finished,
+which for this engine's short transactions is a few milliseconds.
 
 Several relays. Only one relay publishes at a time: a session-level advisory lock elects
 the active relay and the others stand by, taking over if it dies (its connection closes
-and PostgreSQL releases the lock). That keeps the published order the commit order.
+and PostgreSQL releases the lock). That keeps the published order the visibility order.
 """
 
 from __future__ import annotations
@@ -32,27 +42,25 @@ from core.storage import Database, sql_text
 __all__ = ["OUTBOX_WRITE_LOCK", "OutboxRelay", "append_to_outbox"]
 
 _log = logging.getLogger(__name__)
+# Taken by writers before 2026-12 (and by migrations written then); nothing needs it now.
 OUTBOX_WRITE_LOCK = 0x5550_4F42  # "UPOB"
 _RELAY_LEADER_LOCK = 0x5550_524C  # "UPRL"
 
-# One statement: the lock is taken (``lk`` is joined to every row) before any row's id is
-# drawn from the sequence, which happens as each joined row is formed for the insert.
 _INSERT = sql_text(
-    "WITH lk AS (SELECT pg_advisory_xact_lock(:lock))"
-    " INSERT INTO outbox (event_id, topic, partition_key, event_type, envelope)"
-    " SELECT u.* FROM lk, unnest(CAST(:ids AS uuid[]), CAST(:topics AS text[]),"
-    " CAST(:keys AS text[]), CAST(:types AS text[]), CAST(:envs AS bytea[])) AS u"
+    "INSERT INTO outbox (event_id, topic, partition_key, event_type, envelope)"
+    " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:topics AS text[]),"
+    " CAST(:keys AS text[]), CAST(:types AS text[]), CAST(:envs AS bytea[]))"
 )
 
 
 async def append_to_outbox(conn: AsyncConnection, envelopes: Sequence[Envelope]) -> None:
-    """Add events to the current transaction's outbox. Call it last in the unit of work."""
+    """Add events to the current transaction's outbox (one statement; ``txid`` is set by
+    the column's default)."""
     if not envelopes:
         return
     await conn.execute(
         _INSERT,
         {
-            "lock": OUTBOX_WRITE_LOCK,
             "ids": [str(e.event_id) for e in envelopes],
             "topics": [e.topic for e in envelopes],
             "keys": [e.partition_key for e in envelopes],
@@ -63,10 +71,24 @@ async def append_to_outbox(conn: AsyncConnection, envelopes: Sequence[Envelope])
 
 
 Publish = Callable[[Sequence[Envelope]], Awaitable[None]]
-_READ_AFTER = sql_text("SELECT id, envelope FROM outbox WHERE id > :last ORDER BY id LIMIT :n")
+Position = tuple[int, int]  # (txid, id) of the last row published
+_START: Position = (0, 0)
+# Two statements, so that the scan's snapshot is taken after the one xmin comes from: every
+# transaction below it has ended before the scan begins.
+_XMIN = sql_text("SELECT pg_snapshot_xmin(pg_current_snapshot())")
+_READ_AFTER = sql_text(
+    "SELECT id, txid, envelope FROM outbox"
+    " WHERE (txid, id) > (CAST(:t AS xid8), :id) AND txid < CAST(:xmin AS xid8)"
+    " ORDER BY txid, id LIMIT :n"
+)
 _STORE_POSITION = sql_text(
-    "INSERT INTO outbox_position (destination, last_id) VALUES (:d, :id)"
-    " ON CONFLICT (destination) DO UPDATE SET last_id = EXCLUDED.last_id, updated_at = now()"
+    "INSERT INTO outbox_position (destination, last_txid, last_id)"
+    " VALUES (:d, CAST(:t AS xid8), :id) ON CONFLICT (destination) DO UPDATE"
+    " SET last_txid = EXCLUDED.last_txid, last_id = EXCLUDED.last_id, updated_at = now()"
+)
+_UNPUBLISHED = (
+    "(txid, id) > COALESCE((SELECT (last_txid, last_id) FROM outbox_position"
+    " WHERE destination = :d), (CAST('0' AS xid8), 0))"
 )
 
 
@@ -156,22 +178,26 @@ class OutboxRelay:
     async def _publish_loop(self, leader_conn: AsyncConnection) -> None:
         """Read ahead and publish up to ``max_in_flight`` batches at once (a pipelined bus
         settles them side by side); store the position of the longest settled prefix."""
-        settled_id = read_id = await self._position(leader_conn)
-        in_flight: deque[tuple[int, int, asyncio.Future[None]]] = deque()
+        settled_at = read_at = await self._position(leader_conn)
+        in_flight: deque[tuple[Position, int, asyncio.Future[None]]] = deque()
         try:
             while not self._stopping.is_set():
                 settled = 0
                 while in_flight and in_flight[0][2].done():
-                    settled_id, count, task = in_flight.popleft()
+                    settled_at, count, task = in_flight.popleft()
                     task.result()  # a failed publish raises here: start over from the position
                     settled += count
                 if settled:
-                    await self._store(leader_conn, settled_id, settled)
+                    await self._store(leader_conn, settled_at, settled)
                 if len(in_flight) >= self._max_in_flight:
                     await asyncio.wait({in_flight[0][2]})
                     continue
+                xmin = (await leader_conn.execute(_XMIN)).scalar_one()
                 rows = (
-                    await leader_conn.execute(_READ_AFTER, {"last": read_id, "n": self._batch_size})
+                    await leader_conn.execute(
+                        _READ_AFTER,
+                        {"t": read_at[0], "id": read_at[1], "xmin": xmin, "n": self._batch_size},
+                    )
                 ).all()
                 await leader_conn.commit()
                 if not rows:
@@ -181,49 +207,52 @@ class OutboxRelay:
                         await self._sleep(self._poll)
                     continue
                 batch = [Envelope.from_bytes(bytes(row.envelope)) for row in rows]
-                read_id = rows[-1].id
+                read_at = (int(rows[-1].txid), rows[-1].id)
                 task = asyncio.ensure_future(self._publish(batch))
-                in_flight.append((read_id, len(batch), task))
+                in_flight.append((read_at, len(batch), task))
             # Stopping: let what was handed over settle, and remember how far it got.
             settled = 0
             while in_flight:
-                settled_id, count, task = in_flight.popleft()
+                settled_at, count, task = in_flight.popleft()
                 await task
                 settled += count
             if settled:
-                await self._store(leader_conn, settled_id, settled)
+                await self._store(leader_conn, settled_at, settled)
         finally:
             for _, _, task in in_flight:
                 task.cancel()
 
-    async def _store(self, conn: AsyncConnection, last_id: int, count: int) -> None:
-        await conn.execute(_STORE_POSITION, {"d": self._destination, "id": last_id})
+    async def _store(self, conn: AsyncConnection, at: Position, count: int) -> None:
+        await conn.execute(_STORE_POSITION, {"d": self._destination, "t": at[0], "id": at[1]})
         await conn.commit()
         self.published += count
         if self.published - self._pruned_at >= self._prune_every:
-            await self._prune(conn, last_id)
+            await self._prune(conn, at)
 
-    async def _prune(self, conn: AsyncConnection, last_id: int) -> None:
+    async def _prune(self, conn: AsyncConnection, at: Position) -> None:
         """Forget rows published long ago; the compliance ledger is the permanent record."""
         await conn.execute(
             sql_text(
-                "DELETE FROM outbox WHERE id <= :last"
+                "DELETE FROM outbox WHERE (txid, id) <= (CAST(:t AS xid8), :id)"
                 " AND created_at < now() - make_interval(secs => :keep)"
             ),
-            {"last": last_id, "keep": self._retention_s},
+            {"t": at[0], "id": at[1], "keep": self._retention_s},
         )
         await conn.commit()
         self._pruned_at = self.published
 
-    async def _position(self, conn: AsyncConnection) -> int:
+    async def _position(self, conn: AsyncConnection) -> Position:
         row = (
             await conn.execute(
-                sql_text("SELECT last_id FROM outbox_position WHERE destination = :d"),
+                sql_text(
+                    "SELECT last_txid, last_id FROM outbox_position"
+                    " WHERE destination = :d"
+                ),
                 {"d": self._destination},
             )
-        ).scalar_one_or_none()
+        ).first()
         await conn.commit()
-        return int(row) if row is not None else 0
+        return (int(row.last_txid), int(row.last_id)) if row is not None else _START
 
     async def backlog(self) -> int:
         """Rows committed but not yet published (for /readyz, drains and tests)."""
@@ -231,10 +260,7 @@ class OutboxRelay:
             return int(
                 (
                     await conn.execute(
-                        sql_text(
-                            "SELECT count(*) FROM outbox WHERE id > COALESCE("
-                            "(SELECT last_id FROM outbox_position WHERE destination = :d), 0)"
-                        ),
+                        sql_text("SELECT count(*) FROM outbox WHERE " + _UNPUBLISHED),
                         {"d": self._destination},
                     )
                 ).scalar_one()

@@ -50,6 +50,13 @@ from dr.proxy import RoutingProxy
 __all__ = ["Health", "Orchestrator", "Region", "probe"]
 
 _log = logging.getLogger(__name__)
+# Events that existed when the drain began (id up to $1) and that the relay has not passed
+# (core/outbox.py reads in (txid, id) order).
+_UNPUBLISHED_UP_TO = (
+    "SELECT count(*) FROM outbox WHERE id <= $1 AND (txid, id) > COALESCE((SELECT"
+    " (last_txid, last_id) FROM outbox_position ORDER BY last_txid DESC, last_id DESC LIMIT 1),"
+    " (CAST('0' AS xid8), 0))"
+)
 
 
 @contextlib.asynccontextmanager
@@ -409,13 +416,9 @@ class Orchestrator:
         async with connect(new.cluster) as conn:
             target = await conn.fetchval("SELECT COALESCE(max(id), 0) FROM outbox")
             deadline = time.monotonic() + 30
-            while (
-                published := await conn.fetchval(
-                    "SELECT COALESCE(max(last_id), 0) FROM outbox_position"
-                )
-            ) < target:
+            while (left := await conn.fetchval(_UNPUBLISHED_UP_TO, target)) > 0:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"outbox not drained: published {published} < {target}")
+                    raise RuntimeError(f"outbox not drained: {left} events up to {target} left")
                 await asyncio.sleep(0.1)
         counts = await _counts(new.cluster)
         ledger = await asyncio.to_thread(ledger_verify, new.cluster, new.engine.env)

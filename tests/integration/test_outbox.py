@@ -86,7 +86,7 @@ async def test_relays_publish_everything_once_in_commit_order_under_concurrent_w
     assert sorted(seen) == sorted(written) and len(seen) == len(set(seen))
     async with db.connection() as conn:
         order = (
-            await conn.execute(text("SELECT event_id::text FROM outbox ORDER BY id"))
+            await conn.execute(text("SELECT event_id::text FROM outbox ORDER BY txid, id"))
         ).scalars()
         assert seen == list(order)
 
