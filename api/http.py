@@ -2,7 +2,7 @@
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import date
 from typing import Annotated, Any
 
@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth import Principal, Role, TokenCache, authenticate
 from api.bootstrap import Engine, verification_policy
@@ -56,6 +57,36 @@ def _problem_doc(*codes: str) -> dict[int | str, dict[str, Any]]:
     }
 
 
+class _RequestTiming:
+    """HTTP latency by method, route and status (``HTTP_REQUESTS``), as plain ASGI: a
+    ``BaseHTTPMiddleware`` runs every request in a task of its own, a third of the
+    gateway's CPU per request before any work was done (docs/benchmarks.md)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            HTTP_REQUESTS.labels(
+                scope["method"], getattr(route, "path", "unmatched"), str(status)
+            ).observe(time.perf_counter() - start)
+
+
 def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -84,19 +115,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
 
     verification = verification_policy(engine.settings)
 
-    @app.middleware("http")
-    async def _timing(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        HTTP_REQUESTS.labels(request.method, path, str(response.status_code)).observe(
-            time.perf_counter() - start
-        )
-        return response
-
+    app.add_middleware(_RequestTiming)
     tokens = TokenCache()
 
     async def principal(
