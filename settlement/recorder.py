@@ -205,31 +205,79 @@ class SettlementRecorder:
                     registrations,
                 )
             if items:
+                columns = {
+                    name: [item[name] for item in items]
+                    for name in (
+                        "event_id",
+                        "kind",
+                        "reference",
+                        "transaction_id",
+                        "merchant_id",
+                        "mcc",
+                        "amount_paise",
+                        "payer_bank",
+                        "payee_bank",
+                        "final_at",
+                        "business_date",
+                        "cycle_date",
+                        "note",
+                        "payee_key",
+                    )
+                }
+                columns["event_id"] = [str(e) for e in columns["event_id"]]
+                await conn.execute(_INSERT_ITEMS, columns)
+            if others:
+                latest = _latest_per_reference(others)
                 await conn.execute(
-                    sql_text(
-                        "INSERT INTO settlement_items (event_id, kind, reference, transaction_id,"
-                        " merchant_id, mcc, amount_paise, payer_bank, payee_bank, final_at,"
-                        " business_date, cycle_date, note, payee_key) VALUES (:event_id, :kind,"
-                        " :reference, :transaction_id, :merchant_id, :mcc, :amount_paise,"
-                        " :payer_bank, :payee_bank, :final_at, :business_date, :cycle_date,"
-                        " :note, :payee_key) ON CONFLICT DO NOTHING"
-                    ),
-                    items,
+                    _UPSERT_OTHERS,
+                    {
+                        "r": list(latest),
+                        "s": [o[0] for o in latest.values()],
+                        "a": [o[1] for o in latest.values()],
+                        "d": [o[2] for o in latest.values()],
+                        "at": [o[3] for o in latest.values()],
+                    },
                 )
-            for reference, status, amount, day, at in others:
-                # A final status never goes back to DEEMED; later events win otherwise.
-                await conn.execute(
-                    sql_text(
-                        "INSERT INTO settlement_other (reference, status, amount_paise,"
-                        " business_date, updated_at) VALUES (:r, :s, :a, :d, :at)"
-                        " ON CONFLICT (reference) DO UPDATE SET status = EXCLUDED.status,"
-                        " amount_paise = coalesce(EXCLUDED.amount_paise,"
-                        " settlement_other.amount_paise), business_date = EXCLUDED.business_date,"
-                        " updated_at = EXCLUDED.updated_at"
-                        " WHERE settlement_other.status IN ('PENDING', 'DEEMED')"
-                    ),
-                    {"r": reference, "s": status, "a": amount, "d": day, "at": at},
-                )
+
+
+_INSERT_ITEMS = sql_text(
+    "INSERT INTO settlement_items (event_id, kind, reference, transaction_id, merchant_id, mcc,"
+    " amount_paise, payer_bank, payee_bank, final_at, business_date, cycle_date, note, payee_key)"
+    " SELECT * FROM unnest(CAST(:event_id AS uuid[]), CAST(:kind AS text[]),"
+    " CAST(:reference AS text[]), CAST(:transaction_id AS text[]), CAST(:merchant_id AS text[]),"
+    " CAST(:mcc AS text[]), CAST(:amount_paise AS bigint[]), CAST(:payer_bank AS text[]),"
+    " CAST(:payee_bank AS text[]), CAST(:final_at AS timestamptz[]),"
+    " CAST(:business_date AS date[]), CAST(:cycle_date AS date[]), CAST(:note AS text[]),"
+    " CAST(:payee_key AS bytea[]))"
+    " ON CONFLICT DO NOTHING"
+)
+# A final status never goes back to DEEMED; later events win otherwise.
+_UPSERT_OTHERS = sql_text(
+    "INSERT INTO settlement_other (reference, status, amount_paise, business_date, updated_at)"
+    " SELECT * FROM unnest(CAST(:r AS text[]), CAST(:s AS text[]), CAST(:a AS bigint[]),"
+    " CAST(:d AS date[]), CAST(:at AS timestamptz[]))"
+    " ON CONFLICT (reference) DO UPDATE SET status = EXCLUDED.status,"
+    " amount_paise = coalesce(EXCLUDED.amount_paise, settlement_other.amount_paise),"
+    " business_date = EXCLUDED.business_date, updated_at = EXCLUDED.updated_at"
+    " WHERE settlement_other.status IN ('PENDING', 'DEEMED')"
+)
+_UNRESOLVED = ("PENDING", "DEEMED")
+
+
+def _latest_per_reference(
+    others: Sequence[tuple[str, str, int | None, date, datetime]],
+) -> dict[str, tuple[str, int | None, date, datetime]]:
+    """The batch's events folded per reference by the rule of :data:`_UPSERT_OTHERS` (a
+    later event replaces an unresolved status, never a final one), so that one statement
+    does what one statement per event in order did."""
+    latest: dict[str, tuple[str, int | None, date, datetime]] = {}
+    for reference, status, amount, day, at in others:
+        before = latest.get(reference)
+        if before is None:
+            latest[reference] = (status, amount, day, at)
+        elif before[0] in _UNRESOLVED:
+            latest[reference] = (status, amount if amount is not None else before[1], day, at)
+    return latest
 
 
 def _item(

@@ -153,3 +153,26 @@ def test_working_days_skip_sundays_second_and_fourth_saturdays_and_holidays():
     assert cal.next_working_day(date(2026, 3, 6)) == date(2026, 3, 7)  # 1st Sat works
     assert cal.next_working_day(date(2026, 12, 24)) == date(2026, 12, 28)  # Fri 25, 4th Sat, Sun
     assert cal.next_working_day(date(2026, 1, 23)) == date(2026, 1, 27)  # 4th Sat, Sun, R-Day
+
+
+def test_a_batch_of_status_events_folds_per_payment_as_one_by_one_upserts_would():
+    from datetime import UTC, date, datetime
+
+    from settlement.recorder import _latest_per_reference
+
+    d, at = date(2026, 12, 1), datetime(2026, 12, 1, tzinfo=UTC)
+    folded = _latest_per_reference(
+        [
+            ("t1", "PENDING", 100, d, at),
+            ("t1", "DEEMED", None, d, at),  # unresolved replaces unresolved, keeps the amount
+            ("t2", "PENDING", 200, d, at),
+            ("t2", "SETTLED", None, d, at),
+            ("t2", "DEEMED", None, d, at),  # never back from a final status
+            ("t3", "FAILED", 300, d, at),
+        ]
+    )
+    assert folded == {
+        "t1": ("DEEMED", 100, d, at),
+        "t2": ("SETTLED", 200, d, at),
+        "t3": ("FAILED", 300, d, at),
+    }
