@@ -1,60 +1,126 @@
 """``upi-engine bench`` (SPEC §9): the whole engine under load, against baselines measured
-in the same run on the same machine.
+in the same run on the same machine, with a client that costs little.
 
 The run:
 
-1. a scratch data dir with its own embedded PostgreSQL, and ``upi-engine serve`` on a free
-   port (the in-process bus, or Kafka at ``UPI_KAFKA_BOOTSTRAP`` with ``--bus kafka``);
-   the per-merchant rate limit is lifted, everything else is as shipped, the mock NPCI
-   switch's latencies and declines included;
-2. a merchant, then ``payments`` realistic payments (``api.loadgen``), ``concurrency`` in
-   flight: ``initiation_*`` is the 202's round trip as the client saw it,
-   ``payments_per_second`` the accepted payments over the time to send them;
+1. a scratch data dir with its own embedded PostgreSQL, restarted once with
+   ``pg_stat_statements`` loaded (that server only: the embedded default is unchanged, and
+   durability is as shipped, ``fsync`` and ``synchronous_commit`` on), and ``upi-engine
+   serve`` on a free port (the in-process bus, or Kafka at ``UPI_KAFKA_BOOTSTRAP`` with
+   ``--bus kafka``); the per-merchant rate limit is lifted, everything else is as shipped,
+   the mock NPCI switch's latencies and declines included;
+2. a merchant, then realistic payments (``api.loadgen.traffic``: one payer each, each with
+   its own ``merchant_order_id`` and ``Idempotency-Key``), sent by one of two clients:
+
+   - closed loop (``payments`` with ``concurrency`` in flight): ``wrk`` with
+     ``api/wrk/payments.lua``, which sends every payment of a file exactly once;
+   - open loop (``rate`` for ``duration`` seconds): ``api.bench_client``, a fixed offered
+     rate, each latency measured from the request's intended send time;
+
+   ``initiation_*`` is the 202's latency as the client saw it, ``payments_per_second`` the
+   accepted payments over the time from the first request sent to the last answer;
 3. waiting until every payment is final or waits for its payer's verification (a fraud
    step-up), and every event is in the ledger: ``final_*`` is created → final status as the
    gateway recorded them, ``fraud_*`` initiation → fraud decision (queueing included, from
    the outbox), ``ledger_entries_per_second`` the ledger's entries over the time from the
    first payment sent until the ledger held every event;
-4. the baselines: the same requests, same concurrency, against a bare FastAPI endpoint
-   that only validates the body (the floor of the HTTP stack), and a bare PostgreSQL insert
-   loop, one committed row per payment on as many connections (the floor of a durable
-   write), with the ratios of the engine to them.
+4. what it cost, over steps 2 and 3 (:class:`Usage`): the CPU time of the engine's
+   processes and of every PostgreSQL process, the statements the engine ran
+   (``pg_stat_statements``) and its transactions, each per payment; the client's share
+   of the machine's CPU;
+5. the baselines: the same requests, by the same client with the same settings, against
+   a bare FastAPI endpoint that only validates the body (the floor of the HTTP stack), and
+   a bare PostgreSQL insert loop, one committed row per payment on ``concurrency``
+   connections (the floor of a durable write), with the ratios of the engine to them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import platform
+import re
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
+import psutil
 from fastapi import FastAPI
 
-from api.loadgen import drive_concurrently, percentile, traffic
+from api.bench_client import scheduled_count, summarize
+from api.loadgen import percentile, traffic
 from api.schemas import CreatePaymentRequest
-from core.embedded import embedded_database_url, scratch_data_dir
+from core.embedded import embedded_database_url, restart_embedded, scratch_data_dir
 from core.processes import UPI_ENGINE, EngineProcess, free_port
 from core.storage import plain_url
 from payments.domain import FINAL_STATUSES, PaymentStatus
 
-__all__ = ["BenchError", "bare_app", "run_bench"]
+__all__ = [
+    "WRK_SCRIPT",
+    "BenchError",
+    "Sending",
+    "Usage",
+    "WrkMissing",
+    "bare_app",
+    "cpu_of",
+    "drive_open_loop",
+    "drive_wrk",
+    "find_wrk",
+    "parse_wrk_output",
+    "run_bench",
+    "tree_cpu_seconds",
+    "write_requests",
+    "wrk_sending",
+]
 
-_SETTLE_TIMEOUT_S = 300.0
 _FINAL = sorted(status.value for status in FINAL_STATUSES)
+# The bench's own connection to the scratch server, as its own role: pg_stat_statements
+# keys its rows by role (userid), database and query, so the bench's monitoring queries
+# are told apart from the engine's by role.
+_MONITOR_ROLE = "upi_bench_monitor"
+WRK_SCRIPT = Path(__file__).parent / "wrk" / "payments.lua"
+_WRK_THREADS = 1  # one core at most, of two shared with the engine: plenty for ~10^4 req/s
+_PROGRESS_EVERY_S = 0.5
+
+
+def _settle_timeout_s(payments: int) -> float:
+    """How long after the last answer a run may take to settle: a backlog drains at tens
+    of payments a second at worst, so a run still unsettled has a payment stuck (the error
+    says how many)."""
+    return 60.0 + payments / 10
 
 
 class BenchError(Exception):
     """The run could not be completed (the message says why)."""
+
+
+class WrkMissing(BenchError):
+    """The closed loop needs ``wrk``, which is not installed."""
+
+
+def find_wrk() -> str:
+    """The ``wrk`` executable on the PATH; :class:`WrkMissing` when there is none."""
+    found = shutil.which("wrk")
+    if found is None:
+        raise WrkMissing(
+            "wrk not found: the closed loop (--payments) is driven by wrk; install it"
+            " (apt-get install wrk), or run the open loop (--rate R --duration S)"
+        )
+    return found
 
 
 # The bare endpoint of the HTTP baseline: the same request model, nothing behind it.
@@ -63,12 +129,348 @@ bare_app = FastAPI()
 
 @bare_app.post("/v1/payments", status_code=202)
 async def _bare_payment(request: CreatePaymentRequest) -> dict[str, str]:
-    return {"transaction_id": uuid.uuid4().hex, "status": "INITIATED"}
+    # The order id, as the engine's 202 carries it: the bench's clients pair answers by it.
+    return {
+        "transaction_id": uuid.uuid4().hex,
+        "status": "INITIATED",
+        "merchant_order_id": request.merchant_order_id,
+    }
 
 
 @bare_app.get("/readyz")
 async def _bare_ready() -> dict[str, str]:
     return {"status": "ready"}
+
+
+# --- the clients -------------------------------------------------------------------------
+
+
+@dataclass
+class Sending:
+    """What a client's run sent and got back; times on the monotonic clock (seconds)."""
+
+    client: str
+    sent: int
+    accepted: int  # 202s
+    statuses: dict[str, int]  # every answer by status; "0": no answer
+    errors: dict[str, int]  # the client's socket errors (no answer, or a broken one)
+    started: float  # the first request sent
+    finished: float  # the last answer
+    latency_p50_ms: float
+    latency_p99_ms: float
+    cpu_seconds: float  # the client's own CPU time over its run
+    cpu_share: float  # cpu_seconds / (its wall time x the machine's cores)
+    open_loop: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished - self.started, 1e-9)
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.seconds
+
+    def refused(self) -> str:
+        """The answers other than 202, and the errors, for a message."""
+        other = {k: v for k, v in self.statuses.items() if k != "202"}
+        return f"answers {other or 'none other'}, client errors {self.errors or 'none'}"
+
+
+def write_requests(path: Path, bodies: Iterable[dict[str, Any]]) -> int:
+    """The clients' request file: ``merchant_order_id<TAB>JSON body`` a line (the order id
+    is also the ``Idempotency-Key``). Returns the number of lines."""
+    n = 0
+    with path.open("wb") as out:
+        for body in bodies:
+            order_id = body["merchant_order_id"]
+            if "\t" in order_id or "\n" in order_id:
+                raise ValueError(f"order id {order_id!r}: no tabs or newlines")
+            out.write(order_id.encode() + b"\t" + orjson.dumps(body) + b"\n")
+            n += 1
+    return n
+
+
+def parse_wrk_output(stdout: str) -> dict[str, Any]:
+    """The JSON line that ``api/wrk/payments.lua``'s ``done()`` prints last (after wrk's own
+    report); :class:`BenchError` when there is none."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            parsed: dict[str, Any] = json.loads(line)
+            return parsed
+    raise BenchError(f"wrk printed no result: {stdout.strip()[-500:]!r}")
+
+
+def wrk_sending(parsed: dict[str, Any], cpu_seconds: float, wall_s: float, cpus: int) -> Sending:
+    """A wrk run's :class:`Sending` from its JSON and its CPU time over ``wall_s``."""
+    statuses = {str(k): int(v) for k, v in parsed["statuses"].items()}
+    errors = {k: int(v) for k, v in parsed["errors"].items() if k != "status" and v}
+    answered = sum(statuses.values())
+    unanswered = int(parsed["issued"]) - answered
+    if unanswered > 0:
+        statuses["0"] = unanswered
+    if parsed["unpaired"]:  # 202s without their order id: latencies not measured
+        errors["unpaired_202"] = int(parsed["unpaired"])
+    latency = parsed["latency_ms"]
+    return Sending(
+        client=f"wrk ({_WRK_THREADS} thread, api/wrk/{WRK_SCRIPT.name})",
+        sent=int(parsed["issued"]),
+        accepted=statuses.get("202", 0),
+        statuses=statuses,
+        errors=errors,
+        started=parsed["first_send_us"] / 1e6,
+        finished=parsed["last_answer_us"] / 1e6,
+        latency_p50_ms=float(latency["p50"]),
+        latency_p99_ms=float(latency["p99"]),
+        cpu_seconds=cpu_seconds,
+        cpu_share=cpu_seconds / (wall_s * cpus) if wall_s > 0 else 0.0,
+    )
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's children that have exited and been waited for
+    (getrusage: the precise run time, where /proc counts clock ticks)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def drive_wrk(
+    wrk: str, url: str, api_key: str, requests: Path, count: int, concurrency: int
+) -> Sending:
+    """Every request of the file exactly once, ``concurrency`` in flight (wrk's closed
+    loop). wrk runs for a duration; the script stops each thread after its share, and wrk
+    is interrupted (SIGINT: it then reports) once every thread said so on stderr. Its CPU
+    time is that of its whole life, from this process's children's usage: the only child
+    that exits meanwhile is wrk."""
+    duration_s = int(120 + count / 5)  # an upper bound: the run ends when all answered
+    cpu_before = _children_cpu_s()
+    spawned = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        wrk,
+        *("-t", str(_WRK_THREADS), "-c", str(max(concurrency, _WRK_THREADS))),
+        # --timeout is also the top of wrk's own histogram (a longer answer counts as a
+        # "timeout" error there, and is still answered and measured by the script).
+        *("-d", f"{duration_s}s", "--timeout", "60s", "-s", str(WRK_SCRIPT), url),
+        *("--", str(requests), str(_WRK_THREADS), api_key),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    done, errors = 0, []
+    try:
+        async with asyncio.timeout(duration_s + 60):
+            while done < _WRK_THREADS and (line := await proc.stderr.readline()):
+                if line.strip() == b"thread-done":
+                    done += 1
+                else:
+                    errors.append(line.decode(errors="replace").strip())
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGINT)
+            stdout, stderr = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BenchError(f"wrk did not finish in {duration_s + 60} s") from None
+    wall = time.monotonic() - spawned
+    cpu = _children_cpu_s() - cpu_before
+    text = stdout.decode(errors="replace")
+    if done < _WRK_THREADS and "\n{" not in text:  # no report: wrk itself failed
+        detail = "; ".join([*errors, stderr.decode(errors="replace").strip()])
+        raise BenchError(f"wrk failed (exit {proc.returncode}): {detail[-500:]}")
+    # A run cut short (wrk's duration) reports what it got: the count check says so.
+    return wrk_sending(parse_wrk_output(text), cpu, wall, os.cpu_count() or 1)
+
+
+async def drive_open_loop(
+    url: str, api_key: str, requests: Path, rate: float, concurrency: int, cwd: Path
+) -> Sending:
+    """The requests of the file at ``rate`` a second on ``concurrency`` connections
+    (``api.bench_client`` in its own process), latencies from intended send times."""
+    port = url.rsplit(":", 1)[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "api.bench_client", "--port", port, "--api-key", api_key),
+        *("--requests", str(requests), "--rate", str(rate), "--connections", str(concurrency)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,  # not where the bench was started: a local "api" there must not be imported
+    )
+    stdout, stderr = await proc.communicate()
+    if proc.returncode != 0:
+        raise BenchError(f"the open-loop client failed: {stderr.decode().strip()[-800:]}")
+    raw = orjson.loads(stdout)
+    s = summarize(raw)
+    return Sending(
+        client=f"api.bench_client (open loop, {concurrency} connections)",
+        sent=s["sent"],
+        accepted=s["accepted"],
+        statuses=s["statuses"],
+        errors=s["errors"],
+        # From the schedule's start (request 0 was due then), on this machine's clock.
+        started=raw["start_monotonic"],
+        finished=raw["start_monotonic"] + s["seconds"],
+        latency_p50_ms=s["latency_p50_ms"],
+        latency_p99_ms=s["latency_p99_ms"],
+        cpu_seconds=s["cpu_seconds"],
+        cpu_share=s["cpu_share"],
+        open_loop={
+            "offered_rate": s["offered_rate"],
+            "achieved_rate": s["achieved_rate"],
+            "service_p50_ms": s["service_p50_ms"],
+            "service_p99_ms": s["service_p99_ms"],
+            "schedule_lag_p99_ms": s["schedule_lag_p99_ms"],
+        },
+    )
+
+
+# --- what a run cost ---------------------------------------------------------------------
+
+
+def cpu_of(times: Any) -> float:
+    """A process's CPU seconds, with those of the children it has waited for: a
+    PostgreSQL backend that exits during the run is still counted, in the postmaster's
+    ``children_*`` times."""
+    return float(times.user + times.system + times.children_user + times.children_system)
+
+
+def tree_cpu_seconds(pids: Iterable[int]) -> float:
+    """The CPU seconds of these processes and all their descendants (:func:`cpu_of` each;
+    a descendant is counted by itself while it lives, in its parent's times once reaped)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            # Gone between the listing and now: it is in its parent's times next time.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += cpu_of(proc.cpu_times())
+    return total
+
+
+def _process_cpu(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Counters read at the start and at the end of the measured window (sending and
+    settling); their differences, per payment, are what the engine cost."""
+
+    engine_cpu_s: float  # every ``serve`` process and its descendants
+    postgres_cpu_s: float  # the postmaster and every process under it
+    monitor_cpu_s: float  # the backend serving the bench's own queries (subtracted)
+    statements: int  # pg_stat_statements calls of every role but the bench's own
+    transaction_control: int  # of which BEGIN / COMMIT / ROLLBACK / END
+    transactions: int  # of which COMMIT / ROLLBACK / END: the transactions ended
+
+    def cost(self, before: Usage, payments: int) -> dict[str, float]:
+        """Per payment, from ``before`` to this reading."""
+        n = max(payments, 1)
+        engine = self.engine_cpu_s - before.engine_cpu_s
+        postgres = (self.postgres_cpu_s - before.postgres_cpu_s) - (
+            self.monitor_cpu_s - before.monitor_cpu_s
+        )
+        statements = self.statements - before.statements
+        control = self.transaction_control - before.transaction_control
+        transactions = self.transactions - before.transactions
+        return {
+            "cpu_ms_per_payment": round((engine + postgres) * 1000 / n, 2),
+            "engine_cpu_ms_per_payment": round(engine * 1000 / n, 2),
+            "postgres_cpu_ms_per_payment": round(postgres * 1000 / n, 2),
+            "statements_per_payment": round(statements / n, 2),
+            "statements_per_payment_without_begin_commit": round((statements - control) / n, 2),
+            "transactions_per_payment": round(transactions / n, 2),
+        }
+
+
+_TRANSACTION_CONTROL = r"^\s*(begin|start\s+transaction|commit|end|rollback)\M"
+_TRANSACTION_END = r"^\s*(commit|end|rollback)\M"
+
+
+async def _read_usage(
+    monitor: asyncpg.Connection, engine_pids: Sequence[int], postmaster: int, backend: int
+) -> Usage:
+    """The counters now. Statements are the top-level ones every role but the bench's
+    monitoring role ran (pg_stat_statements, ``track = top``, utility statements
+    included): every round trip the engine (and any CLI command) made to the server.
+    Transactions are its COMMITs and ROLLBACKs, from the same view: the engine opens every
+    transaction explicitly (SQLAlchemy's autobegin), and pg_stat_database's counters would
+    lag (a backend flushes them at most once a second) and include the bench's own."""
+    row = await monitor.fetchrow(
+        "SELECT coalesce(sum(s.calls), 0) AS n,"
+        " coalesce(sum(s.calls) FILTER (WHERE s.query ~* $2), 0) AS control,"
+        " coalesce(sum(s.calls) FILTER (WHERE s.query ~* $3), 0) AS ended"
+        " FROM pg_stat_statements s LEFT JOIN pg_roles r ON r.oid = s.userid"
+        " WHERE r.rolname IS DISTINCT FROM $1",
+        _MONITOR_ROLE,
+        _TRANSACTION_CONTROL,
+        _TRANSACTION_END,
+    )
+    assert row is not None
+    return Usage(
+        engine_cpu_s=tree_cpu_seconds(engine_pids),
+        postgres_cpu_s=tree_cpu_seconds([postmaster]),
+        monitor_cpu_s=_process_cpu(backend),
+        statements=int(row["n"]),
+        transaction_control=int(row["control"]),
+        transactions=int(row["ended"]),
+    )
+
+
+async def _top_statements(monitor: asyncpg.Connection, payments: int) -> list[dict[str, Any]]:
+    """The engine's ten most frequent statements, per payment (pg_stat_statements)."""
+    rows = await monitor.fetch(
+        "SELECT s.query, sum(s.calls) AS calls, sum(s.total_exec_time) AS ms"
+        " FROM pg_stat_statements s LEFT JOIN pg_roles r ON r.oid = s.userid"
+        " WHERE r.rolname IS DISTINCT FROM $1 GROUP BY s.query ORDER BY calls DESC LIMIT 10",
+        _MONITOR_ROLE,
+    )
+    n = max(payments, 1)
+    return [
+        {
+            "per_payment": round(int(r["calls"]) / n, 2),
+            "mean_ms": round(float(r["ms"]) / max(int(r["calls"]), 1), 3),
+            "query": re.sub(r"\s+", " ", r["query"]).strip()[:120],
+        }
+        for r in rows
+    ]
+
+
+async def _scratch_server(data_dir: Path) -> str:
+    """The scratch dir's embedded server, restarted with ``pg_stat_statements`` loaded, the
+    extension created and the bench's monitoring role; returns its libpq URL."""
+    url = plain_url(await asyncio.to_thread(embedded_database_url, data_dir))
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        # Every statement the engine sends counts, BEGIN and COMMIT included (the
+        # default, said here because the figures depend on it); nested ones do not.
+        await conn.execute("ALTER SYSTEM SET pg_stat_statements.track = 'top'")
+        await conn.execute("ALTER SYSTEM SET pg_stat_statements.track_utility = on")
+        await conn.execute("ALTER SYSTEM SET pg_stat_statements.max = 10000")
+    finally:
+        await conn.close()
+    url = plain_url(await asyncio.to_thread(restart_embedded, data_dir))
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute(f"CREATE ROLE {_MONITOR_ROLE} LOGIN SUPERUSER")
+    finally:
+        await conn.close()
+    return url
+
+
+def _postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "pg" / "postmaster.pid").read_text().splitlines()[0])
+
+
+# --- the engine --------------------------------------------------------------------------
 
 
 def _env(data_dir: Path, bus: str) -> dict[str, str]:
@@ -136,7 +538,7 @@ async def _wait_settled(
     conn: asyncpg.Connection, payments: int, began: float, deadline: float
 ) -> float:
     """Waits until every payment is final or awaits verification and the ledger holds every
-    event; returns when that happened (perf_counter)."""
+    event; returns when that happened (monotonic)."""
     while True:
         row = await conn.fetchrow(
             "SELECT (SELECT count(*) FROM payments WHERE status = ANY($1::text[])) AS settled,"
@@ -146,8 +548,8 @@ async def _wait_settled(
         )
         assert row is not None
         if row["settled"] >= payments and row["entries"] >= row["events"]:
-            return time.perf_counter()
-        if time.perf_counter() > deadline:
+            return time.monotonic()
+        if time.monotonic() > deadline:
             raise BenchError(
                 f"not settled after {deadline - began:.0f} s: {row['settled']} of {payments}"
                 f" payments final, {row['entries']} of {row['events']} events in the ledger"
@@ -209,27 +611,59 @@ async def _bare_inserts(conn_url: str, payments: int, concurrency: int) -> float
     return payments / seconds
 
 
-async def _bare_http(bodies: list[dict[str, Any]], concurrency: int, log: Path) -> dict[str, float]:
+@dataclass(frozen=True)
+class _Load:
+    """How to send: the closed loop (wrk) or the open loop (rate and duration)."""
+
+    concurrency: int
+    count: int
+    wrk: str | None = None
+    rate: float | None = None
+    duration_s: float | None = None
+
+    async def drive(self, url: str, api_key: str, requests: Path, cwd: Path) -> Sending:
+        if self.rate is None:
+            assert self.wrk is not None
+            return await drive_wrk(self.wrk, url, api_key, requests, self.count, self.concurrency)
+        return await drive_open_loop(url, api_key, requests, self.rate, self.concurrency, cwd)
+
+
+async def _bare_http(load: _Load, requests: Path, data_dir: Path) -> Sending:
     port = free_port()
     command = (sys.executable, "-m", "uvicorn", "api.bench:bare_app", "--port", str(port))
     server = EngineProcess(
-        port, dict(os.environ), log, (*command, "--log-level", "warning", "--no-access-log")
+        port,
+        dict(os.environ),
+        data_dir / "bare.log",
+        (*command, "--log-level", "warning", "--no-access-log"),
+        data_dir,
     )
     try:
         await asyncio.to_thread(server.start, 60)
-        sent = await drive_concurrently(server.url, "bare", bodies, concurrency)
+        sent = await load.drive(server.url, "bare", requests, data_dir)
     finally:
         server.stop()
-    latencies = list(sent.accepted.values())
-    return {
-        "requests_per_second": len(latencies) / sent.seconds,
-        "p50_ms": percentile(latencies, 0.5),
-        "p99_ms": percentile(latencies, 0.99),
-    }
+    if sent.accepted != sent.sent:
+        raise BenchError(f"the bare endpoint accepted {sent.accepted} of {sent.sent}")
+    return sent
+
+
+async def _progress(
+    conn: asyncpg.Connection, on_progress: Callable[[int], None], stop: asyncio.Event
+) -> None:
+    """Reports the payments the engine holds every half second, until ``stop``."""
+    while not stop.is_set():
+        on_progress(int(await conn.fetchval("SELECT count(*) FROM payments")))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _PROGRESS_EVERY_S)
 
 
 def _r(value: float, digits: int = 2) -> float:
     return round(value, digits)
+
+
+def _bodies(seed: int, count: int) -> Iterator[dict[str, Any]]:
+    return itertools.islice(traffic(seed, f"bench-{uuid.uuid4().hex[:6]}"), count)
 
 
 async def run_bench(
@@ -238,78 +672,131 @@ async def run_bench(
     bus: str,
     *,
     processes: int = 1,
+    rate: float | None = None,
+    duration_s: float | None = None,
     seed: int = 20261125,
     on_phase: Callable[[str], None] = lambda phase: None,
-    on_sent: Callable[[], None] | None = None,
+    on_progress: Callable[[int], None] = lambda payments: None,
 ) -> dict[str, Any]:
-    bodies = list(itertools.islice(traffic(seed, f"bench-{uuid.uuid4().hex[:6]}"), payments))
+    """The run (see the module's docstring): the closed loop sends ``payments``, the open
+    loop (``rate`` and ``duration_s`` given) ``rate x duration_s``."""
+    if rate is None:
+        load = _Load(concurrency, payments, wrk=find_wrk())
+    else:
+        assert duration_s is not None
+        load = _Load(
+            concurrency, scheduled_count(rate, duration_s), rate=rate, duration_s=duration_s
+        )
     with scratch_data_dir("ub") as data_dir:
+        requests = data_dir / "requests.tsv"
+        count = await asyncio.to_thread(write_requests, requests, _bodies(seed, load.count))
         env = _env(data_dir, bus)
+        on_phase("starting the engine")
+        # The bench starts the scratch server and holds it: it outlives the engine, for
+        # the insert baseline; the scratch dir's clean-up stops it.
+        conn_url = await _scratch_server(data_dir)
+        postmaster = _postmaster_pid(data_dir)
         servers = _servers(env, data_dir, processes)
         engine = servers[0]  # the gateway
-        on_phase("starting the engine")
         try:
             for server in servers:
                 await asyncio.to_thread(server.start, 120)
             api_key = await asyncio.to_thread(_merchant, env, data_dir)
-            on_phase("sending payments")
-            sent = await drive_concurrently(
-                engine.url, api_key, bodies, concurrency, on_sent=on_sent
-            )
-            if len(sent.accepted) != payments:
-                raise BenchError(f"only {len(sent.accepted)} of {payments} accepted: {sent}")
-            on_phase("waiting for final statuses and the ledger")
-            # Joining the embedded server keeps it up after the engine stops, for the
-            # insert baseline; the scratch dir's clean-up stops it.
-            url = await asyncio.to_thread(embedded_database_url, data_dir)
-            conn_url = plain_url(url)
-            conn = await asyncpg.connect(conn_url)
+            monitor = await asyncpg.connect(conn_url, user=_MONITOR_ROLE)
             try:
+                backend = int(await monitor.fetchval("SELECT pg_backend_pid()"))
+                engine_pids = [s.proc.pid for s in servers if s.proc is not None]
+                await monitor.execute("SELECT pg_stat_statements_reset()")
+                before = await _read_usage(monitor, engine_pids, postmaster, backend)
+                on_phase("sending payments")
+                stop = asyncio.Event()
+                progress = asyncio.create_task(_progress(monitor, on_progress, stop))
+                try:
+                    sent = await load.drive(engine.url, api_key, requests, data_dir)
+                finally:
+                    stop.set()
+                    await progress
+                created = int(await monitor.fetchval("SELECT count(*) FROM payments"))
+                on_progress(created)
+                if sent.accepted != count or created != count:
+                    raise BenchError(
+                        f"{sent.accepted} of {count} payments accepted, {created} created:"
+                        f" {sent.refused()}"
+                    )
+                on_phase("waiting for final statuses and the ledger")
                 caught_up = await _wait_settled(
-                    conn, payments, sent.started, sent.finished + _SETTLE_TIMEOUT_S
+                    monitor, count, sent.started, sent.finished + _settle_timeout_s(count)
                 )
-                measured = await _measured(conn)
+                after = await _read_usage(monitor, engine_pids, postmaster, backend)
+                top = await _top_statements(monitor, count)
+                measured = await _measured(monitor)
             finally:
-                await conn.close()
+                await monitor.close()
         finally:
             for server in servers:
                 server.stop()
         on_phase("measuring the baselines")
-        bare_http = await _bare_http(bodies, concurrency, data_dir / "bare.log")
-        bare_insert = await _bare_inserts(conn_url, payments, concurrency)
-    initiation = list(sent.accepted.values())
-    rate = payments / sent.seconds
-    return {
-        "payments": payments,
+        bare_http = await _bare_http(load, requests, data_dir)
+        bare_insert = await _bare_inserts(conn_url, count, concurrency)
+    cost = after.cost(before, count)
+    result: dict[str, Any] = {
+        "payments": count,
         "concurrency": concurrency,
         "bus": bus,
         "processes": processes,
+        "client": sent.client,
+        "loop": "closed" if rate is None else "open",
+        "sent": sent.sent,
+        "accepted": sent.accepted,
         "seconds": _r(sent.seconds, 3),
-        "payments_per_second": _r(rate, 1),
-        "initiation_p50_ms": _r(percentile(initiation, 0.5)),
-        "initiation_p99_ms": _r(percentile(initiation, 0.99)),
-        "final_p50_ms": _r(percentile(measured["final"], 0.5)),
-        "final_p99_ms": _r(percentile(measured["final"], 0.99)),
-        # Payments completed end to end: all of them over the time until the last settled.
-        "settled_per_second": _r(payments / (caught_up - sent.started), 1),
-        "ledger_entries_per_second": _r(measured["entries"] / (caught_up - sent.started), 1),
-        "fraud_p50_ms": _r(percentile(measured["fraud"], 0.5)),
-        "fraud_p99_ms": _r(percentile(measured["fraud"], 0.99)),
-        "statuses": measured["statuses"],
-        "ledger_entries": measured["entries"],
-        "baselines": {
-            "bare_fastapi_requests_per_second": _r(bare_http["requests_per_second"], 1),
-            "bare_fastapi_p50_ms": _r(bare_http["p50_ms"]),
-            "bare_fastapi_p99_ms": _r(bare_http["p99_ms"]),
-            "bare_postgres_inserts_per_second": _r(bare_insert, 1),
-        },
-        "ratios": {
-            "payments_per_second_vs_bare_fastapi": _r(rate / bare_http["requests_per_second"], 3),
-            "payments_per_second_vs_bare_inserts": _r(rate / bare_insert, 3),
-            "initiation_p50_vs_bare_fastapi_p50": _r(
-                percentile(initiation, 0.5) / bare_http["p50_ms"], 2
-            ),
-        },
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
-        "date": datetime.now(UTC).date().isoformat(),
+        "payments_per_second": _r(sent.rate, 1),
     }
+    if rate is not None:
+        result.update(
+            {
+                "duration": duration_s,
+                "offered_rate": rate,
+                "achieved_rate": _r(sent.open_loop["achieved_rate"], 1),
+            }
+        )
+    result.update(
+        {
+            "initiation_p50_ms": _r(sent.latency_p50_ms),
+            "initiation_p99_ms": _r(sent.latency_p99_ms),
+        }
+    )
+    if rate is not None:
+        result.update({k: _r(v) for k, v in sent.open_loop.items() if k.endswith("_ms")})
+    result.update(
+        {
+            "final_p50_ms": _r(percentile(measured["final"], 0.5)),
+            "final_p99_ms": _r(percentile(measured["final"], 0.99)),
+            # Payments completed end to end: all of them over the time until the last settled.
+            "settled_per_second": _r(count / (caught_up - sent.started), 1),
+            "ledger_entries_per_second": _r(measured["entries"] / (caught_up - sent.started), 1),
+            "fraud_p50_ms": _r(percentile(measured["fraud"], 0.5)),
+            "fraud_p99_ms": _r(percentile(measured["fraud"], 0.99)),
+            "client_cpu_share": _r(sent.cpu_share, 4),
+            **cost,
+            "statuses": measured["statuses"],
+            "ledger_entries": measured["entries"],
+            "baselines": {
+                "bare_fastapi_requests_per_second": _r(bare_http.rate, 1),
+                "bare_fastapi_p50_ms": _r(bare_http.latency_p50_ms),
+                "bare_fastapi_p99_ms": _r(bare_http.latency_p99_ms),
+                "bare_fastapi_client_cpu_share": _r(bare_http.cpu_share, 4),
+                "bare_postgres_inserts_per_second": _r(bare_insert, 1),
+            },
+            "ratios": {
+                "payments_per_second_vs_bare_fastapi": _r(sent.rate / bare_http.rate, 3),
+                "payments_per_second_vs_bare_inserts": _r(sent.rate / bare_insert, 3),
+                "initiation_p50_vs_bare_fastapi_p50": _r(
+                    sent.latency_p50_ms / max(bare_http.latency_p50_ms, 1e-9), 2
+                ),
+            },
+            "top_statements": top,
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+            "date": datetime.now(UTC).date().isoformat(),
+        }
+    )
+    return result

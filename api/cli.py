@@ -794,8 +794,18 @@ def load(
 
 @app.command("bench")
 def bench(
-    payments: Annotated[int, typer.Option(min=1, help="Payments to send")] = 2_000,
-    concurrency: Annotated[int, typer.Option(min=1, max=512, help="Requests in flight")] = 32,
+    payments: Annotated[
+        int | None, typer.Option(min=1, help="Payments to send: the closed loop [default: 2000]")
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=1, max=512, help="Requests in flight (open loop: connections)")
+    ] = 32,
+    rate: Annotated[
+        float | None, typer.Option(min=0.1, help="Open loop: payments offered per second")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(min=0.1, help="Open loop: seconds of offered payments")
+    ] = None,
     bus: Annotated[str, typer.Option(help="memory | kafka (at UPI_KAFKA_BOOTSTRAP)")] = "memory",
     processes: Annotated[
         int, typer.Option(min=1, max=2, help="1: every role in one; 2: gateway | workers")
@@ -804,8 +814,13 @@ def bench(
 ) -> None:
     """Run the whole engine on a scratch embedded PostgreSQL, send realistic payments, wait
     for their final statuses and the ledger, and compare with baselines measured in the same
-    run: a bare FastAPI endpoint and a bare PostgreSQL insert loop (SPEC §9)."""
-    from api.bench import BenchError, run_bench
+    run by the same client: a bare FastAPI endpoint and a bare PostgreSQL insert loop; with
+    the CPU time, statements and transactions per payment and the client's CPU share
+    (SPEC §9). The closed loop (--payments, --concurrency) is driven by wrk; the open loop
+    (--rate, --duration) by a light client that measures latencies from each request's
+    intended send time."""
+    from api.bench import BenchError, WrkMissing, find_wrk, run_bench
+    from api.bench_client import scheduled_count
 
     if bus not in ("memory", "kafka"):
         err_console.print("--bus must be memory or kafka")
@@ -813,28 +828,57 @@ def bench(
     if processes > 1 and bus != "kafka":
         err_console.print("--processes 2 needs --bus kafka: the in-process bus is one process")
         raise typer.Exit(2)
+    if (rate is None) != (duration is None):
+        err_console.print("the open loop needs both --rate and --duration")
+        raise typer.Exit(2)
+    if rate is not None and payments is not None:
+        err_console.print("--payments is the closed loop, --rate/--duration the open one: not both")
+        raise typer.Exit(2)
+    if rate is None:
+        try:
+            find_wrk()
+        except WrkMissing as exc:
+            err_console.print(f"bench: {exc}", soft_wrap=True)  # one line
+            raise typer.Exit(2) from None
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    with _bar("starting", payments, json) as progress:
+    count = payments or 2_000
+    if rate is not None and duration is not None:
+        count = scheduled_count(rate, duration)
+    with _bar("starting", count, json) as progress:
         task = progress.tasks[0].id
         try:
             result = asyncio.run(
                 run_bench(
-                    payments,
+                    count,
                     concurrency,
                     bus,
                     processes=processes,
+                    rate=rate,
+                    duration_s=duration,
                     on_phase=lambda phase: progress.update(task, description=phase),
-                    on_sent=lambda: progress.advance(task),
+                    on_progress=lambda n: progress.update(task, completed=n),
                 )
             )
         except BenchError as exc:
             err_console.print(f"bench: {exc}")
-            raise typer.Exit(2 if "UPI_KAFKA_BOOTSTRAP" in str(exc) else 1) from None
+            usage = isinstance(exc, WrkMissing) or "UPI_KAFKA_BOOTSTRAP" in str(exc)
+            raise typer.Exit(2 if usage else 1) from None
     if json:
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
         return
-    title = f"bench: {payments} payments, {concurrency} in flight, bus {bus}, {processes} process"
-    _measures(title + ("es" if processes > 1 else ""), _flat(result))
+    top = result.pop("top_statements")
+    if rate is None:
+        title = f"bench: {count} payments, {concurrency} in flight"
+    else:
+        title = f"bench: {rate:g}/s for {duration:g} s (open loop, {concurrency} connections)"
+    title += f", bus {bus}, {processes} process" + ("es" if processes > 1 else "")
+    _measures(title, _flat(result))
+    statements = Table(title="the engine's most frequent statements")
+    for column in ("per payment", "mean ms", "statement"):
+        statements.add_column(column, justify="left" if column == "statement" else "right")
+    for row in top:
+        statements.add_row(str(row["per_payment"]), str(row["mean_ms"]), row["query"])
+    out.print(statements)
 
 
 @db_app.command("url")

@@ -1,11 +1,12 @@
-"""Realistic payment traffic over HTTP, for ``upi-engine load`` and ``upi-engine bench``.
+"""Realistic payment traffic, for ``upi-engine load`` and ``upi-engine bench``.
 
 The payments are the fraud simulator's ordinary customers (``fraud.simulator``): their
 VPAs, amounts (₹1 tea to a month's rent), phones and the places they pay from, one payment
 per payer so that a run measures the engine rather than the payer limits and velocity
-rules. A merchant client behaves as the merchant guide asks: each payment has its own
-idempotency key, a 429 waits for its ``Retry-After``, a 5xx or a broken connection is
-retried with the same key.
+rules. ``upi-engine load`` sends them as a merchant client behaves as the merchant guide
+asks: each payment has its own idempotency key, a 429 waits for its ``Retry-After``, a 5xx
+or a broken connection is retried with the same key. (``upi-engine bench`` sends them with
+clients that cost less and retry nothing: ``api.bench``.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import httpx
 
 from fraud.simulator import simulate
 
-__all__ = ["Sent", "drive_at_rate", "drive_concurrently", "percentile", "traffic"]
+__all__ = ["Sent", "drive_at_rate", "percentile", "traffic"]
 
 _RETRIES = 5
 
@@ -136,32 +137,6 @@ async def _send(
             sent.accepted[response.json()["transaction_id"]] = latency
         break
     sent.statuses[status] += 1
-
-
-async def drive_concurrently(
-    url: str,
-    api_key: str,
-    bodies: Sequence[dict[str, Any]],
-    concurrency: int,
-    *,
-    path: str = "/v1/payments",
-    on_sent: Callable[[], None] | None = None,
-) -> Sent:
-    """Every body, ``concurrency`` requests in flight at a time."""
-    sent = Sent()
-    pending = iter(bodies)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-
-        async def worker() -> None:
-            for body in pending:
-                await _send(client, api_key, body, sent, path)
-                if on_sent is not None:
-                    on_sent()
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    sent.finished = time.perf_counter()
-    return sent
 
 
 async def drive_at_rate(
