@@ -32,42 +32,52 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
+import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.events import Envelope
 from core.storage import Database, sql_text
 
-__all__ = ["OUTBOX_WRITE_LOCK", "OutboxRelay", "append_to_outbox"]
+__all__ = ["OUTBOX_WRITE_LOCK", "OutboxRelay", "append_to_outbox", "append_to_outbox_raw"]
 
 _log = logging.getLogger(__name__)
 # Taken by writers before 2026-12 (and by migrations written then); nothing needs it now.
 OUTBOX_WRITE_LOCK = 0x5550_4F42  # "UPOB"
 _RELAY_LEADER_LOCK = 0x5550_524C  # "UPRL"
 
-_INSERT = sql_text(
+_INSERT_SQL = (
     "INSERT INTO outbox (event_id, topic, partition_key, event_type, envelope)"
-    " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:topics AS text[]),"
-    " CAST(:keys AS text[]), CAST(:types AS text[]), CAST(:envs AS bytea[]))"
+    " SELECT * FROM unnest(CAST({} AS uuid[]), CAST({} AS text[]),"
+    " CAST({} AS text[]), CAST({} AS text[]), CAST({} AS bytea[]))"
 )
+_INSERT = sql_text(_INSERT_SQL.format(":ids", ":topics", ":keys", ":types", ":envs"))
+_INSERT_RAW = _INSERT_SQL.format("$1", "$2", "$3", "$4", "$5")
+
+
+def _columns(envelopes: Sequence[Envelope]) -> dict[str, list[Any]]:
+    return {
+        "ids": [str(e.event_id) for e in envelopes],
+        "topics": [e.topic for e in envelopes],
+        "keys": [e.partition_key for e in envelopes],
+        "types": [e.event_type for e in envelopes],
+        "envs": [e.to_bytes() for e in envelopes],
+    }
 
 
 async def append_to_outbox(conn: AsyncConnection, envelopes: Sequence[Envelope]) -> None:
     """Add events to the current transaction's outbox (one statement; ``txid`` is set by
     the column's default)."""
-    if not envelopes:
-        return
-    await conn.execute(
-        _INSERT,
-        {
-            "ids": [str(e.event_id) for e in envelopes],
-            "topics": [e.topic for e in envelopes],
-            "keys": [e.partition_key for e in envelopes],
-            "types": [e.event_type for e in envelopes],
-            "envs": [e.to_bytes() for e in envelopes],
-        },
-    )
+    if envelopes:
+        await conn.execute(_INSERT, _columns(envelopes))
+
+
+async def append_to_outbox_raw(conn: asyncpg.Connection, envelopes: Sequence[Envelope]) -> None:
+    """:func:`append_to_outbox` on an asyncpg connection (``Database.raw_transaction``)."""
+    if envelopes:
+        await conn.execute(_INSERT_RAW, *_columns(envelopes).values())
 
 
 Publish = Callable[[Sequence[Envelope]], Awaitable[None]]
@@ -244,10 +254,7 @@ class OutboxRelay:
     async def _position(self, conn: AsyncConnection) -> Position:
         row = (
             await conn.execute(
-                sql_text(
-                    "SELECT last_txid, last_id FROM outbox_position"
-                    " WHERE destination = :d"
-                ),
+                sql_text("SELECT last_txid, last_id FROM outbox_position WHERE destination = :d"),
                 {"d": self._destination},
             )
         ).first()

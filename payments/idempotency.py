@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core.errors import IdempotencyConflict
 from core.storage import sql_text
 
-__all__ = ["claim_key", "stored_response"]
+__all__ = ["STORED", "claim_key", "replay", "stored_response"]
 
 
 async def claim_key(
@@ -55,17 +55,26 @@ async def stored_response(
     conn: AsyncConnection, *, merchant_id: str, key: str, request_hash: bytes
 ) -> tuple[int, dict[str, Any]]:
     """The first response under this key, or :class:`IdempotencyConflict` for another body."""
-    row = (
-        await conn.execute(
-            sql_text(
-                "SELECT request_hash, response_status, response_body FROM idempotency_keys"
-                " WHERE merchant_id = :m AND idempotency_key = :k"
-            ),
-            {"m": merchant_id, "k": key},
-        )
-    ).one()
-    if bytes(row.request_hash) != request_hash:
+    row = (await conn.execute(sql_text(STORED), {"m": merchant_id, "k": key})).one()
+    status = int(row.response_status)
+    return replay(bytes(row.request_hash), status, row.response_body, request_hash)
+
+
+# The stored key, by merchant and key (named parameters; the gateway's asyncpg path binds
+# them by position: $1 merchant, $2 key).
+STORED = (
+    "SELECT request_hash, response_status, response_body FROM idempotency_keys"
+    " WHERE merchant_id = :m AND idempotency_key = :k"
+)
+
+
+def replay(
+    stored_hash: bytes, status: int, body: dict[str, Any] | str, request_hash: bytes
+) -> tuple[int, dict[str, Any]]:
+    """What a request under a used key gets: the first response for the same body (a
+    resend), :class:`IdempotencyConflict` for another (a modification)."""
+    if stored_hash != request_hash:
         raise IdempotencyConflict(
             "this Idempotency-Key was already used with a different request body"
         )
-    return int(row.response_status), dict(row.response_body)
+    return status, dict(orjson.loads(body) if isinstance(body, str) else body)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -53,36 +54,35 @@ def to_payment(row: Row[Any]) -> Payment:
     )
 
 
-_INSERT_PAYMENT = sql_text(
+_INSERT_PAYMENT = (
     "WITH p AS (INSERT INTO payments (transaction_id, merchant_id, merchant_order_id, payer_vpa,"
     " payee_vpa, amount_paise, currency, note, mcc, device, status, created_at, updated_at)"
-    " VALUES (:t, :m, :o, :payer, :payee, :amt, :cur, :note, :mcc, CAST(:device AS jsonb), :s,"
-    " :at, :at) RETURNING transaction_id)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CAST($10 AS jsonb), $11, $12, $12)"
+    " RETURNING transaction_id)"
     " INSERT INTO payment_status_history (transaction_id, seq, status, at)"
-    " SELECT transaction_id, 1, :s, :at FROM p"
+    " SELECT transaction_id, 1, $11, $12 FROM p"
 )
 
 
 async def insert_payment(
-    conn: AsyncConnection, payment: Payment, device: dict[str, Any] | None
+    conn: asyncpg.Connection, payment: Payment, device: dict[str, Any] | None
 ) -> None:
-    """The payment and its first history row, in one statement."""
+    """The payment and its first history row, in one statement (on the gateway's asyncpg
+    connection: ``Database.raw_transaction``)."""
     await conn.execute(
         _INSERT_PAYMENT,
-        {
-            "t": payment.transaction_id,
-            "m": payment.merchant_id,
-            "o": payment.merchant_order_id,
-            "payer": payment.payer_vpa,
-            "payee": payment.payee_vpa,
-            "amt": payment.amount_paise,
-            "cur": payment.currency,
-            "note": payment.note,
-            "mcc": payment.mcc,
-            "device": orjson.dumps(device).decode() if device is not None else None,
-            "s": payment.status.value,
-            "at": payment.created_at,
-        },
+        payment.transaction_id,
+        payment.merchant_id,
+        payment.merchant_order_id,
+        payment.payer_vpa,
+        payment.payee_vpa,
+        payment.amount_paise,
+        payment.currency,
+        payment.note,
+        payment.mcc,
+        orjson.dumps(device).decode() if device is not None else None,
+        payment.status.value,
+        payment.created_at,
     )
 
 

@@ -14,20 +14,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, time
 from typing import Any
 
+import asyncpg
 import orjson
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import IST, Clock, business_date
 from core.errors import LimitExceeded, NotFound, PayeeNotAllowed
 from core.events import DeviceInfo, Envelope, PaymentInitiated
 from core.ids import new_transaction_id
 from core.metrics import PAYMENTS_INITIATED
-from core.outbox import append_to_outbox
+from core.outbox import append_to_outbox_raw
 from core.pii import Vpa, partition_key_for
-from core.storage import Database, sql_text
+from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
-from payments.idempotency import stored_response
+from payments.idempotency import STORED, replay
 from payments.limits import PayerDailyLimits, per_transaction_limit
 from payments.merchants import Merchant
 
@@ -82,30 +82,31 @@ class PaymentLimits:
 # under the day's limits: the next statement, which reads them, sees every initiation of
 # the payer committed before it), and read the merchant with whether the payee asked for is
 # one of its registered VPAs (as :func:`payments.merchants.load_collecting_merchant`).
-_OPEN = sql_text(
+_OPEN = (
     "WITH k AS (INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
     " transaction_id, response_status, response_body)"
-    " VALUES (:m, :k, :h, :t, 202, CAST(:b AS jsonb)) ON CONFLICT DO NOTHING RETURNING 1),"
-    " lk AS (SELECT pg_advisory_xact_lock(hashtextextended(:payer_lock, 0)))"
+    " VALUES ($1, $2, $3, $4, 202, CAST($5 AS jsonb)) ON CONFLICT DO NOTHING RETURNING 1),"
+    " lk AS (SELECT pg_advisory_xact_lock(hashtextextended($6, 0)))"
     " SELECT (SELECT count(*) FROM k) AS fresh, (SELECT count(*) FROM lk) AS locked,"
     " m.merchant_id, m.name, m.vpa, m.mcc, m.webhook_url,"
-    " EXISTS (SELECT 1 FROM merchant_vpas v WHERE v.vpa = :payee"
+    " EXISTS (SELECT 1 FROM merchant_vpas v WHERE v.vpa = $7"
     " AND v.merchant_id = m.merchant_id) AS payee_registered"
-    " FROM (SELECT 1) AS one LEFT JOIN merchants m ON m.merchant_id = :m"
+    " FROM (SELECT 1) AS one LEFT JOIN merchants m ON m.merchant_id = $1"
 )
-_PAYER_DAY = sql_text(
+_PAYER_DAY = (
     "SELECT count(*), coalesce(sum(amount_paise), 0) FROM payments"
-    " WHERE payer_vpa = :p AND created_at >= :start"
+    " WHERE payer_vpa = $1 AND created_at >= $2"
     " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED')"
 )
+_STORED = STORED.replace(":m", "$1").replace(":k", "$2")
 
 
 async def _check_payer_day(
-    conn: AsyncConnection, payer: str, amount: int, now: datetime, limits: PayerDailyLimits
+    conn: asyncpg.Connection, payer: str, amount: int, now: datetime, limits: PayerDailyLimits
 ) -> None:
     """Per payer per IST day (the payer's lock is held: :data:`_OPEN`)."""
     day_start = datetime.combine(business_date(now), time(), tzinfo=IST)
-    count, total = (await conn.execute(_PAYER_DAY, {"p": payer, "start": day_start})).one()
+    count, total = await conn.fetchrow(_PAYER_DAY, payer, day_start)
     if count + 1 > limits.max_count:
         raise LimitExceeded(
             "payer_daily_count_exceeded",
@@ -133,35 +134,31 @@ async def initiate_payment(
         "amount_paise": cmd.amount_paise,
         "created_at": now.isoformat().replace("+00:00", "Z"),
     }
-    async with db.transaction() as conn:
-        opened = (
-            await conn.execute(
-                _OPEN,
-                {
-                    "m": cmd.merchant_id,
-                    "k": cmd.idempotency_key,
-                    "h": cmd.request_hash,
-                    "t": transaction_id,
-                    "b": orjson.dumps(body).decode(),
-                    "payer_lock": "payer:" + cmd.payer_vpa.value,
-                    "payee": cmd.payee_vpa.value if cmd.payee_vpa else None,
-                },
-            )
-        ).one()
-        if not opened.fresh:
-            status, stored = await stored_response(
-                conn,
-                merchant_id=cmd.merchant_id,
-                key=cmd.idempotency_key,
-                request_hash=cmd.request_hash,
+    async with db.raw_transaction() as conn:
+        opened = await conn.fetchrow(
+            _OPEN,
+            cmd.merchant_id,
+            cmd.idempotency_key,
+            cmd.request_hash,
+            transaction_id,
+            orjson.dumps(body).decode(),
+            "payer:" + cmd.payer_vpa.value,
+            cmd.payee_vpa.value if cmd.payee_vpa else None,
+        )
+        assert opened is not None
+        if not opened["fresh"]:
+            row = await conn.fetchrow(_STORED, cmd.merchant_id, cmd.idempotency_key)
+            assert row is not None
+            status, stored = replay(
+                row["request_hash"], row["response_status"], row["response_body"], cmd.request_hash
             )
             return InitiationResult(status, stored, replayed=True)
-        if opened.merchant_id is None:
+        if opened["merchant_id"] is None:
             raise NotFound(f"no merchant {cmd.merchant_id}")
         merchant = Merchant(
-            opened.merchant_id, opened.name, opened.vpa, opened.mcc, opened.webhook_url
+            *(opened[c] for c in ("merchant_id", "name", "vpa", "mcc", "webhook_url"))
         )
-        if cmd.payee_vpa is not None and not opened.payee_registered:
+        if cmd.payee_vpa is not None and not opened["payee_registered"]:
             raise PayeeNotAllowed(
                 f"payee_vpa {cmd.payee_vpa} is not one of this merchant's registered VPAs;"
                 " omit payee_vpa to collect into the merchant's own VPA, or have the"
@@ -199,7 +196,7 @@ async def initiate_payment(
             device=cmd.device,
             initiated_at=now,
         )
-        await append_to_outbox(
+        await append_to_outbox_raw(
             conn,
             [
                 Envelope.wrap(
