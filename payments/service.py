@@ -81,7 +81,7 @@ class PaymentLimits:
 # (it serialises one payer's initiations, so two concurrent requests cannot both squeeze
 # under the day's limits: the next statement, which reads them, sees every initiation of
 # the payer committed before it), and read the merchant with whether the payee asked for is
-# one of its registered VPAs (as :func:`payments.merchants.load_collecting_merchant`).
+# one of its registered VPAs (``merchant_vpas``, :mod:`payments.merchants`).
 _OPEN = (
     "WITH k AS (INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
     " transaction_id, response_status, response_body)"
