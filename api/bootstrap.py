@@ -287,7 +287,7 @@ class Engine:
                 bus.publish,
                 batch_size=self.settings.relay_batch_size,
                 poll_interval=self.settings.relay_poll_interval_s,
-                max_in_flight=4 if isinstance(bus, MemoryBus) else 1,
+                max_in_flight=16 if isinstance(bus, MemoryBus) else 1,
             )
             if isinstance(bus, MemoryBus):
                 bus.on_settled = self.relay.wake  # consumers here commit new outbox rows

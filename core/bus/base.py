@@ -26,6 +26,11 @@ class Subscription:
     With a ``batch_handler`` the whole batch goes to it at once, in order (the ledger
     appends that way); if the batch fails for good, its events go one by one through
     ``handler`` so that one bad event is dead-lettered alone.
+
+    ``parallel_batches`` > 1 lets the in-process bus settle that many batches of this
+    consumer at once, for a consumer that spends its time waiting on the outside world
+    (the NPCI handler waits for the switch): order holds within a batch, not between
+    batches, so the handler must be safe for that (row locks and status checks).
     """
 
     consumer: str
@@ -34,6 +39,7 @@ class Subscription:
     event_types: frozenset[str] | None = None
     concurrency: int = 64
     batch_handler: BatchHandler | None = None
+    parallel_batches: int = 1
 
     def wants(self, envelope: Envelope) -> bool:
         return self.event_types is None or envelope.event_type in self.event_types

@@ -15,7 +15,9 @@ repeats. The relay may have several batches in flight (:attr:`MemoryBus.pipeline
 stores the position of the longest prefix of batches that have settled.
 
 Order: one subscriber's worker settles its queue in order, one delivery at a time, and a
-delivery keeps the order of events sharing a partition key; so per-payer order holds.
+delivery keeps the order of events sharing a partition key; so per-payer order holds. A
+subscription may ask for several deliveries at once (``parallel_batches``, the NPCI handler
+waiting on the switch): then order holds within each batch only.
 """
 
 from __future__ import annotations
@@ -72,31 +74,46 @@ class _Consumer:
         return ticket
 
     async def run(self) -> None:
+        parallel = max(1, self.sub.parallel_batches)
+        running: set[asyncio.Task[None]] = set()
+
+        def freed(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            self._ready.set()
+
+        try:
+            while True:
+                if not self._queue or len(running) >= parallel:
+                    self._ready.clear()  # set again by offer() or a batch settled
+                    await self._ready.wait()
+                    continue
+                size = min(self._max_batch, len(self._queue))
+                taken = [self._queue.popleft() for _ in range(size)]
+                task = asyncio.create_task(self._settle(taken))
+                running.add(task)
+                task.add_done_callback(freed)
+        finally:
+            for task in running:
+                task.cancel()
+
+    async def _settle(self, taken: list[tuple[Delivery, _Ticket]]) -> None:
         while True:
-            await self._ready.wait()
-            taken = [self._queue.popleft() for _ in range(min(self._max_batch, len(self._queue)))]
-            if not self._queue:
-                self._ready.clear()
-            if not taken:
-                continue
             try:
                 await deliver_batch(self.sub, [d for d, _ in taken], self._sink, self._policy)
+                break
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # deliver_batch settles every item (handled or dead-lettered); reaching here
-                # means the dead-letter sink itself failed. Put the events back, in order,
-                # and try again: nothing is acknowledged that was not settled.
+                # means the dead-letter sink itself failed: try again, nothing is
+                # acknowledged that was not settled.
                 _log.exception("consumer %s: delivery failed, retrying", self.sub.consumer)
-                self._queue.extendleft(reversed(taken))
-                self._ready.set()
                 await asyncio.sleep(self._policy.base_delay)
-                continue
-            for _, ticket in taken:
-                ticket.pending -= 1
-                if ticket.pending == 0:
-                    ticket.done.set()
-            self._on_settled()
+        for _, ticket in taken:
+            ticket.pending -= 1
+            if ticket.pending == 0:
+                ticket.done.set()
+        self._on_settled()
 
 
 class MemoryBus:

@@ -208,11 +208,16 @@ async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_
 
         switch.clear_faults()
         await asyncio.sleep(2.1)  # cooldown
-        after = [await pay(engine, f"axis.after{i}@okaxis", 500) for i in range(5)]
+        # Half-open lets one probe through at a time (others arriving meanwhile would fail
+        # fast with U90): the first payment is the probe, and its success closes the breaker.
+        probe = await pay(engine, "axis.after0@okaxis", 500)
+        assert (await final(engine, probe)).status is PaymentStatus.SUCCESS
+        assert breaker.state is BreakerState.CLOSED
+        assert breaker.transitions[-2:] == [BreakerState.HALF_OPEN, BreakerState.CLOSED]
+        after = [probe] + [await pay(engine, f"axis.after{i}@okaxis", 500) for i in range(1, 5)]
         for t in after:
             assert (await final(engine, t)).status is PaymentStatus.SUCCESS
         assert breaker.state is BreakerState.CLOSED
-        assert breaker.transitions[-2:] == [BreakerState.HALF_OPEN, BreakerState.CLOSED]
 
         # Every payment has exactly one final status and nobody was debited twice.
         async with engine.db.connection() as conn:

@@ -119,3 +119,96 @@ async def test_event_type_filter_and_topic_routing():
     bus.subscribe(Subscription("d", ("fraud",), handler))
     await bus.publish([env(1, "k")])
     assert got == []
+
+
+async def test_batches_keep_each_keys_order_across_publishes_and_take_what_is_waiting():
+    seen: list[tuple[str, int]] = []
+    sizes: list[int] = []
+    gate = asyncio.Event()
+
+    async def batch(es) -> None:
+        await gate.wait()
+        sizes.append(len(es))
+        seen.extend((e.partition_key, e.payload["amount_paise"]) for e in es)
+
+    async def one(e: Envelope) -> None:
+        raise AssertionError("the batch handler takes them")
+
+    bus = MemoryBus(Letters(), FAST)
+    bus.subscribe(Subscription("c", ("payments",), one, batch_handler=batch))
+    await bus.start()
+    published = [asyncio.create_task(bus.publish([env(i, f"k{i % 3}") for i in range(10)]))]
+    await asyncio.sleep(0.01)  # the consumer took the first publish and waits at the gate
+    published += [
+        asyncio.create_task(bus.publish([env(10 * p + i, f"k{i % 3}") for i in range(10)]))
+        for p in range(1, 5)
+    ]
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.gather(*published)
+    await bus.stop()
+    assert len(seen) == 50
+    for key in ("k0", "k1", "k2"):
+        amounts = [a for k, a in seen if k == key]
+        assert amounts == sorted(amounts), key
+    assert sizes == [10, 40]  # what waited behind the first batch went as one
+
+
+async def test_parallel_batches_let_a_slow_batch_be_overtaken_and_one_batch_is_not():
+    release_first = asyncio.Event()
+    done: list[int] = []
+
+    async def batch(es) -> None:
+        first = es[0].payload["amount_paise"]
+        if first == 1:
+            await release_first.wait()
+        done.append(first)
+
+    async def one(e: Envelope) -> None:
+        raise AssertionError("the batch handler takes them")
+
+    for parallel, overtaken in ((2, True), (1, False)):
+        done.clear()
+        release_first.clear()
+        bus = MemoryBus(Letters(), FAST, max_batch=1)
+        sub = Subscription("c", ("payments",), one, batch_handler=batch, parallel_batches=parallel)
+        bus.subscribe(sub)
+        await bus.start()
+        slow = asyncio.create_task(bus.publish([env(0, "a")]))  # amount 1
+        fast = asyncio.create_task(bus.publish([env(1, "b")]))  # amount 2
+        await asyncio.sleep(0.05)
+        assert (done == [2]) is overtaken
+        release_first.set()
+        await asyncio.gather(slow, fast)
+        await bus.stop()
+        assert sorted(done) == [1, 2]
+
+
+async def test_a_poison_event_in_a_batch_is_dead_lettered_alone_and_the_rest_applied():
+    applied: list[str] = []
+    batch_calls = 0
+
+    def check(e: Envelope) -> None:
+        if e.transaction_id == "UPI3":
+            raise PoisonMessage("cannot decode this one")
+
+    async def batch(es) -> None:
+        nonlocal batch_calls
+        batch_calls += 1
+        for e in es:
+            check(e)
+        applied.extend(e.transaction_id or "" for e in es)
+
+    async def one(e: Envelope) -> None:
+        check(e)
+        applied.append(e.transaction_id or "")
+
+    letters = Letters()
+    bus = MemoryBus(letters, FAST)
+    bus.subscribe(Subscription("c", ("payments",), one, batch_handler=batch))
+    await bus.publish([env(i, f"k{i}") for i in range(6)])
+    await bus.stop()
+    assert applied == ["UPI0", "UPI1", "UPI2", "UPI4", "UPI5"]
+    assert batch_calls == 1  # a poison batch is not retried as a whole
+    [letter] = letters.items
+    assert letter.attempts == 1 and "cannot decode" in letter.reason
