@@ -51,7 +51,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -263,9 +263,14 @@ async def drive_wrk(
                     done += 1
                 else:
                     errors.append(line.decode(errors="replace").strip())
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGINT)
-            stdout, stderr = await proc.communicate()
+            finished = asyncio.ensure_future(proc.communicate())
+            # wrk ignores SIGINT until its threads are started: a run over before that
+            # (a few fast requests) needs another one.
+            while not finished.done():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGINT)
+                await asyncio.wait({finished}, timeout=1.0)
+            stdout, stderr = finished.result()
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -367,7 +372,8 @@ class Usage:
     monitor_cpu_s: float  # the backend serving the bench's own queries (subtracted)
     statements: int  # pg_stat_statements calls of every role but the bench's own
     transaction_control: int  # of which BEGIN / COMMIT / ROLLBACK / END
-    transactions: int  # of which COMMIT / ROLLBACK / END: the transactions ended
+    transactions: int = 0  # pg_stat_database: commits + rollbacks, the bench's included
+    monitor_statements: int = 0  # the bench's own calls, each its own transaction
 
     def cost(self, before: Usage, payments: int) -> dict[str, float]:
         """Per payment, from ``before`` to this reading."""
@@ -378,7 +384,9 @@ class Usage:
         )
         statements = self.statements - before.statements
         control = self.transaction_control - before.transaction_control
-        transactions = self.transactions - before.transactions
+        transactions = (self.transactions - before.transactions) - (
+            self.monitor_statements - before.monitor_statements
+        )
         return {
             "cpu_ms_per_payment": round((engine + postgres) * 1000 / n, 2),
             "engine_cpu_ms_per_payment": round(engine * 1000 / n, 2),
@@ -390,27 +398,21 @@ class Usage:
 
 
 _TRANSACTION_CONTROL = r"^\s*(begin|start\s+transaction|commit|end|rollback)\M"
-_TRANSACTION_END = r"^\s*(commit|end|rollback)\M"
 
 
 async def _read_usage(
     monitor: asyncpg.Connection, engine_pids: Sequence[int], postmaster: int, backend: int
 ) -> Usage:
-    """The counters now. Statements are the top-level ones every role but the bench's
-    monitoring role ran (pg_stat_statements, ``track = top``, utility statements
-    included): every round trip the engine (and any CLI command) made to the server.
-    Transactions are its COMMITs and ROLLBACKs, from the same view: the engine opens every
-    transaction explicitly (SQLAlchemy's autobegin), and pg_stat_database's counters would
-    lag (a backend flushes them at most once a second) and include the bench's own."""
+    """The CPU and statement counters now. Statements are the top-level ones every role but
+    the bench's monitoring role ran (pg_stat_statements, ``track = top``, utility
+    statements included): every round trip the engine (or a CLI command) made."""
     row = await monitor.fetchrow(
         "SELECT coalesce(sum(s.calls), 0) AS n,"
-        " coalesce(sum(s.calls) FILTER (WHERE s.query ~* $2), 0) AS control,"
-        " coalesce(sum(s.calls) FILTER (WHERE s.query ~* $3), 0) AS ended"
+        " coalesce(sum(s.calls) FILTER (WHERE s.query ~* $2), 0) AS control"
         " FROM pg_stat_statements s LEFT JOIN pg_roles r ON r.oid = s.userid"
         " WHERE r.rolname IS DISTINCT FROM $1",
         _MONITOR_ROLE,
         _TRANSACTION_CONTROL,
-        _TRANSACTION_END,
     )
     assert row is not None
     return Usage(
@@ -419,8 +421,25 @@ async def _read_usage(
         monitor_cpu_s=_process_cpu(backend),
         statements=int(row["n"]),
         transaction_control=int(row["control"]),
-        transactions=int(row["ended"]),
     )
+
+
+async def _with_transactions(monitor: asyncpg.Connection, usage: Usage) -> Usage:
+    """``usage`` with the database's transaction counters now (pg_stat_database: implicit
+    single-statement transactions included). A backend publishes its counters at most once
+    a second, and at exit: the end of the window is read once the engine has stopped, and
+    the bench's own backend is made to publish first; its own transactions (one per
+    statement, counted in pg_stat_statements) are subtracted in :meth:`Usage.cost`."""
+    await monitor.execute("SELECT pg_stat_force_next_flush()")
+    row = await monitor.fetchrow(
+        "SELECT (SELECT xact_commit + xact_rollback FROM pg_stat_database"
+        "  WHERE datname = current_database()) AS xacts,"
+        " (SELECT coalesce(sum(s.calls), 0) FROM pg_stat_statements s"
+        "  JOIN pg_roles r ON r.oid = s.userid WHERE r.rolname = $1) AS own",
+        _MONITOR_ROLE,
+    )
+    assert row is not None
+    return replace(usage, transactions=int(row["xacts"]), monitor_statements=int(row["own"]))
 
 
 async def _top_statements(monitor: asyncpg.Connection, payments: int) -> list[dict[str, Any]]:
@@ -698,16 +717,18 @@ async def run_bench(
         postmaster = _postmaster_pid(data_dir)
         servers = _servers(env, data_dir, processes)
         engine = servers[0]  # the gateway
+        monitor = await asyncpg.connect(conn_url, user=_MONITOR_ROLE)
         try:
-            for server in servers:
-                await asyncio.to_thread(server.start, 120)
-            api_key = await asyncio.to_thread(_merchant, env, data_dir)
-            monitor = await asyncpg.connect(conn_url, user=_MONITOR_ROLE)
+            backend = int(await monitor.fetchval("SELECT pg_backend_pid()"))
             try:
-                backend = int(await monitor.fetchval("SELECT pg_backend_pid()"))
+                for server in servers:
+                    await asyncio.to_thread(server.start, 120)
+                api_key = await asyncio.to_thread(_merchant, env, data_dir)
                 engine_pids = [s.proc.pid for s in servers if s.proc is not None]
                 await monitor.execute("SELECT pg_stat_statements_reset()")
-                before = await _read_usage(monitor, engine_pids, postmaster, backend)
+                before = await _with_transactions(
+                    monitor, await _read_usage(monitor, engine_pids, postmaster, backend)
+                )
                 on_phase("sending payments")
                 stop = asyncio.Event()
                 progress = asyncio.create_task(_progress(monitor, on_progress, stop))
@@ -731,10 +752,12 @@ async def run_bench(
                 top = await _top_statements(monitor, count)
                 measured = await _measured(monitor)
             finally:
-                await monitor.close()
+                for server in servers:
+                    server.stop()
+            # Its backends have exited, so every transaction of the engine is counted.
+            after = await _with_transactions(monitor, after)
         finally:
-            for server in servers:
-                server.stop()
+            await monitor.close()
         on_phase("measuring the baselines")
         bare_http = await _bare_http(load, requests, data_dir)
         bare_insert = await _bare_inserts(conn_url, count, concurrency)

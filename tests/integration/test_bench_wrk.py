@@ -80,3 +80,19 @@ async def test_every_payment_is_sent_exactly_once_and_refusals_are_counted(
     assert sent.statuses == {"202": 299, "422": 2} and sent.errors == {}
     assert 2 <= sent.latency_p50_ms <= sent.latency_p99_ms < 5_000
     assert 0 < sent.seconds < 30 and 0 < sent.cpu_share < 1
+
+
+async def test_a_run_shorter_than_wrks_start_up_ends_at_once(tmp_path):
+    # One payment on a fast server can be answered before wrk listens for SIGINT.
+    requests = tmp_path / "requests.tsv"
+    write_requests(requests, itertools.islice(traffic(5, "one"), 1))
+    recorder = Recorder(set())
+    server = await asyncio.start_server(recorder.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        wrk = shutil.which("wrk")
+        assert wrk is not None
+        began = asyncio.get_running_loop().time()
+        sent = await drive_wrk(wrk, f"http://127.0.0.1:{port}", "k", requests, 1, 4)
+        assert asyncio.get_running_loop().time() - began < 10
+    assert sent.sent == sent.accepted == len(recorder.received) == 1

@@ -113,7 +113,8 @@ def test_usage_per_payment():
         monitor_cpu_s=0.5,
         statements=3,
         transaction_control=1,
-        transactions=0,
+        transactions=500,
+        monitor_statements=4,
     )
     after = Usage(
         engine_cpu_s=25.0,  # 15 s of the engine
@@ -121,7 +122,8 @@ def test_usage_per_payment():
         monitor_cpu_s=1.5,
         statements=50_003,  # 50,000 statements, 20,000 of them BEGIN/COMMIT/ROLLBACK
         transaction_control=20_001,
-        transactions=10_000,
+        transactions=10_700,  # 10,200 transactions, of which 200 were the bench's queries
+        monitor_statements=204,
     )
     assert after.cost(before, 1000) == {
         "cpu_ms_per_payment": 22.0,
