@@ -37,6 +37,13 @@ def sql_text(statement: str) -> TextClause:
     return text(statement)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """asyncpg's default reset on release sends four statements (unlock all advisory locks,
+    close cursors, unlisten, reset settings) each time; a connection of the raw pool only
+    ever runs :meth:`Database.raw_transaction`'s transactions, which leave none of those
+    behind (their advisory locks are transaction-scoped), so there is nothing to reset."""
+
+
 @dataclass(frozen=True)
 class Migration:
     id: str  # "<context>.<nnnn>_<what>", applied in list order
@@ -100,7 +107,10 @@ class Database:
         async with self._raw_lock:
             if self._raw is None:
                 self._raw = await asyncpg.create_pool(
-                    plain_url(self.url), min_size=1, max_size=self._pool_size
+                    plain_url(self.url),
+                    min_size=1,
+                    max_size=self._pool_size,
+                    reset=_keep_session,
                 )
             return self._raw
 
