@@ -20,6 +20,8 @@ transaction before).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -102,33 +104,44 @@ _READ = sql_text(
 )
 
 # Each payment's payee window, for a whole batch, read before any of it is recorded: the
-# recorded payments to the payee, plus the batch's earlier ones (r), placed after every
+# recorded payments to the payee, plus the batch's earlier ones, placed after every
 # recorded one as they would be if the batch were handled one payment at a time.
+# The latest payments to each payee of a batch, within the hour before its earliest payment
+# in the batch: an index scan backwards, at most PAYEE_WINDOW rows a payee. Each payment's
+# own window is a part of these (a later cut-off keeps a prefix of them), merged with the
+# batch's earlier payments to that payee, in Python (:func:`_payee_window`).
 _READ_PAYEES = sql_text(
     f"""
-    WITH q AS (
-        SELECT * FROM unnest(
-            CAST(:payers AS bytea[]), CAST(:payees AS bytea[]), CAST(:ats AS timestamptz[])
-        ) WITH ORDINALITY AS u(payer, payee, at, ord)
-    )
-    SELECT payee.c1h, payee.payers
-    FROM q
+    SELECT q.ord, w.payer_key, w.at, w.id
+    FROM unnest(CAST(:payees AS bytea[]), CAST(:since AS timestamptz[]))
+        WITH ORDINALITY AS q(payee, since, ord)
     CROSS JOIN LATERAL (
-        SELECT count(*) AS c1h, count(DISTINCT w.payer_key) AS payers FROM (
-            SELECT seen.payer_key FROM (
-                SELECT o.payer_key, o.at, 0 AS in_batch, o.id AS seq
-                FROM fraud_observations o
-                WHERE o.payee_key = q.payee AND o.at > q.at - {_seconds(HOUR)}
-                UNION ALL
-                SELECT r.payer, r.at, 1, r.ord FROM q AS r
-                WHERE r.payee = q.payee AND r.ord < q.ord AND r.at > q.at - {_seconds(HOUR)}
-            ) AS seen
-            ORDER BY seen.at DESC, seen.in_batch DESC, seen.seq DESC LIMIT {PAYEE_WINDOW}
-        ) AS w
-    ) AS payee
-    ORDER BY q.ord
+        SELECT o.payer_key, o.at, o.id FROM fraud_observations o
+        WHERE o.payee_key = q.payee AND o.at > q.since
+        ORDER BY o.at DESC, o.id DESC LIMIT {PAYEE_WINDOW}
+    ) AS w
+    ORDER BY q.ord, w.at DESC, w.id DESC
     """
 )
+
+
+def _payee_window(
+    stored: Sequence[tuple[datetime, int, int, bytes]],
+    earlier: Sequence[tuple[datetime, int, int, bytes]],
+    cutoff: datetime,
+) -> PayeeWindow:
+    """A payment's payee window: its payee's latest ``PAYEE_WINDOW`` payments after
+    ``cutoff``, newest first as the database orders them (by time; at the same time the
+    batch's own are the newer; then by arrival), from the stored ones
+    (``(at, 0, id, payer)``, newest first) and the batch's earlier ones
+    (``(at, 1, position, payer)``, in batch order)."""
+    newest_batch = sorted((e for e in earlier if e[0] > cutoff), reverse=True)
+    newest_stored = itertools.takewhile(lambda r: r[0] > cutoff, stored)
+    window = list(
+        itertools.islice(heapq.merge(newest_batch, newest_stored, reverse=True), PAYEE_WINDOW)
+    )
+    return PayeeWindow(len(window), len({payer for *_, payer in window}))
+
 
 # Records a round: its payments in order, each payer's count, each payer's devices first
 # seen. The three inserts are one statement; the counts and devices follow only the
@@ -267,19 +280,27 @@ class HistoryStore:
         keys: Sequence[Pseudonyms] | None = None,
     ) -> list[PayeeWindow]:
         """Each payment's payee window, the batch's earlier payments included, in one
-        statement. Read before recording any payment of the batch."""
+        statement (:data:`_READ_PAYEES`). Read before recording any payment of the batch."""
         if not txns:
             return []
         keys = keys or [self.pseudonyms(t) for t in txns]
+        since: dict[bytes, datetime] = {}
+        for txn, key in zip(txns, keys, strict=True):
+            cutoff = txn.at - HOUR
+            since[key.payee] = min(since.get(key.payee, cutoff), cutoff)
+        payees = list(since)
         rows = await conn.execute(
-            _READ_PAYEES,
-            {
-                "payers": [k.payer for k in keys],
-                "payees": [k.payee for k in keys],
-                "ats": [t.at for t in txns],
-            },
+            _READ_PAYEES, {"payees": payees, "since": [since[p] for p in payees]}
         )
-        return [PayeeWindow(int(r.c1h), int(r.payers)) for r in rows]
+        stored: dict[bytes, list[tuple[datetime, int, int, bytes]]] = {p: [] for p in payees}
+        for row in rows:
+            stored[payees[row.ord - 1]].append((row.at, 0, row.id, bytes(row.payer_key)))
+        earlier: dict[bytes, list[tuple[datetime, int, int, bytes]]] = {p: [] for p in payees}
+        windows = []
+        for position, (txn, key) in enumerate(zip(txns, keys, strict=True), start=1):
+            windows.append(_payee_window(stored[key.payee], earlier[key.payee], txn.at - HOUR))
+            earlier[key.payee].append((txn.at, 1, position, key.payer))
+        return windows
 
     async def histories(
         self,
