@@ -291,18 +291,28 @@ async def drive_open_loop(
     """The requests of the file at ``rate`` a second on ``concurrency`` connections
     (``api.bench_client`` in its own process), latencies from intended send times."""
     port = url.rsplit(":", 1)[1]
+    out = requests.with_name(f"open-loop-{uuid.uuid4().hex[:8]}.json")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "api.bench_client", "--port", port, "--api-key", api_key),
         *("--requests", str(requests), "--rate", str(rate), "--connections", str(concurrency)),
-        stdout=subprocess.PIPE,
+        *("--out", str(out)),  # a file: its times can be megabytes
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         cwd=cwd,  # not where the bench was started: a local "api" there must not be imported
     )
-    stdout, stderr = await proc.communicate()
+    _, stderr = await proc.communicate()
+    try:
+        raw = orjson.loads(out.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        detail = stderr.decode(errors="replace").strip()[-800:]
+        raise BenchError(
+            f"the open-loop client failed ({exc}, exit {proc.returncode}): {detail}"
+        ) from None
+    finally:
+        out.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise BenchError(f"the open-loop client failed: {stderr.decode().strip()[-800:]}")
-    raw = orjson.loads(stdout)
     s = summarize(raw)
     return Sending(
         client=f"api.bench_client (open loop, {concurrency} connections)",

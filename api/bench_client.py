@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per answer")
+    parser.add_argument("--out", type=Path, help="write the raw times here, not on stdout")
     args = parser.parse_args(argv)
     requests = encode_requests(args.host, args.port, args.api_key, read_requests(args.requests))
     runner: Any = asyncio.run
@@ -225,7 +226,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     raw = runner(
         run(args.host, args.port, requests, args.rate, args.connections, timeout_s=args.timeout)
     )
-    sys.stdout.buffer.write(orjson.dumps(raw) + b"\n")
+    if args.out is None:
+        sys.stdout.buffer.write(orjson.dumps(raw) + b"\n")
+    else:
+        args.out.write_bytes(orjson.dumps(raw))
 
 
 if __name__ == "__main__":
