@@ -333,6 +333,7 @@ async def drive_open_loop(
             "service_p50_ms": s["service_p50_ms"],
             "service_p99_ms": s["service_p99_ms"],
             "schedule_lag_p99_ms": s["schedule_lag_p99_ms"],
+            "connection_wait_p99_ms": s["connection_wait_p99_ms"],
         },
     )
 

@@ -105,10 +105,12 @@ async def run(
 ) -> dict[str, Any]:
     """Send ``requests[i]`` when it is due (``i / rate`` s after the start) on the first
     free one of ``connections`` connections. Returns the raw times, in seconds from the
-    start: each request's due time, when it was handed to a connection and sent, when
-    its answer came, its status (0: no answer), and this process's CPU time over the run."""
+    start: each request's due time, when it was queued (when it was due, unless this
+    client fell behind), when a connection took it and sent it, when its answer came, its
+    status (0: no answer), and this process's CPU time over the run."""
     count = len(requests)
     due = intended_offsets(rate, count)
+    queued = [0.0] * count
     sent = [0.0] * count
     answered = [0.0] * count
     statuses = [0] * count
@@ -144,6 +146,7 @@ async def run(
         wait = start + due[i] - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
+        queued[i] = time.monotonic() - start
         queue.put_nowait(i)
     for _ in workers:
         queue.put_nowait(None)
@@ -155,6 +158,7 @@ async def run(
         "connections": connections,
         "start_monotonic": start,  # request 0 was due then (time.monotonic())
         "due": due,
+        "queued": queued,
         "sent": sent,
         "answered": answered,
         "statuses": statuses,
@@ -177,15 +181,17 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
     ``latency_*``: answer - due, the latency a customer arriving on schedule saw (waits for
     a free connection included); ``service_*``: answer - sent, the server's part alone;
-    ``schedule_lag_p99_ms``: sent - due, how late requests left (the client's own lag and
-    the waits for a connection). ``achieved_rate``: 202s over the time from the start to
-    the last answer."""
-    due, sent, answered = raw["due"], raw["sent"], raw["answered"]
+    ``schedule_lag_p99_ms``: queued - due, how far this client fell behind its schedule
+    (large: the client is the bottleneck); ``connection_wait_p99_ms``: sent - queued, the
+    waits for a free connection (large: the server is behind). ``achieved_rate``: 202s over
+    the time from the start to the last answer."""
+    due, queued, sent, answered = raw["due"], raw["queued"], raw["sent"], raw["answered"]
     statuses = Counter(raw["statuses"])
     accepted = [i for i, s in enumerate(raw["statuses"]) if s == 202]
     latency = [(answered[i] - due[i]) * 1000 for i in accepted]
     service = [(answered[i] - sent[i]) * 1000 for i in accepted]
-    lag = [(sent[i] - due[i]) * 1000 for i in range(len(due))]
+    lag = [(queued[i] - due[i]) * 1000 for i in range(len(due))]
+    waits = [(sent[i] - queued[i]) * 1000 for i in range(len(due))]
     last = max(answered, default=0.0)
     wall = raw["wall_seconds"]
     return {
@@ -201,6 +207,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "service_p50_ms": _percentile(service, 0.5),
         "service_p99_ms": _percentile(service, 0.99),
         "schedule_lag_p99_ms": _percentile(lag, 0.99),
+        "connection_wait_p99_ms": _percentile(waits, 0.99),
         "cpu_seconds": raw["cpu_seconds"],
         "cpu_share": raw["cpu_seconds"] / (wall * raw["cpu_count"]) if wall > 0 else 0.0,
     }

@@ -88,6 +88,7 @@ def test_open_loop_latency_is_measured_from_the_intended_send_time():
     raw = {
         "rate": 10.0,
         "due": [0.0, 0.1, 0.2, 0.3],
+        "queued": [0.0, 0.1, 0.2, 0.32],  # the client was 20 ms late for the last one
         "sent": [0.0, 0.3, 0.31, 0.32],  # 1 and 2 waited for the connection
         "answered": [0.3, 0.31, 0.32, 0.33],
         "statuses": [202, 202, 202, 500],
@@ -101,7 +102,8 @@ def test_open_loop_latency_is_measured_from_the_intended_send_time():
     # Latencies from intended send times: 300, 210, 120 ms; the server's part: 300, 10, 10.
     assert s["latency_p50_ms"] == pytest.approx(210.0)
     assert s["service_p50_ms"] == pytest.approx(10.0)
-    assert s["schedule_lag_p99_ms"] == pytest.approx(197.3)  # of 0, 20, 110, 200 ms
+    assert s["schedule_lag_p99_ms"] == pytest.approx(19.4)  # of 0, 0, 0, 20 ms
+    assert s["connection_wait_p99_ms"] == pytest.approx(197.3)  # of 0, 0, 110, 200 ms
     assert s["seconds"] == pytest.approx(0.33) and s["achieved_rate"] == pytest.approx(3 / 0.33)
     assert s["offered_rate"] == 10.0 and s["cpu_share"] == pytest.approx(0.02 / (0.5 * 2))
 
