@@ -288,8 +288,9 @@ async def drive_wrk(
 async def drive_open_loop(
     url: str, api_key: str, requests: Path, rate: float, concurrency: int, cwd: Path
 ) -> Sending:
-    """The requests of the file at ``rate`` a second on ``concurrency`` connections
-    (``api.bench_client`` in its own process), latencies from intended send times."""
+    """The requests of the file at ``rate`` a second (``api.bench_client`` in its own
+    process), latencies from intended send times: ``concurrency`` connections opened
+    before the start, more while every one is busy (up to the client's default, 1,000)."""
     port = url.rsplit(":", 1)[1]
     out = requests.with_name(f"open-loop-{uuid.uuid4().hex[:8]}.json")
     proc = await asyncio.create_subprocess_exec(
@@ -315,7 +316,7 @@ async def drive_open_loop(
         raise BenchError(f"the open-loop client failed: {stderr.decode().strip()[-800:]}")
     s = summarize(raw)
     return Sending(
-        client=f"api.bench_client (open loop, {concurrency} connections)",
+        client=f"api.bench_client (open loop, {concurrency} connections at the start)",
         sent=s["sent"],
         accepted=s["accepted"],
         statuses=s["statuses"],
@@ -334,6 +335,7 @@ async def drive_open_loop(
             "service_p99_ms": s["service_p99_ms"],
             "schedule_lag_p99_ms": s["schedule_lag_p99_ms"],
             "connection_wait_p99_ms": s["connection_wait_p99_ms"],
+            "connections": s["connections"],
         },
     )
 
@@ -531,12 +533,14 @@ def _env(data_dir: Path, bus: str) -> dict[str, str]:
 _WORKER_ROLES = ("relay", "fraud", "switch", "ledger", "settlement")
 
 
-def _servers(env: dict[str, str], data_dir: Path, processes: int) -> list[EngineProcess]:
-    """One ``serve`` with every role, or the gateway in one and the workers (the relay with
-    its in-process consumers) in another; the gateway first."""
+def _servers(env: dict[str, str], data_dir: Path, processes: int, bus: str) -> list[EngineProcess]:
+    """One ``serve`` with every role (on the in-process bus, with ``processes`` HTTP
+    processes: ``UPI_GATEWAY_PROCESSES``), or on Kafka the gateway in one and the workers
+    (the relay with its in-process consumers) in another; the gateway first."""
     # They run in the scratch dir: a .env file where the bench was started (one naming a
     # real database, say) must not reach them.
-    if processes == 1:
+    if processes == 1 or bus == "memory":
+        env = {**env, "UPI_GATEWAY_PROCESSES": str(processes)}
         return [EngineProcess(free_port(), env, data_dir / "serve.log", cwd=data_dir)]
     ports = free_port(), free_port()
     gateway = (UPI_ENGINE, "serve", "--port", str(ports[0]), "--role", "gateway")
@@ -726,7 +730,7 @@ async def run_bench(
         # the insert baseline; the scratch dir's clean-up stops it.
         conn_url = await _scratch_server(data_dir)
         postmaster = _postmaster_pid(data_dir)
-        servers = _servers(env, data_dir, processes)
+        servers = _servers(env, data_dir, processes, bus)
         engine = servers[0]  # the gateway
         monitor = await asyncpg.connect(conn_url, user=_MONITOR_ROLE)
         try:
@@ -791,6 +795,7 @@ async def run_bench(
                 "duration": duration_s,
                 "offered_rate": rate,
                 "achieved_rate": _r(sent.open_loop["achieved_rate"], 1),
+                "connections": int(sent.open_loop["connections"]),
             }
         )
     result.update(

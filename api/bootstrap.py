@@ -200,9 +200,17 @@ class Engine:
         url: str | None = None,
         clock: Clock | None = None,
         switch: SwitchClient | None = None,
+        beside_workers: bool = False,
     ) -> Engine:
+        """``beside_workers``: an extra gateway process of ``serve`` on the in-process bus
+        (``UPI_GATEWAY_PROCESSES``): it only answers HTTP; the process with every role,
+        beside it on the same database, relays and consumes what it writes."""
         expanded = _expand(roles)
-        if settings.bus is BusKind.MEMORY and expanded != _expand([Role.ALL]):
+        if (
+            settings.bus is BusKind.MEMORY
+            and expanded != _expand([Role.ALL])
+            and not (beside_workers and expanded == {Role.GATEWAY})
+        ):
             raise ConfigError(
                 "UPI_BUS: the in-process bus runs every role in one process;"
                 " use --role all, or UPI_BUS=kafka for one role per process"
@@ -241,6 +249,7 @@ class Engine:
         await migrate(self.db, all_migrations())
         bus = self._make_bus()
         self.bus = bus
+        in_process = isinstance(bus, MemoryBus)
         if Role.SWITCH in self.roles:
             switch = self.switch or self._make_switch()
             self.switch = switch
@@ -273,8 +282,10 @@ class Engine:
             self._spawn(self.ledger.run_checkpointer(), "ledger-checkpointer")
         if Role.SETTLEMENT in self.roles:
             bus.subscribe(SettlementRecorder(self.db, self.master_key).subscription())
-        if Role.GATEWAY in self.roles:
+        if Role.GATEWAY in self.roles and (Role.RELAY in self.roles or not in_process):
             # Merchant notifications belong to the gateway: record final statuses, send them.
+            # (An extra gateway process on the in-process bus gets no events: the process
+            # with every role does this.)
             bus.subscribe(WebhookRecorder(self.db, self.clock).subscription())
             self.webhooks = WebhookDispatcher(
                 self.db, self.master_key, self.clock, webhook_policy(self.settings)
@@ -286,8 +297,12 @@ class Engine:
                 self.db,
                 bus.publish,
                 batch_size=self.settings.relay_batch_size,
-                poll_interval=self.settings.relay_poll_interval_s,
-                max_in_flight=16 if isinstance(bus, MemoryBus) else 1,
+                # Rows committed by extra gateway processes cannot wake the relay: look
+                # often enough that a payment waits at most 10 ms for its fraud decision.
+                poll_interval=min(self.settings.relay_poll_interval_s, 0.01)
+                if in_process and self.settings.gateway_processes > 1
+                else self.settings.relay_poll_interval_s,
+                max_in_flight=16 if in_process else 1,
             )
             if isinstance(bus, MemoryBus):
                 bus.on_settled = self.relay.wake  # consumers here commit new outbox rows

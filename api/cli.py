@@ -85,15 +85,20 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     role: Annotated[list[Role] | None, typer.Option(help="Roles to run (repeatable)")] = None,
+    beside: Annotated[
+        bool, typer.Option(hidden=True, help="An extra gateway process of a serve (internal)")
+    ] = False,
 ) -> None:
     """Run the API and/or workers."""
     import uvicorn
 
     from api.http import create_app
+    from core.config import BusKind
 
     settings = _settings()
+    roles = role or [Role.ALL]
     try:
-        engine = Engine.build(settings, role or [Role.ALL])
+        engine = Engine.build(settings, roles, beside_workers=beside)
     except ConfigError as exc:
         _fail_config(exc)
     config = uvicorn.Config(
@@ -104,7 +109,21 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+    extra = 0
+    if settings.bus is BusKind.MEMORY and Role.ALL in roles and port != 0:
+        extra = settings.gateway_processes - 1
+    if not extra and not beside:
+        server.run()
+        return
+    from api.processes import listening_socket, start_gateways, stop_gateways
+
+    sock = listening_socket(host, port)
+    gateways = start_gateways(extra, host, port)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        stop_gateways(gateways)
 
 
 async def _create_merchant(
@@ -798,7 +817,12 @@ def bench(
         int | None, typer.Option(min=1, help="Payments to send: the closed loop [default: 2000]")
     ] = None,
     concurrency: Annotated[
-        int, typer.Option(min=1, max=512, help="Requests in flight (open loop: connections)")
+        int,
+        typer.Option(
+            min=1,
+            max=512,
+            help="Requests in flight (open loop: connections at the start, more when all are busy)",
+        ),
     ] = 32,
     rate: Annotated[
         float | None, typer.Option(min=0.1, help="Open loop: payments offered per second")
@@ -808,7 +832,13 @@ def bench(
     ] = None,
     bus: Annotated[str, typer.Option(help="memory | kafka (at UPI_KAFKA_BOOTSTRAP)")] = "memory",
     processes: Annotated[
-        int, typer.Option(min=1, max=2, help="1: every role in one; 2: gateway | workers")
+        int,
+        typer.Option(
+            min=1,
+            max=8,
+            help="memory: HTTP processes of one serve (UPI_GATEWAY_PROCESSES);"
+            " kafka: 1 every role in one, 2 gateway | workers",
+        ),
     ] = 1,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
@@ -825,8 +855,8 @@ def bench(
     if bus not in ("memory", "kafka"):
         err_console.print("--bus must be memory or kafka")
         raise typer.Exit(2)
-    if processes > 1 and bus != "kafka":
-        err_console.print("--processes 2 needs --bus kafka: the in-process bus is one process")
+    if processes > 2 and bus == "kafka":
+        err_console.print("--bus kafka runs 1 process (every role) or 2 (gateway | workers)")
         raise typer.Exit(2)
     if (rate is None) != (duration is None):
         err_console.print("the open loop needs both --rate and --duration")
@@ -870,7 +900,7 @@ def bench(
     if rate is None:
         title = f"bench: {count} payments, {concurrency} in flight"
     else:
-        title = f"bench: {rate:g}/s for {duration:g} s (open loop, {concurrency} connections)"
+        title = f"bench: {rate:g}/s for {duration:g} s (open loop)"
     title += f", bus {bus}, {processes} process" + ("es" if processes > 1 else "")
     _measures(title, _flat(result))
     statements = Table(title="the engine's most frequent statements")

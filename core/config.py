@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     consumer_max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
     consumer_retry_base_s: Annotated[float, Field(gt=0, le=60)] = 0.2
     db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
+    # `serve --role all` on the in-process bus: this many HTTP processes on one port (the
+    # first runs every role, the others only the gateway), so that the API uses more cores.
+    gateway_processes: Annotated[int, Field(ge=1, le=64)] = 1
 
     @field_validator("database_url")
     @classmethod
