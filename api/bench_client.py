@@ -3,13 +3,14 @@
 Payments arrive at a fixed offered rate whatever the server does, as customers do: request
 ``i`` is due ``i / R`` seconds after the start, and its latency is measured from that
 intended send time, not from when it could be sent (wrk2's correction of coordinated
-omission). A request that finds every connection busy waits for one, and that wait is in
-its latency; a server that falls behind sees its latencies grow instead of the client
-slowing down to its pace.
+omission). A request that finds every connection busy gets a new one, as a new customer
+would (its connect time in its latency), up to ``max_connections``; past that it waits for
+one, and that wait is in its latency too. A server that falls behind sees its latencies
+grow instead of the client slowing down to its pace.
 
 It is cheap on purpose, so that it measures the server rather than itself: its own
 process (``python -m api.bench_client``, started by the bench), an asyncio loop (uvloop
-when installed) with raw HTTP/1.1 over a fixed pool of keep-alive connections opened
+when installed) with raw HTTP/1.1 over keep-alive connections, the first ones opened
 before the start, every request encoded before the start, nothing parsed in an answer but
 its status line and ``Content-Length``. It reports its own CPU time over the run, for the
 bench's ``client_cpu_share``, and the raw times of every request; the bench turns them
@@ -101,10 +102,13 @@ async def run(
     rate: float,
     connections: int,
     *,
+    max_connections: int = 0,
     timeout_s: float = 60.0,
 ) -> dict[str, Any]:
-    """Send ``requests[i]`` when it is due (``i / rate`` s after the start) on the first
-    free one of ``connections`` connections. Returns the raw times, in seconds from the
+    """Send ``requests[i]`` when it is due (``i / rate`` s after the start) on a free
+    connection: ``connections`` opened before the start, a new one when all are busy, up
+    to ``max_connections`` (at least ``connections``). Returns the raw times, in seconds
+    from the
     start: each request's due time, when it was queued (when it was due, unless this
     client fell behind), when a connection took it and sent it, when its answer came, its
     status (0: no answer), and this process's CPU time over the run."""
@@ -117,6 +121,8 @@ async def run(
     queue: asyncio.Queue[int | None] = asyncio.Queue()
     pool = [await asyncio.open_connection(host, port) for _ in range(connections)]
     errors: Counter[str] = Counter()
+    most = max(connections, max_connections)
+    idle = 0  # connections waiting for a request
 
     cpu_began = time.process_time()
     start = time.monotonic() + _LEAD_S
@@ -124,12 +130,18 @@ async def run(
     async def connection(
         stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
     ) -> None:
-        while (i := await queue.get()) is not None:
+        nonlocal idle
+        while True:
+            idle += 1
+            i = await queue.get()
+            idle -= 1
+            if i is None:
+                break
             sent[i] = time.monotonic() - start
             keep = False
             try:
                 async with asyncio.timeout(timeout_s):
-                    if stream is None:  # broken before: a new connection, in the latency
+                    if stream is None:  # opened during the run, or broken: in the latency
                         stream = await asyncio.open_connection(host, port)
                     statuses[i], keep = await _exchange(*stream, requests[i])
             except (OSError, EOFError, TimeoutError, ValueError) as exc:
@@ -148,6 +160,8 @@ async def run(
             await asyncio.sleep(wait)
         queued[i] = time.monotonic() - start
         queue.put_nowait(i)
+        if queue.qsize() > idle and len(workers) < most:  # every connection busy
+            workers.append(asyncio.create_task(connection(None)))
     for _ in workers:
         queue.put_nowait(None)
     await asyncio.gather(*workers)
@@ -155,7 +169,7 @@ async def run(
     cpu = time.process_time() - cpu_began
     return {
         "rate": rate,
-        "connections": connections,
+        "connections": len(workers),  # at the end: those opened before, and after
         "start_monotonic": start,  # request 0 was due then (time.monotonic())
         "due": due,
         "queued": queued,
@@ -183,7 +197,8 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
     a free connection included); ``service_*``: answer - sent, the server's part alone;
     ``schedule_lag_p99_ms``: queued - due, how far this client fell behind its schedule
     (large: the client is the bottleneck); ``connection_wait_p99_ms``: sent - queued, the
-    waits for a free connection (large: the server is behind). ``achieved_rate``: 202s over
+    waits for a free connection (large: the server is behind and every connection is
+    taken). ``achieved_rate``: 202s over
     the time from the start to the last answer."""
     due, queued, sent, answered = raw["due"], raw["queued"], raw["sent"], raw["answered"]
     statuses = Counter(raw["statuses"])
@@ -208,6 +223,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
         "service_p99_ms": _percentile(service, 0.99),
         "schedule_lag_p99_ms": _percentile(lag, 0.99),
         "connection_wait_p99_ms": _percentile(waits, 0.99),
+        "connections": raw["connections"],
         "cpu_seconds": raw["cpu_seconds"],
         "cpu_share": raw["cpu_seconds"] / (wall * raw["cpu_count"]) if wall > 0 else 0.0,
     }
@@ -220,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--api-key", required=True)
     parser.add_argument("--requests", type=Path, required=True, help="order id<TAB>body lines")
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=32, help="opened before the start")
+    parser.add_argument("--max-connections", type=int, default=1000, help="opened at most")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per answer")
     parser.add_argument("--out", type=Path, help="write the raw times here, not on stdout")
     args = parser.parse_args(argv)
@@ -231,7 +248,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         runner = uvloop.run
     raw = runner(
-        run(args.host, args.port, requests, args.rate, args.connections, timeout_s=args.timeout)
+        run(
+            args.host,
+            args.port,
+            requests,
+            args.rate,
+            args.connections,
+            max_connections=args.max_connections,
+            timeout_s=args.timeout,
+        )
     )
     if args.out is None:
         sys.stdout.buffer.write(orjson.dumps(raw) + b"\n")

@@ -93,6 +93,7 @@ def test_open_loop_latency_is_measured_from_the_intended_send_time():
         "answered": [0.3, 0.31, 0.32, 0.33],
         "statuses": [202, 202, 202, 500],
         "errors": {},
+        "connections": 1,
         "cpu_seconds": 0.02,
         "wall_seconds": 0.5,
         "cpu_count": 2,
@@ -203,3 +204,16 @@ async def test_the_open_loop_client_keeps_its_schedule_when_the_server_is_slow()
     # Request i is due at 25 i ms and answered at about 50 (i + 1) ms: the last waited ~275.
     assert s["latency_p99_ms"] > 200 > s["service_p99_ms"]
     assert 0 < s["cpu_share"] < 1 and raw["start_monotonic"] > 0
+
+
+async def test_the_open_loop_client_opens_connections_while_all_are_busy():
+    # The same slow server and rate, but customers may bring their own connection: no one
+    # waits for another's, so latencies from intended send times stay near the service time.
+    server, port, arrivals = await _slow_server(0.05)
+    async with server:
+        pairs = [(f"o-{i}", b"{}") for i in range(10)]
+        requests = encode_requests("127.0.0.1", port, "key", pairs)
+        raw = await run("127.0.0.1", port, requests, rate=40.0, connections=1, max_connections=8)
+    s = summarize(raw)
+    assert s["accepted"] == len(arrivals) == 10 and 2 <= s["connections"] <= 8
+    assert s["latency_p99_ms"] < 200 and s["connection_wait_p99_ms"] < 50
