@@ -20,10 +20,11 @@ transaction before).
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -141,6 +142,62 @@ def _payee_window(
         itertools.islice(heapq.merge(newest_batch, newest_stored, reverse=True), PAYEE_WINDOW)
     )
     return PayeeWindow(len(window), len({payer for *_, payer in window}))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _micros(at: datetime) -> int:
+    """Exact, unlike a float timestamp: a cut-off may equal a stored time to the µs."""
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def _payee_windows_of(
+    stored: Sequence[tuple[datetime, int, int, bytes]],
+    ats: Sequence[datetime],
+    payers: Sequence[bytes],
+) -> list[PayeeWindow]:
+    """The windows of a batch's payments to one payee, in batch order (each sees the ones
+    before it), from the payee's stored payments (``(at, 0, id, payer)``, newest first).
+
+    Usually every payment of the batch is newer than every stored one and within the hour
+    of the others: then a window is the earlier payments of the batch followed by a prefix
+    of the stored ones, and each is counted in O(log n) from prefix counts of distinct
+    payers. Otherwise each window is merged in full (:func:`_payee_window`)."""
+    newest_stored = stored[0][0] if stored else None
+    if (
+        (newest_stored is not None and min(ats) < newest_stored)
+        or max(ats) - min(ats) >= HOUR
+        or len(ats) > PAYEE_WINDOW
+    ):
+        earlier: list[tuple[datetime, int, int, bytes]] = []
+        out = []
+        for position, (at, payer) in enumerate(zip(ats, payers, strict=True), start=1):
+            out.append(_payee_window(stored, earlier, at - HOUR))
+            earlier.append((at, 1, position, payer))
+        return out
+    # first[p]: where payer p first appears in the stored order; distinct[k]: how many
+    # payers stored[:k] holds.
+    first: dict[bytes, int] = {}
+    distinct = [0]
+    for index, (*_, payer) in enumerate(stored):
+        first.setdefault(payer, index)
+        distinct.append(len(first))
+    newest_first = [-_micros(row[0]) for row in stored]  # ascending, for bisect
+    seen: set[bytes] = set()  # the batch's payers so far
+    seen_first: list[int] = []  # first[p] of those that are stored too, sorted
+    out = []
+    for taken, (at, payer) in enumerate(zip(ats, payers, strict=True)):
+        # Stored rows newer than the cut-off, of which as many as the window has room for.
+        after_cutoff = bisect.bisect_left(newest_first, -_micros(at - HOUR))
+        k = min(after_cutoff, PAYEE_WINDOW - taken)
+        also_stored = bisect.bisect_left(seen_first, k)  # the batch's payers in stored[:k]
+        out.append(PayeeWindow(taken + k, len(seen) + distinct[k] - also_stored))
+        if payer not in seen:
+            seen.add(payer)
+            if payer in first:
+                bisect.insort(seen_first, first[payer])
+    return out
 
 
 # Records a round: its payments in order, each payer's count, each payer's devices first
@@ -295,11 +352,15 @@ class HistoryStore:
         stored: dict[bytes, list[tuple[datetime, int, int, bytes]]] = {p: [] for p in payees}
         for row in rows:
             stored[payees[row.ord - 1]].append((row.at, 0, row.id, bytes(row.payer_key)))
-        earlier: dict[bytes, list[tuple[datetime, int, int, bytes]]] = {p: [] for p in payees}
-        windows = []
-        for position, (txn, key) in enumerate(zip(txns, keys, strict=True), start=1):
-            windows.append(_payee_window(stored[key.payee], earlier[key.payee], txn.at - HOUR))
-            earlier[key.payee].append((txn.at, 1, position, key.payer))
+        positions: dict[bytes, list[int]] = {p: [] for p in payees}
+        for position, key in enumerate(keys):
+            positions[key.payee].append(position)
+        windows: list[PayeeWindow] = [PayeeWindow(0, 0)] * len(txns)
+        for payee, mine in positions.items():
+            ats = [txns[i].at for i in mine]
+            payers = [keys[i].payer for i in mine]
+            for i, window in zip(mine, _payee_windows_of(stored[payee], ats, payers), strict=True):
+                windows[i] = window
         return windows
 
     async def histories(
