@@ -21,10 +21,8 @@ transaction before).
 from __future__ import annotations
 
 import bisect
-import heapq
-import itertools
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -110,7 +108,7 @@ _READ = sql_text(
 # The latest payments to each payee of a batch, within the hour before its earliest payment
 # in the batch: an index scan backwards, at most PAYEE_WINDOW rows a payee. Each payment's
 # own window is a part of these (a later cut-off keeps a prefix of them), merged with the
-# batch's earlier payments to that payee, in Python (:func:`_payee_window`).
+# batch's earlier payments to that payee, in Python (:func:`_payee_windows_of`).
 _READ_PAYEES = sql_text(
     f"""
     SELECT q.ord, w.payer_key, w.at, w.id
@@ -126,78 +124,33 @@ _READ_PAYEES = sql_text(
 )
 
 
-def _payee_window(
-    stored: Sequence[tuple[datetime, int, int, bytes]],
-    earlier: Sequence[tuple[datetime, int, int, bytes]],
-    cutoff: datetime,
-) -> PayeeWindow:
-    """A payment's payee window: its payee's latest ``PAYEE_WINDOW`` payments after
-    ``cutoff``, newest first as the database orders them (by time; at the same time the
-    batch's own are the newer; then by arrival), from the stored ones
-    (``(at, 0, id, payer)``, newest first) and the batch's earlier ones
-    (``(at, 1, position, payer)``, in batch order)."""
-    newest_batch = sorted((e for e in earlier if e[0] > cutoff), reverse=True)
-    newest_stored = itertools.takewhile(lambda r: r[0] > cutoff, stored)
-    window = list(
-        itertools.islice(heapq.merge(newest_batch, newest_stored, reverse=True), PAYEE_WINDOW)
-    )
-    return PayeeWindow(len(window), len({payer for *_, payer in window}))
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _micros(at: datetime) -> int:
-    """Exact, unlike a float timestamp: a cut-off may equal a stored time to the µs."""
-    return (at - _EPOCH) // timedelta(microseconds=1)
-
-
 def _payee_windows_of(
     stored: Sequence[tuple[datetime, int, int, bytes]],
     ats: Sequence[datetime],
     payers: Sequence[bytes],
 ) -> list[PayeeWindow]:
-    """The windows of a batch's payments to one payee, in batch order (each sees the ones
-    before it), from the payee's stored payments (``(at, 0, id, payer)``, newest first).
+    """The windows of a batch's payments to one payee, in batch order: each is its payee's
+    latest ``PAYEE_WINDOW`` payments in the hour before it, the batch's earlier ones
+    included, ordered as the database orders them (by time; at the same time the batch's
+    own are the newer; then by arrival). ``stored``: the payee's stored payments as
+    ``(at, 0, id, payer)``, the latest ``PAYEE_WINDOW`` after the batch's earliest cut-off.
 
-    Usually every payment of the batch is newer than every stored one and within the hour
-    of the others: then a window is the earlier payments of the batch followed by a prefix
-    of the stored ones, and each is counted in O(log n) from prefix counts of distinct
-    payers. Otherwise each window is merged in full (:func:`_payee_window`)."""
-    newest_stored = stored[0][0] if stored else None
-    if (
-        (newest_stored is not None and min(ats) < newest_stored)
-        or max(ats) - min(ats) >= HOUR
-        or len(ats) > PAYEE_WINDOW
-    ):
-        earlier: list[tuple[datetime, int, int, bytes]] = []
-        out = []
-        for position, (at, payer) in enumerate(zip(ats, payers, strict=True), start=1):
-            out.append(_payee_window(stored, earlier, at - HOUR))
-            earlier.append((at, 1, position, payer))
-        return out
-    # first[p]: where payer p first appears in the stored order; distinct[k]: how many
-    # payers stored[:k] holds.
-    first: dict[bytes, int] = {}
-    distinct = [0]
-    for index, (*_, payer) in enumerate(stored):
-        first.setdefault(payer, index)
-        distinct.append(len(first))
-    newest_first = [-_micros(row[0]) for row in stored]  # ascending, for bisect
-    seen: set[bytes] = set()  # the batch's payers so far
-    seen_first: list[int] = []  # first[p] of those that are stored too, sorted
-    out = []
-    for taken, (at, payer) in enumerate(zip(ats, payers, strict=True)):
-        # Stored rows newer than the cut-off, of which as many as the window has room for.
-        after_cutoff = bisect.bisect_left(newest_first, -_micros(at - HOUR))
-        k = min(after_cutoff, PAYEE_WINDOW - taken)
-        also_stored = bisect.bisect_left(seen_first, k)  # the batch's payers in stored[:k]
-        out.append(PayeeWindow(taken + k, len(seen) + distinct[k] - also_stored))
-        if payer not in seen:
-            seen.add(payer)
-            if payer in first:
-                bisect.insort(seen_first, first[payer])
-    return out
+    The candidates are kept in one ascending list (a batch's payment is inserted in its
+    place once counted): a payment's window is the top of the part after its cut-off, so
+    each costs a bisection and one set of at most ``PAYEE_WINDOW`` payers, in C."""
+    rows = sorted(((at, flag, seq), payer) for at, flag, seq, payer in stored)
+    keys = [key for key, _ in rows]
+    who = [payer for _, payer in rows]
+    windows = []
+    for position, (at, payer) in enumerate(zip(ats, payers, strict=True), start=1):
+        newer = bisect.bisect_right(keys, (at - HOUR, 2, 0))  # the first after the cut-off
+        start = max(newer, len(keys) - PAYEE_WINDOW)
+        windows.append(PayeeWindow(len(keys) - start, len(set(who[start:]))))
+        key = (at, 1, position)
+        place = bisect.bisect_right(keys, key)
+        keys.insert(place, key)
+        who.insert(place, payer)
+    return windows
 
 
 # Records a round: its payments in order, each payer's count, each payer's devices first

@@ -1,6 +1,7 @@
-"""The fast count of a batch's payee windows (fraud.store._payee_windows_of) against the
-full merge of each window (fraud.store._payee_window), which the store tests hold to
-fraud.history: same counts, whatever the stored rows, the batch and the cap."""
+"""A batch's payee windows (fraud.store._payee_windows_of) against the definition, window
+by window: the payee's payments after the cut-off, the batch's earlier ones included,
+newest first as the database orders them, capped; whatever the stored rows, the batch
+(older or newer than them) and the cap."""
 
 import random
 from datetime import UTC, datetime, timedelta
@@ -8,15 +9,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fraud.history import HOUR, PAYEE_WINDOW
-from fraud.store import _payee_window, _payee_windows_of
+from fraud.store import PayeeWindow, _payee_windows_of
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
 
 def merged(stored, ats, payers):
+    """Each window built from scratch: candidates sorted newest first, cut, capped."""
     earlier, out = [], []
     for position, (at, payer) in enumerate(zip(ats, payers, strict=True), start=1):
-        out.append(_payee_window(stored, earlier, at - HOUR))
+        candidates = sorted((*stored, *earlier), reverse=True)
+        window = [row for row in candidates if row[0] > at - HOUR][:PAYEE_WINDOW]
+        out.append(PayeeWindow(len(window), len({row[3] for row in window})))
         earlier.append((at, 1, position, payer))
     return out
 
@@ -29,14 +33,15 @@ def test_fast_windows_equal_the_full_merge(seed):
     span = rng.choice([timedelta(seconds=30), timedelta(minutes=70)])
     times = sorted((NOW - span * rng.random() for _ in range(n_stored)), reverse=True)
     stored = [(at, 0, 10_000 - i, rng.choice(payer_pool)) for i, at in enumerate(times)]
-    batch = rng.choice([1, 5, 300, 1_000, 1_100])
+    batch = rng.choice([1, 5, 120, 400])
     if rng.random() < 0.2:  # a cut-off exactly on a stored time, to the microsecond
         base = (stored[len(stored) // 2][0] + HOUR) if stored else NOW
     else:
         base = NOW + timedelta(seconds=1)
     ats = [base + timedelta(microseconds=rng.randrange(0, 3_000_000)) for _ in range(batch)]
-    if rng.random() < 0.2 and stored:  # a payment older than the newest stored one
-        ats[0] = stored[0][0] - timedelta(seconds=1)
+    if rng.random() < 0.3 and stored:  # payments older than the newest stored ones
+        for i in rng.sample(range(batch), k=max(1, batch // 3)):
+            ats[i] = stored[0][0] - timedelta(seconds=rng.random() * 20)
     payers = [rng.choice(payer_pool) for _ in range(batch)]
     assert _payee_windows_of(stored, ats, payers) == merged(stored, ats, payers)
 
