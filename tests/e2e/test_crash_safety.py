@@ -67,10 +67,14 @@ def test_sigkill_mid_burst_then_restart_loses_nothing_and_repeats_nothing(embedd
     # About 21 payments per payer here: above the default daily count of 20. Such bursts
     # are stepped up or blocked by the fraud engine; nobody verifies, so the stepped-up
     # ones expire (shortened here) and fail: every payment still ends in one final status.
+    # The merchant's rate limit (50/s) is lifted: the gateway now takes the burst faster than
+    # that, and a 429 would count as unacknowledged here, then again on the retries.
     embedded_env = {
         **embedded_env,
         "UPI_PAYER_DAILY_MAX_COUNT": "1000",
         "UPI_FRAUD_VERIFICATION_TTL_S": "3",
+        "UPI_MERCHANT_RATE_PER_S": "100000",
+        "UPI_MERCHANT_RATE_BURST": "100000",
     }
     server = Serve(embedded_env).start()
     merchant = create_merchant(embedded_env)
