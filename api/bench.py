@@ -505,7 +505,7 @@ def _postmaster_pid(data_dir: Path) -> int:
 # --- the engine --------------------------------------------------------------------------
 
 
-def _env(data_dir: Path, bus: str) -> dict[str, str]:
+def _env(data_dir: Path, bus: str, switch_latency_scale: float = 1.0) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPI_")}
     env.update(
         {
@@ -513,6 +513,8 @@ def _env(data_dir: Path, bus: str) -> dict[str, str]:
             "UPI_LOG_LEVEL": "WARNING",
             "UPI_MERCHANT_RATE_PER_S": "1000000",
             "UPI_MERCHANT_RATE_BURST": "1000000",
+            # The mock switch's shipped bank latencies (1) or a fraction of them (0: none).
+            "UPI_NPCI_MOCK_LATENCY_SCALE": repr(switch_latency_scale),
         }
     )
     if bus == "kafka":
@@ -708,6 +710,7 @@ async def run_bench(
     processes: int = 1,
     rate: float | None = None,
     duration_s: float | None = None,
+    switch_latency_scale: float = 1.0,
     seed: int = 20261125,
     on_phase: Callable[[str], None] = lambda phase: None,
     on_progress: Callable[[int], None] = lambda payments: None,
@@ -724,7 +727,7 @@ async def run_bench(
     with scratch_data_dir("ub") as data_dir:
         requests = data_dir / "requests.tsv"
         count = await asyncio.to_thread(write_requests, requests, _bodies(seed, load.count))
-        env = _env(data_dir, bus)
+        env = _env(data_dir, bus, switch_latency_scale)
         on_phase("starting the engine")
         # The bench starts the scratch server and holds it: it outlives the engine, for
         # the insert baseline; the scratch dir's clean-up stops it.
@@ -782,6 +785,7 @@ async def run_bench(
         "concurrency": concurrency,
         "bus": bus,
         "processes": processes,
+        "switch_latency_scale": switch_latency_scale,
         "client": sent.client,
         "loop": "closed" if rate is None else "open",
         "sent": sent.sent,

@@ -840,6 +840,10 @@ def bench(
             " kafka: 1 every role in one, 2 gateway | workers",
         ),
     ] = 1,
+    switch_latency_scale: Annotated[
+        float,
+        typer.Option(min=0, max=10, help="The mock switch's bank latencies x this (0: none)"),
+    ] = 1.0,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Run the whole engine on a scratch embedded PostgreSQL, send realistic payments, wait
@@ -885,6 +889,7 @@ def bench(
                     processes=processes,
                     rate=rate,
                     duration_s=duration,
+                    switch_latency_scale=switch_latency_scale,
                     on_phase=lambda phase: progress.update(task, description=phase),
                     on_progress=lambda n: progress.update(task, completed=n),
                 )
