@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core.errors import IdempotencyConflict
 from core.storage import sql_text
 
-__all__ = ["STORED", "claim_key", "replay", "stored_response"]
+__all__ = ["STORED", "STORED_RAW", "claim_key", "replay", "stored_response"]
 
 
 async def claim_key(
@@ -60,12 +60,14 @@ async def stored_response(
     return replay(bytes(row.request_hash), status, row.response_body, request_hash)
 
 
-# The stored key, by merchant and key (named parameters; the gateway's asyncpg path binds
-# them by position: $1 merchant, $2 key).
-STORED = (
+# The stored key, by merchant and key: with named parameters, and as the gateway's
+# asyncpg path binds them (by position).
+_STORED = (
     "SELECT request_hash, response_status, response_body FROM idempotency_keys"
-    " WHERE merchant_id = :m AND idempotency_key = :k"
+    " WHERE merchant_id = {} AND idempotency_key = {}"
 )
+STORED = _STORED.format(":m", ":k")
+STORED_RAW = _STORED.format("$1", "$2")
 
 
 def replay(

@@ -27,7 +27,7 @@ from core.pii import Vpa, partition_key_for
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
-from payments.idempotency import STORED, replay
+from payments.idempotency import STORED_RAW, replay
 from payments.limits import PayerDailyLimits, per_transaction_limit
 from payments.merchants import Merchant
 
@@ -98,7 +98,6 @@ _PAYER_DAY = (
     " WHERE payer_vpa = $1 AND created_at >= $2"
     " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED')"
 )
-_STORED = STORED.replace(":m", "$1").replace(":k", "$2")
 
 
 async def _check_payer_day(
@@ -147,7 +146,7 @@ async def initiate_payment(
         )
         assert opened is not None
         if not opened["fresh"]:
-            row = await conn.fetchrow(_STORED, cmd.merchant_id, cmd.idempotency_key)
+            row = await conn.fetchrow(STORED_RAW, cmd.merchant_id, cmd.idempotency_key)
             assert row is not None
             status, stored = replay(
                 row["request_hash"], row["response_status"], row["response_body"], cmd.request_hash

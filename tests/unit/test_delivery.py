@@ -51,6 +51,7 @@ async def test_same_key_in_order_different_keys_concurrently():
     bus.subscribe(Subscription("c", ("payments",), handler))
     batch = [env(i, f"k{i % 4}") for i in range(40)]
     await bus.publish(batch)
+    await bus.stop()
     assert sorted(seen) == ["k0", "k1", "k2", "k3"]
     for key, amounts in seen.items():
         assert amounts == sorted(amounts), key
@@ -71,6 +72,7 @@ async def test_transient_failure_is_retried_then_succeeds():
     bus = MemoryBus(letters, FAST)
     bus.subscribe(Subscription("c", ("payments",), flaky))
     await bus.publish([env(1, "k")])
+    await bus.stop()
     assert calls == 3 and letters.items == []
 
 
@@ -86,6 +88,7 @@ async def test_persistent_failure_is_dead_lettered_with_reason_and_next_one_runs
     bus = MemoryBus(letters, FAST)
     bus.subscribe(Subscription("c", ("payments",), handler))
     await bus.publish([env(1, "k"), env(2, "k")])
+    await bus.stop()
     assert handled == ["UPI2"]
     [letter] = letters.items
     assert letter.attempts == 3 and "cannot handle this one" in letter.reason
@@ -105,6 +108,7 @@ async def test_poison_is_not_retried():
     bus = MemoryBus(letters, FAST)
     bus.subscribe(Subscription("c", ("payments",), handler))
     await bus.publish([env(1, "k")])
+    await bus.stop()
     assert calls == 1 and letters.items[0].attempts == 1
 
 
@@ -118,6 +122,7 @@ async def test_event_type_filter_and_topic_routing():
     bus.subscribe(Subscription("c", ("payments",), handler, event_types=frozenset({"Other"})))
     bus.subscribe(Subscription("d", ("fraud",), handler))
     await bus.publish([env(1, "k")])
+    await bus.stop()
     assert got == []
 
 
