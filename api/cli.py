@@ -143,7 +143,6 @@ async def _create_merchant(
             name=name,
             merchant_id=merchant_id,
         )
-        # Last: registering the merchant's VPA writes to the outbox.
         await insert_merchant(conn, merchant, sealed)
     return {"merchant_id": merchant_id, "api_key": api_key, "webhook_secret": webhook_secret}
 

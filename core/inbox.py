@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.storage import sql_text
 
-__all__ = ["already_processed", "already_processed_many", "claim", "claim_many"]
+__all__ = ["already_processed_many", "claim", "claim_many"]
 
 _PROCESSED = sql_text(
     "SELECT event_id FROM inbox WHERE consumer = :c AND event_id = ANY(CAST(:es AS uuid[]))"
@@ -34,16 +34,6 @@ async def claim(conn: AsyncConnection, consumer: str, event_id: uuid.UUID) -> bo
                 "INSERT INTO inbox (consumer, event_id) VALUES (:c, :e)"
                 " ON CONFLICT DO NOTHING RETURNING 1"
             ),
-            {"c": consumer, "e": event_id},
-        )
-    ).first()
-    return row is not None
-
-
-async def already_processed(conn: AsyncConnection, consumer: str, event_id: uuid.UUID) -> bool:
-    row = (
-        await conn.execute(
-            sql_text("SELECT 1 FROM inbox WHERE consumer = :c AND event_id = :e"),
             {"c": consumer, "e": event_id},
         )
     ).first()

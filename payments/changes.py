@@ -165,7 +165,7 @@ class PaymentChanges:
         if self._claims:
             assert self._consumer is not None
             await claim_many(conn, self._consumer, self._claims)
-        await append_to_outbox(conn, self._events)  # last: it takes the outbox lock
+        await append_to_outbox(conn, self._events)
         for status in self._final:
             PAYMENTS_FINAL.labels(status.value).inc()
         self._reset()

@@ -45,7 +45,7 @@ async def insert_merchant(
     at: datetime | None = None,
 ) -> None:
     """Create the merchant and register its own VPA (:class:`VpaTaken` if another merchant
-    has it). Writes to the outbox: call it last in the unit of work."""
+    has it). Publishes the registration (outbox)."""
     await conn.execute(
         sql_text(
             "INSERT INTO merchants (merchant_id, name, vpa, mcc, webhook_url, webhook_secret_enc)"
@@ -68,7 +68,7 @@ async def register_vpa(
 ) -> bool:
     """Let the merchant collect into ``vpa``. True if newly registered, False if it already
     was this merchant's; :class:`VpaTaken` if it is another merchant's, :class:`NotFound`
-    for an unknown merchant. Writes to the outbox: call it last in the unit of work."""
+    for an unknown merchant. Publishes the registration (outbox)."""
     at = at or datetime.now(UTC)
     # The merchant row is locked so that it cannot go away under the registration; a
     # concurrent registration of the same VPA waits on the primary key, then finds it.

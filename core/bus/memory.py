@@ -11,8 +11,8 @@ instead of its queue.
 :meth:`MemoryBus.publish` returns only when every subscriber has settled every event of the
 batch (handled or dead-lettered), so the relay's stored position never passes an event a
 consumer has not seen; after a crash the relay resends from its position and inboxes drop
-repeats. The relay may have several batches in flight (:attr:`MemoryBus.pipelined`): it
-stores the position of the longest prefix of batches that have settled.
+repeats. The relay may have several batches in flight (``OutboxRelay(max_in_flight=…)``):
+it stores the position of the longest prefix of batches that have settled.
 
 Order: one subscriber's worker settles its queue in order, one delivery at a time, and a
 delivery keeps the order of events sharing a partition key; so per-payer order holds. A
@@ -117,9 +117,6 @@ class _Consumer:
 
 
 class MemoryBus:
-    #: The relay may publish the next batches before this one settled.
-    pipelined = True
-
     def __init__(
         self,
         dead_letters: DeadLetterSink,
