@@ -3,12 +3,17 @@ usage or configuration."""
 
 from __future__ import annotations
 
+# First: `serve` chooses where prometheus_client keeps metric values before it is imported.
+import api.serve_metrics  # noqa: F401
+
+# isort: split
 import asyncio
 import base64
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -29,13 +34,14 @@ from rich.table import Table
 from api.auth import Role as PrincipalRole
 from api.auth import issue_token
 from api.bootstrap import Engine, Role
+from api.shutdown import exit_on_sigterm, graceful_server
 from core.config import Settings, load_settings
-from core.embedded import embedded_url_if_running
+from core.embedded import embedded_url_if_running, release_embedded
 from core.errors import ConfigError, NotFound, VpaTaken
 from core.ids import new_merchant_id
 from core.logging import configure_logging
 from core.pii import VPA_PATTERN
-from core.storage import Database, migrate, plain_url
+from core.storage import Database, migrate, plain_url, sql_text
 
 __all__ = ["app", "main"]
 
@@ -50,7 +56,9 @@ keys_app = typer.Typer(no_args_is_help=True, help="Ledger data keys")
 settlement_app = typer.Typer(no_args_is_help=True, help="T+1 settlement")
 fraud_app = typer.Typer(no_args_is_help=True, help="The fraud model")
 dr_app = typer.Typer(no_args_is_help=True, help="Disaster recovery: status and drills")
+token_app = typer.Typer(no_args_is_help=True, help="Credentials: API keys and bearer tokens")
 app.add_typer(merchant_app, name="merchant")
+app.add_typer(token_app, name="token")
 app.add_typer(auditor_app, name="auditor")
 app.add_typer(operator_app, name="operator")
 app.add_typer(webhooks_app, name="webhooks")
@@ -90,6 +98,8 @@ def serve(
     ] = False,
 ) -> None:
     """Run the API and/or workers."""
+    import socket
+
     import uvicorn
 
     from api.http import create_app
@@ -97,31 +107,63 @@ def serve(
 
     settings = _settings()
     roles = role or [Role.ALL]
+    extra = 0
+    if settings.bus is BusKind.MEMORY and Role.ALL in roles and port != 0:
+        extra = settings.gateway_process_count - 1
+    internal_port = None if beside else settings.internal_port  # the main process's only
+    if settings.production and internal_port is None and not beside:
+        _fail_config(
+            ConfigError(
+                "UPI_INTERNAL_PORT: required with UPI_ENV=production"
+                " (the listener of /docs, /openapi.json and /metrics)"
+            )
+        )
+    from api.internal import create_internal_app, internal_socket, run_with_internal
+
+    internal_sock: socket.socket | None = None
+    if internal_port is not None:
+        if internal_port == port:
+            _fail_config(ConfigError(f"UPI_INTERNAL_PORT: must differ from --port ({port})"))
+        try:
+            internal_sock = internal_socket(settings.internal_host, internal_port)
+        except OSError as exc:
+            _fail_config(
+                ConfigError(
+                    f"UPI_INTERNAL_PORT: cannot listen on"
+                    f" {settings.internal_host}:{internal_port} ({exc.strerror or exc})"
+                )
+            )
     try:
-        engine = Engine.build(settings, roles, beside_workers=beside)
+        engine = Engine.build(settings, roles, beside_workers=beside, gateways_beside=extra > 0)
     except ConfigError as exc:
         _fail_config(exc)
+    public_app = create_app(engine)
     config = uvicorn.Config(
-        create_app(engine),
+        public_app,
         host=host,
         port=port,
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
-    extra = 0
-    if settings.bus is BusKind.MEMORY and Role.ALL in roles and port != 0:
-        extra = settings.gateway_processes - 1
+    server = graceful_server(config, force_exit=lambda: _exit_at_once(settings))
+    sockets: list[socket.socket] | None = None
+
+    def run() -> None:
+        if internal_sock is None:
+            server.run(sockets=sockets)
+        else:
+            run_with_internal(server, sockets, create_internal_app(public_app), internal_sock)
+
     if not extra and not beside:
-        server.run()
+        run()
         return
     from api.processes import listening_socket, start_gateways, stop_gateways
 
-    sock = listening_socket(host, port)
+    sockets = [listening_socket(host, port)]
     gateways = start_gateways(extra, host, port)
     try:
-        server.run(sockets=[sock])
+        run()
     finally:
         stop_gateways(gateways)
 
@@ -132,7 +174,7 @@ async def _create_merchant(
     from payments.merchants import Merchant, insert_merchant
 
     merchant_id = new_merchant_id()
-    webhook_secret = "whsec_" + base64.urlsafe_b64encode(os.urandom(32)).decode()
+    webhook_secret = _new_webhook_secret()
     sealed = engine.master_key.seal(webhook_secret.encode(), merchant_id.encode())
     merchant = Merchant(merchant_id, name, vpa.lower(), mcc, webhook_url)
     async with engine.db.transaction() as conn:
@@ -155,9 +197,9 @@ def npci_mock(
     """Run the mock NPCI switch as its own HTTP process (point UPI_NPCI_URL at it)."""
     import uvicorn
 
-    from api.bootstrap import all_migrations, database_url, mock_switch
+    from api.bootstrap import database_url, mock_switch, simulator_migrations
     from core.storage import Database
-    from payments.npci.http import create_mock_app
+    from npcisim.http import create_mock_app
 
     settings = _settings()
     try:
@@ -166,10 +208,18 @@ def npci_mock(
         _fail_config(exc)
 
     async def start() -> None:
-        await migrate(db, all_migrations())
+        await migrate(db, simulator_migrations())  # its own tables only, not the engine's
 
     app_ = create_mock_app(mock_switch(settings, db), on_start=start, on_stop=db.close)
-    uvicorn.run(app_, host=host, port=port, log_config=None, access_log=False)
+    config = uvicorn.Config(app_, host=host, port=port, log_config=None, access_log=False)
+    graceful_server(config, force_exit=lambda: _exit_at_once(settings)).run()
+
+
+def _exit_at_once(settings: Settings) -> NoReturn:
+    """A second signal during shutdown (``api/shutdown.py``)."""
+    if settings.embedded:
+        release_embedded(settings.data_dir, immediate=True)
+    os._exit(1)
 
 
 @merchant_app.command("create")
@@ -183,11 +233,15 @@ def merchant_create(
     """Create a merchant; prints its API key and webhook secret (shown once)."""
     if not VPA_PATTERN.match(vpa):
         _fail_config(ConfigError("--vpa: not a valid VPA (local-part@handle)"))
-    if webhook_url is not None and not webhook_url.startswith(("http://", "https://")):
-        _fail_config(ConfigError("--webhook-url: must be an http(s):// URL"))
     if not (mcc.isdigit() and len(mcc) == 4):
         _fail_config(ConfigError("--mcc: must be 4 digits"))
     settings = _settings()
+    if webhook_url is not None:
+        from payments.webhook_targets import url_problem
+
+        # Its addresses are checked at every delivery (a name's may change); its form now.
+        if (problem := url_problem(webhook_url, production=settings.production)) is not None:
+            _fail_config(ConfigError(f"--webhook-url: {problem}"))
     try:
         created = asyncio.run(
             _with_engine(settings, lambda e: _create_merchant(e, name, vpa, mcc, webhook_url))
@@ -246,16 +300,17 @@ def merchant_add_vpa(
 
 async def _with_engine(settings: Settings, work: Callable[[Engine], Awaitable[T]]) -> T:
     """Run ``work`` against the database (migrated), then release it."""
-    from api.bootstrap import all_migrations
+    from api.bootstrap import engine_migrations
 
     try:
         engine = Engine.build(settings, [Role.ALL])
     except ConfigError as exc:
         _fail_config(exc)
     try:
-        await migrate(engine.db, all_migrations())
+        await migrate(engine.db, engine_migrations(settings))
         return await work(engine)
     finally:
+        await engine.close_switch_journal()
         await engine.db.close()
 
 
@@ -314,6 +369,202 @@ def _spinner(message: str, quiet: bool, *, elapsed: bool = False) -> Progress:
     return _progress(message, quiet, *columns)
 
 
+_GRACE_HELP = "Seconds the old ones keep working (0: none)"
+_DEFAULT_GRACE_S = 86_400.0
+
+
+@merchant_app.command("rotate-key")
+def merchant_rotate_key(
+    merchant: Annotated[str, typer.Option(help="Merchant id (mer_…)")],
+    grace: Annotated[float, typer.Option(min=0, help=_GRACE_HELP)] = _DEFAULT_GRACE_S,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """A new API key for the merchant (shown once); its other keys keep working for
+    ``--grace`` seconds, then stop."""
+    from datetime import timedelta
+
+    from api.auth import rotate_credentials
+
+    settings = _settings()
+
+    async def rotate(engine: Engine) -> dict[str, Any]:
+        now = engine.clock.now()
+        async with engine.db.transaction() as conn:
+            known = (
+                await conn.execute(
+                    sql_text(
+                        "SELECT 1 FROM principals WHERE principal_id = :m AND role = 'merchant'"
+                    ),
+                    {"m": merchant},
+                )
+            ).first()
+            if known is None:
+                raise NotFound(merchant)
+            credential_id, token, ends = await rotate_credentials(
+                conn, merchant, PrincipalRole.MERCHANT, grace=timedelta(seconds=grace), now=now
+            )
+        return {
+            "merchant_id": merchant,
+            "credential_id": credential_id,
+            "api_key": token,
+            "old_keys_expire_at": _iso(ends),
+        }
+
+    rotated = _rotated(settings, rotate, merchant, json)
+    out.print(f"api_key  {rotated['api_key']}  ({rotated['credential_id']})")
+    out.print(f"the merchant's other keys stop at {rotated['old_keys_expire_at']}")
+    out.print("[yellow]The API key is shown once. Store it now.[/]")
+
+
+def _rotated(
+    settings: Settings,
+    rotate: Callable[[Engine], Awaitable[dict[str, Any]]],
+    merchant: str,
+    json: bool,
+) -> dict[str, Any]:
+    """Run a merchant's rotation; with ``--json`` print it and exit; errors exit 2."""
+    try:
+        rotated = asyncio.run(_with_engine(settings, rotate))
+    except ConfigError as exc:
+        _fail_config(exc)
+    except NotFound:
+        _fail_config(ConfigError(f"--merchant: no merchant {merchant}"))
+    if json:
+        sys.stdout.write(orjson.dumps(rotated).decode() + "\n")
+        raise typer.Exit(0)
+    return rotated
+
+
+@merchant_app.command("rotate-webhook-secret")
+def merchant_rotate_webhook_secret(
+    merchant: Annotated[str, typer.Option(help="Merchant id (mer_…)")],
+    grace: Annotated[float, typer.Option(min=0, help=_GRACE_HELP)] = _DEFAULT_GRACE_S,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """A new webhook secret (shown once). Until ``--grace`` seconds have passed, webhooks
+    carry a signature with each secret, so the receiver can switch over."""
+    from datetime import timedelta
+
+    from payments.merchants import rotate_webhook_secret
+
+    settings = _settings()
+
+    async def rotate(engine: Engine) -> dict[str, Any]:
+        now = engine.clock.now()
+        secret = _new_webhook_secret()
+        sealed = engine.master_key.seal(secret.encode(), merchant.encode())
+        async with engine.db.transaction() as conn:
+            secret_id, ends = await rotate_webhook_secret(
+                conn, merchant, sealed, grace=timedelta(seconds=grace), now=now
+            )
+        return {
+            "merchant_id": merchant,
+            "secret_id": secret_id,
+            "webhook_secret": secret,
+            "old_secrets_expire_at": _iso(ends),
+        }
+
+    rotated = _rotated(settings, rotate, merchant, json)
+    out.print(f"webhook_secret  {rotated['webhook_secret']}  ({rotated['secret_id']})")
+    out.print(f"the other secrets sign until {rotated['old_secrets_expire_at']}")
+    out.print("[yellow]The webhook secret is shown once. Store it now.[/]")
+
+
+# Listings come in pages (docs/security.md "Pagination"): --limit, then --after the last
+# one shown; --json adds next_after (null on the last page).
+_LIMIT = typer.Option(min=1, max=1000, help="At most this many (a page)")
+_AFTER = typer.Option(help="The next page: the last id shown (next_after)")
+
+
+def _page(rows: list[dict[str, Any]], limit: int, key: str) -> tuple[list[dict[str, Any]], Any]:
+    """The first ``limit`` of ``limit + 1`` rows read, and the cursor of the next page."""
+    return rows[:limit], rows[limit - 1][key] if len(rows) > limit else None
+
+
+def _print_more(next_after: object) -> None:
+    if next_after is not None:
+        out.print(f"more: --after {next_after}")
+
+
+@token_app.command("list")
+def token_list(
+    limit: Annotated[int, _LIMIT] = 100,
+    after: Annotated[str | None, _AFTER] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """The credentials, oldest first: id, prefix, role, principal, status, created, expires,
+    last used; --limit a page, the next with --after the last id shown."""
+    from api.auth import list_credentials
+
+    settings = _settings()
+
+    async def listing(engine: Engine) -> list[dict[str, Any]]:
+        now = engine.clock.now()
+        async with engine.db.connection() as conn:
+            return [c.view(now) for c in await list_credentials(conn, limit=limit + 1, after=after)]
+
+    try:
+        found = asyncio.run(_with_engine(settings, listing))
+    except ConfigError as exc:
+        _fail_config(exc)
+    found, next_after = _page(found, limit, "credential_id")
+    if json:
+        body = {"credentials": found, "next_after": next_after}
+        sys.stdout.write(orjson.dumps(body).decode() + "\n")
+        return
+    table = Table(
+        "credential", "prefix", "role", "principal", "status", "created", "expires", "last used"
+    )
+    for c in found:
+        table.add_row(
+            c["credential_id"],
+            c["prefix"] + "…",
+            c["role"],
+            c["principal_id"],
+            c["status"],
+            c["created_at"] or "",
+            c["expires_at"] or "",
+            c["last_used_at"] or "",
+        )
+    out.print(table)
+    _print_more(next_after)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    credential_id: Annotated[str, typer.Argument(help="The credential's id (cred_…)")],
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Revoke a credential at once (every gateway process refuses it within a second)."""
+    from api.auth import revoke_credential
+
+    settings = _settings()
+
+    async def revoke(engine: Engine) -> bool:
+        async with engine.db.transaction() as conn:
+            return await revoke_credential(conn, credential_id, engine.clock.now())
+
+    try:
+        now_revoked = asyncio.run(_with_engine(settings, revoke))
+    except ConfigError as exc:
+        _fail_config(exc)
+    except NotFound:
+        _fail_config(ConfigError(f"ID: no credential {credential_id}"))
+    if json:
+        result = {"credential_id": credential_id, "revoked": True, "revoked_now": now_revoked}
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    else:
+        out.print(f"{credential_id} revoked" + ("" if now_revoked else " (already)"))
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _new_webhook_secret() -> str:
+    return "whsec_" + base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
 def _bar(message: str, total: float | None, quiet: bool) -> Progress:
     """A bar counting up to ``total``."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
@@ -363,9 +614,12 @@ def operator_create(
 def webhooks_list(
     status: Annotated[str, typer.Option(help="PENDING, DELIVERED or DEAD")] = "DEAD",
     merchant: Annotated[str | None, typer.Option(help="Only this merchant")] = None,
+    limit: Annotated[int, _LIMIT] = 100,
+    after: Annotated[int | None, typer.Option(help="The next page: the last id shown")] = None,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
-    """List webhook deliveries (by default the dead-lettered ones)."""
+    """List webhook deliveries (by default the dead-lettered ones), by id; --limit a
+    page, the next with --after the last id shown."""
     from core.storage import sql_text
 
     status = status.upper()
@@ -382,13 +636,18 @@ def webhooks_list(
         if merchant:
             sql += " AND merchant_id = :m"
             params["m"] = merchant
+        if after is not None:
+            sql += " AND id > :after"
+            params["after"] = after
+        params["n"] = limit + 1
         async with engine.db.connection() as conn:
-            rows = (await conn.execute(sql_text(sql + " ORDER BY id LIMIT 1000"), params)).all()
+            rows = (await conn.execute(sql_text(sql + " ORDER BY id LIMIT :n"), params)).all()
         return [{**r._asdict(), "created_at": r.created_at.isoformat()} for r in rows]
 
-    rows = asyncio.run(_with_engine(settings, fetch))
+    rows, next_after = _page(asyncio.run(_with_engine(settings, fetch)), limit, "id")
     if json:
-        sys.stdout.write(orjson.dumps({"status": status, "deliveries": rows}).decode() + "\n")
+        body = {"status": status, "deliveries": rows, "next_after": next_after}
+        sys.stdout.write(orjson.dumps(body).decode() + "\n")
         return
 
     table = Table("id", "merchant", "transaction", "attempts", "last error")
@@ -401,6 +660,7 @@ def webhooks_list(
             str(r["last_error"] or ""),
         )
     out.print(table)
+    _print_more(next_after)
 
 
 @webhooks_app.command("replay")
@@ -430,30 +690,30 @@ def webhooks_replay(
 @ledger_app.command("verify")
 def ledger_verify(
     full: Annotated[bool, typer.Option("--full", help="Recheck from height 0")] = False,
+    public_key: Annotated[
+        list[Path] | None,
+        typer.Option(help="Trust only this checkpoint key (PEM), not the database's; repeatable"),
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
-    """Recompute the chain, Merkle roots and checkpoint signatures. Exit 0 valid, 1 invalid.
+    """Recompute the chain, Merkle roots, checkpoint signatures and the stored tree. Exit 0
+    valid, 1 invalid.
 
     Resumes after the last checkpoint a previous run verified, unless --full.
     """
     from compliance.ledger import verify_ledger
     from core.clock import SystemClock
 
+    trusted = _public_keys(public_key, "--public-key") if public_key else None
     settings = _settings()
     with _spinner("verifying the ledger…", json):
         result = asyncio.run(
-            _with_database(settings, lambda db: verify_ledger(db, SystemClock(), full=full))
+            _with_database(
+                settings,
+                lambda db: verify_ledger(db, SystemClock(), full=full, trusted_keys=trusted),
+            )
         )
-    if json:
-        sys.stdout.write(orjson.dumps(result.to_dict()).decode() + "\n")
-    elif result.valid:
-        out.print(
-            f"[green]valid[/]: {result.entries} entries, {result.checkpoints} checkpoints"
-            f"{' (resumed)' if not full else ''}"
-        )
-    else:
-        out.print(f"[red]INVALID[/] at height {result.first_bad_height}: {result.reason}")
-    raise typer.Exit(0 if result.valid else 1)
+    _print_verification(result, json, "" if full else " (resumed)")
 
 
 @ledger_app.command("export")
@@ -482,16 +742,227 @@ def ledger_export(
 def ledger_public_key() -> None:
     """Print the checkpoint verification key (PEM)."""
     from compliance.keys import active_signing_key
+    from compliance.ledger import public_key_pems
     from core.clock import SystemClock
 
     settings = _settings()
+    pems = asyncio.run(_with_database(settings, public_key_pems))
+    if pems:  # the newest; no master key needed to read it
+        sys.stdout.write(list(pems.values())[-1])
+        return
 
-    async def pem(engine: Engine) -> str:
+    async def pem(engine: Engine) -> str:  # none yet: made now, which needs the master key
         async with engine.db.transaction() as conn:
             key = await active_signing_key(conn, engine.master_key, SystemClock().now())
         return key.public_pem
 
     sys.stdout.write(asyncio.run(_with_engine(settings, pem)))
+
+
+def _pin(text: str) -> tuple[int, bytes]:
+    from compliance.verifier import parse_pin
+
+    try:
+        return parse_pin(text)
+    except ValueError:
+        sys.stderr.write(f"error: --pin must be HEIGHT:HEAD_HASH (64 hex digits), not {text}\n")
+        raise typer.Exit(2) from None
+
+
+def _public_keys(paths: list[Path], what: str) -> list[Any]:
+    from compliance.verifier import load_public_key
+
+    keys = []
+    for path in paths:
+        try:
+            keys.append(load_public_key(path.read_bytes()))
+        except OSError as exc:
+            sys.stderr.write(f"error: {what} {path}: {exc.strerror}\n")
+            raise typer.Exit(2) from None
+        except ValueError:
+            sys.stderr.write(f"error: {what} {path}: not an Ed25519 public key in PEM\n")
+            raise typer.Exit(2) from None
+    return keys
+
+
+@ledger_app.command("verify-export")
+def ledger_verify_export(
+    export_file: Annotated[Path, typer.Argument(help="An export (JSON Lines)")],
+    public_key: Annotated[
+        list[Path], typer.Option(help="Checkpoint verification key (PEM); repeatable")
+    ],
+    pin: Annotated[
+        list[str] | None,
+        typer.Option(help="HEIGHT:HEAD_HASH of a checkpoint you hold; repeatable"),
+    ] = None,
+    witness_key: Annotated[
+        list[Path] | None,
+        typer.Option(help="A witness whose cosignature is required (PEM); repeatable"),
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Verify an export offline: chain, roots, signatures, cosignatures, consistency between
+    checkpoints and pins. Needs no database and no key but the public ones.
+
+    Exit 0 valid, 1 invalid (with the first bad height), 2 bad usage."""
+    from compliance.verifier import read_export, verify_export
+
+    keys = _public_keys(public_key, "--public-key")
+    witnesses = _public_keys(witness_key or [], "--witness-key")
+    pins = dict(_pin(p) for p in pin or [])
+    if not export_file.is_file():
+        sys.stderr.write(f"error: no such export: {export_file}\n")
+        raise typer.Exit(2)
+    with _spinner("verifying the export…", json):
+        try:
+            result = verify_export(
+                read_export(export_file), keys, pins=pins, witness_keys=witnesses
+            )
+        except ValueError as exc:  # not JSON Lines at all
+            sys.stderr.write(f"error: {export_file} is not an export: {exc}\n")
+            raise typer.Exit(2) from None
+    _print_verification(result, json)
+
+
+def _print_verification(result: Any, json: bool, suffix: str = "") -> NoReturn:
+    if json:
+        sys.stdout.write(orjson.dumps(result.to_dict()).decode() + "\n")
+    elif result.valid:
+        witnessed = "".join(f", cosigned by {k} up to {h}" for k, h in result.witnessed.items())
+        out.print(
+            f"[green]valid[/]: {result.entries} entries, {result.checkpoints} checkpoints"
+            + witnessed
+            + suffix
+        )
+    else:
+        out.print(f"[red]INVALID[/] at height {result.first_bad_height}: {result.reason}")
+    raise typer.Exit(0 if result.valid else 1)
+
+
+@ledger_app.command("witness")
+def ledger_witness(
+    url: Annotated[str, typer.Option(help="The engine's base URL")],
+    token: Annotated[str, typer.Option(help="An auditor token", envvar="UPI_WITNESS_TOKEN")],
+    key_file: Annotated[Path, typer.Option(help="This witness's Ed25519 key (made if absent)")],
+    state_file: Annotated[
+        Path | None, typer.Option(help="The last checkpoint accepted (default KEY_FILE.state.json)")
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="One round, then exit (for cron)")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between rounds")] = 10.0,
+    json: Annotated[bool, typer.Option("--json", help="One JSON object per round")] = False,
+) -> None:
+    """An independent witness: checks each new checkpoint's signature and its consistency
+    with the last one accepted, then cosigns it. On a fork, a rollback or a bad signature
+    it refuses, writes the evidence beside its state file and exits 1."""
+    from compliance.verifier import witness_key_id
+    from compliance.witness_client import (
+        WitnessAlarm,
+        WitnessError,
+        WitnessRound,
+        load_or_create_key,
+        public_file,
+        run_witness,
+        state_path_for,
+    )
+
+    configure_logging("INFO")
+    try:
+        key, created = load_or_create_key(key_file)
+    except (OSError, ValueError, WitnessError) as exc:
+        sys.stderr.write(f"error: --key-file {key_file}: {exc}\n")
+        raise typer.Exit(2) from None
+    key_id = witness_key_id(key.public_key())
+    if created:
+        err_console.print(
+            f"witness key {key_id} created; its public key is {public_file(key_file)}"
+        )
+
+    def on_round(done: WitnessRound) -> None:
+        if json:
+            body = {"witness_key_id": key_id, **done.to_dict()}
+            sys.stdout.write(orjson.dumps(body).decode() + "\n")
+            sys.stdout.flush()
+        else:
+            out.print(
+                f"checkpoint {done.height}: {done.reason}"
+                + (" [green]cosigned[/]" if done.cosigned else "")
+            )
+
+    try:
+        asyncio.run(
+            run_witness(
+                url.rstrip("/"),
+                token,
+                key_file,
+                state_file or state_path_for(key_file),
+                once=once,
+                interval_s=interval,
+                on_round=on_round,
+            )
+        )
+    except WitnessAlarm as exc:
+        sys.stderr.write(f"ALARM: {exc}\n")
+        raise typer.Exit(1) from None
+    except WitnessError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise typer.Exit(1) from None
+
+
+@ledger_app.command("add-witness")
+def ledger_add_witness(
+    name: Annotated[str, typer.Option(help="Who runs it")],
+    public_key: Annotated[Path, typer.Option(help="The witness's public key (PEM)")],
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Register a witness whose cosignatures the engine accepts and exports."""
+    from compliance.witnesses import register_witness
+
+    [_key] = _public_keys([public_key], "--public-key")
+    settings = _settings()
+    pem = public_key.read_text()
+    witness = asyncio.run(
+        _with_database(
+            settings, lambda db: register_witness(db, datetime.now(UTC), name=name, public_pem=pem)
+        )
+    )
+    if json:
+        body = {"witness_key_id": witness.witness_key_id, "name": witness.name}
+        sys.stdout.write(orjson.dumps(body).decode() + "\n")
+    else:
+        out.print(f"witness {witness.name}: {witness.witness_key_id}")
+
+
+@ledger_app.command("witnesses")
+def ledger_witnesses(
+    limit: Annotated[int, _LIMIT] = 100,
+    after: Annotated[str | None, _AFTER] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """The registered witnesses, oldest first, and the newest checkpoint each cosigned;
+    --limit a page, the next with --after the last key id shown."""
+    from compliance.witnesses import list_witnesses
+
+    found = asyncio.run(
+        _with_database(_settings(), lambda db: list_witnesses(db, limit=limit + 1, after=after))
+    )
+    rows, next_after = _page(
+        [
+            {"witness_key_id": w.witness_key_id, "name": w.name, "last_cosigned": w.last_cosigned}
+            for w in found
+        ],
+        limit,
+        "witness_key_id",
+    )
+    if json:
+        sys.stdout.write(
+            orjson.dumps({"witnesses": rows, "next_after": next_after}).decode() + "\n"
+        )
+        return
+    table = Table("witness", "key id", "last cosigned")
+    for r in rows:
+        table.add_row(str(r["name"]), str(r["witness_key_id"]), str(r["last_cosigned"] or "—"))
+    out.print(table)
+    _print_more(next_after)
 
 
 @keys_app.command("rotate")
@@ -645,7 +1116,9 @@ def dr_status_command(
 
 @dr_app.command("drill")
 def dr_drill(
-    scenario: Annotated[str, typer.Option(help="primary-loss | standby-loss | failback")],
+    scenario: Annotated[
+        str, typer.Option(help="primary-loss | standby-loss | failback | primary-freeze")
+    ],
     rate: Annotated[float, typer.Option(min=0.1, help="Payments per second throughout")] = 20.0,
     duration: Annotated[float, typer.Option(min=5, help="Seconds of traffic")] = 40.0,
     kill_after: Annotated[float, typer.Option(min=1, help="Seconds before the SIGKILL")] = 10.0,
@@ -705,6 +1178,33 @@ def dr_drill(
     raise typer.Exit(0 if result["ok"] else 1)
 
 
+@settlement_app.command("switch-data")
+def settlement_switch_data(
+    business_date: Annotated[str, typer.Option(help="IST business date, YYYY-MM-DD")],
+    ref: Annotated[
+        list[str] | None, typer.Option(help="A reference to include whatever its date; repeatable")
+    ] = None,
+) -> None:
+    """Print the switch's settlement data for a date as one JSON object: the rows for each
+    --ref, plus every debit the switch shows on that date. Asked through the switch port:
+    the in-process mock's, or the switch's at UPI_NPCI_URL (what settlement reconciles
+    against; the DR drill counts duplicate debits from it)."""
+    from datetime import date as date_
+
+    try:
+        day = date_.fromisoformat(business_date)
+    except ValueError:
+        _fail_config(ConfigError("--business-date: not a YYYY-MM-DD date"))
+    settings = _settings()
+
+    async def read(engine: Engine) -> Any:
+        return await engine.settlement_data().settlement_data(day, ref or [])
+
+    rows = asyncio.run(_with_engine(settings, read))
+    body = {"business_date": day.isoformat(), "rows": [r.__dict__ for r in rows]}
+    sys.stdout.write(orjson.dumps(body).decode() + "\n")
+
+
 @settlement_app.command("run")
 def settlement_run(
     business_date: Annotated[str, typer.Option(help="IST business date to close, YYYY-MM-DD")],
@@ -712,17 +1212,26 @@ def settlement_run(
         "settlements"
     ),
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    preview: Annotated[
+        bool,
+        typer.Option(
+            "--preview",
+            help="Compute the files as of now into DIR/DATE-preview/ and close nothing"
+            " (an open date's cycles so far)",
+        ),
+    ] = False,
 ) -> None:
     """Close a business date: inter-bank nets, merchant payouts, reconciliation (SPEC §7).
 
     Running it again gives identical files; a date must be over (IST) to be closed.
+    ``--preview`` shows any date so far, today's included, without closing it.
     """
     from datetime import date as date_
 
-    from api.bootstrap import holiday_calendar
+    from api.bootstrap import holiday_calendar, settlement_cycles
     from core.clock import SystemClock
     from core.clock import business_date as ist_date
-    from settlement.journal import ComplianceLedgerIndex, NpciJournal
+    from settlement.journal import ComplianceLedgerIndex
     from settlement.run import settle_business_date, write_files
 
     try:
@@ -730,23 +1239,26 @@ def settlement_run(
     except ValueError:
         _fail_config(ConfigError("--business-date: not a YYYY-MM-DD date"))
     clock = SystemClock()
-    if day >= ist_date(clock.now()):
+    if day >= ist_date(clock.now()) and not preview:
         _fail_config(ConfigError(f"--business-date: {day} is not over yet in IST"))
     settings = _settings()
     try:
         calendar = holiday_calendar(settings)
+        cycles = settlement_cycles(settings)
     except ConfigError as exc:
         _fail_config(exc)
 
     async def run(engine: Engine) -> Any:
         return await settle_business_date(
             engine.db,
-            NpciJournal(engine.db),
+            engine.switch_journal(),
             day,
             ledger=ComplianceLedgerIndex(engine.db),
             calendar=calendar,
             mdr_bps=settings.settlement_mdr_bps,
             clock=clock,
+            cycles=cycles,
+            preview=preview,
         )
 
     result = asyncio.run(_with_engine(settings, run))
@@ -754,21 +1266,122 @@ def settlement_run(
     if json:
         sys.stdout.write(
             orjson.dumps(
-                {**result.summary, "out_dir": str(target), "closed_now": result.closed_now}
+                {
+                    **result.summary,
+                    "out_dir": str(target),
+                    "closed_now": result.closed_now,
+                    "preview": result.preview,
+                }
             ).decode()
             + "\n"
         )
         return
     s = result.summary
-    out.print(
-        f"{'closed' if result.closed_now else 'already closed'} {day};"
-        f" settles on {s['settlement_date']}; files in {target}"
-    )
+    done = "preview of" if result.preview else "closed" if result.closed_now else "already closed"
+    out.print(f"{done} {day}; settles on {s['settlement_date']}; files in {target}")
     out.print(
         f"payments {s['payments']}  gross {s['gross_paise']}  refunds {s['refunds_paise']}"
         f"  net payout {s['net_payout_paise']} (paise)"
     )
     out.print(f"reconciliation {s['reconciliation']}")
+
+
+@app.command("top")
+def top(
+    url: Annotated[list[str] | None, typer.Option(help="An engine's base URL; repeatable")] = None,
+    once: Annotated[bool, typer.Option("--once", help="One window, then exit")] = False,
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds per window")] = 2.0,
+    json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (with --once: one object)")
+    ] = False,
+) -> None:
+    """A live view of running engines from their /metrics: rates, latencies, consumer lag,
+    dead letters, deemed backlog, the ledger, the database's DR role. Ctrl-C to stop."""
+    import httpx
+    from rich.live import Live
+
+    from api.top import Snapshot, scrape, summarize
+
+    urls = [u.rstrip("/") for u in (url or ["http://127.0.0.1:8000"])]
+
+    async def window(client: httpx.AsyncClient, before: dict[str, Snapshot]) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for u in urls:
+            try:
+                now = await scrape(client, u)
+            except (httpx.HTTPError, ValueError) as exc:
+                results[u] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+                before.pop(u, None)
+                continue
+            results[u] = summarize(before[u], now) if u in before else None
+            before[u] = now
+        return results
+
+    async def run() -> None:
+        before: dict[str, Snapshot] = {}
+        async with httpx.AsyncClient(timeout=5) as client:
+            await window(client, before)
+            if once:
+                await asyncio.sleep(interval)
+                found = await window(client, before)
+                if json:
+                    body = {"engines": [{"url": u, **(found[u] or {})} for u in urls]}
+                    sys.stdout.write(orjson.dumps(body).decode() + "\n")
+                else:
+                    out.print(_top_table(found))
+                failed = any("error" in (found[u] or {}) for u in urls)
+                raise typer.Exit(1 if failed else 0)
+            with Live(_top_table({u: None for u in urls}), console=out, auto_refresh=False) as live:
+                while True:
+                    await asyncio.sleep(interval)
+                    found = await window(client, before)
+                    if json:
+                        for u in urls:
+                            line = {"url": u, **(found[u] or {})}
+                            sys.stdout.write(orjson.dumps(line).decode() + "\n")
+                        sys.stdout.flush()
+                    else:
+                        live.update(_top_table(found), refresh=True)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        return
+
+
+def _top_table(found: dict[str, Any]) -> Table:
+    table = Table(title="upi-engine top")
+    table.add_column("")
+    for u in found:
+        table.add_column(u, justify="right")
+    rows: list[tuple[str, Callable[[dict[str, Any]], object]]] = [
+        ("accepted/s", lambda s: s["accepted_per_s"]),
+        ("final/s", lambda s: ", ".join(f"{k} {v}" for k, v in s["final_per_s"].items()) or "0"),
+        ("5xx/s", lambda s: s["http_5xx_per_s"]),
+        ("202 p50 / p99 ms", lambda s: f"{s['accepted_p50_ms']} / {s['accepted_p99_ms']}"),
+        ("fraud p99 ms", lambda s: s["fraud_p99_ms"]),
+        ("consumer lag", lambda s: ", ".join(f"{k} {v}" for k, v in s["consumer_lag"].items())),
+        ("dead letters", lambda s: sum(s["dead_letters"].values())),
+        ("outbox backlog", lambda s: s["outbox_backlog"]),
+        ("deemed", lambda s: s["deemed_payments"]),
+        ("ledger entries", lambda s: s["ledger_size"]),
+        ("checkpoint age s", lambda s: s["ledger_checkpoint_age_s"]),
+        ("ledger valid", lambda s: s["ledger_valid"]),
+        ("database", lambda s: s["database_role"]),
+        ("DR standbys", lambda s: s["dr_standbys"]),
+    ]
+    for name, pick in rows:
+        cells = []
+        for summary in found.values():
+            if summary is None:
+                cells.append("…")
+            elif "error" in summary:
+                cells.append("[red]down[/]" if name == "accepted/s" else "")
+            else:
+                value = pick(summary)
+                cells.append("—" if value is None or value == "" else str(value))
+        table.add_row(name, *cells)
+    return table
 
 
 @app.command("load")
@@ -831,14 +1444,14 @@ def bench(
     ] = None,
     bus: Annotated[str, typer.Option(help="memory | kafka (at UPI_KAFKA_BOOTSTRAP)")] = "memory",
     processes: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
             max=8,
-            help="memory: HTTP processes of one serve (UPI_GATEWAY_PROCESSES);"
-            " kafka: 1 every role in one, 2 gateway | workers",
+            help="memory: HTTP processes of one serve (UPI_GATEWAY_PROCESSES; default: as"
+            " auto); kafka: 1 every role in one (default), 2 gateway | workers",
         ),
-    ] = 1,
+    ] = None,
     switch_latency_scale: Annotated[
         float,
         typer.Option(min=0, max=10, help="The mock switch's bank latencies x this (0: none)"),
@@ -858,6 +1471,10 @@ def bench(
     if bus not in ("memory", "kafka"):
         err_console.print("--bus must be memory or kafka")
         raise typer.Exit(2)
+    if processes is None:
+        from core.config import auto_gateway_processes
+
+        processes = auto_gateway_processes() if bus == "memory" else 1
     if processes > 2 and bus == "kafka":
         err_console.print("--bus kafka runs 1 process (every role) or 2 (gateway | workers)")
         raise typer.Exit(2)
@@ -866,6 +1483,9 @@ def bench(
         raise typer.Exit(2)
     if rate is not None and payments is not None:
         err_console.print("--payments is the closed loop, --rate/--duration the open one: not both")
+        raise typer.Exit(2)
+    if bus == "kafka" and not os.environ.get("UPI_KAFKA_BOOTSTRAP"):
+        err_console.print("bench: --bus kafka needs UPI_KAFKA_BOOTSTRAP (the broker to use)")
         raise typer.Exit(2)
     if rate is None:
         try:
@@ -937,4 +1557,5 @@ def db_url() -> None:
 
 
 def main() -> None:
+    exit_on_sigterm()
     app()

@@ -4,8 +4,9 @@ The payments are the fraud simulator's ordinary customers (``fraud.simulator``):
 VPAs, amounts (₹1 tea to a month's rent), phones and the places they pay from, one payment
 per payer so that a run measures the engine rather than the payer limits and velocity
 rules. ``upi-engine load`` sends them as a merchant client behaves as the merchant guide
-asks: each payment has its own idempotency key, a 429 waits for its ``Retry-After``, a 5xx
-or a broken connection is retried with the same key. (``upi-engine bench`` sends them with
+asks: each payment has its own idempotency key, a 429 or a 503 waits for its
+``Retry-After``, another 5xx or a broken connection is retried with backoff, always with
+the same key. (``upi-engine bench`` sends them with
 clients that cost less and retry nothing: ``api.bench``.)
 """
 
@@ -22,9 +23,11 @@ import httpx
 
 from fraud.simulator import simulate
 
-__all__ = ["Sent", "drive_at_rate", "percentile", "traffic"]
+__all__ = ["MAX_IN_FLIGHT", "Sent", "drive_at_rate", "percentile", "traffic"]
 
-_RETRIES = 5
+_RETRIES = 5  # broken connections and 5xx other than 503, with backoff
+_UNAVAILABLE_WAITS = 60  # 429s and 503s, each waited out for its Retry-After
+MAX_IN_FLIGHT = 512
 
 
 def traffic(seed: int, run: str) -> Iterator[dict[str, Any]]:
@@ -74,6 +77,8 @@ class Sent:
     accepted: dict[str, float] = field(default_factory=dict)  # transaction id -> latency ms
     statuses: Counter[int] = field(default_factory=Counter)  # last answer per payment, 0: none
     throttled: int = 0  # 429s waited out
+    unavailable: int = 0  # 503s (a dependency down) waited out
+    held_back: int = 0  # times a send waited because max_in_flight payments were open
     errors: int = 0  # connections broken or 5xx, retried
     started: float = field(default_factory=time.perf_counter)
     finished: float = 0.0
@@ -94,6 +99,8 @@ class Sent:
             "rejected": {str(k): v for k, v in sorted(self.statuses.items()) if k not in (0, 202)},
             "unanswered": self.statuses[0],  # no answer after every retry
             "throttled": self.throttled,
+            "unavailable": self.unavailable,
+            "held_back": self.held_back,
             "errors": self.errors,
             "seconds": round(self.seconds, 3),
             "accepted_per_second": round(len(self.accepted) / self.seconds, 1),
@@ -115,22 +122,29 @@ async def _send(
 ) -> None:
     headers = {"Authorization": f"Bearer {api_key}", "Idempotency-Key": body["merchant_order_id"]}
     status = 0
-    for attempt in range(_RETRIES):
+    failures = waits = 0
+    while failures < _RETRIES and waits < _UNAVAILABLE_WAITS:
         began = time.perf_counter()
         try:
             response = await client.post(path, json=body, headers=headers)
         except httpx.HTTPError:
             sent.errors += 1
-            await asyncio.sleep(0.1 * 2**attempt)
+            await asyncio.sleep(0.1 * 2**failures)
+            failures += 1
             continue
         status = response.status_code
-        if status == 429:
-            sent.throttled += 1
+        if status in (429, 503):  # throttled, or a dependency down: as long as it says
+            waits += 1
+            if status == 429:
+                sent.throttled += 1
+            else:
+                sent.unavailable += 1
             await asyncio.sleep(_retry_after(response.headers.get("Retry-After")))
             continue
         if status >= 500:
             sent.errors += 1
-            await asyncio.sleep(0.1 * 2**attempt)
+            await asyncio.sleep(0.1 * 2**failures)
+            failures += 1
             continue
         if status == 202:
             latency = (time.perf_counter() - began) * 1000
@@ -147,12 +161,21 @@ async def drive_at_rate(
     duration_s: float,
     *,
     on_sent: Callable[[], None] | None = None,
+    max_in_flight: int = MAX_IN_FLIGHT,
 ) -> Sent:
     """A new payment every 1/``rate`` seconds for ``duration_s``, however long answers take
-    (an open loop, as real customers arrive); waits for the last answers."""
+    (an open loop, as real customers arrive); waits for the last answers.
+
+    At most ``max_in_flight`` payments are open at once (retries and waits for
+    ``Retry-After`` included): past that the next ones wait, the run sends fewer than
+    ``rate x duration_s`` and says so (``accepted_per_second``, ``held_back``). Unbounded,
+    a client facing an engine that is slower than the offered rate (or down) piles up
+    tens of thousands of requests on one connection pool, whose scheduling then takes all
+    its CPU: it measured itself, not the engine."""
     sent = Sent()
     tasks: set[asyncio.Task[None]] = set()
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    limits = httpx.Limits(max_connections=min(max_in_flight, 256))
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
 
         async def one(body: dict[str, Any]) -> None:
             await _send(client, api_key, body, sent, "/v1/payments")
@@ -162,6 +185,10 @@ async def drive_at_rate(
         n = 0
         while (elapsed := time.perf_counter() - sent.started) < duration_s:
             if elapsed * rate >= n:
+                if len(tasks) >= max_in_flight:
+                    sent.held_back += 1
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 task = asyncio.create_task(one(next(bodies)))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

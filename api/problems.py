@@ -6,12 +6,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import (
+    DisputeRejected,
     DomainError,
     IdempotencyConflict,
     InvalidTransition,
@@ -22,8 +25,11 @@ from core.errors import (
     StorageError,
     VerificationRejected,
 )
+from core.storage import database_unavailable
 
-__all__ = ["CODES", "Problem", "install_problem_handlers"]
+__all__ = ["CODES", "RETRY_AFTER_S", "Problem", "install_problem_handlers", "unavailable_response"]
+
+RETRY_AFTER_S = 2  # the embedded server is back within about that; a failover, a little more
 
 CODES: dict[str, tuple[int, str]] = {
     "unauthenticated": (401, "Missing or invalid bearer token"),
@@ -37,16 +43,31 @@ CODES: dict[str, tuple[int, str]] = {
     "amount_over_limit": (422, "Amount above the per-transaction limit for this merchant category"),
     "payer_daily_count_exceeded": (422, "The payer reached the daily number of payments"),
     "payer_daily_amount_exceeded": (422, "The payer reached the daily amount"),
+    "payer_category_daily_amount_exceeded": (
+        422,
+        "The payer reached the daily amount for this merchant category",
+    ),
     "payment_not_refundable": (409, "Only SUCCESS payments can be refunded"),
     "refund_exceeds_payment": (422, "Refunds would exceed the payment amount"),
+    "dispute_not_open": (409, "The dispute was answered or closed already"),
+    "dispute_overdue": (
+        409,
+        "The dispute's respond_by has passed: it is accepted, not contestable",
+    ),
     "verification_not_required": (409, "This payment was not stepped up: nothing to verify"),
     "verification_closed": (409, "The payment is no longer awaiting verification"),
     "verification_expired": (409, "The verification window (120 s by default) has closed"),
     "verification_failed": (422, "Wrong OTP; the payment fails after the last try"),
+    "verification_unavailable": (
+        503,
+        "The step-up provider gave no verdict; this try is not counted, retry after Retry-After",
+    ),
     "rate_limited": (429, "Too many requests for this merchant; see Retry-After"),
+    "payload_too_large": (413, "The request body is larger than the API takes (64 KiB)"),
     "unsupported_media_type": (415, "Send JSON with Content-Type: application/json"),
     "method_not_allowed": (405, "Method not allowed"),
-    "service_unavailable": (503, "A dependency is unavailable; retry later"),
+    "database_unavailable": (503, "The database is unavailable; retry after Retry-After"),
+    "bus_unavailable": (503, "The event bus is unavailable; retry after Retry-After"),
     "internal_error": (500, "Unexpected error"),
 }
 
@@ -83,6 +104,12 @@ def problem_response(
     return JSONResponse(
         body, status_code=status, media_type="application/problem+json", headers=headers
     )
+
+
+def unavailable_response(code: str, detail: str) -> JSONResponse:
+    """503 for a dependency that is down (SPEC §4): the client retries after
+    ``Retry-After`` seconds, with the same Idempotency-Key."""
+    return problem_response(code, detail, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _documented_methods(app: FastAPI, path: str) -> set[str]:
@@ -125,15 +152,29 @@ def install_problem_handlers(app: FastAPI) -> None:
                 return problem_response("idempotency_conflict", str(exc))
             case InvalidTransition():
                 return problem_response("invalid_transition", str(exc))
-            case PayeeNotAllowed() | LimitExceeded() | RefundRejected() | VerificationRejected():
+            case LimitExceeded():  # the limit it names, machine readable (limit_paise, ...)
+                fields: dict[str, Any] = exc.limit_fields()
+                return problem_response(exc.code, str(exc), **fields)
+            case VerificationRejected(code="verification_unavailable"):
+                return unavailable_response(exc.code, str(exc))
+            case PayeeNotAllowed() | RefundRejected() | VerificationRejected() | DisputeRejected():
                 return problem_response(exc.code, str(exc))
         return problem_response("validation_error", str(exc))
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:
-        return problem_response(
-            "service_unavailable", "database unavailable", headers={"Retry-After": "1"}
-        )
+        return unavailable_response("database_unavailable", "database unavailable")
+
+    async def _driver(request: Request, exc: Exception) -> JSONResponse:
+        # A driver error that escaped the storage layer: still a 503 if it means the
+        # database is unavailable; anything else is a bug, and a 500.
+        if database_unavailable(exc):
+            return unavailable_response("database_unavailable", "database unavailable")
+        raise exc
+
+    app.add_exception_handler(SQLAlchemyError, _driver)
+    app.add_exception_handler(asyncpg.PostgresError, _driver)
+    app.add_exception_handler(asyncpg.InterfaceError, _driver)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,9 +1,15 @@
 """Extra gateway processes of ``upi-engine serve`` (``UPI_GATEWAY_PROCESSES``).
 
 One Python process is one core. On the in-process bus everything runs in the process with
-every role; it can start more processes that only answer HTTP, on the same port: each
+every role; it starts more processes that only answer HTTP, on the same port: each
 listens with ``SO_REUSEPORT`` and the kernel spreads connections over them. They write
 payments and their events to the database; the first process relays and consumes them.
+By default (``auto``) a serve with every role on the in-process bus runs one process per
+CPU it may use, at most two (``core.config.AUTO_GATEWAY_PROCESSES``, and why).
+
+Nothing a client sees depends on which process answers: ``/metrics`` adds up every
+process's metrics (:mod:`api.serve_metrics`), and the rate limits are token buckets in the
+database, shared by all (:mod:`api.ratelimit`).
 
 They are children of that process: started after it has its database, stopped (SIGTERM,
 then SIGKILL after 15 s) when it stops, and sent SIGTERM by the kernel if it dies

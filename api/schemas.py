@@ -14,6 +14,7 @@ from payments.limits import MCC_LIMITS_PAISE
 from payments.views import payment_view
 
 __all__ = [
+    "CosignatureIn",
     "CreatePaymentRequest",
     "CreateRefundRequest",
     "DeviceIn",
@@ -57,7 +58,8 @@ class CreatePaymentRequest(_Strict):
     )
     amount_paise: Annotated[int, Field(ge=1, le=_MAX_ANY_LIMIT), WholePaise] = Field(
         description="Integer paise, 1 .. the merchant category's per-transaction limit"
-        " (₹1,00,000 = 10000000 by default)"
+        " (₹1,00,000 = 10000000 by default; ₹2 or 5 lakh for the 2025 categories, else"
+        " 422 amount_over_limit)"
     )
     currency: Literal["INR"] = "INR"
     merchant_order_id: str = Field(min_length=1, max_length=64, pattern=ORDER_ID_PATTERN)
@@ -102,7 +104,8 @@ class PaymentView(BaseModel):
 
 class PaymentList(BaseModel):
     items: list[PaymentView]
-    next_cursor: str | None
+    next_after: str | None = Field(description="The next page: pass it as ``after``")
+    next_cursor: str | None = Field(description="The same as ``next_after`` (older name)")
 
 
 class VerificationRequest(_Strict):
@@ -112,9 +115,17 @@ class VerificationRequest(_Strict):
     )
 
 
+# Why a merchant gives money back (SPEC §4).
+RefundReason = Literal["customer_request", "duplicate", "fraudulent", "other"]
+
+
 class CreateRefundRequest(_Strict):
     amount_paise: Annotated[int, Field(ge=1, le=_MAX_ANY_LIMIT), WholePaise] = Field(
         description="Integer paise; all refunds of a payment never exceed its amount"
+    )
+    reason: RefundReason | None = Field(
+        default=None,
+        description="Why: customer_request, duplicate, fraudulent or other (optional)",
     )
     note: Text | None = Field(default=None, max_length=100)
 
@@ -123,6 +134,8 @@ class RefundView(BaseModel):
     refund_id: str
     transaction_id: str
     amount_paise: int
+    reason: RefundReason | None = None
+    note: str | None = None
     status: Literal["PENDING", "SUCCESS", "FAILED"]
     response_code: str | None
     rrn: str | None
@@ -132,3 +145,48 @@ class RefundView(BaseModel):
 
 class RefundList(BaseModel):
     items: list[RefundView]
+    next_after: str | None = Field(
+        default=None, description="The next page: pass it as ``after``; null: the last page"
+    )
+
+
+DisputeStatusName = Literal["OPEN", "ACCEPTED", "CONTESTED", "WON", "LOST"]
+
+
+class ContestDisputeRequest(_Strict):
+    """The merchant's evidence: free text (sealed at rest) and references to documents
+    (an invoice number, a delivery tracking id, a URL of the merchant's own store)."""
+
+    evidence: Text = Field(min_length=1, max_length=20_000)
+    documents: list[Annotated[Text, Field(min_length=1, max_length=512)]] = Field(
+        default_factory=list, max_length=20
+    )
+
+
+class DisputeView(BaseModel):
+    dispute_id: str
+    transaction_id: str
+    amount_paise: int
+    reason: str
+    status: DisputeStatusName
+    auto_accepted: bool
+    raised_at: datetime
+    respond_by: datetime
+    answered_at: datetime | None
+    resolved_at: datetime | None
+    documents: list[str]
+    chargeback: bool
+
+
+class DisputeList(BaseModel):
+    items: list[DisputeView]
+    next_after: str | None = None
+
+
+class CosignatureIn(_Strict):
+    """A witness's cosignature of a checkpoint (SPEC §6)."""
+
+    height: Annotated[int, Field(ge=1)]
+    witness_key_id: Annotated[str, Field(pattern=r"^wk-[0-9a-f]{16}$")]
+    cosigned_at: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9T:.Z+-]+$")]
+    signature: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9+/=]+$")]

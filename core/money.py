@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-__all__ = ["Paise", "PositivePaise", "WholePaise", "paise_to_rupees"]
+__all__ = ["Paise", "PositivePaise", "WholePaise", "format_rupees", "paise_to_rupees"]
 
 Paise = int
 
@@ -30,3 +30,20 @@ PositivePaise = Annotated[int, Field(ge=1), WholePaise]
 
 def paise_to_rupees(amount: Paise) -> Decimal:
     return (Decimal(amount) / 100).quantize(Decimal("0.01"))
+
+
+def format_rupees(amount: Paise) -> str:
+    """Rupees as India writes them: ``₹2,00,000``, ``₹1,23,456.78`` (lakh and crore groups;
+    paise shown only when there are any)."""
+    sign = "-" if amount < 0 else ""
+    rupees, paise = divmod(abs(amount), 100)
+    digits = str(rupees)
+    head, tail = digits[:-3], digits[-3:]
+    groups: list[str] = []
+    while len(head) > 2:
+        groups.insert(0, head[-2:])
+        head = head[:-2]
+    if head:
+        groups.insert(0, head)
+    whole = ",".join([*groups, tail])
+    return f"{sign}₹{whole}" + (f".{paise:02d}" if paise else "")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -38,8 +39,9 @@ import asyncpg
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core.errors import BrokerLogLost
 from core.events import Envelope
-from core.storage import Database, sql_text
+from core.storage import Database, database_unavailable, sql_text
 
 __all__ = ["OUTBOX_WRITE_LOCK", "OutboxRelay", "append_to_outbox", "append_to_outbox_raw"]
 
@@ -116,6 +118,7 @@ class OutboxRelay:
         retention_s: float = 24 * 3600,
         prune_every: int = 10_000,
         max_in_flight: int = 1,
+        log_lost: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._db = db
         self._publish = publish
@@ -133,6 +136,17 @@ class OutboxRelay:
         # subscriber (the in-process bus); a broker's publish keeps one batch at a time, so
         # that its sends stay in commit order.
         self._max_in_flight = max_in_flight
+        self._bus_failing_since: float | None = None
+        # A broker that can lose its log says so here (KafkaBus.log_lost, or by raising
+        # BrokerLogLost from a publish): asked every few seconds while there is nothing
+        # to publish.
+        self._log_lost = log_lost
+        self._probed_at = time.monotonic()
+
+    def bus_down_for(self) -> float:
+        """Seconds since publishing to the bus started failing (0 while it works)."""
+        since = self._bus_failing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def wake(self) -> None:
         """Hint that new rows were committed (saves a poll interval in one process)."""
@@ -165,10 +179,26 @@ class OutboxRelay:
                         await self._sleep(1.0)
             except asyncio.CancelledError:
                 raise
+            except BrokerLogLost as exc:
+                # What the broker lost may not all have been consumed: publish the whole
+                # (retained) outbox again; every consumer's inbox drops what it had.
+                _log.error("outbox relay: %s; publishing the outbox again from its start", exc)
+                try:
+                    async with self._db.connection() as conn:
+                        await conn.execute(
+                            _STORE_POSITION, {"d": self._destination, "t": 0, "id": 0}
+                        )
+                        await conn.commit()
+                except Exception as store_failed:
+                    _log.warning("outbox relay: cannot rewind yet: %s", store_failed)
+                await self._sleep(0.2)
             except Exception as exc:
                 # The database or the bus failed: nothing past the last stored position was
                 # acknowledged, so starting over from it is safe (consumers drop repeats).
-                _log.warning("outbox relay: %s, retrying", exc, exc_info=True)
+                if database_unavailable(exc) or self._bus_failing_since is not None:
+                    _log.warning("outbox relay: %s; retrying", exc)  # expected: no traceback
+                else:
+                    _log.warning("outbox relay: %s; retrying", exc, exc_info=True)
                 await self._sleep(1.0)
 
     async def _try_lead(self, conn: AsyncConnection) -> bool:
@@ -195,7 +225,13 @@ class OutboxRelay:
                 settled = 0
                 while in_flight and in_flight[0][2].done():
                     settled_at, count, task = in_flight.popleft()
-                    task.result()  # a failed publish raises here: start over from the position
+                    try:
+                        task.result()  # a failed publish raises: start over from the position
+                    except Exception:
+                        if self._bus_failing_since is None:
+                            self._bus_failing_since = time.monotonic()
+                        raise
+                    self._bus_failing_since = None
                     settled += count
                 if settled:
                     await self._store(leader_conn, settled_at, settled)
@@ -211,6 +247,7 @@ class OutboxRelay:
                 ).all()
                 await leader_conn.commit()
                 if not rows:
+                    await self._probe_log(bool(in_flight))
                     if in_flight:
                         await asyncio.wait({in_flight[0][2]}, timeout=self._poll)
                     else:
@@ -231,6 +268,19 @@ class OutboxRelay:
         finally:
             for _, _, task in in_flight:
                 task.cancel()
+
+    async def _probe_log(self, busy: bool) -> None:
+        """Idle (and every 2 s at most): ask the bus whether it lost its log."""
+        if self._log_lost is None or busy or time.monotonic() - self._probed_at < 2.0:
+            return
+        self._probed_at = time.monotonic()
+        try:
+            await self._log_lost()  # raises BrokerLogLost
+        except BrokerLogLost:
+            self._bus_failing_since = self._bus_failing_since or time.monotonic()
+            raise
+        except Exception as exc:  # the broker is down: publishing will say so
+            _log.debug("outbox relay: log probe failed: %s", exc)
 
     async def _store(self, conn: AsyncConnection, at: Position, count: int) -> None:
         await conn.execute(_STORE_POSITION, {"d": self._destination, "t": at[0], "id": at[1]})

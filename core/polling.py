@@ -10,6 +10,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from core.storage import database_unavailable
+
 __all__ = ["PollingWorker", "poll_until_stopped"]
 
 _log = logging.getLogger(__name__)
@@ -28,7 +30,10 @@ async def poll_until_stopped(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            _log.warning("%s: %s", name, exc, exc_info=True)
+            if database_unavailable(exc):  # expected during an outage: one line, no trace
+                _log.warning("%s: %s", name, str(exc).splitlines()[0])
+            else:
+                _log.warning("%s: %s", name, exc, exc_info=True)
             done = 0
         if done == 0:
             with contextlib.suppress(TimeoutError):

@@ -40,7 +40,16 @@ class EngineProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def start(self, timeout: float = 60) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process; do not wait for it (a warm standby engine waits itself)."""
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 list(self.command) or [UPI_ENGINE, "serve", "--port", str(self.port)],
@@ -49,6 +58,9 @@ class EngineProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        assert self.proc is not None, "spawn first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -56,7 +68,7 @@ class EngineProcess:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     return
-            time.sleep(0.1)
+            time.sleep(0.02)
         raise TimeoutError(f"engine not ready; see {self.log}")
 
     def stop(self, kill: bool = False) -> None:

@@ -11,7 +11,16 @@ from __future__ import annotations
 __all__ = ["FRAUD_SANDBOX_PAYERS", "SWITCH_SANDBOX_PAYERS", "sandbox_local_part"]
 
 SWITCH_SANDBOX_PAYERS = frozenset(
-    {"success", "insufficient", "wrongpin", "timeout-success", "timeout-failure", "bank-down"}
+    {
+        "success",
+        "insufficient",
+        "wrongpin",
+        "timeout-success",
+        "timeout-failure",
+        "bank-down",
+        "dispute",
+        "late-success",  # docs/npci.md: answered U30, debited late, reversed at settlement
+    }
 )
 # Local part -> the fraud decision it always gets.
 FRAUD_SANDBOX_PAYERS = {"fraud-stepup": "STEP_UP", "fraud-block": "BLOCK"}

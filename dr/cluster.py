@@ -25,6 +25,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Cluster", "PgBinaries"]
 
@@ -84,6 +85,14 @@ def _chown_tree(path: Path) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
     os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _chown_files(*paths: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    entry = pwd.getpwnam(SYSTEM_USER)
+    for path in paths:
+        os.lchown(path, entry.pw_uid, entry.pw_gid)
 
 
 def _traversable(path: Path) -> None:
@@ -215,7 +224,9 @@ class Cluster:
         ]
         auto.write_text("\n".join(lines) + "\n")
         (self.pgdata / "standby.signal").write_text("")
-        _chown_tree(self.data_dir)
+        # Only these two files changed: the rest of the tree is the server's already (a
+        # walk of it took a second of the failover's fence).
+        _chown_files(auto, self.pgdata / "standby.signal")
 
     # ------------------------------------------------------------------ running
 
@@ -274,6 +285,31 @@ class Cluster:
             time.sleep(0.05)
         with contextlib.suppress(FileNotFoundError):
             (self.pgdata / "postmaster.pid").unlink()
+
+    def _processes(self) -> list[Any]:
+        import psutil
+
+        pid = self.pid()
+        if pid is None:
+            return []
+        try:
+            postmaster = psutil.Process(pid)
+            return [postmaster, *postmaster.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def freeze(self) -> None:
+        """SIGSTOP the postmaster and every backend: a gray failure, a primary that hangs
+        rather than dies (its port still accepts connections; nothing answers)."""
+        for process in self._processes():
+            with contextlib.suppress(Exception):
+                process.suspend()
+
+    def thaw(self) -> None:
+        """SIGCONT whatever is left of it (a fenced primary was killed meanwhile)."""
+        for process in self._processes():
+            with contextlib.suppress(Exception):
+                process.resume()
 
     def fence(self, new_primary: Cluster) -> None:
         """Never a writable primary again: from now on it can only start as a standby."""

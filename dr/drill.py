@@ -40,13 +40,16 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from core.clock import business_date
 from core.processes import UPI_ENGINE, EngineProcess, free_port
 from dr.cluster import Cluster, PgBinaries
 from dr.orchestrator import (
@@ -54,12 +57,14 @@ from dr.orchestrator import (
     Region,
     connect,
     ledger_verify,
+    probe,
+    switch_debits,
 )
 from dr.proxy import RoutingProxy
 
 __all__ = ["SCENARIOS", "DrillConfig", "run_drill"]
 
-SCENARIOS = ("primary-loss", "standby-loss", "failback")
+SCENARIOS = ("primary-loss", "standby-loss", "failback", "primary-freeze")
 FINAL = {"SUCCESS", "FAILED", "BLOCKED", "REVERSED"}
 
 
@@ -136,6 +141,7 @@ class Drill:
         self.cfg = cfg
         self.say = report
         self.base = cfg.base_dir or Path(tempfile.mkdtemp(prefix="udr", dir="/tmp"))
+        self.writable_max = 0
         self.bins = PgBinaries.locate(cfg.pg_bin or os.environ.get("UPI_DR_PG_BIN"))
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("UPI_")}
         # The regions share one master key (one ledger, one set of data keys); it stays in
@@ -148,6 +154,10 @@ class Drill:
                 "UPI_MASTER_KEY_FILE": str(key_file),
                 "UPI_LOG_LEVEL": "WARNING",
                 "UPI_NPCI_MOCK_LATENCY_SCALE": "0.1",
+                # NPCI's timetable five times as fast (unless the operator set one): a
+                # payment in flight at the kill is deemed, and its first check-status (90 s
+                # after the pay leg at NPCI's pace) comes within the settle time.
+                "UPI_NPCI_TIME_SCALE": os.environ.get("UPI_NPCI_TIME_SCALE", "0.2"),
                 "UPI_PAYER_DAILY_MAX_COUNT": "100000",
                 "UPI_MERCHANT_RATE_PER_S": "1000",
                 "UPI_MERCHANT_RATE_BURST": "1000",
@@ -157,12 +167,15 @@ class Drill:
         )
         self.regions: list[Region] = []
         self.proxy = RoutingProxy()
+        self.started_on = business_date(datetime.now(UTC))  # IST: the switch's dates
 
     def region_env(self, cluster: Cluster) -> dict[str, str]:
         return {
             **self.env,
             "UPI_DATABASE_URL": cluster.url(),
             "UPI_DATA_DIR": str(cluster.data_dir),
+            # Every region's engine is warm: a standby's waits, loaded, for its promotion.
+            "UPI_WAIT_FOR_PRIMARY": "true",
         }
 
     async def build(self) -> Orchestrator:
@@ -184,12 +197,15 @@ class Drill:
             await asyncio.to_thread(region.cluster.base_backup_from, primary.cluster)
             await asyncio.to_thread(region.cluster.start)
         await self.proxy.start()
+        # Health checks every 0.2 s: a primary is declared lost after 3 failed in a row.
         orchestrator = Orchestrator(
-            self.regions, self.proxy, self.base / "dr-state.json", on_phase=self.say
+            self.regions, self.proxy, self.base / "dr-state.json", interval_s=0.2, on_phase=self.say
         )
         await orchestrator.wait_streaming(primary, [r.name for r in standbys])
         await orchestrator.set_sync_standbys(primary, [r.name for r in standbys])
-        self.say(f"engine for {primary.name}")
+        self.say(f"engine for {primary.name}; warm engines for {[r.name for r in standbys]}")
+        for region in standbys:
+            await asyncio.to_thread(region.engine.spawn)
         await asyncio.to_thread(primary.engine.start)
         self.proxy.point_to("127.0.0.1", primary.engine.port)
         orchestrator.save_state()
@@ -234,6 +250,8 @@ class Drill:
                 await asyncio.sleep(1)
 
         ticking = asyncio.create_task(ticker())
+        done_probing = asyncio.Event()
+        writable = asyncio.create_task(self.count_writable(orchestrator, done_probing))
         await asyncio.sleep(cfg.kill_after_s)
         killed_at = time.monotonic()
         old_primary = primary.name
@@ -241,12 +259,19 @@ class Drill:
             case "primary-loss" | "failback":
                 self.say(f"SIGKILL {primary.name}'s PostgreSQL")
                 await asyncio.to_thread(primary.cluster.kill)
+            case "primary-freeze":
+                self.say(f"SIGSTOP {primary.name}'s PostgreSQL (frozen, not dead)")
+                await asyncio.to_thread(primary.cluster.freeze)
             case "standby-loss":
                 target = orchestrator.standbys()[0]
                 self.say(f"SIGKILL {target.name}'s PostgreSQL (a standby)")
                 await asyncio.to_thread(target.cluster.kill)
             case _:
                 raise ValueError(f"unknown scenario {cfg.scenario}")
+        if cfg.scenario == "primary-freeze":
+            await orchestrator.wait_for(lambda: orchestrator.primary.name != old_primary, 60)
+            self.say(f"SIGCONT {old_primary}'s PostgreSQL: it must come back fenced")
+            await asyncio.to_thread(orchestrator.regions[old_primary].cluster.thaw)
         if cfg.scenario == "failback":
             await orchestrator.wait_for(lambda: orchestrator.primary.name != old_primary, 60)
             old = orchestrator.regions[old_primary]
@@ -256,6 +281,12 @@ class Drill:
                 await orchestrator.switchover(old, reason="failback to the rebuilt region")
         await driving
         ticking.cancel()
+        # Stopped by an event, not by cancelling: on Python 3.11 asyncio.wait_for (inside
+        # asyncpg.connect) can swallow a cancellation that lands as it completes, and a
+        # probe loop that missed it ran for ever (a drill hung in the suite).
+        done_probing.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writable, 10)
         orchestrator.stop()
         await watcher
         final = orchestrator.primary
@@ -275,13 +306,35 @@ class Drill:
                 ],
             }
         )
+        result["writable_primaries_max"] = self.writable_max
         result["ok"] = (
-            result["lost_payments"] == 0
+            result["writable_primaries_max"] <= 1
+            and result["lost_payments"] == 0
             and result["duplicate_debits"] == 0
             and result["ledger_valid"]
             and result["final_payments"] == result["accepted_payments"]
         )
         return result
+
+    async def count_writable(self, orchestrator: Orchestrator, done: asyncio.Event) -> None:
+        """Every region is probed every 100 ms; a region counts as a writable primary for
+        150 ms after it answered as one (a frozen one stops answering). The most counted
+        at once is ``writable_primaries_max``: 1, or it was a split brain."""
+        answered: dict[str, float] = {}
+
+        async def watch(region: Region) -> None:
+            while not done.is_set():
+                began = time.monotonic()
+                if await probe(region.cluster, 0.5) == "primary":
+                    now = time.monotonic()
+                    answered[region.name] = now
+                    at_once = sum(1 for t in answered.values() if now - t < 0.15)
+                    self.writable_max = max(self.writable_max, at_once)
+                await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - began)))
+
+        async with asyncio.TaskGroup() as group:
+            for region in list(orchestrator.regions.values()):
+                group.create_task(watch(region))
 
     async def measure(self, final: Region, load: Load, killed_at: float) -> dict[str, Any]:
         acked = load.acked
@@ -302,18 +355,22 @@ class Drill:
             unfinished = [
                 f"{r['transaction_id']} {r['status']}" for r in rows if r["status"] not in FINAL
             ]
-            payers = [r["payer_vpa"] for r in rows]
-            debits = await conn.fetch(
-                "SELECT payer_vpa, count(*) AS n FROM npci_transactions"
-                " WHERE debited AND payer_vpa = ANY($1::text[]) GROUP BY payer_vpa"
-                " HAVING count(*) > 1",
-                payers,
-            )
+            payers = {r["payer_vpa"] for r in rows}
             keys = await conn.fetchval(
                 "SELECT count(*) FROM (SELECT merchant_order_id FROM payments"
                 " WHERE merchant_order_id LIKE 'drill-%' GROUP BY merchant_order_id"
                 " HAVING count(*) > 1) AS twice"
             )
+        # The switch's own account of its debits, through its settlement data for the dates
+        # the drill ran on: a payer debited twice is a duplicate (each has its own payer).
+        shown = await asyncio.to_thread(
+            switch_debits,
+            final.cluster,
+            self.env,
+            {self.started_on, business_date(datetime.now(UTC))},
+        )
+        per_payer = Counter(d["payer_vpa"] for d in shown if d["payer_vpa"] in payers)
+        debits = [payer for payer, n in per_payer.items() if n > 1]
         lost = [(k, v) for k, v in acked.items() if v[0] not in present]
         after = [a for _, s, a in acked.values() if s >= killed_at]
         rto = round(min(after) - killed_at, 3) if after else None

@@ -32,9 +32,9 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +268,8 @@ class Orchestrator:
         await asyncio.to_thread(region.cluster.start)
         region.role = "standby"
         region.health = Health()
+        if not region.engine.running:  # warm again: it waits, loaded, for a promotion
+            await asyncio.to_thread(region.engine.spawn)
         primary = self.primary
         names = [r.name for r in self.standbys()]
         await self.set_sync_standbys(primary, await self.wait_streaming(primary, names))
@@ -379,11 +381,16 @@ class Orchestrator:
                 region.health = Health()
             streaming = await self.wait_streaming(new, [r.name for r in others])
             await self.set_sync_standbys(new, streaming)
-            await asyncio.to_thread(new.engine.start)
+            warm = new.engine.running  # it started itself once promoted
+            if warm:
+                await asyncio.to_thread(new.engine.wait_ready)
+            else:
+                await asyncio.to_thread(new.engine.start)
             self.proxy.point_to("127.0.0.1", new.engine.port)
             self.proxy.resume()
             degraded = "" if streaming else " (no standby streams yet: commits are not synchronous)"
-            return f"traffic → {new.name}; synchronous standbys {streaming}{degraded}"
+            engine = "its warm engine" if warm else "its engine, started now"
+            return f"traffic → {new.name} ({engine}); synchronous standbys {streaming}{degraded}"
 
         await phase("stop_ingestion", stop_ingestion)
         await phase("drain", drain)
@@ -518,6 +525,32 @@ async def _wait_caught_up(cluster: Cluster, lsn: int, wait_s: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{cluster.name} did not replay up to the new primary")
         await asyncio.sleep(0.1)
+
+
+def switch_debits(
+    cluster: Cluster, base_env: dict[str, str], business_dates: Iterable[date]
+) -> list[dict[str, Any]]:
+    """The debits the switch shows on these IST dates, as its settlement data has them
+    (``upi-engine settlement switch-data``: asked through the switch port, whether the
+    switch is the in-process mock or at ``UPI_NPCI_URL``; this context reads none of its
+    tables). Each once, by txn id."""
+    env = {**base_env, "UPI_DATABASE_URL": cluster.url(), "UPI_LOG_LEVEL": "WARNING"}
+    found: dict[str, dict[str, Any]] = {}
+    for day in sorted(set(business_dates)):
+        done = subprocess.run(
+            [UPI_ENGINE, "settlement", "switch-data", "--business-date", day.isoformat()],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"switch-data {day}: {done.stderr.strip()[-500:]}")
+        for row in json.loads(done.stdout)["rows"]:
+            if row["debited"]:
+                found[row["txn_id"]] = row
+    return list(found.values())
 
 
 def ledger_verify(cluster: Cluster, base_env: dict[str, str]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.storage import sql_text
 
-__all__ = ["dr_status"]
+__all__ = ["configured_standbys", "dr_status", "standby_counts"]
 
 
 async def dr_status(conn: AsyncConnection, state_file: Path | None = None) -> dict[str, Any]:
@@ -69,3 +69,23 @@ def _read_state(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return state
+
+
+def configured_standbys(synchronous_standby_names: str | None) -> int:
+    """How many standbys ``synchronous_standby_names`` lists: ``ANY 1 (a, b)`` and
+    ``FIRST 1 (a, b)`` list 2, ``a, b`` lists 2, ``*`` stands for 1, empty for none."""
+    names = (synchronous_standby_names or "").strip()
+    if not names:
+        return 0
+    if "(" in names and names.endswith(")"):
+        names = names[names.index("(") + 1 : -1]
+    return len([n for n in names.split(",") if n.strip()])
+
+
+async def standby_counts(conn: AsyncConnection) -> tuple[int, int] | None:
+    """(standbys streaming, standbys configured) on a primary; None on a standby."""
+    status = await dr_status(conn)
+    if status["database_role"] != "primary":
+        return None
+    streaming = sum(1 for s in status["standbys"] if s["state"] == "streaming")
+    return streaming, configured_standbys(status["synchronous_standby_names"])

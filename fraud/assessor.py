@@ -49,13 +49,15 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
+from opentelemetry.trace import Span
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core import tracing
 from core.bus.base import Subscription
 from core.clock import Clock
 from core.config import Settings
@@ -77,6 +79,7 @@ from fraud.store import HistoryPruner, HistoryStore, split_rounds
 __all__ = ["FraudAssessor", "build_engine", "txn_of"]
 
 _log = logging.getLogger(__name__)
+_NO_SPANS: Mapping[uuid.UUID, Span] = {}
 
 
 def build_engine(settings: Settings) -> tuple[FraudEngine, str]:
@@ -135,6 +138,21 @@ def _sandbox(payer_vpa: str, assessment: Assessment) -> Assessment:
     return assessment
 
 
+def _trace_scorers(
+    span: Span, timings: dict[str, tuple[int, int]], assessment: Assessment, round_size: int
+) -> None:
+    """One child of the payment's ``fraud.assess`` span per scorer: the job that scored
+    it with the rest of its round (so the same times for every payment of the round)."""
+    for name, (start, end) in timings.items():
+        tracing.child_span(
+            span,
+            f"fraud.score.{name}",
+            start,
+            end,
+            {"fraud.skipped": name in assessment.skipped, "upi.round_size": round_size},
+        )
+
+
 @dataclass(frozen=True)
 class _Item:
     envelope: Envelope
@@ -166,8 +184,13 @@ class FraudAssessor:
         store: HistoryStore,
         clock: Clock,
         model_version: str,
+        *,
+        sandbox_payers: bool = True,
     ) -> None:
+        """``sandbox_payers``: whether SPEC §5's sandbox payers get their fixed decisions
+        (the sandbox); in production (``UPI_ENV``) they are scored like any payer."""
         self._db = db
+        self._sandbox_payers = sandbox_payers
         self.engine = engine
         self._store = store
         self._clock = clock
@@ -178,7 +201,14 @@ class FraudAssessor:
         cls, settings: Settings, db: Database, master_key: MasterKey, clock: Clock
     ) -> FraudAssessor:
         engine, version = build_engine(settings)
-        return cls(db, engine, HistoryStore(master_key), clock, version)
+        return cls(
+            db,
+            engine,
+            HistoryStore(master_key),
+            clock,
+            version,
+            sandbox_payers=not settings.production,
+        )
 
     def pruner(self, retention: timedelta) -> HistoryPruner:
         return HistoryPruner(self._db, self._store, self._clock, retention)
@@ -203,19 +233,32 @@ class FraudAssessor:
         items = _decode(envelopes)
         if not items:
             return
-        async with self._db.transaction() as conn:
-            # In event id order: two deliveries of overlapping batches (a Kafka rebalance)
-            # then wait for each other's inbox rows in the same order, never in a cycle.
-            claimed = await claim_many(
-                conn, self.consumer, sorted(item.envelope.event_id for item in items)
-            )
-            todo = [item for item in items if item.envelope.event_id in claimed]
-            decided, rounds = await self._assess(conn, todo)
-            await append_to_outbox(conn, [self._assessed(item, a) for item, a in decided])
+        # One ``fraud.assess`` span per traced payment, in its own trace, over the whole
+        # transaction; its scorers' jobs are its children (``fraud.score.<name>``).
+        with tracing.event_spans([item.envelope for item in items], "fraud.assess") as spans:
+            async with self._db.transaction() as conn:
+                # In event id order: two deliveries of overlapping batches (a Kafka
+                # rebalance) then wait for each other's inbox rows in the same order, never
+                # in a cycle.
+                claimed = await claim_many(
+                    conn, self.consumer, sorted(item.envelope.event_id for item in items)
+                )
+                todo = [item for item in items if item.envelope.event_id in claimed]
+                decided, rounds = await self._assess(conn, todo, spans)
+                await append_to_outbox(
+                    conn,
+                    [
+                        self._assessed(item, a, spans.get(item.envelope.event_id))
+                        for item, a in decided
+                    ],
+                )
         self._report(decided, seen_before=len(items) - len(todo), rounds=rounds)
 
     async def _assess(
-        self, conn: AsyncConnection, items: list[_Item]
+        self,
+        conn: AsyncConnection,
+        items: list[_Item],
+        spans: Mapping[uuid.UUID, Span] = _NO_SPANS,
     ) -> tuple[list[tuple[_Item, Assessment]], int]:
         """Read, score and record ``items`` round by round; their assessments in their
         order, and the number of rounds."""
@@ -235,7 +278,8 @@ class FraudAssessor:
             histories = await self._store.histories(
                 conn, part, [payee[i] for i in positions], part_keys
             )
-            scored = await self.engine.assess_batch(part, histories)
+            timings: dict[str, tuple[int, int]] | None = {} if spans else None
+            scored = await self.engine.assess_batch(part, histories, timings)
             elapsed = shared_s + time.perf_counter() - started
             for _ in positions:
                 FRAUD_SCORING.observe(elapsed)
@@ -243,10 +287,15 @@ class FraudAssessor:
                 conn, [items[i].event.transaction_id for i in positions], part, part_keys
             )
             for i, assessment in zip(positions, scored, strict=True):
-                assessments[i] = _sandbox(txns[i].payer, assessment)
+                assessments[i] = (
+                    _sandbox(txns[i].payer, assessment) if self._sandbox_payers else assessment
+                )
+                span = spans.get(items[i].envelope.event_id) if timings else None
+                if span is not None and timings:
+                    _trace_scorers(span, timings, assessment, len(positions))
         return [(item, assessments[i]) for i, item in enumerate(items)], len(rounds)
 
-    def _assessed(self, item: _Item, assessment: Assessment) -> Envelope:
+    def _assessed(self, item: _Item, assessment: Assessment, span: Span | None) -> Envelope:
         now = self._clock.now()
         assessed = FraudAssessed(
             transaction_id=item.event.transaction_id,
@@ -258,11 +307,15 @@ class FraudAssessor:
             skipped=assessment.skipped,
             assessed_at=now,
         )
+        if span is not None:
+            span.set_attribute("fraud.decision", assessment.decision.value)
+            span.set_attribute("fraud.score", assessment.score)
         return Envelope.wrap(
             assessed,
             partition_key=item.envelope.partition_key,
             occurred_at=now,
             causation_id=item.envelope.event_id,
+            headers=tracing.headers_for(item.envelope, span),
         )
 
     @staticmethod

@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fraud.combiner import Assessment, Thresholds, combine
 from fraud.features import History, Txn
@@ -31,10 +33,21 @@ from fraud.scorers import Scorer, Signal, score_each
 
 __all__ = ["DEFAULT_BUDGET_S", "PER_PAYMENT_S", "FraudEngine"]
 
+T = TypeVar("T")
+
 _log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET_S = 0.05  # a scorer without a budget of its own
 PER_PAYMENT_S = 0.0005  # what each payment of a batch adds to a scorer's budget
+
+
+def _timed(timings: dict[str, tuple[int, int]], name: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the pool, its start and end kept under ``name`` in ``timings``."""
+    start = time.time_ns()
+    try:
+        return fn(*args)
+    finally:
+        timings[name] = (start, time.time_ns())
 
 
 class FraudEngine:
@@ -82,24 +95,40 @@ class FraudEngine:
         return combine(signals, tuple(skipped), self.thresholds, self.weights)
 
     async def assess_batch(
-        self, txns: Sequence[Txn], histories: Sequence[History]
+        self,
+        txns: Sequence[Txn],
+        histories: Sequence[History],
+        timings: dict[str, tuple[int, int]] | None = None,
     ) -> list[Assessment]:
         """:meth:`assess` of each payment (``histories[i]`` is ``txns[i]``'s), with one
-        executor job per scorer for all of them, each within ``budget_s(name, n)``."""
+        executor job per scorer for all of them, each within ``budget_s(name, n)``.
+
+        ``timings``, if given, gets each scorer's job as ``(start, end)`` in
+        ``time.time_ns()`` (one that overran: from its submission to when the engine
+        stopped waiting), for the traces' scorer spans."""
         if len(txns) != len(histories):
             raise ValueError("one history per payment")
         if not txns:
             return []
         loop = asyncio.get_running_loop()
         names = [s.name for s in self.scorers]
+        submitted = time.time_ns()
         jobs = [
             asyncio.wait_for(
-                loop.run_in_executor(self._pool, score_each, s, txns, histories),
+                loop.run_in_executor(self._pool, score_each, s, txns, histories)
+                if timings is None
+                else loop.run_in_executor(
+                    self._pool, _timed, timings, s.name, score_each, s, txns, histories
+                ),
                 self.budget_s(s.name, len(txns)),
             )
             for s in self.scorers
         ]
         results = await asyncio.gather(*jobs, return_exceptions=True)
+        if timings is not None:
+            ended = time.time_ns()
+            for name in names:
+                timings.setdefault(name, (submitted, ended))
         per_scorer: dict[str, list[Signal | BaseException]] = {}
         for name, result in zip(names, results, strict=True):
             if isinstance(result, BaseException):

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core import tracing
 from core.clock import Clock
 from core.errors import InvalidTransition
 from core.events import Envelope, Event
@@ -67,12 +68,14 @@ _VERIFICATIONS = sql_text(
 
 def wrap(event: Event, clock: Clock, cause: Envelope | None, payer_vpa: str) -> Envelope:
     """The envelope of a payments event: keyed by the payer (per-payer order on every bus),
-    caused by the event being handled, if any."""
+    caused by the event being handled, if any, and in its trace
+    (:func:`core.tracing.headers_for`)."""
     return Envelope.wrap(
         event,
         partition_key=cause.partition_key if cause else partition_key_for(payer_vpa),
         occurred_at=clock.now(),
         causation_id=cause.event_id if cause else None,
+        headers=tracing.headers_for(cause),
     )
 
 

@@ -10,21 +10,24 @@ a merchant was paid into one of the merchant's VPAs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.errors import NotFound, VpaTaken
 from core.events import Envelope, MerchantVpaRegistered
+from core.ids import new_event_id
 from core.outbox import append_to_outbox
 from core.pii import Vpa
 from core.storage import sql_text
 
 __all__ = [
     "Merchant",
+    "add_webhook_secret",
     "insert_merchant",
     "load_merchant",
     "register_vpa",
+    "rotate_webhook_secret",
 ]
 
 
@@ -60,7 +63,53 @@ async def insert_merchant(
             "sec": webhook_secret_enc,
         },
     )
+    await add_webhook_secret(conn, merchant.merchant_id, webhook_secret_enc)
     await register_vpa(conn, merchant.merchant_id, Vpa(merchant.vpa), at=at)
+
+
+async def add_webhook_secret(
+    conn: AsyncConnection,
+    merchant_id: str,
+    secret_enc: bytes,
+    *,
+    expires_at: datetime | None = None,
+) -> str:
+    """A webhook secret of the merchant (sealed under the master key, AAD = merchant id);
+    webhooks are signed with every secret not expired. Its id."""
+    secret_id = "whs_" + new_event_id().hex[:20]
+    await conn.execute(
+        sql_text(
+            "INSERT INTO webhook_secrets (secret_id, merchant_id, secret_enc, expires_at)"
+            " VALUES (:s, :m, :e, :exp)"
+        ),
+        {"s": secret_id, "m": merchant_id, "e": secret_enc, "exp": expires_at},
+    )
+    return secret_id
+
+
+async def rotate_webhook_secret(
+    conn: AsyncConnection, merchant_id: str, secret_enc: bytes, *, grace: timedelta, now: datetime
+) -> tuple[str, datetime]:
+    """A new webhook secret; the merchant's others keep signing for ``grace`` (never longer
+    than they already would), so receivers can switch over. (its id, when the others end)."""
+    found = (
+        await conn.execute(
+            sql_text("SELECT 1 FROM merchants WHERE merchant_id = :m FOR UPDATE"),
+            {"m": merchant_id},
+        )
+    ).first()
+    if found is None:
+        raise NotFound(f"no merchant {merchant_id}")
+    ends = now + grace
+    await conn.execute(
+        sql_text(
+            "UPDATE webhook_secrets SET expires_at = LEAST(coalesce(expires_at, :ends), :ends)"
+            " WHERE merchant_id = :m AND (expires_at IS NULL OR expires_at > :now)"
+        ),
+        {"m": merchant_id, "ends": ends, "now": now},
+    )
+    secret_id = await add_webhook_secret(conn, merchant_id, secret_enc)
+    return secret_id, ends
 
 
 async def register_vpa(

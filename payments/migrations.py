@@ -1,7 +1,8 @@
-"""Tables of the payments context (gateway, NPCI handler) and of the mock NPCI switch.
+"""Tables of the payments context (gateway, NPCI handler).
 
-The mock switch keeps its own tables (``npci_*``): in a real deployment they would be
-NPCI's and the banks' systems, never ours. It shares the database only for convenience.
+Until payments.0014 the mock NPCI switch's tables (``npci_*``) were created here too; that
+step hands them over to the simulator, whose tables are its own, in the schema ``npci_sim``
+(:mod:`npcisim.migrations`). The earlier steps stay as they ran: history is not rewritten.
 """
 
 from core.outbox import OUTBOX_WRITE_LOCK
@@ -221,6 +222,202 @@ MIGRATIONS = [
             FROM merchant_vpas ORDER BY created_at, vpa
         ) AS registered
         ORDER BY created_at, vpa;
+        """,
+    ),
+    Migration(
+        "payments.0009_npci_api_calls",
+        """
+        -- The mock switch's journal of calls per transaction: every check-status (answered
+        -- or refused under NPCI's rule, payments/npci/rules.py) and every reversal. It
+        -- enforces the check-status budget from it, and tests read the timeline back.
+        CREATE TABLE npci_api_calls (
+            id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            txn_id    text NOT NULL,
+            api       text NOT NULL,
+            called_at timestamptz NOT NULL,
+            outcome   text NOT NULL
+        );
+        CREATE INDEX npci_api_calls_by_txn ON npci_api_calls (txn_id, api, called_at);
+        """,
+    ),
+    Migration(
+        "payments.0010_refund_reason",
+        """
+        -- Why the merchant refunded (SPEC §4), and its note, as the request gave them. The
+        -- column reason stays what it was: why a refund failed at the switch.
+        ALTER TABLE refunds ADD COLUMN refund_reason text
+            CHECK (refund_reason IN ('customer_request', 'duplicate', 'fraudulent', 'other'));
+        ALTER TABLE refunds ADD COLUMN note text;
+        """,
+    ),
+    Migration(
+        "payments.0011_disputes",
+        """
+        -- Payers' complaints (payments/disputes.py): what the switch raised and what became
+        -- of it. answer_sent: the merchant's (or the automatic) answer reached the switch.
+        CREATE TABLE disputes (
+            dispute_id     text PRIMARY KEY,
+            transaction_id text NOT NULL REFERENCES payments (transaction_id),
+            merchant_id    text NOT NULL,
+            amount_paise   bigint NOT NULL CHECK (amount_paise > 0),
+            reason         text NOT NULL,
+            status         text NOT NULL
+                CHECK (status IN ('OPEN', 'ACCEPTED', 'CONTESTED', 'WON', 'LOST')),
+            raised_at      timestamptz NOT NULL,
+            respond_by     timestamptz NOT NULL,
+            auto_accepted  boolean NOT NULL DEFAULT false,
+            evidence_enc   bytea,
+            documents      text[],
+            answered_at    timestamptz,
+            resolved_at    timestamptz,
+            answer_sent    boolean NOT NULL DEFAULT true,
+            payer_bank     text NOT NULL,
+            payee_bank     text NOT NULL,
+            created_at     timestamptz NOT NULL,
+            updated_at     timestamptz NOT NULL
+        );
+        CREATE INDEX disputes_by_merchant ON disputes (merchant_id, raised_at DESC, dispute_id);
+        CREATE INDEX disputes_by_payment ON disputes (transaction_id);
+        CREATE INDEX disputes_open ON disputes (respond_by) WHERE status = 'OPEN';
+        CREATE INDEX disputes_unsent ON disputes (answered_at) WHERE NOT answer_sent;
+        -- How far the switch's dispute feed has been read.
+        CREATE TABLE dispute_feed (
+            id         int PRIMARY KEY CHECK (id = 1),
+            seen_until timestamptz NOT NULL
+        );
+        -- The mock switch's dispute desk (payments/npci/mock_disputes.py).
+        CREATE TABLE npci_disputes (
+            dispute_id   text PRIMARY KEY,
+            txn_id       text NOT NULL UNIQUE,
+            payer_vpa    text NOT NULL,
+            payee_vpa    text NOT NULL,
+            payer_bank   text NOT NULL,
+            payee_bank   text NOT NULL,
+            amount_paise bigint NOT NULL CHECK (amount_paise > 0),
+            reason       text NOT NULL,
+            raised_at    timestamptz NOT NULL,
+            respond_by   timestamptz NOT NULL,
+            status       text NOT NULL,
+            evidence     text,
+            documents    text[],
+            decided_at   timestamptz,
+            changed_at   timestamptz NOT NULL
+        );
+        CREATE INDEX npci_disputes_changed ON npci_disputes (changed_at);
+        CREATE INDEX npci_disputes_by_payer ON npci_disputes (payer_vpa, raised_at);
+        CREATE INDEX npci_disputes_due ON npci_disputes (status)
+            WHERE status IN ('OPEN', 'CONTESTED');
+        """,
+    ),
+    Migration(
+        "payments.0012_npci_late_success",
+        """
+        -- Mock switch: a late success (payments/npci/mock.py). The payer's bank debited, but
+        -- the switch answered U30 and shows the debit only from late_at: check-status, the
+        -- journal and its settlement data count it from then. NULL: nothing comes late.
+        ALTER TABLE npci_transactions ADD COLUMN late_at timestamptz;
+        """,
+    ),
+    Migration(
+        "payments.0013_late_success_returns",
+        """
+        -- Late successes the engine gives back (payments/late_success.py): a payment it
+        -- failed that the switch's settlement data shows debited. One row per payment (so a
+        -- debit is returned once), written before the reversal is sent; PENDING until the
+        -- switch answers, retried at next_attempt_at. The payment's own status stays FAILED.
+        CREATE TABLE late_success_returns (
+            transaction_id  text PRIMARY KEY REFERENCES payments (transaction_id),
+            amount_paise    bigint NOT NULL CHECK (amount_paise > 0),
+            found_on        date NOT NULL,
+            status          text NOT NULL
+                CHECK (status IN ('PENDING', 'RETURNED', 'NOT_DEBITED')),
+            response_code   text,
+            attempts        int NOT NULL DEFAULT 0,
+            next_attempt_at timestamptz NOT NULL,
+            created_at      timestamptz NOT NULL,
+            completed_at    timestamptz
+        );
+        CREATE INDEX late_success_returns_due ON late_success_returns (next_attempt_at)
+            WHERE status = 'PENDING';
+        """,
+    ),
+    Migration(
+        "payments.0014_simulator_tables_leave",
+        """
+        -- The mock switch's tables leave the payments context (issue 15): the simulator is
+        -- the outside world, with its own tables in the schema npci_sim, created by its own
+        -- migrations (npcisim/migrations.py) only where it runs. A table holding rows (an
+        -- engine that ran with the mock: its balances, journal and disputes) moves there,
+        -- renamed without its npci_ prefix, with its indexes, constraints and identity
+        -- sequence. An empty one (a fresh database, where 0002 etc. just made it) is
+        -- dropped: with a real NPCI none of the simulator's tables exists.
+        DO $handover$
+        DECLARE
+            t record;
+            r record;
+            has_rows boolean;
+            moved regclass;
+        BEGIN
+            FOR t IN SELECT * FROM (VALUES ('npci_accounts', 'accounts'),
+                ('npci_transactions', 'transactions'), ('npci_api_calls', 'api_calls'),
+                ('npci_disputes', 'disputes')) AS v (old, new)
+            LOOP
+                CONTINUE WHEN to_regclass(format('public.%I', t.old)) IS NULL;
+                EXECUTE format('SELECT EXISTS (SELECT 1 FROM public.%I)', t.old) INTO has_rows;
+                IF NOT has_rows THEN
+                    EXECUTE format('DROP TABLE public.%I', t.old);
+                    CONTINUE;
+                END IF;
+                IF to_regclass(format('npci_sim.%I', t.new)) IS NOT NULL THEN
+                    RAISE EXCEPTION 'public.% holds rows and npci_sim.% exists already', t.old,
+                        t.new USING HINT = 'move the rows by hand, then drop public.' || t.old;
+                END IF;
+                CREATE SCHEMA IF NOT EXISTS npci_sim;
+                EXECUTE format('ALTER TABLE public.%I SET SCHEMA npci_sim', t.old);
+                EXECUTE format('ALTER TABLE npci_sim.%I RENAME TO %I', t.old, t.new);
+                moved := format('npci_sim.%I', t.new)::regclass;
+                -- Names as the simulator's own CREATE gives them: without the npci_ prefix.
+                FOR r IN SELECT conname FROM pg_constraint
+                    WHERE conrelid = moved AND left(conname, 5) = 'npci_'
+                LOOP
+                    EXECUTE format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I', moved,
+                        r.conname, substr(r.conname, 6));
+                END LOOP;
+                FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                    WHERE i.indrelid = moved AND left(c.relname, 5) = 'npci_'
+                LOOP
+                    EXECUTE format('ALTER INDEX npci_sim.%I RENAME TO %I', r.relname,
+                        substr(r.relname, 6));
+                END LOOP;
+                FOR r IN SELECT s.relname FROM pg_depend d JOIN pg_class s ON s.oid = d.objid
+                    WHERE d.refobjid = moved AND s.relkind = 'S' AND left(s.relname, 5) = 'npci_'
+                LOOP
+                    EXECUTE format('ALTER SEQUENCE npci_sim.%I RENAME TO %I', r.relname,
+                        substr(r.relname, 6));
+                END LOOP;
+            END LOOP;
+        END
+        $handover$;
+        """,
+    ),
+    Migration(
+        "payments.0015_webhook_secrets",
+        """
+        -- Webhook secrets, several per merchant (payments/merchants.py): a rotation adds one
+        -- and gives the others an expiry; webhooks are signed with every one not expired.
+        -- merchants.webhook_secret_enc stays as the first secret, copied here.
+        CREATE TABLE webhook_secrets (
+            secret_id   text PRIMARY KEY,
+            merchant_id text NOT NULL REFERENCES merchants (merchant_id),
+            secret_enc  bytea NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            expires_at  timestamptz
+        );
+        CREATE INDEX webhook_secrets_by_merchant ON webhook_secrets (merchant_id, created_at);
+        INSERT INTO webhook_secrets (secret_id, merchant_id, secret_enc, created_at)
+        SELECT 'whs_' || substr(md5(merchant_id), 1, 20), merchant_id, webhook_secret_enc,
+               created_at
+        FROM merchants;
         """,
     ),
 ]

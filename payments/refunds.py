@@ -42,6 +42,10 @@ from payments.npci.switch import RefundRequest, SwitchClient
 __all__ = ["Refund", "RefundHandler", "list_refunds", "request_refund"]
 
 
+# Why a merchant refunds (SPEC §4); stored as given, None when not given.
+REFUND_REASONS = frozenset({"customer_request", "duplicate", "fraudulent", "other"})
+
+
 @dataclass(frozen=True)
 class Refund:
     refund_id: str
@@ -52,12 +56,16 @@ class Refund:
     rrn: str | None
     created_at: datetime
     completed_at: datetime | None
+    reason: str | None = None
+    note: str | None = None
 
     def view(self) -> dict[str, Any]:
         return {
             "refund_id": self.refund_id,
             "transaction_id": self.transaction_id,
             "amount_paise": self.amount_paise,
+            "reason": self.reason,
+            "note": self.note,
             "status": self.status,
             "response_code": self.response_code,
             "rrn": self.rrn,
@@ -69,7 +77,8 @@ class Refund:
 
 
 _REFUND_COLUMNS = (
-    "refund_id, transaction_id, amount_paise, status, response_code, rrn, created_at, completed_at"
+    "refund_id, transaction_id, amount_paise, status, response_code, rrn, created_at,"
+    " completed_at, refund_reason, note"
 )
 
 
@@ -83,6 +92,8 @@ def _refund(row: Any) -> Refund:
         row.rrn,
         row.created_at,
         row.completed_at,
+        row.refund_reason,
+        row.note,
     )
 
 
@@ -95,8 +106,12 @@ async def request_refund(
     idempotency_key: str,
     request_hash: bytes,
     clock: Clock,
+    reason: str | None = None,
+    note: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Returns (refund view, replayed)."""
+    if reason is not None and reason not in REFUND_REASONS:
+        raise ValueError(f"unknown refund reason {reason!r}")  # the API validated it
     now = clock.now()
     refund_id = "RFD" + new_event_id().hex
     scoped_key = f"refund:{transaction_id}:{idempotency_key}"
@@ -104,7 +119,9 @@ async def request_refund(
         payment = await repository.load_payment(conn, transaction_id, for_update=True)
         if payment is None or payment.merchant_id != merchant_id:
             raise NotFound(f"no payment {transaction_id}")
-        view = Refund(refund_id, transaction_id, amount_paise, "PENDING", None, None, now, None)
+        view = Refund(
+            refund_id, transaction_id, amount_paise, "PENDING", None, None, now, None, reason, note
+        )
         fresh = await claim_key(
             conn,
             merchant_id=merchant_id,
@@ -125,8 +142,11 @@ async def request_refund(
         refunded = (
             await conn.execute(
                 sql_text(
-                    "SELECT coalesce(sum(amount_paise), 0) FROM refunds"
-                    " WHERE transaction_id = :t AND status <> 'FAILED'"
+                    "SELECT (SELECT coalesce(sum(amount_paise), 0) FROM refunds"
+                    " WHERE transaction_id = :t AND status <> 'FAILED')"
+                    # A disputed amount goes back by the chargeback, unless the merchant wins.
+                    " + (SELECT coalesce(sum(amount_paise), 0) FROM disputes"
+                    " WHERE transaction_id = :t AND status <> 'WON')"
                 ),
                 {"t": transaction_id},
             )
@@ -134,14 +154,24 @@ async def request_refund(
         if refunded + amount_paise > payment.amount_paise:
             raise RefundRejected(
                 "refund_exceeds_payment",
-                f"{refunded} of {payment.amount_paise} paise already refunded or in flight",
+                f"{refunded} of {payment.amount_paise} paise already refunded, in flight"
+                " or disputed",
             )
         await conn.execute(
             sql_text(
                 "INSERT INTO refunds (refund_id, transaction_id, merchant_id, amount_paise,"
-                " status, created_at) VALUES (:r, :t, :m, :a, 'PENDING', :at)"
+                " status, created_at, refund_reason, note)"
+                " VALUES (:r, :t, :m, :a, 'PENDING', :at, :why, :note)"
             ),
-            {"r": refund_id, "t": transaction_id, "m": merchant_id, "a": amount_paise, "at": now},
+            {
+                "r": refund_id,
+                "t": transaction_id,
+                "m": merchant_id,
+                "a": amount_paise,
+                "at": now,
+                "why": reason,
+                "note": note,
+            },
         )
         event = RefundInitiated(
             transaction_id=transaction_id,
@@ -155,7 +185,17 @@ async def request_refund(
     return view.view(), False
 
 
-async def list_refunds(db: Database, merchant_id: str, transaction_id: str) -> list[Refund]:
+async def list_refunds(
+    db: Database,
+    merchant_id: str,
+    transaction_id: str,
+    *,
+    limit: int = 50,
+    after: str | None = None,
+) -> list[Refund]:
+    """At most ``limit`` refunds of the payment, oldest first, those after the refund
+    ``after`` (a keyset on (created_at, refund_id); an ``after`` not of this payment: an
+    empty page)."""
     async with db.connection() as conn:
         payment = await repository.load_payment(conn, transaction_id)
         if payment is None or payment.merchant_id != merchant_id:
@@ -163,9 +203,12 @@ async def list_refunds(db: Database, merchant_id: str, transaction_id: str) -> l
         rows = await conn.execute(
             sql_text(
                 f"SELECT {_REFUND_COLUMNS} FROM refunds WHERE transaction_id = :t"
-                " ORDER BY created_at, refund_id"
+                " AND (CAST(:after AS text) IS NULL OR (created_at, refund_id) >"
+                " (SELECT created_at, refund_id FROM refunds"
+                " WHERE refund_id = :after AND transaction_id = :t))"
+                " ORDER BY created_at, refund_id LIMIT :n"
             ),
-            {"t": transaction_id},
+            {"t": transaction_id, "after": after, "n": limit},
         )
         return [_refund(r) for r in rows]
 

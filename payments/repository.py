@@ -15,7 +15,6 @@ from core.storage import sql_text
 from payments.domain import Payment, PaymentStatus
 
 __all__ = [
-    "count_check",
     "insert_payment",
     "list_payments_by_order",
     "load_payment",
@@ -133,17 +132,3 @@ async def schedule_check(conn: AsyncConnection, transaction_id: str, at: datetim
         sql_text("UPDATE payments SET next_check_at = :at WHERE transaction_id = :t"),
         {"at": at, "t": transaction_id},
     )
-
-
-async def count_check(conn: AsyncConnection, transaction_id: str) -> int:
-    """Count one more check-status for a deemed payment; returns the count before it."""
-    row = (
-        await conn.execute(
-            sql_text(
-                "UPDATE payments SET check_attempts = check_attempts + 1"
-                " WHERE transaction_id = :t RETURNING check_attempts - 1"
-            ),
-            {"t": transaction_id},
-        )
-    ).scalar_one()
-    return int(row)

@@ -3,14 +3,15 @@
 ``initiate_payment`` is one unit of work: the idempotency key row (:mod:`payments.idempotency`),
 the payment, its first history row and the ``PaymentInitiated`` outbox row commit together or
 not at all. A refused request (a payee that is not one of the merchant's registered VPAs, an
-amount over the limit, a payer over its day) raises inside it, so the key is released with
-everything else and the merchant can send the corrected request under the same key.
+amount over the limit, a payer over its day or its category's day) raises inside it, so the
+key is released with everything else and the merchant can send the corrected request under
+the same key.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, time
 from typing import Any
 
@@ -18,7 +19,7 @@ import asyncpg
 import orjson
 
 from core.clock import IST, Clock, business_date
-from core.errors import LimitExceeded, NotFound, PayeeNotAllowed
+from core.errors import NotFound, PayeeNotAllowed
 from core.events import DeviceInfo, Envelope, PaymentInitiated
 from core.ids import new_transaction_id
 from core.metrics import PAYMENTS_INITIATED
@@ -28,7 +29,7 @@ from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
 from payments.idempotency import STORED_RAW, replay
-from payments.limits import PayerDailyLimits, per_transaction_limit
+from payments.limits import PayerDay, PaymentLimits, check_amount, check_payer_day
 from payments.merchants import Merchant
 
 __all__ = [
@@ -70,18 +71,13 @@ def request_hash(body: dict[str, Any]) -> bytes:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
 
 
-@dataclass(frozen=True)
-class PaymentLimits:
-    mcc_overrides: dict[str, int] = field(default_factory=dict)
-    payer_daily: PayerDailyLimits = field(default_factory=PayerDailyLimits)
-
-
 # The first statement of an initiation, one round trip on the hot path: claim the
 # idempotency key (as :func:`payments.idempotency.claim_key`), take the payer's advisory lock
 # (it serialises one payer's initiations, so two concurrent requests cannot both squeeze
-# under the day's limits: the next statement, which reads them, sees every initiation of
-# the payer committed before it), and read the merchant with whether the payee asked for is
-# one of its registered VPAs (``merchant_vpas``, :mod:`payments.merchants`).
+# under the day's limits, the general ones or a category's: the next statement, which reads
+# them, sees every initiation of the payer committed before it, in every category), and read
+# the merchant with whether the payee asked for is one of its registered VPAs
+# (``merchant_vpas``, :mod:`payments.merchants`).
 _OPEN = (
     "WITH k AS (INSERT INTO idempotency_keys (merchant_id, idempotency_key, request_hash,"
     " transaction_id, response_status, response_body)"
@@ -93,29 +89,28 @@ _OPEN = (
     " AND v.merchant_id = m.merchant_id) AS payee_registered"
     " FROM (SELECT 1) AS one LEFT JOIN merchants m ON m.merchant_id = $1"
 )
+# The payer's IST day by MCC (a handful of rows: the day's count is limited); which MCCs
+# make a category's day and which the general one is :mod:`payments.limits`' to say.
 _PAYER_DAY = (
-    "SELECT count(*), coalesce(sum(amount_paise), 0) FROM payments"
+    "SELECT mcc, count(*) AS n, coalesce(sum(amount_paise), 0) AS total FROM payments"
     " WHERE payer_vpa = $1 AND created_at >= $2"
-    " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED')"
+    " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED') GROUP BY mcc"
 )
 
 
 async def _check_payer_day(
-    conn: asyncpg.Connection, payer: str, amount: int, now: datetime, limits: PayerDailyLimits
+    conn: asyncpg.Connection,
+    payer: str,
+    mcc: str,
+    amount: int,
+    now: datetime,
+    limits: PaymentLimits,
 ) -> None:
-    """Per payer per IST day (the payer's lock is held: :data:`_OPEN`)."""
+    """Per payer per IST day, general and by category (the payer's lock is held: :data:`_OPEN`)."""
     day_start = datetime.combine(business_date(now), time(), tzinfo=IST)
-    count, total = await conn.fetchrow(_PAYER_DAY, payer, day_start)
-    if count + 1 > limits.max_count:
-        raise LimitExceeded(
-            "payer_daily_count_exceeded",
-            f"the payer has reached {limits.max_count} payments today (IST)",
-        )
-    if total + amount > limits.max_amount_paise:
-        raise LimitExceeded(
-            "payer_daily_amount_exceeded",
-            f"this payment would take the payer past {limits.max_amount_paise} paise today (IST)",
-        )
+    rows = await conn.fetch(_PAYER_DAY, payer, day_start)
+    day = {r["mcc"]: PayerDay(r["n"], r["total"]) for r in rows}
+    check_payer_day(day, mcc, amount, limits)
 
 
 async def initiate_payment(
@@ -163,13 +158,10 @@ async def initiate_payment(
                 " omit payee_vpa to collect into the merchant's own VPA, or have the"
                 " operator register it (upi-engine merchant add-vpa)"
             )
-        limit = per_transaction_limit(merchant.mcc, limits.mcc_overrides)
-        if cmd.amount_paise > limit:
-            raise LimitExceeded(
-                "amount_over_limit",
-                f"amount_paise exceeds the per-transaction limit of {limit} for MCC {merchant.mcc}",
-            )
-        await _check_payer_day(conn, cmd.payer_vpa.value, cmd.amount_paise, now, limits.payer_daily)
+        check_amount(merchant.mcc, cmd.amount_paise, limits)
+        await _check_payer_day(
+            conn, cmd.payer_vpa.value, merchant.mcc, cmd.amount_paise, now, limits
+        )
         payee = cmd.payee_vpa or Vpa(merchant.vpa)
         payment = Payment.initiate(
             transaction_id=transaction_id,

@@ -10,8 +10,23 @@ records the decision on it and:
   fails it with ``U69``; after too many wrong OTPs it fails with ``Z6``;
 * ``BLOCK``: ``BLOCKED`` with ``U16`` (risk threshold exceeded), a final status.
 
-The verification is a mock of the payer's PSP step-up (OTP or biometric): in this engine
-the OTP is ``UPI_FRAUD_MOCK_OTP`` (``123456`` by default), documented for merchants.
+Who checks the payer's answer is a port, :class:`VerificationProvider`: it is told when a
+challenge opens (:meth:`~VerificationProvider.start`, after the step-up is committed) and
+asked whether a code is right (:meth:`~VerificationProvider.check`). Two adapters:
+
+* :class:`MockOtpProvider`, the sandbox's: one static OTP, ``UPI_FRAUD_MOCK_OTP``
+  (``123456`` by default), documented for merchants. Production refuses it at start.
+* :class:`HttpVerificationProvider`, a step-up service at ``UPI_VERIFICATION_URL``
+  (its contract in docs/security.md).
+
+A provider that cannot give a verdict (a timeout, a refusal, an answer that is not one)
+raises :class:`VerificationUnavailable`: the try is not counted and nothing changes, the
+caller gets ``verification_unavailable`` (503) and may try again within the window. A
+wrong code is only ever a verdict.
+
+:func:`verify` does not hold the payment's row lock while a provider answers: it checks
+the verification is open, asks the provider with no transaction open, then locks again,
+checks again (the window may have closed, another try may have won) and records the verdict.
 """
 
 from __future__ import annotations
@@ -20,7 +35,9 @@ import hmac
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Protocol
 
+import httpx
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import Clock
@@ -45,8 +62,12 @@ __all__ = [
     "BLOCKED_CODE",
     "EXPIRED_CODE",
     "TOO_MANY_TRIES_CODE",
+    "HttpVerificationProvider",
+    "MockOtpProvider",
     "VerificationExpirer",
     "VerificationPolicy",
+    "VerificationProvider",
+    "VerificationUnavailable",
     "apply_fraud_decision",
     "verify",
 ]
@@ -62,6 +83,89 @@ class VerificationPolicy:
     ttl_s: float = 120.0
     max_attempts: int = 3
     otp: str = "123456"
+
+
+class VerificationUnavailable(Exception):
+    """The provider gave no verdict (unreachable, timed out, or answered something else)."""
+
+
+class VerificationProvider(Protocol):
+    """The payer's PSP step-up, as the engine sees it."""
+
+    async def start(self, transaction_id: str, payer_vpa: str) -> None:
+        """A challenge opened for this payment: send it to the payer (best effort: if it
+        never arrives, the window closes and the payment fails with ``U69``)."""
+
+    async def check(self, transaction_id: str, code: str) -> bool:
+        """Whether ``code`` answers this payment's challenge; raises
+        :class:`VerificationUnavailable` when there is no verdict."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MockOtpProvider:
+    """The sandbox's provider: every challenge is answered by one static OTP."""
+
+    def __init__(self, otp: str) -> None:
+        self._otp = otp
+
+    async def start(self, transaction_id: str, payer_vpa: str) -> None:
+        return None  # nothing to send: the OTP is in the merchant guide
+
+    async def check(self, transaction_id: str, code: str) -> bool:
+        return hmac.compare_digest(code.encode(), self._otp.encode())
+
+    async def close(self) -> None:
+        return None
+
+
+class HttpVerificationProvider:
+    """A step-up service over HTTP (docs/security.md): ``POST {url}/challenges`` with
+    ``{"transaction_id", "payer_vpa"}`` when a challenge opens, and ``POST {url}/checks``
+    with ``{"transaction_id", "code"}``, answered ``200 {"verified": true|false}``. Any
+    other answer, or none within the timeout, is no verdict."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 5.0,
+        token: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._client = httpx.AsyncClient(
+            base_url=url.rstrip("/"), timeout=timeout_s, headers=headers, transport=transport
+        )
+
+    async def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self._client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise VerificationUnavailable(f"{path}: {type(exc).__name__}") from None
+
+    async def start(self, transaction_id: str, payer_vpa: str) -> None:
+        answer = await self._post(
+            "/challenges", {"transaction_id": transaction_id, "payer_vpa": payer_vpa}
+        )
+        if not answer.is_success:
+            raise VerificationUnavailable(f"/challenges answered {answer.status_code}")
+
+    async def check(self, transaction_id: str, code: str) -> bool:
+        answer = await self._post("/checks", {"transaction_id": transaction_id, "code": code})
+        if answer.status_code != 200:
+            raise VerificationUnavailable(f"/checks answered {answer.status_code}")
+        try:
+            verdict = answer.json().get("verified")
+        except (ValueError, AttributeError):
+            verdict = None
+        if not isinstance(verdict, bool):
+            raise VerificationUnavailable("/checks answered no verdict")
+        return verdict
+
+    async def close(self) -> None:
+        await self._client.aclose()
 
 
 async def _fail(conn: AsyncConnection, payment: Payment, code: str, clock: Clock) -> None:
@@ -120,6 +224,37 @@ def apply_fraud_decision(
             return changes.transition(payment, after, blocked, envelope)
 
 
+async def _open_verification(
+    conn: AsyncConnection, merchant_id: str, transaction_id: str, clock: Clock
+) -> tuple[Payment, Any]:
+    """The payment (row locked) and its verification row (locked) when it may be answered
+    now; ``row.verified_at`` set: verified already. Raises otherwise."""
+    payment = await repository.load_payment(conn, transaction_id, for_update=True)
+    if payment is None or payment.merchant_id != merchant_id:
+        raise NotFound(f"no payment {transaction_id}")
+    row = (
+        await conn.execute(
+            sql_text(
+                "SELECT expires_at, verified_at, attempts FROM payment_verifications"
+                " WHERE transaction_id = :t FOR UPDATE"
+            ),
+            {"t": transaction_id},
+        )
+    ).first()
+    if row is None:
+        raise VerificationRejected("verification_not_required", "this payment was not stepped up")
+    if row.verified_at is not None:
+        return payment, row
+    if payment.status is not PaymentStatus.PENDING_VERIFICATION:
+        raise VerificationRejected(
+            "verification_closed",
+            f"the payment is {payment.status.value}, no longer awaiting verification",
+        )
+    if clock.now() >= row.expires_at:
+        raise VerificationRejected("verification_expired", "the verification window has closed")
+    return payment, row
+
+
 async def verify(
     db: Database,
     merchant_id: str,
@@ -127,45 +262,50 @@ async def verify(
     otp: str,
     clock: Clock,
     policy: VerificationPolicy,
+    provider: VerificationProvider | None = None,
 ) -> Payment:
-    """The payer's answer to a step-up. A correct OTP publishes ``PaymentVerified`` (asked
-    again, the same answer and nothing more); otherwise :class:`VerificationRejected` with a
-    stable code, raised after the attempt is counted (and, at the last try, the payment
-    failed) and committed."""
-    rejection: VerificationRejected | None = None
+    """The payer's answer to a step-up, checked by ``provider`` (unset: the mock OTP of
+    ``policy``). A right code publishes ``PaymentVerified`` (asked again, the same answer
+    and nothing more); otherwise :class:`VerificationRejected` with a stable code, raised
+    after the attempt is counted (and, at the last try, the payment failed) and committed.
+    No verdict from the provider: ``verification_unavailable``, nothing counted."""
+    checker = provider or MockOtpProvider(policy.otp)
+    # The try is taken before the provider is asked, so that guesses sent side by side
+    # can never be checked more often than the tries allow; given back when no verdict came.
     async with db.transaction() as conn:
-        payment = await repository.load_payment(conn, transaction_id, for_update=True)
-        if payment is None or payment.merchant_id != merchant_id:
-            raise NotFound(f"no payment {transaction_id}")
-        row = (
-            await conn.execute(
-                sql_text(
-                    "SELECT expires_at, verified_at, attempts FROM payment_verifications"
-                    " WHERE transaction_id = :t FOR UPDATE"
-                ),
-                {"t": transaction_id},
-            )
-        ).first()
-        if row is None:
-            raise VerificationRejected(
-                "verification_not_required", "this payment was not stepped up"
-            )
+        payment, row = await _open_verification(conn, merchant_id, transaction_id, clock)
         if row.verified_at is not None:
             return payment
-        if payment.status is not PaymentStatus.PENDING_VERIFICATION:
+        if row.attempts >= policy.max_attempts:
             raise VerificationRejected(
-                "verification_closed",
-                f"the payment is {payment.status.value}, no longer awaiting verification",
+                "verification_failed", "no tries left: other answers are being checked"
             )
-        now = clock.now()
-        if now >= row.expires_at:
-            raise VerificationRejected("verification_expired", "the verification window has closed")
-        if hmac.compare_digest(otp.encode(), policy.otp.encode()):
+        attempts = row.attempts + 1
+        await conn.execute(_SET_ATTEMPTS, {"a": attempts, "t": transaction_id})
+    try:
+        right = await checker.check(transaction_id, otp)
+    except VerificationUnavailable as exc:
+        _log.warning(
+            "step-up provider gave no verdict: %s", exc, extra={"transaction_id": transaction_id}
+        )
+        async with db.transaction() as conn:
+            await conn.execute(_GIVE_BACK_ATTEMPT, {"t": transaction_id})
+        raise VerificationRejected(
+            "verification_unavailable", "the verification provider did not answer; try again"
+        ) from None
+    rejection: VerificationRejected | None = None
+    async with db.transaction() as conn:
+        payment, row = await _open_verification(conn, merchant_id, transaction_id, clock)
+        if row.verified_at is not None:
+            return payment
+        if right:
             await conn.execute(
                 sql_text(
-                    "UPDATE payment_verifications SET verified_at = :n WHERE transaction_id = :t"
+                    # A right code costs no try: the one taken for it is given back.
+                    "UPDATE payment_verifications SET verified_at = :n,"
+                    " attempts = greatest(attempts - 1, 0) WHERE transaction_id = :t"
                 ),
-                {"n": now, "t": transaction_id},
+                {"n": clock.now(), "t": transaction_id},
             )
             await emit(
                 conn,
@@ -177,11 +317,6 @@ async def verify(
                 payment.payer_vpa,
             )
             return payment
-        attempts = row.attempts + 1
-        await conn.execute(
-            sql_text("UPDATE payment_verifications SET attempts = :a WHERE transaction_id = :t"),
-            {"a": attempts, "t": transaction_id},
-        )
         left = policy.max_attempts - attempts
         if left <= 0:
             await _fail(conn, payment, TOO_MANY_TRIES_CODE, clock)
@@ -191,6 +326,13 @@ async def verify(
         else:
             rejection = VerificationRejected("verification_failed", f"wrong OTP; {left} tries left")
     raise rejection
+
+
+_SET_ATTEMPTS = sql_text("UPDATE payment_verifications SET attempts = :a WHERE transaction_id = :t")
+_GIVE_BACK_ATTEMPT = sql_text(
+    "UPDATE payment_verifications SET attempts = greatest(attempts - 1, 0)"
+    " WHERE transaction_id = :t AND verified_at IS NULL"
+)
 
 
 # The payments awaiting verification are few, and found by their own partial index

@@ -1,11 +1,21 @@
-"""Webhooks: on each final status the merchant's URL gets the payment JSON, signed.
+"""Webhooks: on each final status the merchant's URL gets the payment JSON, signed; on each
+change of a dispute, ``{"event": "dispute.<opened|accepted|contested|won|lost>", "dispute":
+{...}}``.
 
-``X-UPI-Signature: sha256=<hex HMAC-SHA256 of the body, key = webhook secret>`` (SPEC §4).
+``X-UPI-Timestamp: <unix seconds>`` and ``X-UPI-Signature: sha256=<hex HMAC-SHA256 of
+"<timestamp>.<body>", key = webhook secret>`` (SPEC §4): receivers reject a stale timestamp,
+so a captured webhook cannot be replayed. During a secret rotation the header carries one
+``sha256=`` value per secret not expired, newest first, comma-separated; each attempt is
+signed afresh. The dispatcher reads the merchant's secrets again after ``SECRETS_TTL_S``.
 :class:`WebhookRecorder` turns final-status events into rows of ``webhook_deliveries`` (with
 its inbox row, so a redelivered event does not notify twice); :class:`WebhookDispatcher`
 sends due rows, retrying with exponential backoff and full jitter for up to 24 hours. The
 schedule is those rows, so it survives restarts. After the last try a delivery is ``DEAD``;
 an operator replays it with ``upi-engine webhooks replay``.
+
+Every attempt checks its URL first (``payments/webhook_targets.py``): https in production,
+and every address its host resolves to now public (SSRF); the request goes to the address
+checked. A refused URL is a failed attempt like any other, its reason in ``last_error``.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +40,10 @@ from core.clock import Clock
 from core.crypto import MasterKey
 from core.events import (
     CATALOGUE,
+    DisputeAccepted,
+    DisputeContested,
+    DisputeRaised,
+    DisputeResolved,
     Envelope,
     PaymentBlocked,
     PaymentFailed,
@@ -40,7 +55,14 @@ from core.inbox import claim_many
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
 from payments import repository
+from payments.disputes import dispute_views
 from payments.views import payment_view
+from payments.webhook_targets import (
+    Resolver,
+    WebhookTargetRefused,
+    pin_target,
+    system_resolver,
+)
 
 __all__ = [
     "WebhookDispatcher",
@@ -48,16 +70,47 @@ __all__ = [
     "WebhookRecorder",
     "replay_dead_webhooks",
     "sign",
+    "signature_header",
 ]
 
 _log = logging.getLogger(__name__)
 _FINAL_EVENTS = frozenset(
     {PaymentSucceeded.name, PaymentFailed.name, PaymentBlocked.name, PaymentReversed.name}
 )
+_DISPUTE_EVENTS = frozenset(
+    {DisputeRaised.name, DisputeAccepted.name, DisputeContested.name, DisputeResolved.name}
+)
 
 
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def dispute_webhook(event: object, view: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The webhook name of a dispute event and its body: the dispute as that event left it."""
+    match event:
+        case DisputeRaised():
+            name, status = "dispute.opened", "OPEN"
+        case DisputeAccepted():
+            name, status = "dispute.accepted", "ACCEPTED"
+        case DisputeContested():
+            name, status = "dispute.contested", "CONTESTED"
+        case DisputeResolved():
+            status = event.outcome.value
+            name = "dispute." + status.lower()
+        case _:
+            raise TypeError(f"not a dispute event: {event!r}")
+    body = {**view, "status": status, "chargeback": status in ("ACCEPTED", "LOST")}
+    return name, {"event": name, "dispute": body}
+
+
+SECRETS_TTL_S = 1.0  # a rotated or expired secret is used at most this long after
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """One ``sha256=`` signature of a webhook sent at ``timestamp`` (unix seconds)."""
+    message = str(timestamp).encode() + b"." + body
+    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def signature_header(secrets: Sequence[str], timestamp: int, body: bytes) -> str:
+    return ", ".join(sign(secret, timestamp, body) for secret in secrets)
 
 
 @dataclass(frozen=True)
@@ -86,7 +139,7 @@ class WebhookRecorder:
             topics=(Topic.PAYMENTS.value,),
             handler=self.handle,
             batch_handler=self.record,
-            event_types=_FINAL_EVENTS,
+            event_types=_FINAL_EVENTS | _DISPUTE_EVENTS,
         )
 
     async def handle(self, envelope: Envelope) -> None:
@@ -96,8 +149,10 @@ class WebhookRecorder:
         """One delivery per final-status event of a merchant with a webhook URL, for a
         batch in one transaction (an event seen before is skipped)."""
         merchants = {}
+        decoded = {}
         for envelope in envelopes:
-            merchants[envelope.event_id] = getattr(CATALOGUE.decode(envelope), "merchant_id", "")
+            decoded[envelope.event_id] = event = CATALOGUE.decode(envelope)
+            merchants[envelope.event_id] = getattr(event, "merchant_id", "")
         async with self._db.transaction() as conn:
             fresh = await claim_many(conn, self.consumer, [e.event_id for e in envelopes])
             todo = [e for e in envelopes if e.event_id in fresh]
@@ -110,19 +165,37 @@ class WebhookRecorder:
                 )
             }
             todo = [e for e in todo if urls.get(merchants[e.event_id])]
-            payments = await repository.load_payments(conn, [e.transaction_id or "" for e in todo])
-            rows = [(e, payments[e.transaction_id]) for e in todo if e.transaction_id in payments]
+            finals = [e for e in todo if e.event_type in _FINAL_EVENTS]
+            payments = await repository.load_payments(
+                conn, [e.transaction_id or "" for e in finals]
+            )
+            rows = [
+                (e, payments[e.transaction_id].merchant_id, orjson.dumps(payment_view(p)))
+                for e in finals
+                if e.transaction_id in payments and (p := payments[e.transaction_id])
+            ]
+            disputed = [e for e in todo if e.event_type in _DISPUTE_EVENTS]
+            if disputed:
+                views = await dispute_views(
+                    conn, [getattr(decoded[e.event_id], "dispute_id", "") for e in disputed]
+                )
+                for e in disputed:
+                    event = decoded[e.event_id]
+                    view = views.get(getattr(event, "dispute_id", ""))
+                    if view is not None:
+                        _, body = dispute_webhook(event, view)
+                        rows.append((e, merchants[e.event_id], orjson.dumps(body)))
             if not rows:
                 return
             now = self._clock.now()
             await conn.execute(
                 _NEW_DELIVERIES,
                 {
-                    "e": [str(e.event_id) for e, _ in rows],
-                    "m": [p.merchant_id for _, p in rows],
-                    "t": [p.transaction_id for _, p in rows],
-                    "u": [urls[p.merchant_id] for _, p in rows],
-                    "b": [orjson.dumps(payment_view(p)) for _, p in rows],
+                    "e": [str(e.event_id) for e, _, _ in rows],
+                    "m": [m for _, m, _ in rows],
+                    "t": [e.transaction_id or "" for e, _, _ in rows],
+                    "u": [urls[m] for _, m, _ in rows],
+                    "b": [b for _, _, b in rows],
                     "now": now,
                 },
             )
@@ -162,14 +235,25 @@ class WebhookDispatcher(PollingWorker):
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         poll_interval_s: float = 0.2,
+        secrets_ttl_s: float = SECRETS_TTL_S,
+        production: bool = False,
+        allow_private: bool = False,
+        resolver: Resolver = system_resolver,
     ) -> None:
         self._db = db
         self._key = master_key
         self._clock = clock
         self.policy = policy or WebhookPolicy()
         super().__init__(poll_interval_s)
-        self._client = httpx.AsyncClient(timeout=self.policy.timeout_s, transport=transport)
-        self._secrets: dict[str, str] = {}
+        # No proxy from the environment: it would resolve the name again, past the check.
+        self._client = httpx.AsyncClient(
+            timeout=self.policy.timeout_s, transport=transport, trust_env=False
+        )
+        self._production = production
+        self._allow_private = allow_private
+        self._resolver = resolver
+        self._secrets: dict[str, tuple[float, list[str]]] = {}
+        self._secrets_ttl_s = secrets_ttl_s
 
     async def step(self) -> int:
         return await self.run_once()
@@ -180,19 +264,25 @@ class WebhookDispatcher(PollingWorker):
         finally:
             await self._client.aclose()
 
-    async def _secret(self, merchant_id: str) -> str:
-        secret = self._secrets.get(merchant_id)
-        if secret is None:
-            async with self._db.connection() as conn:
-                sealed = (
-                    await conn.execute(
-                        sql_text("SELECT webhook_secret_enc FROM merchants WHERE merchant_id = :m"),
-                        {"m": merchant_id},
-                    )
-                ).scalar_one()
-            secret = self._key.open(bytes(sealed), merchant_id.encode()).decode()
-            self._secrets[merchant_id] = secret
-        return secret
+    async def _secrets_of(self, merchant_id: str) -> list[str]:
+        """The merchant's webhook secrets not expired, newest first (cached briefly)."""
+        cached = self._secrets.get(merchant_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        async with self._db.connection() as conn:
+            sealed = (
+                await conn.execute(
+                    sql_text(
+                        "SELECT secret_enc FROM webhook_secrets WHERE merchant_id = :m"
+                        " AND (expires_at IS NULL OR expires_at > now())"
+                        " ORDER BY created_at DESC, secret_id DESC"
+                    ),
+                    {"m": merchant_id},
+                )
+            ).scalars()
+            secrets = [self._key.open(bytes(s), merchant_id.encode()).decode() for s in sealed]
+        self._secrets[merchant_id] = (time.monotonic() + self._secrets_ttl_s, secrets)
+        return secrets
 
     async def run_once(self, batch: int = 50) -> int:
         now = self._clock.now()
@@ -214,18 +304,31 @@ class WebhookDispatcher(PollingWorker):
         merchant_id: str = row.merchant_id
         error: str | None = None
         try:
-            response = await self._client.post(
+            timestamp = int(self._clock.now().timestamp())
+            secrets = await self._secrets_of(merchant_id)
+            target = await pin_target(
                 row.url,
+                production=self._production,
+                allow_private=self._allow_private,
+                resolver=self._resolver,
+            )
+            response = await self._client.post(
+                target.url,
                 content=body,
                 headers={
                     "Content-Type": "application/json",
-                    "X-UPI-Signature": sign(await self._secret(merchant_id), body),
+                    "X-UPI-Timestamp": str(timestamp),
+                    "X-UPI-Signature": signature_header(secrets, timestamp, body),
                     "X-UPI-Event-Id": str(row.event_id),
                     "User-Agent": "upi-engine-webhooks/1",
+                    **target.headers,
                 },
+                extensions=target.extensions,
             )
             if not 200 <= response.status_code < 300:
                 error = f"HTTP {response.status_code}"
+        except WebhookTargetRefused as exc:
+            error = str(exc)
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
         now = self._clock.now()

@@ -59,4 +59,23 @@ MIGRATIONS = [
         ALTER TABLE settlement_items ADD COLUMN payee_key bytea;
         """,
     ),
+    Migration(
+        "settlement.0003_tat",
+        """
+        -- The day a payment was sent to the switch (T of RBI's turn-around time), kept from
+        -- its first event: a deemed payment is due to be reversed by T + 5 (P2M).
+        ALTER TABLE settlement_other ADD COLUMN transaction_date date;
+        CREATE INDEX settlement_other_unresolved ON settlement_other (transaction_date)
+            WHERE status IN ('PENDING', 'DEEMED');
+        """,
+    ),
+    Migration(
+        "settlement.0004_chargebacks",
+        """
+        -- Chargebacks (accepted or lost disputes) are items too: reference = the dispute id.
+        ALTER TABLE settlement_items DROP CONSTRAINT settlement_items_kind_check;
+        ALTER TABLE settlement_items ADD CONSTRAINT settlement_items_kind_check
+            CHECK (kind IN ('PAYMENT', 'REFUND', 'CHARGEBACK'));
+        """,
+    ),
 ]

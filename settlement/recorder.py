@@ -19,11 +19,15 @@ from datetime import date, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from core import tracing
 from core.bus.base import Subscription
 from core.clock import business_date
 from core.crypto import MasterKey
 from core.events import (
     CATALOGUE,
+    DisputeAccepted,
+    DisputeOutcome,
+    DisputeResolved,
     Envelope,
     MerchantVpaRegistered,
     PaymentBlocked,
@@ -53,6 +57,8 @@ _EVENTS = frozenset(
         PaymentDeemed.name,
         PaymentSubmitted.name,
         MerchantVpaRegistered.name,
+        DisputeAccepted.name,
+        DisputeResolved.name,
     }
 )
 
@@ -91,8 +97,15 @@ class SettlementRecorder:
         )
 
     async def record(self, envelopes: Sequence[Envelope]) -> None:
+        """Record a batch; each traced event of it gets a ``settlement.record`` span."""
+        wanted = [e for e in envelopes if e.event_type in _EVENTS]
+        with tracing.event_spans(wanted, "settlement.record"):
+            await self._record(wanted)
+
+    async def _record(self, envelopes: Sequence[Envelope]) -> None:
         items: list[dict[str, object]] = []
-        others: list[tuple[str, str, int | None, date, datetime]] = []
+        # reference, status, amount, business date, at, transaction date (T, for the TAT)
+        others: list[tuple[str, str, int | None, date, datetime, date | None]] = []
         registrations: list[dict[str, object]] = []
         for envelope in envelopes:
             if envelope.event_type not in _EVENTS:
@@ -122,6 +135,7 @@ class SettlementRecorder:
                             None,
                             business_date(event.completed_at),
                             event.completed_at,
+                            None,
                         )
                     )
                 case RefundSucceeded():
@@ -140,6 +154,31 @@ class SettlementRecorder:
                             None,
                         )
                     )
+                case DisputeAccepted() | DisputeResolved():
+                    if isinstance(event, DisputeResolved) and event.outcome is not (
+                        DisputeOutcome.LOST
+                    ):
+                        continue  # won: the merchant keeps the money
+                    at = (
+                        event.accepted_at
+                        if isinstance(event, DisputeAccepted)
+                        else event.resolved_at
+                    )
+                    items.append(
+                        _item(
+                            envelope,
+                            "CHARGEBACK",
+                            event.dispute_id,
+                            event.transaction_id,
+                            event.merchant_id,
+                            "",
+                            event.amount_paise,
+                            event.payer_bank,
+                            event.payee_bank,
+                            at,
+                            None,
+                        )
+                    )
                 case PaymentFailed() | PaymentBlocked() | PaymentReversed():
                     others.append(
                         (
@@ -148,6 +187,7 @@ class SettlementRecorder:
                             event.amount_paise,
                             business_date(event.completed_at),
                             event.completed_at,
+                            None,
                         )
                     )
                 case PaymentDeemed():
@@ -158,6 +198,7 @@ class SettlementRecorder:
                             None,
                             business_date(event.deemed_at),
                             event.deemed_at,
+                            business_date(event.deemed_at),
                         )
                     )
                 case PaymentSubmitted():
@@ -169,6 +210,7 @@ class SettlementRecorder:
                             event.amount_paise,
                             business_date(event.submitted_at),
                             event.submitted_at,
+                            business_date(event.submitted_at),  # T: the day it was sent
                         )
                     )
                 case MerchantVpaRegistered():
@@ -236,6 +278,7 @@ class SettlementRecorder:
                         "a": [o[1] for o in latest.values()],
                         "d": [o[2] for o in latest.values()],
                         "at": [o[3] for o in latest.values()],
+                        "t": [o[4] for o in latest.values()],
                     },
                 )
 
@@ -251,32 +294,41 @@ _INSERT_ITEMS = sql_text(
     " CAST(:payee_key AS bytea[]))"
     " ON CONFLICT DO NOTHING"
 )
-# A final status never goes back to DEEMED; later events win otherwise.
+# A final status never goes back to DEEMED; later events win otherwise. The transaction
+# date (T of the TAT) is the first one seen, and kept.
 _UPSERT_OTHERS = sql_text(
-    "INSERT INTO settlement_other (reference, status, amount_paise, business_date, updated_at)"
+    "INSERT INTO settlement_other (reference, status, amount_paise, business_date, updated_at,"
+    " transaction_date)"
     " SELECT * FROM unnest(CAST(:r AS text[]), CAST(:s AS text[]), CAST(:a AS bigint[]),"
-    " CAST(:d AS date[]), CAST(:at AS timestamptz[]))"
+    " CAST(:d AS date[]), CAST(:at AS timestamptz[]), CAST(:t AS date[]))"
     " ON CONFLICT (reference) DO UPDATE SET status = EXCLUDED.status,"
     " amount_paise = coalesce(EXCLUDED.amount_paise, settlement_other.amount_paise),"
-    " business_date = EXCLUDED.business_date, updated_at = EXCLUDED.updated_at"
+    " business_date = EXCLUDED.business_date, updated_at = EXCLUDED.updated_at,"
+    " transaction_date = coalesce(settlement_other.transaction_date, EXCLUDED.transaction_date)"
     " WHERE settlement_other.status IN ('PENDING', 'DEEMED')"
 )
 _UNRESOLVED = ("PENDING", "DEEMED")
 
 
 def _latest_per_reference(
-    others: Sequence[tuple[str, str, int | None, date, datetime]],
-) -> dict[str, tuple[str, int | None, date, datetime]]:
+    others: Sequence[tuple[str, str, int | None, date, datetime, date | None]],
+) -> dict[str, tuple[str, int | None, date, datetime, date | None]]:
     """The batch's events folded per reference by the rule of :data:`_UPSERT_OTHERS` (a
-    later event replaces an unresolved status, never a final one), so that one statement
-    does what one statement per event in order did."""
-    latest: dict[str, tuple[str, int | None, date, datetime]] = {}
-    for reference, status, amount, day, at in others:
+    later event replaces an unresolved status, never a final one; the first transaction
+    date stays), so that one statement does what one statement per event in order did."""
+    latest: dict[str, tuple[str, int | None, date, datetime, date | None]] = {}
+    for reference, status, amount, day, at, txn_date in others:
         before = latest.get(reference)
         if before is None:
-            latest[reference] = (status, amount, day, at)
+            latest[reference] = (status, amount, day, at, txn_date)
         elif before[0] in _UNRESOLVED:
-            latest[reference] = (status, amount if amount is not None else before[1], day, at)
+            latest[reference] = (
+                status,
+                amount if amount is not None else before[1],
+                day,
+                at,
+                before[4] if before[4] is not None else txn_date,
+            )
     return latest
 
 

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from api.bootstrap import all_migrations
+from api.bootstrap import all_migrations, simulator_migrations
 from core.storage import Database, migrate
 from tests.support import embedded_postgres_server, tansu_broker, unique_name
 
@@ -29,7 +29,7 @@ async def _make_template(url: str) -> None:
         await conn.execute(text("CREATE DATABASE upi_template"))
     await admin.dispose()
     db = Database(url.format(db="upi_template"))
-    await migrate(db, all_migrations())
+    await migrate(db, [*all_migrations(), *simulator_migrations()])  # the in-process mock's too
     await db.close()
 
 

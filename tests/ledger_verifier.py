@@ -50,12 +50,39 @@ def _tree_hash(leaves: list[bytes]) -> bytes:
     return hashlib.sha256(b"\x01" + _tree_hash(leaves[:k]) + _tree_hash(leaves[k:])).digest()
 
 
+def _subproof(m: int, leaves: list[bytes], whole: bool) -> list[bytes]:
+    """RFC 9162 §2.1.4.1 SUBPROOF(m, D[n], b), from its definition."""
+    n = len(leaves)
+    if m == n:
+        return [] if whole else [_tree_hash(leaves)]
+    k = 1
+    while k * 2 < n:
+        k *= 2
+    if m <= k:
+        return [*_subproof(m, leaves[:k], whole), _tree_hash(leaves[k:])]
+    return [*_subproof(m - k, leaves[k:], False), _tree_hash(leaves[:k])]
+
+
 def verify(lines: list[dict], public_key: Ed25519PublicKey) -> tuple[bool, int | None, str]:
     leaves: list[bytes] = []
     prev = b"\x00" * 32
     expected_height = 0
-    for line in lines:
-        if line["type"] == "entry":
+    checkpoints: set[int] = set()
+    for number, line in enumerate(lines):
+        if line["type"] == "header" and number == 0:
+            if line["format"] != 2:
+                return False, 0, "unknown format"
+        elif line["type"] == "cosignature":
+            pass  # a witness's: checked only against witness keys, which this one lacks
+        elif line["type"] == "consistency":
+            # The proof must be the one the definition gives over the entries seen.
+            first, second = line["first"], line["second"]
+            if first not in checkpoints or second not in checkpoints:
+                return False, max(second - 1, 0), "consistency proof between unknown checkpoints"
+            expected = [h.hex() for h in _subproof(first, leaves[:second], True)]
+            if line["proof"] != expected:
+                return False, second - 1, "consistency proof wrong"
+        elif line["type"] == "entry":
             h = line["height"]
             if h != expected_height:
                 return False, min(h, expected_height), "height out of sequence"
@@ -90,6 +117,7 @@ def verify(lines: list[dict], public_key: Ed25519PublicKey) -> tuple[bool, int |
                 return False, bad_at, "checkpoint head_hash wrong"
             if line["merkle_root"] != _tree_hash(leaves).hex():
                 return False, bad_at, "checkpoint merkle_root wrong"
+            checkpoints.add(line["height"])
         else:
             return False, expected_height, "unknown line"
     return True, None, "ok"

@@ -4,7 +4,10 @@ A message is *settled* when its handler succeeded or it went to dead letters; on
 may the backend advance (memory: the relay position; Kafka: the committed offset). A
 :class:`~core.errors.PoisonMessage` skips the retries; any other error is retried with
 exponential backoff and jitter, ``max_attempts`` times in all, then dead-lettered with
-its reason, and the consumer keeps going.
+its reason, and the consumer keeps going. An error that means the database is unavailable
+(down, restarting, failing over) is no fault of the message: it is retried, with the same
+backoff, until the database is back, and never counted as an attempt, so an outage
+dead-letters nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 from core.bus.base import DeadLetter, DeadLetterSink, Subscription
 from core.errors import PoisonMessage
 from core.events import Envelope
-from core.metrics import CONSUMER_EVENTS, DEAD_LETTERS
+from core.metrics import CONSUMER_BATCH, CONSUMER_EVENTS, DEAD_LETTERS
+from core.storage import database_unavailable
 
 __all__ = ["Delivery", "RetryPolicy", "deliver_batch"]
 
@@ -52,6 +56,7 @@ async def _settle(
 ) -> None:
     envelope = item.envelope
     attempt = 0
+    waits = 0
     while True:
         attempt += 1
         try:
@@ -65,6 +70,11 @@ async def _settle(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if database_unavailable(exc):
+                attempt -= 1
+                waits += 1
+                await _wait_for_database(sub, exc, waits, policy)
+                continue
             poison = isinstance(exc, PoisonMessage)
             if poison or attempt >= policy.max_attempts:
                 reason = f"{type(exc).__name__}: {exc}"
@@ -115,21 +125,28 @@ async def _settle_as_batch(
             ready.append(Delivery(item.topic, item.key, item.raw, envelope))
     if not ready:
         return
-    for attempt in range(1, policy.max_attempts + 1):
+    attempt = waits = 0
+    while attempt < policy.max_attempts:
+        attempt += 1
         try:
             await sub.batch_handler([d.envelope for d in ready if d.envelope is not None])
             CONSUMER_EVENTS.labels(sub.consumer, "ok").inc(len(ready))
             return
         except asyncio.CancelledError:
             raise
-        except PoisonMessage as exc:
-            # One of them cannot be handled at all: no point in retrying the batch.
-            _log.warning(
-                "batch holds a poison event, settling one by one",
-                extra={"consumer": sub.consumer, "error": repr(exc)},
-            )
-            break
         except Exception as exc:
+            if database_unavailable(exc):
+                attempt -= 1
+                waits += 1
+                await _wait_for_database(sub, exc, waits, policy)
+                continue
+            if isinstance(exc, PoisonMessage):
+                # One of them cannot be handled at all: no point in retrying the batch.
+                _log.warning(
+                    "batch holds a poison event, settling one by one",
+                    extra={"consumer": sub.consumer, "error": repr(exc)},
+                )
+                break
             _log.warning(
                 "batch handler failed",
                 extra={"consumer": sub.consumer, "attempt": attempt, "error": repr(exc)},
@@ -140,6 +157,18 @@ async def _settle_as_batch(
         await _settle(sub, item, sink, policy)
 
 
+async def _wait_for_database(
+    sub: Subscription, exc: BaseException, waits: int, policy: RetryPolicy
+) -> None:
+    if waits == 1 or waits % 10 == 0:
+        _log.warning(
+            "database unavailable, waiting",
+            extra={"consumer": sub.consumer, "error": str(exc).splitlines()[0][:200]},
+        )
+    CONSUMER_EVENTS.labels(sub.consumer, "waited").inc()
+    await asyncio.sleep(policy.delay(min(waits, 6)))
+
+
 async def deliver_batch(
     sub: Subscription,
     items: Sequence[Delivery],
@@ -147,6 +176,7 @@ async def deliver_batch(
     policy: RetryPolicy,
 ) -> None:
     """Settle every item. Same key → in order; different keys → concurrently (bounded)."""
+    CONSUMER_BATCH.labels(sub.consumer).observe(len(items))
     if sub.batch_handler is not None:
         await _settle_as_batch(sub, items, sink, policy)
         return

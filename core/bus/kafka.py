@@ -15,6 +15,12 @@ Delivery guarantees:
   per-key order) and its offsets are committed only after every record is settled, i.e.
   its effect is stored or it went to dead letters: at-least-once. A consumer killed after
   its effect but before the commit gets the record again; its inbox row makes that a no-op.
+* **A broker that lost its log.** The bus remembers the highest offset the broker
+  acknowledged per partition. A later acknowledgement below it, or end offsets below it
+  (:meth:`KafkaBus.log_lost`, asked by the relay when idle), or its topics gone, mean the
+  broker lost records it had acknowledged: the topics are created again and
+  :class:`~core.errors.BrokerLogLost` tells the relay to publish the outbox again from
+  its start (core/outbox.py); inboxes make the repeats no-ops.
 * **Dead letters.** Records no retry can fix go to ``<prefix>.dlq`` with the original
   bytes and key, and headers ``reason``, ``consumer``, ``original_topic``, ``attempts``
   (and ``event_id``/``event_type`` when known); they are also kept in PostgreSQL when a
@@ -26,8 +32,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -35,12 +43,13 @@ from aiokafka.errors import (
     CommitFailedError,
     KafkaError,
     TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
 )
 
 from core.bus.base import DeadLetter, DeadLetterSink, Subscription
 from core.bus.delivery import Delivery, RetryPolicy, deliver_batch
 from core.config import Settings
-from core.errors import BusError
+from core.errors import BrokerLogLost, BusError
 from core.events import Envelope, Topic
 from core.metrics import EVENTS_PUBLISHED
 
@@ -48,6 +57,17 @@ __all__ = ["KafkaBus"]
 
 _log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 20.0
+_COMMIT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class _Running:
+    """One subscription's consumer and its loop; ``progress_at``: when it last settled."""
+
+    sub: Subscription
+    consumer: AIOKafkaConsumer
+    task: asyncio.Task[None]
+    progress_at: float = field(default_factory=time.monotonic)
 
 
 class KafkaBus:
@@ -58,6 +78,7 @@ class KafkaBus:
         policy: RetryPolicy | None = None,
         *,
         client_id: str = "upi-engine",
+        stall_s: float = 60.0,
     ) -> None:
         self._settings = settings
         self._table = dead_letters_table
@@ -68,9 +89,14 @@ class KafkaBus:
         self._prefix = settings.kafka_topic_prefix
         self._subs: list[Subscription] = []
         self._producer: AIOKafkaProducer | None = None
-        self._consumers: list[AIOKafkaConsumer] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._running: dict[str, _Running] = {}  # by consumer name
+        self._watchdog: asyncio.Task[None] | None = None
+        self._stall_s = stall_s
+        self._restarts = 0
         self._stopping = asyncio.Event()
+        self._acked: dict[TopicPartition, int] = {}  # highest offset the broker acknowledged
+        self._floor: dict[TopicPartition, int] = {}  # first offset of the last publish
+        self._probe: AIOKafkaConsumer | None = None
 
     # ------------------------------------------------------------------ names
 
@@ -116,26 +142,113 @@ class KafkaBus:
                 f"cannot start the Kafka producer at {bootstrap}: {exc!r}{hint}"
             ) from exc
         self._producer = producer
+        probe = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, client_id=f"{self._client_id}-probe", group_id=None
+        )
+        try:
+            await asyncio.wait_for(probe.start(), _START_TIMEOUT_S)
+        except (TimeoutError, KafkaError) as exc:
+            raise BusError(f"cannot start the Kafka offsets probe: {exc!r}") from exc
+        self._probe = probe
         for sub in self._subs:
-            consumer = AIOKafkaConsumer(
-                *(self.topic_name(t) for t in sub.topics),
-                bootstrap_servers=bootstrap,
-                client_id=f"{self._client_id}-{sub.consumer}",
-                # Namespaced like the topics: deployments (and test runs) sharing a broker
-                # never share a consumer group.
-                group_id=self.group_name(sub.consumer),
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                max_poll_records=500,
-            )
+            await self._start_consumer(sub)
+        self._watchdog = asyncio.create_task(self._watch_consumers(), name="kafka-watchdog")
+
+    async def _start_consumer(self, sub: Subscription) -> None:
+        consumer = AIOKafkaConsumer(
+            *(self.topic_name(t) for t in sub.topics),
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            client_id=f"{self._client_id}-{sub.consumer}",
+            # Namespaced like the topics: deployments (and test runs) sharing a broker
+            # never share a consumer group.
+            group_id=self.group_name(sub.consumer),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=500,
+        )
+        try:
+            await asyncio.wait_for(consumer.start(), _START_TIMEOUT_S)
+        except (TimeoutError, KafkaError) as exc:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise BusError(f"cannot start consumer {sub.consumer}: {exc!r}") from exc
+        self._running[sub.consumer] = _Running(
+            sub,
+            consumer,
+            asyncio.create_task(self._consume(sub, consumer), name=f"consume-{sub.consumer}"),
+        )
+
+    async def _watch_consumers(self) -> None:
+        """A consumer that has settled nothing for ``stall_s`` while records wait on its
+        partitions is started again. After a broker restart or a partition aiokafka has
+        been seen to sit for good in a rejoin or a commit; a fresh consumer rejoins the
+        group and is redelivered what was not committed (a no-op through the inboxes)."""
+        while not self._stopping.is_set():
+            await asyncio.sleep(min(5.0, self._stall_s / 3))
+            for name, running in list(self._running.items()):
+                if time.monotonic() - running.progress_at < self._stall_s:
+                    continue
+                try:
+                    waiting = await self._waiting(running)
+                except Exception as exc:  # the broker is away: nothing to compare with
+                    _log.debug("watchdog: %s: %s", name, exc)
+                    continue
+                if waiting:
+                    _log.warning(
+                        "consumer %s settled nothing for %.0f s with %d records waiting;"
+                        " starting it again",
+                        name,
+                        time.monotonic() - running.progress_at,
+                        waiting,
+                    )
+                    await self._restart(running)
+
+    async def lag(self) -> dict[str, int]:
+        """Per consumer, the records on its partitions past its group's committed offset
+        (a consumer whose lag cannot be read now is left out)."""
+        lags = {}
+        for name, running in list(self._running.items()):
+            with contextlib.suppress(Exception):
+                lags[name] = await self._waiting(running)
+        return lags
+
+    async def _waiting(self, running: _Running) -> int:
+        """Records on the consumer's own partitions past its committed offset. (A consumer with no
+        partitions is left alone: in a group with more members than partitions that is
+        normal.)"""
+        assert self._probe is not None
+        partitions = [
+            TopicPartition(self.topic_name(t), p)
+            for t in running.sub.topics
+            for p in range(self._settings.kafka_partitions)
+        ]
+        ends = await asyncio.wait_for(self._probe.end_offsets(partitions), 5)
+        assigned = running.consumer.assignment()
+        waiting = 0
+        for tp, end in ends.items():
+            if tp not in assigned:
+                continue
+            # Against the committed offset, not the position: the position moves when
+            # records are fetched, a commit only once they are settled.
             try:
-                await asyncio.wait_for(consumer.start(), _START_TIMEOUT_S)
-            except (TimeoutError, KafkaError) as exc:
-                raise BusError(f"cannot start consumer {sub.consumer}: {exc!r}") from exc
-            self._consumers.append(consumer)
-            self._tasks.append(
-                asyncio.create_task(self._consume(sub, consumer), name=f"consume-{sub.consumer}")
-            )
+                committed = await asyncio.wait_for(running.consumer.committed(tp), 2)
+            except (TimeoutError, KafkaError):
+                return 1  # the broker answers the probe but not this group: wedged
+            waiting += max(0, end - (committed or 0))
+        return waiting
+
+    async def _restart(self, running: _Running) -> None:
+        running.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(running.task, 10)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(running.consumer.stop(), 10)
+        self._restarts += 1
+        try:
+            await self._start_consumer(running.sub)
+        except BusError as exc:
+            _log.warning("watchdog: %s", exc)  # tried again at the next round
+            running.progress_at = time.monotonic()
 
     async def _create_topics(self) -> None:
         names = [self.topic_name(t.value) for t in Topic] + [self.dlq_topic]
@@ -167,19 +280,24 @@ class KafkaBus:
 
     async def stop(self) -> None:
         self._stopping.set()
-        for task in self._tasks:
+        tasks = [r.task for r in self._running.values()]
+        if self._watchdog is not None:
+            tasks.append(self._watchdog)
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for consumer in self._consumers:
+        consumers = [r.consumer for r in self._running.values()]
+        for consumer in [*consumers, *([self._probe] if self._probe else [])]:
             with contextlib.suppress(Exception):
                 await consumer.stop()
+        self._probe = None
+        self._watchdog = None
+        self._running.clear()
         if self._producer is not None:
             with contextlib.suppress(Exception):
                 await self._producer.stop()
-        self._tasks.clear()
-        self._consumers.clear()
         self._producer = None
 
     # ------------------------------------------------------------------ publishing
@@ -202,11 +320,47 @@ class KafkaBus:
                         ],
                     )
                 )
-            await asyncio.gather(*futures)
+            acks = await asyncio.gather(*futures)
+        except UnknownTopicOrPartitionError as exc:
+            await self._lost(f"its topics are gone ({exc!r})")
         except KafkaError as exc:
             raise BusError(f"publish failed: {exc!r}") from exc
         for envelope in envelopes:
             EVENTS_PUBLISHED.labels(envelope.topic).inc()
+        went_back = False
+        first: dict[TopicPartition, int] = {}
+        for ack in acks:
+            tp = TopicPartition(ack.topic, ack.partition)
+            went_back |= ack.offset <= self._acked.get(tp, -1)
+            self._acked[tp] = max(ack.offset, self._acked.get(tp, -1))
+            first[tp] = min(ack.offset, first.get(tp, ack.offset))
+        self._floor.update(first)
+        if went_back:
+            await self._lost("it acknowledged offsets it had given before")
+
+    async def log_lost(self) -> None:
+        """Raise BrokerLogLost if the broker lost records it acknowledged: the relay asks
+        this when it has nothing to publish, to notice a loss at once."""
+        if self._probe is None or not self._floor:
+            return
+        try:
+            ends = await self._probe.end_offsets(list(self._floor))
+        except UnknownTopicOrPartitionError as exc:
+            await self._lost(f"its topics are gone ({exc!r})")
+        except KafkaError as exc:
+            raise BusError(f"cannot read end offsets: {exc!r}") from exc
+        # Compared with the first offset of the last publish, not its last: brokers differ
+        # on the end offset of a batch (Kafka: after its last record; Tansu: after its first).
+        behind = [tp for tp, end in ends.items() if end <= self._floor[tp]]
+        if behind:
+            await self._lost(f"end offsets are below what it acknowledged on {len(behind)}")
+
+    async def _lost(self, why: str) -> NoReturn:
+        self._acked.clear()
+        self._floor.clear()
+        _log.error("the Kafka broker lost its log: %s", why)
+        await self._create_topics()
+        raise BrokerLogLost(f"the broker lost its log: {why}")
 
     async def dead_letter(self, letter: DeadLetter) -> None:
         """The DeadLetterSink of this bus's consumers: the DLQ topic (and the table)."""
@@ -254,13 +408,21 @@ class KafkaBus:
                     for tp, records in batch.items():
                         consumer.seek(tp, records[0].offset)
                     raise
+                running = self._running.get(sub.consumer)
+                if running is not None:
+                    running.progress_at = time.monotonic()
                 offsets = {tp: records[-1].offset + 1 for tp, records in batch.items()}
                 try:
-                    await consumer.commit(offsets)
+                    # aiokafka retries a commit until the coordinator answers, for ever if
+                    # the broker went away: bounded here, so the consumer goes on.
+                    await asyncio.wait_for(consumer.commit(offsets), _COMMIT_TIMEOUT_S)
                 except CommitFailedError as exc:
                     # A rebalance took the partitions: their new owner redelivers, and the
                     # inbox makes that a no-op.
                     _log.warning("commit failed after rebalance: %s", exc)
+                except TimeoutError:
+                    # Not committed: redelivered after a restart or rebalance, a no-op then.
+                    _log.warning("consumer %s: commit timed out; going on", sub.consumer)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

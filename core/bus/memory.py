@@ -63,6 +63,11 @@ class _Consumer:
         self._queue: deque[tuple[Delivery, _Ticket]] = deque()
         self._ready = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.settling = 0  # events handed to a delivery and not settled yet
+
+    @property
+    def unsettled(self) -> int:
+        return len(self._queue) + self.settling
 
     def offer(self, items: list[Delivery]) -> _Ticket:
         ticket = _Ticket(pending=len(items))
@@ -97,6 +102,13 @@ class _Consumer:
                 task.cancel()
 
     async def _settle(self, taken: list[tuple[Delivery, _Ticket]]) -> None:
+        self.settling += len(taken)
+        try:
+            await self._deliver(taken)
+        finally:
+            self.settling -= len(taken)
+
+    async def _deliver(self, taken: list[tuple[Delivery, _Ticket]]) -> None:
         while True:
             try:
                 await deliver_batch(self.sub, [d for d, _ in taken], self._sink, self._policy)
@@ -159,6 +171,11 @@ class MemoryBus:
                 await task
         for consumer in self._consumers:
             consumer.task = None
+
+    async def lag(self) -> dict[str, int]:
+        """Per consumer, the events handed to it and not settled yet (add the outbox
+        backlog for all it is behind: the outbox is this bus's log)."""
+        return {c.sub.consumer: c.unsettled for c in self._consumers}
 
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if any(c.task is None for c in self._consumers):

@@ -6,6 +6,10 @@ opens. Open: calls fail fast (the NPCI handler declines with ``U90``/``U91``, NP
 "deemed high response time" declines) until ``cooldown_s`` has passed. Half-open: one probe
 call at a time goes through; a success closes the breaker, a failure opens it again.
 
+Each move is told to ``on_move(bank, state)``, if given: the NPCI handler shows it as the
+gauge ``upi_switch_breaker_state{bank}`` (:data:`STATE_LEVELS`: 0 closed, 1 half-open,
+2 open).
+
 Failures are what says a bank is unwell: timeouts, transport errors, "bank unavailable"
 answers. An ordinary decline (insufficient funds, wrong PIN) is a success for the breaker.
 """
@@ -13,18 +17,31 @@ answers. An ordinary decline (insufficient funds, wrong PIN) is a success for th
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from core.clock import Clock
 
-__all__ = ["BankBreakers", "BreakerPolicy", "BreakerState", "CircuitBreaker"]
+__all__ = [
+    "STATE_LEVELS",
+    "BankBreakers",
+    "BreakerMoved",
+    "BreakerPolicy",
+    "BreakerState",
+    "CircuitBreaker",
+]
 
 
 class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+# The breaker's state as a number (the gauge's value): the higher, the less goes through.
+STATE_LEVELS = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+BreakerMoved = Callable[[str, BreakerState], None]
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,8 @@ class CircuitBreaker:
     _opened_at: float = 0.0
     _probe_in_flight: bool = False
     transitions: list[BreakerState] = field(default_factory=list)
+    bank: str = ""
+    on_move: BreakerMoved | None = None
 
     def _now(self) -> float:
         return self.clock.now().timestamp()
@@ -90,20 +109,29 @@ class CircuitBreaker:
         if state is not self.state:
             self.state = state
             self.transitions.append(state)
+            if self.on_move is not None:
+                self.on_move(self.bank, state)
 
 
 class BankBreakers:
-    """One breaker per bank, created on first use."""
+    """One breaker per bank, created on first use (closed: told to ``on_move`` too)."""
 
-    def __init__(self, policy: BreakerPolicy, clock: Clock) -> None:
+    def __init__(
+        self, policy: BreakerPolicy, clock: Clock, on_move: BreakerMoved | None = None
+    ) -> None:
         self._policy = policy
         self._clock = clock
+        self._on_move = on_move
         self._breakers: dict[str, CircuitBreaker] = {}
 
     def __getitem__(self, bank: str) -> CircuitBreaker:
         breaker = self._breakers.get(bank)
         if breaker is None:
-            breaker = self._breakers[bank] = CircuitBreaker(self._policy, self._clock)
+            breaker = self._breakers[bank] = CircuitBreaker(
+                self._policy, self._clock, bank=bank, on_move=self._on_move
+            )
+            if self._on_move is not None:
+                self._on_move(bank, breaker.state)
         return breaker
 
     def states(self) -> dict[str, BreakerState]:

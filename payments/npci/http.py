@@ -1,137 +1,49 @@
-"""The mock switch over HTTP (``upi-engine npci-mock``) and the client the engine uses when
-``UPI_NPCI_URL`` is set.
+"""The engine's client of the switch port over HTTP, used when ``UPI_NPCI_URL`` is set (the
+simulator behind ``upi-engine npci-mock``, :mod:`npcisim.http`, or a switch speaking the same).
 
 Errors on the wire map onto the port's contract: a 503 or a refused connection means the
 request was not processed (:class:`~core.errors.SwitchError`, safe to ask check-status and
 resend); a read timeout or a dropped connection means we do not know
-(:class:`~core.errors.SwitchTimeout`: the payment is deemed, never resent).
+(:class:`~core.errors.SwitchTimeout`: the payment is deemed, never resent); a 429 is a call
+refused under NPCI's API rules (:class:`~core.errors.SwitchRateLimited`, nothing done).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Sequence
+from datetime import date, datetime
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import SwitchError, SwitchTimeout
-from payments.npci.mock import Faults, MockSwitch
+from core.errors import SwitchError, SwitchRateLimited, SwitchTimeout
 from payments.npci.switch import (
+    DisputeNotice,
     PayRequest,
     RefundRequest,
     ReversalResult,
+    SettlementRecord,
     SwitchResult,
 )
 
-__all__ = ["HttpSwitch", "create_mock_app"]
+__all__ = ["HttpSwitch"]
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PayBody(_Body):
-    txn_id: str = Field(min_length=1, max_length=64)
-    payer_vpa: str
-    payee_vpa: str
-    amount_paise: int = Field(ge=1)
-    note: str | None = None
-
-
-class RefundBody(_Body):
-    refund_id: str = Field(min_length=1, max_length=64)
-    original_txn_id: str
-    payer_vpa: str
-    payee_vpa: str
-    amount_paise: int = Field(ge=1)
-
-
-class FaultBody(_Body):
-    extra_latency_ms: float = Field(default=0, ge=0)
-    timeout_rate: float = Field(default=0, ge=0, le=1)
-    error_rate: float = Field(default=0, ge=0, le=1)
-    down: bool = False
-
-
-def _result(r: SwitchResult) -> dict[str, Any]:
-    return {
-        "txn_id": r.txn_id,
-        "response_code": r.response_code,
-        "rrn": r.rrn,
-        "payer_bank": r.payer_bank,
-        "payee_bank": r.payee_bank,
-        "known": r.known,
-    }
-
-
-def create_mock_app(
-    switch: MockSwitch,
-    on_start: Callable[[], Awaitable[None]] | None = None,
-    on_stop: Callable[[], Awaitable[None]] | None = None,
-) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if on_start:
-            await on_start()
-        yield
-        await switch.close()  # the requests it received finish before the database goes
-        if on_stop:
-            await on_stop()
-
-    app = FastAPI(title="mock NPCI switch", version="1", lifespan=lifespan)
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.post("/v1/pay")
-    async def pay(body: PayBody) -> JSONResponse:
-        try:
-            result = await switch.pay(PayRequest(**body.model_dump()))
-        except SwitchError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)
-        return JSONResponse(_result(result))
-
-    @app.get("/v1/transactions/{txn_id}")
-    async def check_status(txn_id: str) -> dict[str, Any]:
-        return _result(await switch.check_status(txn_id))
-
-    @app.post("/v1/transactions/{txn_id}/reversal")
-    async def reverse(txn_id: str) -> dict[str, Any]:
-        r = await switch.reverse(txn_id)
-        return {"txn_id": r.txn_id, "response_code": r.response_code, "reversed": r.reversed}
-
-    @app.post("/v1/refunds")
-    async def refund(body: RefundBody) -> dict[str, Any]:
-        return _result(await switch.refund(RefundRequest(**body.model_dump())))
-
-    @app.get("/v1/accounts/{vpa}")
-    async def account(vpa: str) -> dict[str, Any]:
-        return {"vpa": vpa, "balance_paise": await switch.balance(vpa)}
-
-    @app.get("/v1/faults")
-    async def faults() -> dict[str, Any]:
-        return {bank: f.__dict__ for bank, f in switch.faults.items()}
-
-    @app.put("/v1/faults/{bank}")
-    async def inject(bank: str, body: FaultBody) -> dict[str, Any]:
-        return switch.inject(bank.upper(), **body.model_dump()).__dict__
-
-    @app.delete("/v1/faults")
-    async def clear_all() -> dict[str, str]:
-        switch.clear_faults()
-        return {"status": "cleared"}
-
-    @app.delete("/v1/faults/{bank}")
-    async def clear(bank: str) -> dict[str, str]:
-        switch.clear_faults(bank.upper())
-        return {"status": "cleared"}
-
-    return app
+def _notice(d: dict[str, Any]) -> DisputeNotice:
+    at = datetime.fromisoformat
+    return DisputeNotice(
+        dispute_id=d["dispute_id"],
+        txn_id=d["txn_id"],
+        amount_paise=int(d["amount_paise"]),
+        reason=d["reason"],
+        raised_at=at(d["raised_at"]),
+        respond_by=at(d["respond_by"]),
+        status=d["status"],
+        changed_at=at(d["changed_at"]),
+        payer_bank=d["payer_bank"],
+        payee_bank=d["payee_bank"],
+        decided_at=at(d["decided_at"]) if d.get("decided_at") else None,
+    )
 
 
 class HttpSwitch:
@@ -154,6 +66,13 @@ class HttpSwitch:
             raise SwitchTimeout(f"no answer from the switch: {exc!r}") from exc
         if response.status_code == 503:
             raise SwitchError(f"switch refused: {response.text[:200]}")
+        if response.status_code == 429:
+            refused = response.json()
+            raise SwitchRateLimited(
+                str(refused.get("api", path)),
+                str(refused.get("reason", "rate limited")),
+                refused.get("retry_after_s"),
+            )
         if response.status_code >= 500:
             raise SwitchTimeout(f"switch failed with {response.status_code}")
         if response.status_code >= 400:
@@ -172,14 +91,39 @@ class HttpSwitch:
     async def refund(self, request: RefundRequest) -> SwitchResult:
         return SwitchResult(**await self._call("POST", "/v1/refunds", request.__dict__))
 
-    async def inject(self, bank: str, faults: Faults) -> None:
-        await self._call("PUT", f"/v1/faults/{bank}", faults.__dict__)
+    async def dispute_updates(self, since: datetime, limit: int = 500) -> list[DisputeNotice]:
+        try:
+            response = await self._client.get(
+                "/v1/disputes", params={"since": since.isoformat(), "limit": limit}
+            )
+        except httpx.HTTPError as exc:
+            raise SwitchError(f"switch unreachable: {exc!r}") from exc
+        if response.status_code != 200:
+            raise SwitchError(f"dispute feed answered {response.status_code}")
+        return [_notice(d) for d in response.json()["disputes"]]
 
-    async def clear_faults(self) -> None:
-        await self._call("DELETE", "/v1/faults")
+    async def answer_dispute(
+        self,
+        dispute_id: str,
+        *,
+        accept: bool,
+        evidence: str | None = None,
+        documents: Sequence[str] = (),
+    ) -> DisputeNotice:
+        body = {"accept": accept, "evidence": evidence, "documents": list(documents)}
+        return _notice(await self._call("POST", f"/v1/disputes/{dispute_id}/answer", body))
 
-    async def balance(self, vpa: str) -> int:
-        return int((await self._call("GET", f"/v1/accounts/{vpa}"))["balance_paise"])
+    async def raise_dispute(self, txn_id: str, reason: str = "goods_not_received") -> DisputeNotice:
+        return _notice(
+            await self._call("POST", f"/v1/transactions/{txn_id}/disputes", {"reason": reason})
+        )
+
+    async def settlement_data(
+        self, business_date: date, references: Sequence[str]
+    ) -> list[SettlementRecord]:
+        body = {"business_date": business_date.isoformat(), "refs": list(references)}
+        found = await self._call("POST", "/v1/settlement-data", body)
+        return [SettlementRecord(**r) for r in found["rows"]]
 
     async def close(self) -> None:
         await self._client.aclose()

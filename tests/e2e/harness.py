@@ -9,7 +9,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,24 @@ from tests.support import free_port
 UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
 
 
+# NPCI's whole timetable (UPI_NPCI_TIME_SCALE) five times as fast: the pay leg in 3 s, the
+# first check-status of a deemed payment 18 s after it (NPCI's 90 s), the mock switch's
+# check-status rule on the same scale. For tests that wait for payments deemed by a fault
+# (a crash, a lost database) to be resolved.
+NPCI_FIVE_TIMES_FASTER = {"UPI_NPCI_TIME_SCALE": "0.2"}
+
+
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UPI_")}
     # Ordinary payers (not the SPEC §5 sandbox ones) are declined at their bank's business
     # decline rate (1-3.5 %, drawn per transaction id), so a test asserting an ordinary
     # payer's SUCCESS would fail now and then. Tests that want those declines set the scale.
+    # One HTTP process per serve (the default, auto, is one per CPU): the suite runs many
+    # serves side by side; tests of several processes ask for them.
     env.update(
         {
             "UPI_LOG_LEVEL": "INFO",
+            "UPI_GATEWAY_PROCESSES": "1",
             "UPI_NPCI_MOCK_LATENCY_SCALE": "0.2",
             "UPI_NPCI_MOCK_DECLINE_SCALE": "0",
             **extra,
@@ -150,3 +161,43 @@ def query(env: dict[str, str], sql: str) -> list[tuple[Any, ...]]:
             await engine.dispose()
 
     return asyncio.run(run())
+
+
+Answers = dict[int, "httpx.Response | None"]
+
+
+def only_202_or_503(answers: Answers, codes: set[str]) -> Counter[int]:
+    """What clients got while a dependency failed: 202, or 503 with one of ``codes`` and a
+    ``Retry-After``, never a 500 (0 counts requests that got no answer at all)."""
+    statuses = Counter(r.status_code if r is not None else 0 for r in answers.values())
+    assert set(statuses) <= {0, 202, 503}, f"a fault gave something else than 202/503: {statuses}"
+    for r in answers.values():
+        if r is not None and r.status_code == 503:
+            assert r.json()["code"] in codes and "Retry-After" in r.headers, r.text
+    return statuses
+
+
+def retry_until_accepted(
+    url: str,
+    api_key: str,
+    answers: Answers,
+    body: Callable[[int], dict[str, Any]],
+    key: Callable[[int], str],
+    attempts: int = 40,
+) -> dict[int, str]:
+    """The merchant retries each request that got no 202 with the same Idempotency-Key
+    (the merchant guide's rule) until it does; returns each request's transaction id."""
+    accepted: dict[int, str] = {}
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for n, r in answers.items():
+            for _ in range(attempts):
+                if r is not None and r.status_code == 202:
+                    break
+                time.sleep(0.5)
+                r = client.post(
+                    "/v1/payments", json=body(n), headers={**headers, "Idempotency-Key": key(n)}
+                )
+            assert r is not None and r.status_code == 202, r.text if r is not None else n
+            accepted[n] = r.json()["transaction_id"]
+    return accepted

@@ -11,9 +11,12 @@ pytestmark = pytest.mark.e2e
     ("variable", "value", "args"),
     [
         ("UPI_BUS", "rabbitmq", ["serve"]),
+        ("UPI_ENV", "staging", ["serve"]),
+        ("UPI_INTERNAL_PORT", "metrics", ["serve"]),
         ("UPI_DATABASE_URL", "mysql://db/upi", ["serve"]),
         ("UPI_KAFKA_PARTITIONS", "zero", ["db", "url"]),
         ("UPI_MASTER_KEY", "c2hvcnQ=", ["serve"]),
+        ("UPI_CATEGORY_DAILY_LIMITS_PAISE", '{"jewelry": 100}', ["serve"]),
         ("UPI_RELAY_BATCH_SIZE", "-5", ["merchant", "create", "--name", "x", "--vpa", "shop@ybl"]),
     ],
 )

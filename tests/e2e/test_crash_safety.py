@@ -14,8 +14,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from core.events import Envelope
 from core.storage import asyncpg_url
-from payments.npci.mock import opening_balance
-from tests.e2e.harness import Serve, cli, create_merchant
+from npcisim.mock import opening_balance
+from tests.e2e.harness import NPCI_FIVE_TIMES_FASTER, Serve, cli, create_merchant
 
 pytestmark = pytest.mark.e2e
 
@@ -75,6 +75,7 @@ def test_sigkill_mid_burst_then_restart_loses_nothing_and_repeats_nothing(embedd
         "UPI_FRAUD_VERIFICATION_TTL_S": "3",
         "UPI_MERCHANT_RATE_PER_S": "100000",
         "UPI_MERCHANT_RATE_BURST": "100000",
+        **NPCI_FIVE_TIMES_FASTER,
     }
     server = Serve(embedded_env).start()
     merchant = create_merchant(embedded_env)
@@ -153,7 +154,7 @@ async def check_effects_once(url: str, txns: set[str]) -> None:
             r.txn_id: r
             for r in (
                 await conn.execute(
-                    text("SELECT txn_id, debited, amount_paise FROM npci_transactions")
+                    text("SELECT txn_id, debited, amount_paise FROM npci_sim.transactions")
                 )
             ).all()
         }
@@ -166,7 +167,7 @@ async def check_effects_once(url: str, txns: set[str]) -> None:
                 spent[p.payer_vpa] += p.amount_paise
             else:
                 assert debited is None or not debited.debited, p.transaction_id
-        rows = await conn.execute(text("SELECT vpa, balance_paise FROM npci_accounts"))
+        rows = await conn.execute(text("SELECT vpa, balance_paise FROM npci_sim.accounts"))
         balances = {vpa: balance for vpa, balance in rows.all()}
         for payer in PAYERS[:12]:
             if payer in balances:

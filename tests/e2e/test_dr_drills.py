@@ -5,11 +5,14 @@ PostgreSQL and checks the invariants. Run through the real ``upi-engine dr drill
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
 from dr.cluster import Cluster, PgBinaries
@@ -50,7 +53,17 @@ def test_primary_loss_fails_over_and_the_old_primary_comes_back_fenced():
     names = [p["name"] for p in result["phases"]]
     assert names == ["stop_ingestion", "drain", "promote", "fence", "reroute", "verify"]
     assert all(p["seconds"] >= 0 and p["ok"] for p in result["phases"])
+    # The standby's engine was running, loaded, before the failover: it only had to notice
+    # the promotion (a cold start was most of the RTO before).
+    [reroute] = [p for p in result["phases"] if p["name"] == "reroute"]
+    assert "its warm engine" in reroute["detail"], reroute
     base = Path(result["data_dir"])
+    # Every region's engine went with the drill: the standby still waiting for a promotion,
+    # and its extra gateway processes, included.
+    deadline = time.monotonic() + 10
+    while (left := _engines_of(base)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, "an engine outlived the drill"
     try:
         asyncio.run(old_primary_cannot_write_or_fork(base))
     finally:
@@ -132,3 +145,30 @@ def test_failback_returns_to_the_rebuilt_region():
 def test_drill_refuses_an_unknown_scenario():
     done = cli(base_env(), "dr", "drill", "--scenario", "meteor")
     assert done.returncode == 2 and "primary-loss" in done.stderr
+
+
+def test_primary_freeze_fails_over_and_the_thawed_primary_is_fenced():
+    # A gray failure: the primary's PostgreSQL is SIGSTOPped, not killed. The orchestrator
+    # fails over; after SIGCONT the old primary must not be writable: probing every region
+    # every 100 ms for the whole drill never finds two writable primaries.
+    result = drill("primary-freeze", "--keep")
+    try:
+        holds_every_invariant(result)
+        assert result["writable_primaries_max"] == 1
+        assert result["new_primary"] != result["old_primary"]
+        base = Path(result["data_dir"])
+        assert (base / result["old_primary"] / "FENCED").exists()
+    finally:
+        shutil.rmtree(result["data_dir"], ignore_errors=True)
+
+
+def _engines_of(base: Path) -> list[int]:
+    """The ``serve`` processes whose data dir is one of the drill's regions."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "serve" not in (proc.info["cmdline"] or []):
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("UPI_DATA_DIR", "").startswith(str(base)):
+                found.append(proc.pid)
+    return found

@@ -9,6 +9,7 @@ import io
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,18 @@ def test_python_examples_run_as_written(embedded_env):
     namespace: dict = {}
     exec(verify_src, namespace)
     body = b'{"status":"SUCCESS"}'
-    good = "sha256=" + hmac.new(b"whsec_x", body, hashlib.sha256).hexdigest()
-    assert namespace["verify"](body, good, "whsec_x")
-    assert not namespace["verify"](body + b" ", good, "whsec_x")
+    verify = namespace["verify"]
+    now = str(int(time.time()))
+
+    def signed(secret: bytes, at: str) -> str:
+        return "sha256=" + hmac.new(secret, at.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+    good = signed(b"whsec_x", now)
+    assert verify(body, now, good, "whsec_x")
+    assert not verify(body + b" ", now, good, "whsec_x")
+    assert verify(body, now, f"{signed(b'whsec_new', now)}, {good}", "whsec_x")  # rotation
+    stale = str(int(time.time()) - 600)
+    assert not verify(body, stale, signed(b"whsec_x", stale), "whsec_x")  # a replay
 
     with serving(embedded_env, ("all",)) as (server,):
         merchant = create_merchant(embedded_env)
@@ -44,7 +54,7 @@ def test_python_examples_run_as_written(embedded_env):
         first, second = printed.getvalue().splitlines()
         status, code, rrn = first.split()
         assert (status, code, len(rrn)) == ("SUCCESS", "00", 12)
-        assert second == "202 PENDING"
+        assert second == "202 PENDING duplicate"
 
 
 def test_curl_examples_run_as_written(embedded_env):
@@ -66,7 +76,6 @@ def test_curl_examples_run_as_written(embedded_env):
         assert created["status"] == "INITIATED" and created["amount_paise"] == 12345
 
         # The step-up example: a payment the fraud engine wants verified, then the curl.
-        import time
 
         import httpx
 
@@ -97,3 +106,55 @@ def test_curl_examples_run_as_written(embedded_env):
             check=True,
         )
         assert json.loads(done.stdout)["transaction_id"] == stepped
+
+        # The refund example, on the payment the first curl made, once it succeeded.
+        deadline = time.monotonic() + 30
+        txn = created["transaction_id"]
+        while httpx.get(f"{server.url}/v1/payments/{txn}", headers=headers).json()["status"] != (
+            "SUCCESS"
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        refund = next(b for b in blocks("sh") if "/refunds" in b)
+        done = subprocess.run(
+            ["bash", "-c", refund.replace("http://127.0.0.1:8000", server.url)],
+            env={**embedded_env, "API_KEY": merchant["api_key"], "TXN": txn},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        made = json.loads(done.stdout[: done.stdout.index("}") + 1])
+        assert (made["amount_paise"], made["reason"]) == (5000, "customer_request")
+
+        # The disputes example: the sandbox payer who complains, then list and contest.
+        disputed = httpx.post(
+            f"{server.url}/v1/payments",
+            json={"payer_vpa": "dispute@okhdfc", "amount_paise": 700, "merchant_order_id": "d"},
+            headers={**headers, "Idempotency-Key": "guide-dispute"},
+        ).json()["transaction_id"]
+        deadline = time.monotonic() + 40
+        while not (
+            found := httpx.get(f"{server.url}/v1/disputes", headers=headers).json()["items"]
+        ):
+            assert time.monotonic() < deadline, "no dispute raised"
+            time.sleep(0.2)
+        [dispute] = found
+        assert dispute["transaction_id"] == disputed
+        example = next(b for b in blocks("sh") if "/v1/disputes" in b)
+        done = subprocess.run(
+            ["bash", "-c", example.replace("http://127.0.0.1:8000", server.url)],
+            env={**embedded_env, "API_KEY": merchant["api_key"], "DISPUTE": dispute["dispute_id"]},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        listed, contested = (
+            json.loads(line) for line in done.stdout.replace("}{", "}\n{").splitlines()
+        )
+        assert [d["dispute_id"] for d in listed["items"]] == [dispute["dispute_id"]]
+        assert (contested["status"], contested["documents"]) == (
+            "CONTESTED",
+            ["INV-1001", "AWB-5550001"],
+        )

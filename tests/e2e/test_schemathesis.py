@@ -35,6 +35,10 @@ def test_the_live_api_keeps_its_own_openapi_contract(embedded_env, tmp_path):
         # Let generated traffic reach the code rather than the limits.
         "UPI_MERCHANT_RATE_PER_S": "100000",
         "UPI_MERCHANT_RATE_BURST": "100000",
+        "UPI_MERCHANT_READ_RATE_PER_S": "100000",
+        "UPI_MERCHANT_READ_RATE_BURST": "100000",
+        "UPI_AUTH_FAILURE_RATE_PER_S": "100000",
+        "UPI_AUTH_FAILURE_BURST": "100000",
         "UPI_PAYER_DAILY_MAX_COUNT": "1000000",
         "UPI_PAYER_DAILY_MAX_AMOUNT_PAISE": "1000000000000",
     }

@@ -41,12 +41,20 @@ def test_settlement_run_cli_and_operator_api(embedded_env, tmp_path):
         assert first.returncode == 0, first.stderr
         summary = json.loads(first.stdout)
         assert summary["closed_now"] is True and summary["interbank_nets_sum_paise"] == 0
+        assert summary["tat"] == {
+            "breaches": 0,
+            "reversed_late": 0,
+            "open": 0,
+            "days_late": 0,
+            "compensation_paise": 0,
+        }
         files = sorted(p.name for p in (tmp_path / yesterday).iterdir())
         assert files == [
             "interbank_net.csv",
             "merchant_payouts.csv",
             "reconciliation.csv",
             "summary.json",
+            "tat_compensation.csv",
         ]
         before = {n: (tmp_path / yesterday / n).read_bytes() for n in files}
         again = cli(

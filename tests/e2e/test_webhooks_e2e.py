@@ -23,11 +23,22 @@ FAST_RETRIES = {"UPI_WEBHOOK_RETRY_BASE_S": "0.2", "UPI_WEBHOOK_RETRY_MAX_INTERV
 BODY = {"payer_vpa": "success@okhdfc", "amount_paise": 2_000, "merchant_order_id": "wh-1"}
 
 
+def verify(body: bytes, timestamp: str, header: str, secret: str, tolerance_s: int = 300) -> bool:
+    """As the merchant guide says: a fresh timestamp and one matching signature."""
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > tolerance_s:
+        return False
+    message = timestamp.encode() + b"." + body
+    expected = "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, s.strip()) for s in header.split(","))
+
+
 class Receiver:
     """A merchant's webhook endpoint that verifies the signature like the merchant guide."""
 
     def __init__(self) -> None:
         self.secret = ""
+        self.also_accepts: list[str] = []  # other secrets it takes (a rotation)
+        self.signatures: list[str] = []
         self.failures_left = 0
         self.healthy = True
         self.received: list[dict] = []
@@ -39,10 +50,12 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.attempts += 1
-                expected = (
-                    "sha256=" + hmac.new(receiver.secret.encode(), body, hashlib.sha256).hexdigest()
-                )
-                if not hmac.compare_digest(expected, self.headers.get("X-UPI-Signature", "")):
+                timestamp = self.headers.get("X-UPI-Timestamp", "")
+                receiver.signatures.append(self.headers.get("X-UPI-Signature", ""))
+                if not any(
+                    verify(body, timestamp, self.headers.get("X-UPI-Signature", ""), secret)
+                    for secret in [receiver.secret, *receiver.also_accepts]
+                ):
                     receiver.bad_signatures += 1
                     self.send_response(401)
                 elif not receiver.healthy or receiver.failures_left > 0:
@@ -144,3 +157,27 @@ def test_dead_lettered_after_the_last_try_then_replayed_by_an_operator(embedded_
         assert replayed.returncode == 0 and json.loads(replayed.stdout) == {"replayed": 1}
         receiver.wait_for(1)
         assert receiver.received[0]["transaction_id"] == txn
+
+
+def test_a_url_resolving_to_loopback_is_refused_when_private_addresses_are_not_allowed(
+    embedded_env, receiver
+):
+    """The sandbox allows the receiver on 127.0.0.1 by default; with
+    UPI_WEBHOOK_ALLOW_PRIVATE=false, as production always is, ``localhost`` resolves to
+    loopback and every attempt is refused before any request, retried as usual."""
+    env = {**embedded_env, **FAST_RETRIES, "UPI_WEBHOOK_ALLOW_PRIVATE": "false"}
+    with serving(env, ("all",)) as (server,):
+        url = f"http://localhost:{receiver.port}/hooks/upi"
+        merchant = create_merchant(env, "shop@okicici", "--webhook-url", url)
+        receiver.secret = merchant["webhook_secret"]
+        txn = pay(server, merchant, "wh-ssrf")
+        deadline = time.monotonic() + 20
+        while not query(env, "SELECT 1 FROM webhook_deliveries WHERE attempts >= 2"):
+            assert time.monotonic() < deadline, "never attempted twice"
+            time.sleep(0.1)
+        listed = json.loads(cli(env, "webhooks", "list", "--status", "PENDING", "--json").stdout)
+        [delivery] = listed["deliveries"]
+        assert delivery["transaction_id"] == txn
+        error = delivery["last_error"]
+        assert error.startswith("refused: localhost resolves to ") and "(loopback)" in error, error
+        assert receiver.attempts == 0

@@ -222,3 +222,89 @@ async def test_idempotent_producer_against_a_broker_that_refuses_it_fails_clearl
     with pytest.raises(BusError, match="UPI_KAFKA_IDEMPOTENCE=false"):
         await asyncio.wait_for(bus.start(), 60)
     await bus.stop()
+
+
+async def test_a_consumer_stuck_with_records_waiting_is_started_again(kafka_bootstrap):
+    # The first delivery never returns (as a consumer sat for good after a broker fault);
+    # the watchdog sees records waiting and no progress, and starts the consumer again,
+    # which is redelivered the uncommitted records.
+    s = settings(kafka_bootstrap)
+    stuck = asyncio.Event()
+    handled: list[int] = []
+
+    async def handle(e: Envelope) -> None:
+        if not stuck.is_set():
+            stuck.set()
+            await asyncio.Event().wait()  # for ever (until cancelled)
+        handled.append(e.payload["amount_paise"])
+
+    bus = KafkaBus(s, stall_s=1.5)
+    bus.subscribe(Subscription("stuck", ("payments",), handle))
+    publisher = KafkaBus(s)
+    await publisher.start()
+    await bus.start()
+    try:
+        await publisher.publish([envelope(i, "one-payer") for i in range(5)])
+
+        async def all_handled() -> bool:
+            return sorted(set(handled)) == [1, 2, 3, 4, 5]
+
+        await eventually(all_handled, timeout=60)
+        assert bus._restarts >= 1
+    finally:
+        await bus.stop()
+        await publisher.stop()
+
+
+async def test_the_trace_context_in_the_envelope_survives_kafka(kafka_bootstrap):
+    """core/tracing.py: the W3C context travels in the envelope's bytes, so a consumer
+    across the broker continues the publisher's trace."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from core import tracing
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    tracing.use(provider)
+    s = settings(kafka_bootstrap)
+    received: list[Envelope] = []
+
+    async def handle(e: Envelope) -> None:
+        with tracing.span_for(e, "consume"):
+            received.append(e)
+
+    consumer_bus = KafkaBus(s)
+    consumer_bus.subscribe(Subscription("traced", ("payments",), handle))
+    publisher = KafkaBus(s)
+    await publisher.start()
+    await consumer_bus.start()
+    try:
+        with tracing.span_for(None, "request", start_trace=True):
+            sent = [envelope(1, "payer-1"), envelope(2, "payer-2")]
+        untraced = envelope(3, "payer-3")  # no span current: no context
+        assert untraced.headers == {}
+        await publisher.publish([*sent, untraced])
+
+        async def all_seen() -> bool:
+            return len(received) == 3
+
+        await eventually(all_seen)
+    finally:
+        await consumer_bus.stop()
+        await publisher.stop()
+        tracing.use(None)
+        provider.shutdown()
+    by_id = {e.event_id: e for e in received}
+    for e in sent:
+        assert "traceparent" in e.headers
+        assert by_id[e.event_id].headers == e.headers
+    assert [e.headers for e in received if e.event_id not in {x.event_id for x in sent}] == [{}]
+    [request] = [span for span in exported.get_finished_spans() if span.name == "request"]
+    consumed = [span for span in exported.get_finished_spans() if span.name == "consume"]
+    assert len(consumed) == 2, "the untraced event got no span"
+    for span in consumed:
+        assert span.context.trace_id == request.context.trace_id
+        assert span.parent is not None and span.parent.span_id == request.context.span_id

@@ -280,6 +280,8 @@ async def test_inclusion_proofs_verify_against_the_signed_root(db, writer, clock
         cp.merkle_root,
     )
     page = await ledger_page(db, 30, 10)
+    assert page[0] == {"type": "header", "format": 2, "from_height": 30, "v2_from_height": 0}
+    page = page[1:]
     assert [line["height"] for line in page] == [30, 31, 32, 33, 34, 35, 36, 37]
     assert page[-1]["type"] == "checkpoint"
 
@@ -294,6 +296,7 @@ async def test_no_pii_in_clear_in_any_ledger_table(db, writer):
             "ledger_keys",
             "ledger_state",
             "ledger_signing_keys",
+            "ledger_tiles",
         ):
             dump = (
                 await conn.execute(text(f"SELECT string_agg(t::text, '|') FROM {table} t"))

@@ -1,11 +1,16 @@
 """The NPCI handler against the mock switch on the real PostgreSQL: sandbox payers, deemed
-payments resolved by check-status, reversals, the circuit breaker under an injected fault."""
+payments resolved by check-status, reversals, the circuit breaker under an injected fault.
+
+NPCI's timetable runs 50 times as fast here (``UPI_NPCI_TIME_SCALE`` 0.02): the pay leg in
+0.3 s, the first check-status 1.8 s after it, and the mock switch enforcing NPCI's
+check-status rule on the same scale."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import os
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
@@ -13,11 +18,11 @@ from sqlalchemy import text
 from api.bootstrap import Engine
 from core.config import Settings
 from core.pii import Vpa
+from npcisim.mock import MockSwitch, opening_balance
 from payments import service
 from payments.domain import PaymentStatus
 from payments.merchants import Merchant, insert_merchant
 from payments.npci.breaker import BreakerState
-from payments.npci.mock import MockSwitch, opening_balance
 
 pytestmark = pytest.mark.postgres
 
@@ -27,14 +32,9 @@ FAST = {
     "relay_poll_interval_s": 0.01,
     "npci_mock_latency_scale": 0.02,
     "npci_mock_decline_scale": 0,
-    "npci_pay_timeout_s": 0.3,
-    "npci_check_status_timeout_s": 0.5,
-    "npci_mock_hang_s": 1.0,
-    "npci_mock_pending_s": 0.4,
-    "npci_deemed_first_check_s": 0.1,
-    "npci_deemed_max_check_interval_s": 0.2,
-    "npci_deemed_max_age_s": 30,
+    "npci_time_scale": 0.02,
 }
+SCALE = FAST["npci_time_scale"]
 
 
 async def start_engine(db_url: str, **overrides: object) -> Engine:
@@ -117,9 +117,14 @@ async def test_sandbox_payers_end_as_the_spec_says(engine, payer, status, code, 
         assert p.rrn and len(p.rrn) == 12
 
 
-async def test_deemed_past_max_age_is_reversed_and_the_payer_made_whole(db_url):
-    # The switch keeps answering "pending" longer than we are willing to wait.
-    engine = await start_engine(db_url, npci_mock_pending_s=60, npci_deemed_max_age_s=1.0)
+async def test_still_pending_when_the_budget_is_spent_is_reversed_and_the_payer_made_whole(
+    db_url,
+):
+    # The switch keeps answering "pending" past the resolver's three checks (a short plan,
+    # within NPCI's rule: 90 s, 2 min and 2.5 min after the pay leg).
+    engine = await start_engine(
+        db_url, npci_mock_pending_s=100_000, npci_check_status_plan_s=(90, 120, 150)
+    )
     try:
         payer = "timeout-success@okhdfc"
         switch = engine.switch
@@ -131,6 +136,20 @@ async def test_deemed_past_max_age_is_reversed_and_the_payer_made_whole(db_url):
         assert await history(engine, txn) == ["INITIATED", "SUBMITTED", "DEEMED", "REVERSED"]
         assert await switch.balance("shop@okicici") == merchant_before  # credit taken back
         assert await switch.balance(payer) == opening_balance(payer)
+        # On the switch's journal: the pay request, three check-status calls on the plan
+        # (the first 90 s after the pay request, at NPCI's pace), none refused, the reversal.
+        calls = await switch.calls(txn)
+        assert [c.api for c in calls] == [
+            "pay",
+            "check_status",
+            "check_status",
+            "check_status",
+            "reversal",
+        ]
+        assert {c.outcome for c in calls} == {"answered"}
+        pay_at = calls[0].at
+        assert (calls[1].at - pay_at).total_seconds() >= 90 * SCALE
+        assert (calls[3].at - calls[1].at).total_seconds() <= 7200 * SCALE
     finally:
         await engine.stop()
 
@@ -150,10 +169,8 @@ class DropsRequests:
 
 
 async def test_a_request_the_switch_never_saw_is_voided_and_cannot_debit_later(db_url, db):
-    real = MockSwitch(db, latency_scale=0, decline_scale=0)
-    engine = Engine.build(
-        Settings(**{**FAST, "npci_deemed_max_age_s": 0.5}), url=db_url, switch=DropsRequests(real)
-    )  # type: ignore[arg-type]
+    real = MockSwitch(db, latency_scale=0, decline_scale=0, time_scale=SCALE)
+    engine = Engine.build(Settings(**FAST), url=db_url, switch=DropsRequests(real))  # type: ignore[arg-type]
     await engine.start()
     try:
         async with engine.db.transaction() as conn:
@@ -181,10 +198,13 @@ async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_
         npci_breaker_min_calls=6,
         npci_breaker_failure_rate=0.4,
         npci_breaker_cooldown_s=2,
-        npci_mock_pending_s=0.2,
-        # A request cancelled by the timeout before the switch recorded it stays unknown
-        # until the max age, then is voided: keep that short here.
-        npci_deemed_max_age_s=2,
+        npci_mock_pending_s=10,
+        # A pay leg of 1.2 s (not 0.3 s at this scale): a healthy call on a busy box never
+        # times out, so the breaker's outcomes are the injected ones; hung calls hang 2.4 s.
+        npci_pay_timeout_s=60,
+        npci_mock_hang_s=120,
+        # A request cancelled by the timeout before the switch recorded it is unknown at
+        # the first check-status, and voided then.
     )
     try:
         switch = engine.switch
@@ -205,6 +225,18 @@ async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_
         assert deemed, "some answers never came back in time and were deemed"
         fast_failed = [p for p in finals.values() if p.response_code == "U90"]
         assert fast_failed, "while open, payments fail fast with U90"
+
+        # Where the trickle left the breaker depends on the box's pace (closed again, with
+        # failures in its window, is possible): a bank that now hangs every call opens it.
+        switch.inject("AXIS", timeout_rate=1.0)
+        for i in range(10):
+            if breaker.state is BreakerState.OPEN:
+                break
+            payer = f"axis.hung{i}@okaxis"
+            txn = await pay(engine, payer, 2_000 + i)
+            finals[txn] = await final(engine, txn)
+            payers[txn] = payer
+        assert breaker.state is BreakerState.OPEN
 
         switch.clear_faults()
         await asyncio.sleep(2.1)  # cooldown
@@ -246,23 +278,23 @@ async def test_a_pay_request_goes_on_at_the_switch_after_its_caller_timed_out(db
     switch's work with the caller's wait would roll the debit back halfway instead."""
     from payments.npci.switch import PayRequest
 
-    switch = MockSwitch(db, latency_scale=0, decline_scale=0)
+    switch = MockSwitch(db, latency_scale=0, decline_scale=0, time_scale=0.001)
     payer, payee = "patient.payer@okaxis", "shop@okicici"
     first = await switch.pay(PayRequest("UPI-TIMEOUT-0", payer, payee, 100))
     assert first.response_code == "00"  # both accounts exist now
     before = await switch.balance(payer)
     async with db.transaction() as blocker:
         await blocker.execute(
-            text("SELECT 1 FROM npci_accounts WHERE vpa = :v FOR UPDATE"), {"v": payer}
+            text("SELECT 1 FROM npci_sim.accounts WHERE vpa = :v FOR UPDATE"), {"v": payer}
         )
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(switch.pay(PayRequest("UPI-TIMEOUT-1", payer, payee, 250)), 0.3)
-    # The row lock is released: the request the switch received completes.
-    for _ in range(100):
-        status = await switch.check_status("UPI-TIMEOUT-1")
-        if status.response_code == "00":
-            break
-        await asyncio.sleep(0.05)
+    # The row lock is released: the request the switch received completes (close waits for
+    # it), and check-status, 90 s after the pay request at this scale, tells the outcome.
+    await switch.close()
+    pay_at = (await switch.calls("UPI-TIMEOUT-1"))[0].at
+    while (datetime.now(UTC) - pay_at).total_seconds() < 90 * 0.001:
+        await asyncio.sleep(0.01)
+    status = await switch.check_status("UPI-TIMEOUT-1")
     assert (status.known, status.response_code) == (True, "00")
     assert await switch.balance(payer) == before - 250
-    await switch.close()

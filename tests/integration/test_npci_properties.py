@@ -3,7 +3,8 @@ duplicate deliveries, handler restarts and resolver runs never break the invaria
 
 * a payer is never debited twice for one transaction;
 * a payment never reaches two final statuses (and always reaches one in the end);
-* money is conserved in the simulator: the balances always add up to the opening balances.
+* money is conserved in the simulator: the balances always add up to the opening balances;
+* no check-status breaks NPCI's rule (the switch refused none).
 """
 
 from __future__ import annotations
@@ -22,24 +23,20 @@ from core.errors import SwitchError, SwitchTimeout
 from core.events import Envelope, FraudAssessed, FraudDecision
 from core.pii import Vpa, partition_key_for
 from core.storage import Database
+from npcisim.mock import MockSwitch, opening_balance
 from payments import service
 from payments.domain import PaymentStatus
 from payments.limits import PayerDailyLimits
 from payments.merchants import Merchant, insert_merchant
 from payments.npci.breaker import BankBreakers, BreakerPolicy
-from payments.npci.mock import MockSwitch, opening_balance
 from payments.npci.switch import PayRequest, RefundRequest, ReversalResult, SwitchResult
 from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings
 
 pytestmark = pytest.mark.postgres
 
-TIMINGS = NpciTimings(
-    pay_timeout_s=1,
-    check_status_timeout_s=1,
-    first_check_s=5,
-    max_check_interval_s=60,
-    max_deemed_age_s=300,
-)
+# NPCI's plan and rule at their own pace: the clock is moved by hand, and the mock switch
+# shares it, so it enforces the check-status rule on the same time.
+TIMINGS = NpciTimings(pay_timeout_s=1, check_status_timeout_s=1)
 NETWORK = st.sampled_from(["ok", "ok", "drop_request", "lose_answer", "refuse"])
 STEPS = st.sampled_from(["deliver", "deliver", "duplicate", "resolve", "advance"])
 PAYERS = st.sampled_from(["ordinary", "poor", "success", "wrongpin", "insufficient"])
@@ -84,7 +81,7 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
     n = next(_counter)
     db = Database(url, pool_size=4)
     clock = FakeClock(datetime(2026, 6, 1, tzinfo=UTC))
-    switch = MockSwitch(db, latency_scale=0, decline_scale=0, pending_s=0)
+    switch = MockSwitch(db, latency_scale=0, decline_scale=0, pending_s=0, clock=clock)
     network = ScriptedNetwork(switch, script)
     merchant = f"mer_p{n}"
     payee = f"shop{n}@okicici"
@@ -166,15 +163,24 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
             ).scalar_one()
             journal = (
                 await conn.execute(
-                    text("SELECT count(*) FROM npci_transactions WHERE txn_id = :t"), {"t": txn}
+                    text("SELECT count(*) FROM npci_sim.transactions WHERE txn_id = :t"), {"t": txn}
                 )
             ).scalar_one()
             total = (
                 await conn.execute(
-                    text("SELECT coalesce(sum(balance_paise), 0) FROM npci_accounts")
+                    text("SELECT coalesce(sum(balance_paise), 0) FROM npci_sim.accounts")
                 )
             ).scalar_one()
-            vpas = list((await conn.execute(text("SELECT vpa FROM npci_accounts"))).scalars())
+            vpas = list((await conn.execute(text("SELECT vpa FROM npci_sim.accounts"))).scalars())
+            refused = (
+                await conn.execute(
+                    text(
+                        "SELECT count(*) FROM npci_sim.api_calls WHERE txn_id = :t"
+                        " AND outcome <> 'answered'"
+                    ),
+                    {"t": txn},
+                )
+            ).scalar_one()
         assert finals == 1
         assert journal <= 1
         debited = before - await switch.balance(payer)
@@ -183,6 +189,7 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
         else:
             assert debited == 0, payment.status
         assert total == sum(opening_balance(v) for v in vpas), "money created or destroyed"
+        assert refused == 0, "a check-status broke NPCI's rule"
     finally:
         await db.close()
 

@@ -4,22 +4,24 @@ in-process bus → NPCI handler → mock switch → final status."""
 import asyncio
 import base64
 import os
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
 
 from api.bootstrap import Engine
+from core.clock import FakeClock
 from core.config import Settings
 from core.errors import IdempotencyConflict
 from core.events import CATALOGUE, Envelope, FraudAssessed, FraudDecision, PaymentInitiated
 from core.pii import Vpa
 from fraud.assessor import FraudAssessor
+from npcisim.mock import MockSwitch, opening_balance
 from payments import service
 from payments.domain import PaymentStatus
 from payments.merchants import Merchant, insert_merchant
-from payments.npci.mock import MockSwitch, opening_balance
-from payments.npci.switch import PayRequest, SwitchResult
-from payments.npci_handler import NpciHandler
+from payments.npci.switch import PayRequest, ReversalResult, SwitchResult
+from payments.npci_handler import DeemedResolver, NpciHandler
 from payments.verification import VerificationPolicy, verify
 
 pytestmark = pytest.mark.postgres
@@ -107,7 +109,8 @@ async def test_insufficient_payer_fails_z9_and_nothing_moves(engine):
         "PaymentFailed",
     ]
     async with engine.db.connection() as conn:
-        debited = (await conn.execute(text("SELECT debited FROM npci_transactions"))).scalar_one()
+        journal = await conn.execute(text("SELECT debited FROM npci_sim.transactions"))
+        debited = journal.scalar_one()
     assert debited is False
 
 
@@ -200,14 +203,23 @@ class LosesAnswer:
         self.checks += 1
         return await self.inner.check_status(txn_id)
 
+    async def reverse(self, txn_id: str) -> ReversalResult:
+        return await self.inner.reverse(txn_id)
+
 
 @pytest.mark.parametrize("lost_before_switch_saw_it", [True, False])
 async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before_switch_saw_it):
-    eng = Engine.build(settings(), url=str(db.engine.url.render_as_string(hide_password=False)))
+    """The redelivery never resends the pay request, nor asks check-status before NPCI's
+    90 s: it deems the payment, and the resolver's first check (on a moved clock, which the
+    mock switch shares) decides: the debit stands, or the id the switch never saw is void."""
+    clock = FakeClock(datetime.now(UTC))
+    eng = Engine.build(
+        settings(), url=str(db.engine.url.render_as_string(hide_password=False)), clock=clock
+    )
     async with db.transaction() as conn:
         await insert_merchant(conn, Merchant("mer_1", "Shop", "shop@okicici", "5411", None), b"x")
     payer = "kavya.nair@okaxis"
-    result = await service.initiate_payment(db, command(payer, 9_900, "k1"), eng.clock)
+    result = await service.initiate_payment(db, command(payer, 9_900, "k1"), clock)
     async with db.connection() as conn:
         raw = (
             await conn.execute(
@@ -232,9 +244,9 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
     assessed = CATALOGUE.decode(envelope)
     assert isinstance(assessed, FraudAssessed) and assessed.decision is FraudDecision.ALLOW
 
-    real = MockSwitch(db, latency_scale=0, decline_scale=0)
+    real = MockSwitch(db, latency_scale=0, decline_scale=0, clock=clock)
     flaky = LosesAnswer(real, before=lost_before_switch_saw_it)
-    handler = NpciHandler(db, flaky, eng.clock)
+    handler = NpciHandler(db, flaky, clock)
     with pytest.raises(ConnectionError):
         await handler.handle(envelope)
     txn = result.body["transaction_id"]
@@ -244,10 +256,22 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
     await handler.handle(envelope)  # the redelivery
     await handler.handle(envelope)  # and a duplicate of it
     p = await service.get_payment(db, "mer_1", txn)
-    assert p.status is PaymentStatus.SUCCESS
-    assert flaky.checks == 1  # asked the switch before anything else
-    assert flaky.pays == (2 if lost_before_switch_saw_it else 1)  # never re-sent a known debit
-    assert await real.balance(payer) == opening_balance(payer) - 9_900
+    assert p.status is PaymentStatus.DEEMED
+    assert (flaky.pays, flaky.checks) == (1, 0)  # nothing resent, nothing asked too early
+
+    resolver = DeemedResolver(db, flaky, clock)
+    clock.advance(15 + 90)  # the pay leg, then NPCI's 90 s
+    assert await resolver.run_once() == 1
+    p = await service.get_payment(db, "mer_1", txn)
+    assert flaky.checks == 1
+    assert flaky.pays == 1  # never re-sent
+    if lost_before_switch_saw_it:
+        assert (p.status, p.response_code) == (PaymentStatus.FAILED, "21")  # voided
+        assert await real.balance(payer) == opening_balance(payer)
+    else:
+        assert p.status is PaymentStatus.SUCCESS
+        assert await real.balance(payer) == opening_balance(payer) - 9_900
+    assert {c.outcome for c in await real.calls(txn)} == {"answered"}
     async with db.connection() as conn:
         finals = (
             await conn.execute(
@@ -258,6 +282,7 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
                 {"t": txn},
             )
         ).scalar_one()
-        journal = (await conn.execute(text("SELECT count(*) FROM npci_transactions"))).scalar_one()
-    assert finals == 1 and journal == 1
+        counted = await conn.execute(text("SELECT count(*) FROM npci_sim.transactions"))
+        journal = counted.scalar_one()
+    assert finals == 1 and journal == 1  # the pay, or the void
     await eng.db.close()

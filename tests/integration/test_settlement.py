@@ -15,6 +15,7 @@ import orjson
 import pytest
 from sqlalchemy import text
 
+from api.switch_journal import SwitchSettlementJournal
 from compliance.ledger import LedgerWriter
 from core.clock import IST, FakeClock
 from core.crypto import MasterKey
@@ -30,9 +31,11 @@ from core.events import (
 )
 from core.ids import new_rrn
 from core.pii import Vpa
+from npcisim.mock import MockSwitch
 from settlement import run as settlement_run
+from settlement.cycles import NPCI_CYCLES
 from settlement.holidays import HolidayCalendar
-from settlement.journal import ComplianceLedgerIndex, NpciJournal
+from settlement.journal import ComplianceLedgerIndex
 from settlement.recorder import SettlementRecorder
 from settlement.run import FILES, settle_business_date, write_files
 
@@ -248,7 +251,8 @@ async def load(db, day: Day) -> None:
     async with db.transaction() as conn:
         raw = (await conn.get_raw_connection()).driver_connection
         await raw.copy_records_to_table(
-            "npci_transactions",
+            "transactions",
+            schema_name="npci_sim",
             columns=[
                 "txn_id",
                 "kind",
@@ -273,32 +277,38 @@ async def inject(db, day: Day) -> dict[str, str]:
     expected = {}
     async with db.transaction() as conn:
         for txn in ok[:3]:
-            await conn.execute(text("DELETE FROM npci_transactions WHERE txn_id = :t"), {"t": txn})
+            await conn.execute(
+                text("DELETE FROM npci_sim.transactions WHERE txn_id = :t"), {"t": txn}
+            )
             expected[txn] = "gateway_only"
         for txn in ok[3:5]:
             await conn.execute(
-                text("UPDATE npci_transactions SET debited = false WHERE txn_id = :t"), {"t": txn}
+                text("UPDATE npci_sim.transactions SET debited = false WHERE txn_id = :t"),
+                {"t": txn},
             )
             expected[txn] = "gateway_only"
         for txn in ok[5:7]:
             await conn.execute(
                 text(
-                    "UPDATE npci_transactions SET amount_paise = amount_paise + 1 WHERE txn_id = :t"
+                    "UPDATE npci_sim.transactions SET amount_paise = amount_paise + 1"
+                    " WHERE txn_id = :t"
                 ),
                 {"t": txn},
             )
             expected[txn] = "amount_mismatch"
         for txn in sorted(day.failed)[:3]:
             await conn.execute(
-                text("UPDATE npci_transactions SET debited = true WHERE txn_id = :t"), {"t": txn}
+                text("UPDATE npci_sim.transactions SET debited = true WHERE txn_id = :t"),
+                {"t": txn},
             )
-            expected[txn] = "switch_only"
+            expected[txn] = "late_success"  # we failed it, the switch debited: given back
         for k in range(2):
             ghost = f"UPIGHOST{k:027d}"
             await conn.execute(
                 text(
-                    "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa, payer_bank,"
-                    " payee_bank, amount_paise, status, response_code, rrn, debited, created_at)"
+                    "INSERT INTO npci_sim.transactions (txn_id, kind, payer_vpa, payee_vpa,"
+                    " payer_bank, payee_bank, amount_paise, status, response_code, rrn, debited,"
+                    " created_at)"
                     " VALUES (:t, 'PAY', 'x1@ybl', 'kirana@okicici', 'YES', 'ICICI', 999,"
                     " 'SUCCESS', '00', '000000000001', true, :at)"
                 ),
@@ -319,7 +329,7 @@ def read_csv(content: str) -> list[dict[str, str]]:
 async def close(db, clock, day=DAY):
     return await settle_business_date(
         db,
-        NpciJournal(db),
+        SwitchSettlementJournal(MockSwitch(db)),
         day,
         ledger=ComplianceLedgerIndex(db),
         calendar=HolidayCalendar.default(),
@@ -362,6 +372,22 @@ async def test_a_simulated_day_settles_to_the_paisa(db, simulated, tmp_path: Pat
     found = {row["transaction_id"]: row["class"] for row in recon}
     assert found == expected  # every injected mismatch, and nothing else
     assert all(row["action"] for row in recon)
+    late = {t for t, c in expected.items() if c == "late_success"}
+    assert {r["transaction_id"] for r in recon if r["action"].startswith("reversed to payer")} == (
+        late
+    )
+    # Each late success goes back to its payer: published with the close, once.
+    assert set(result.summary["late_successes"]) == late
+    async with db.connection() as conn:
+        published = (
+            await conn.execute(
+                text(
+                    "SELECT convert_from(envelope, 'UTF8')::jsonb ->> 'transaction_id' FROM outbox"
+                    " WHERE event_type = 'LateSuccessFound'"
+                )
+            )
+        ).scalars()
+        assert sorted(published) == sorted(late)
 
     held = {t for t, c in expected.items() if c in ("gateway_only", "amount_mismatch")}
     settled = {t: v for t, v in day.succeeded.items() if t not in held}
@@ -405,6 +431,9 @@ async def test_a_simulated_day_settles_to_the_paisa(db, simulated, tmp_path: Pat
     assert summary["reconciliation"]["matched"] == len(credited) + len(day.refunds)
     assert summary["reconciliation"]["payee_not_registered"] == 2
     assert sum(c["items"] for c in summary["cycles"].values()) == len(credited) + len(day.refunds)
+    assert list(summary["cycles"]) == list(NPCI_CYCLES.names)  # all twelve, in NPCI's order
+    assert all(summary["cycles"][f"C{n}"]["items"] > 0 for n in range(1, 11))
+    assert summary["cycles"]["DC1"]["items"] == summary["cycles"]["DC2"]["items"] == 0
     assert summary["ledger"] == {"checked": True, "not_in_ledger": day.lost_from_ledger}
 
     # Running it again gives identical files.
@@ -426,14 +455,14 @@ async def test_a_crash_in_the_middle_then_a_rerun_gives_the_right_files(
 ):
     clock = FakeClock(datetime(2026, 3, 3, 2, 0, tzinfo=UTC))
 
-    class FailingJournal(NpciJournal):
+    class FailingJournal:
         async def rows(self, business_date, references):
             raise ConnectionError("switch journal unreachable mid-run")
 
     with pytest.raises(ConnectionError):
         await settle_business_date(
             db,
-            FailingJournal(db),
+            FailingJournal(),
             DAY,
             calendar=HolidayCalendar.default(),
             mdr_bps=MDR,
@@ -492,8 +521,9 @@ async def test_a_final_status_after_the_date_closed_goes_to_the_next_cycle(db, t
         for txn, when in (("UPI1", at(100)), ("UPI2", at(80_000))):
             await conn.execute(
                 text(
-                    "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa, payer_bank,"
-                    " payee_bank, amount_paise, status, response_code, rrn, debited, created_at)"
+                    "INSERT INTO npci_sim.transactions (txn_id, kind, payer_vpa, payee_vpa,"
+                    " payer_bank, payee_bank, amount_paise, status, response_code, rrn, debited,"
+                    " created_at)"
                     " VALUES (:t, 'PAY', 'a1@okhdfc', 'kirana@okicici', 'HDFC', 'ICICI', 1000,"
                     " 'SUCCESS', '00', '000000000001', true, :at)"
                 ),

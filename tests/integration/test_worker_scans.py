@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import TextClause, text
 
+from payments.late_success import DUE_RETURNS
 from payments.npci_handler import DEEMED_DUE, STALE_SUBMISSIONS
 from payments.verification import EXPIRED_VERIFICATIONS
 from payments.webhooks import DUE_DELIVERIES
@@ -22,8 +23,15 @@ NOW = datetime(2026, 12, 1, tzinfo=UTC)
         (STALE_SUBMISSIONS, {"before": NOW, "n": 50}, "payments_submitted_since"),
         (EXPIRED_VERIFICATIONS, {"now": NOW, "n": 100}, "payments_pending_verification"),
         (DUE_DELIVERIES, {"now": NOW, "n": 50}, "webhook_deliveries_due"),
+        (DUE_RETURNS, {"now": NOW, "n": 50}, "late_success_returns_due"),
     ],
-    ids=["deemed due", "stale submissions", "expired verifications", "due webhooks"],
+    ids=[
+        "deemed due",
+        "stale submissions",
+        "expired verifications",
+        "due webhooks",
+        "due late-success returns",
+    ],
 )
 async def test_worker_scan_uses_its_partial_index(db, scan: TextClause, params, index):
     async with db.transaction() as conn:

@@ -65,3 +65,47 @@ def test_breakers_are_per_bank():
     assert banks["AXIS"].state is BreakerState.OPEN
     assert banks["HDFC"].allow()
     assert banks.states() == {"AXIS": BreakerState.OPEN, "HDFC": BreakerState.CLOSED}
+
+
+def test_the_gauge_follows_each_bank_breaker_closed_open_half_open_closed():
+    """``upi_switch_breaker_state{bank}``: 0 closed, 1 half-open, 2 open (SPEC §10)."""
+    from prometheus_client import REGISTRY
+
+    from payments.npci_handler import show_breaker_state
+
+    def gauge(bank: str) -> float | None:
+        return REGISTRY.get_sample_value("upi_switch_breaker_state", {"bank": bank})
+
+    clock = FakeClock()
+    moves: list[tuple[str, BreakerState]] = []
+
+    def seen(bank: str, state: BreakerState) -> None:
+        moves.append((bank, state))
+        show_breaker_state(bank, state)
+
+    banks = BankBreakers(POLICY, clock, seen)
+    assert gauge("GAUGEBANK") is None
+    b = banks["GAUGEBANK"]
+    assert gauge("GAUGEBANK") == 0  # shown closed from its first use
+    for _ in range(4):
+        b.allow()
+        b.record(False)
+    assert gauge("GAUGEBANK") == 2
+    assert banks["OTHERBANK"].allow() and gauge("OTHERBANK") == 0  # per bank
+    clock.advance(5)
+    assert b.allow()
+    assert gauge("GAUGEBANK") == 1
+    b.record(False)
+    assert gauge("GAUGEBANK") == 2
+    clock.advance(5)
+    b.allow()
+    b.record(True)
+    assert gauge("GAUGEBANK") == 0
+    assert [s for bank, s in moves if bank == "GAUGEBANK"] == [
+        BreakerState.CLOSED,
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.CLOSED,
+    ]

@@ -2,12 +2,15 @@
 in-process bus with an in-memory dead-letter sink."""
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime
+
+import asyncpg
 
 from core.bus.base import DeadLetter, Subscription
 from core.bus.delivery import RetryPolicy
 from core.bus.memory import MemoryBus
-from core.errors import PoisonMessage
+from core.errors import PoisonMessage, StorageError
 from core.events import Envelope, PaymentInitiated
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.002)
@@ -217,3 +220,45 @@ async def test_a_poison_event_in_a_batch_is_dead_lettered_alone_and_the_rest_app
     assert batch_calls == 1  # a poison batch is not retried as a whole
     [letter] = letters.items
     assert letter.attempts == 1 and "cannot decode" in letter.reason
+
+
+async def test_database_outage_is_waited_out_not_dead_lettered():
+    # More failures than max_attempts, all saying the database is unavailable: an outage
+    # is no fault of the event, so it is never dead-lettered, and applied once it is back.
+    failures = {"single": 7, "batch": 7}
+    applied: dict[str, list[int]] = {"single": [], "batch": []}
+
+    async def single(e: Envelope) -> None:
+        if failures["single"]:
+            failures["single"] -= 1
+            raise StorageError("database unreachable: [Errno 111] Connection refused")
+        applied["single"].append(e.payload["amount_paise"])
+
+    async def batch(envelopes: Sequence[Envelope]) -> None:
+        if failures["batch"]:
+            failures["batch"] -= 1
+            # A driver error that escaped the storage layer counts the same.
+            raise asyncpg.CannotConnectNowError("the database system is starting up")
+        applied["batch"].extend(e.payload["amount_paise"] for e in envelopes)
+
+    letters = Letters()
+    bus = MemoryBus(letters, FAST)
+    bus.subscribe(Subscription("one", ("payments",), single))
+    bus.subscribe(Subscription("many", ("payments",), batch, batch_handler=batch))
+    await bus.publish([env(1, "k"), env(2, "k")])
+    await bus.stop()
+    assert letters.items == []
+    assert applied == {"single": [2, 3], "batch": [2, 3]}
+    assert failures == {"single": 0, "batch": 0}
+
+
+async def test_an_ordinary_error_still_dead_letters_after_max_attempts():
+    async def broken(envelopes: Sequence[Envelope]) -> None:
+        raise ValueError("a bug, not an outage")
+
+    letters = Letters()
+    bus = MemoryBus(letters, FAST)
+    bus.subscribe(Subscription("c", ("payments",), broken, batch_handler=broken))
+    await bus.publish([env(1, "k")])
+    await bus.stop()
+    assert [(d.consumer, d.attempts) for d in letters.items] == [("c", 3)]

@@ -98,3 +98,14 @@ async def test_a_probe_that_gets_no_proper_answer_says_no_answer(monkeypatch):
 
     monkeypatch.setattr(asyncpg, "connect", connect_fails)
     assert await probe(region) is None
+
+
+def test_configured_standbys_counts_the_names_synchronous_standby_names_lists():
+    from dr.status import configured_standbys
+
+    assert configured_standbys("ANY 1 (hyderabad, chennai)") == 2
+    assert configured_standbys("FIRST 1 (a,b,c)") == 3
+    assert configured_standbys("a, b") == 2
+    assert configured_standbys("*") == 1
+    assert configured_standbys("") == 0
+    assert configured_standbys(None) == 0

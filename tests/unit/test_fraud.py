@@ -24,7 +24,7 @@ from fraud.history import HistoryTracker
 from fraud.model import ARTIFACTS, load_model
 from fraud.scorers import DeviceScorer, LocationScorer, Signal, VelocityScorer, noisy_or
 from fraud.simulator import TYPOLOGIES, simulate
-from payments.npci.mock import SANDBOX_CODES
+from npcisim.mock import SANDBOX_CODES
 
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 MUMBAI, DELHI, PUNE = CITIES["Mumbai"], CITIES["Delhi"], CITIES["Pune"]

@@ -8,7 +8,6 @@ from settlement.domain import (
     ItemKind,
     JournalRow,
     MismatchClass,
-    cycle_of,
     interbank_positions,
     merchant_payouts,
     reconcile,
@@ -109,6 +108,35 @@ def test_reconciliation_classifies_every_kind_of_disagreement():
     )
 
 
+def test_a_debit_for_a_payment_we_hold_failed_is_a_late_success_given_back_to_the_payer():
+    items = [pay("ok", 100)]
+    journal = [
+        JournalRow("ok", ItemKind.PAYMENT, 100, True),
+        JournalRow("late-today", ItemKind.PAYMENT, 50, True),  # failed on this date
+        JournalRow("late-earlier", ItemKind.PAYMENT, 60, True),  # failed on an earlier date
+        JournalRow("failed-clean", ItemKind.PAYMENT, 70, False),  # failed, and not debited
+        JournalRow("blocked", ItemKind.PAYMENT, 80, True),  # not FAILED: not ours to return
+        JournalRow("never-heard", ItemKind.PAYMENT, 90, True),
+    ]
+    failed = {"late-today": 50, "failed-clean": 70, "blocked": 80}
+    held_failed = {"late-today": 50, "late-earlier": 60, "failed-clean": 70}
+    settled, mismatches = reconcile(items, failed, {}, journal, held_failed)
+    assert [i.reference for i in settled] == ["ok"]
+    found = {m.reference: m.mismatch for m in mismatches}
+    assert found == {
+        "late-today": MismatchClass.LATE_SUCCESS,
+        "late-earlier": MismatchClass.LATE_SUCCESS,
+        "blocked": MismatchClass.SWITCH_ONLY,
+        "never-heard": MismatchClass.SWITCH_ONLY,
+    }
+    late = next(m for m in mismatches if m.reference == "late-earlier")
+    assert (late.gateway_status, late.gateway_amount_paise) == ("FAILED", 60)
+    assert (late.switch_status, late.switch_amount_paise) == ("DEBITED", 60)
+    assert late.action.startswith("reversed to payer")
+    # Not settled: a late success moves nothing between the banks in our files.
+    assert sum(p.net_paise for p in interbank_positions(settled)) == 0
+
+
 def test_a_payment_into_a_vpa_not_registered_to_its_merchant_is_withheld_from_the_payout():
     owners = {"shop@okicici": "m1", "shop2@okicici": "m1", "other@ybl": "m2"}
     items = [
@@ -139,12 +167,6 @@ def test_a_payment_into_a_vpa_not_registered_to_its_merchant_is_withheld_from_th
     assert [i.reference for i in payable] == ["before", "r1"]
 
 
-def test_cycles_follow_the_ist_time_of_day():
-    assert cycle_of(datetime(2026, 3, 1, 18, 31, tzinfo=UTC)) == 1  # 00:01 IST
-    assert cycle_of(AT) == 3  # 11:30 IST
-    assert cycle_of(datetime(2026, 3, 2, 18, 29, tzinfo=UTC)) == 6  # 23:59 IST
-
-
 def test_working_days_skip_sundays_second_and_fourth_saturdays_and_holidays():
     cal = HolidayCalendar.default()
     assert cal.next_working_day(date(2026, 3, 2)) == date(2026, 3, 3)  # Mon → Tue
@@ -161,18 +183,61 @@ def test_a_batch_of_status_events_folds_per_payment_as_one_by_one_upserts_would(
     from settlement.recorder import _latest_per_reference
 
     d, at = date(2026, 12, 1), datetime(2026, 12, 1, tzinfo=UTC)
+    t, later = date(2026, 11, 30), date(2026, 12, 1)
     folded = _latest_per_reference(
         [
-            ("t1", "PENDING", 100, d, at),
-            ("t1", "DEEMED", None, d, at),  # unresolved replaces unresolved, keeps the amount
-            ("t2", "PENDING", 200, d, at),
-            ("t2", "SETTLED", None, d, at),
-            ("t2", "DEEMED", None, d, at),  # never back from a final status
-            ("t3", "FAILED", 300, d, at),
+            ("t1", "PENDING", 100, d, at, t),
+            # unresolved replaces unresolved, keeps the amount and the first transaction date
+            ("t1", "DEEMED", None, d, at, later),
+            ("t2", "PENDING", 200, d, at, t),
+            ("t2", "SETTLED", None, d, at, None),
+            ("t2", "DEEMED", None, d, at, later),  # never back from a final status
+            ("t3", "FAILED", 300, d, at, None),
         ]
     )
     assert folded == {
-        "t1": ("DEEMED", 100, d, at),
-        "t2": ("SETTLED", 200, d, at),
-        "t3": ("FAILED", 300, d, at),
+        "t1": ("DEEMED", 100, d, at, t),
+        "t2": ("SETTLED", 200, d, at, t),
+        "t3": ("FAILED", 300, d, at, None),
     }
+
+
+# ------------------------------------------------------------------ TAT (RBI/2019-20/67)
+
+T = date(2026, 3, 10)
+
+
+def test_the_tat_is_t_plus_1_for_p2p_and_t_plus_5_for_p2m_in_calendar_days():
+    from settlement.domain import TransferKind, tat_due_date
+
+    assert tat_due_date(T, TransferKind.P2P) == date(2026, 3, 11)
+    assert tat_due_date(T) == tat_due_date(T, TransferKind.P2M) == date(2026, 3, 15)
+    # Calendar days, not working days: over a month's end and a Sunday alike.
+    assert tat_due_date(date(2026, 2, 26)) == date(2026, 3, 3)
+
+
+def test_a_reversal_by_the_due_date_owes_nothing_and_each_day_after_it_100_rupees():
+    from settlement.domain import TatCase, tat_breaches
+
+    on_time = TatCase("in-time", T, debited=True, reversed_on=date(2026, 3, 15))
+    late = TatCase("late", T, debited=True, reversed_on=date(2026, 3, 18))
+    assert tat_breaches([on_time], as_of=date(2026, 3, 20)) == []
+    [breach] = tat_breaches([late, on_time], as_of=date(2026, 3, 20))
+    assert (breach.reference, breach.due_date, breach.days_late) == ("late", date(2026, 3, 15), 3)
+    assert breach.compensation_paise == 3 * 10_000
+    assert breach.reversed_on == date(2026, 3, 18)  # the reversal completed the TAT
+
+
+def test_an_open_breach_accrues_until_it_is_reversed_and_no_debit_owes_nothing():
+    from settlement.domain import TatCase, TransferKind, tat_breaches
+
+    open_case = TatCase("open", T, debited=True)
+    assert tat_breaches([open_case], as_of=date(2026, 3, 15)) == []  # the due date itself
+    [one] = tat_breaches([open_case], as_of=date(2026, 3, 16))
+    assert (one.days_late, one.compensation_paise, one.reversed_on) == (1, 10_000, None)
+    [four] = tat_breaches([open_case], as_of=date(2026, 3, 19))
+    assert four.compensation_paise == 40_000
+    never_debited = TatCase("nothing-moved", T, debited=False)
+    assert tat_breaches([never_debited], as_of=date(2026, 4, 1)) == []
+    p2p = TatCase("p2p", T, debited=True, kind=TransferKind.P2P)
+    assert [b.days_late for b in tat_breaches([p2p], as_of=date(2026, 3, 13))] == [2]

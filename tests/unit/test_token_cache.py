@@ -32,7 +32,13 @@ class FakeDb:
 def add(db: FakeDb, token: str) -> None:
     digest = hashlib.sha256(token.encode()).digest()
     db.rows[digest] = SimpleNamespace(
-        principal_id="pri_1", role="merchant", name="Shop", merchant_id="mer_1", token_hash=digest
+        principal_id="pri_1",
+        role="merchant",
+        name="Shop",
+        merchant_id="mer_1",
+        token_hash=digest,
+        credential_id="cred_1",
+        stale=False,
     )
 
 

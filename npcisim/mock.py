@@ -6,16 +6,32 @@ It behaves like the switch plus the banks behind it:
   (:func:`opening_balance`) so tests can predict them;
 * per-bank latency (lognormal) and business decline rates from ``profiles.json``;
 * 12-digit RRNs and real UPI response codes (:mod:`payments.npci.codes`);
-* a journal of every transaction (``npci_transactions``), which settlement reconciles
-  against; its state is in PostgreSQL so it survives restarts, as NPCI's would;
+* a journal of every transaction (``npci_sim.transactions``), whose settlement data
+  (:meth:`MockSwitch.settlement_data`) settlement reconciles against; its state is in
+  PostgreSQL, in its own schema ``npci_sim``, so it survives restarts, as NPCI's would;
 * check-status, credit reversal, refund credit;
-* faults injectable at run time per bank: extra latency, timeout rate, error rate, down.
+* faults injectable at run time per bank: extra latency, timeout rate, error rate, down
+  (a bank that is down also cannot take a reversal back: ``96``), late success rate;
+* NPCI's API rules (:mod:`payments.npci.rules`): a check-status before 90 s after the pay
+  request, or past 3 answered within 2 hours, is refused with a rate-limit answer
+  (:class:`~core.errors.SwitchRateLimited`, HTTP 429) and counted in
+  ``npci_mock_api_violations_total{api}``. Every check-status and reversal call is kept in
+  its journal of calls (``npci_sim.api_calls``), so the timeline can be read back
+  (:meth:`MockSwitch.calls`).
+
+Time is the injected :class:`~core.clock.Clock`'s (the engine's, in process), and
+``time_scale`` (``UPI_NPCI_TIME_SCALE``) multiplies every NPCI timer and rule window of the
+switch at once: its pending and hang times and the check-status rule.
 
 Sandbox payers (whatever their handle), by local part: ``success`` → ``00``;
 ``insufficient`` → ``Z9``; ``wrongpin`` → ``ZM``; ``bank-down`` → ``XY`` (remitter bank
 offline); ``timeout-success`` / ``timeout-failure`` → the pay request is processed (debited /
 failed with ``U30``) but its answer never comes back in time; check-status says ``01``
-(pending) for ``pending_s`` and then the real outcome.
+(pending) for ``pending_s`` and then the real outcome; ``late-success`` → a late success:
+the payer's bank debits, but the switch answers ``U30`` (debit failed) and its books show
+the debit only ``late_s`` later (check-status says ``U30`` until then, ``00`` after, and the
+journal counts the debit from then). The fault ``late_success_rate`` does the same to that
+share of a bank's payments, for drills.
 
 A pay request repeating a txn id never debits again: the journal row is inserted first,
 keyed by txn id, in the same transaction as the balance changes; a repeat gets the first
@@ -33,25 +49,49 @@ import math
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from importlib import resources
 from typing import Any, Generic, TypeVar
 
+from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from core.errors import SwitchError
+from core.clock import IST, Clock, SystemClock
+from core.errors import SwitchError, SwitchRateLimited
 from core.ids import new_rrn
 from core.money import Paise
 from core.storage import Database, sql_text
+from npcisim.disputes import DisputeDesk, DisputeRules, SuccessfulPay
 from payments.npci.banks import bank_of
+from payments.npci.rules import CHECK_STATUS_RULE, Refusal
 from payments.npci.switch import (
+    DisputeNotice,
     PayRequest,
     RefundRequest,
     ReversalResult,
+    SettlementRecord,
     SwitchResult,
 )
 
-__all__ = ["BankProfile", "Faults", "MockSwitch", "load_profiles", "opening_balance"]
+__all__ = [
+    "API_VIOLATIONS",
+    "LATE_SUCCESS_ANSWER",
+    "BankProfile",
+    "Faults",
+    "JournalCall",
+    "MockSwitch",
+    "load_profiles",
+    "opening_balance",
+]
+
+# The switch's count of calls it refused for breaking NPCI's API rules. The engine plans its
+# calls so that this stays 0. Children made now, so that a scrape shows the 0.
+API_VIOLATIONS = Counter(
+    "npci_mock_api_violations_total",
+    "Calls the mock NPCI switch refused for breaking NPCI's API rules",
+    ["api"],
+)
+API_VIOLATIONS.labels("check_status")
 
 SANDBOX_CODES = {
     "success": "00",
@@ -60,8 +100,13 @@ SANDBOX_CODES = {
     "bank-down": "XY",
     "timeout-success": "00",
     "timeout-failure": "U30",
+    "dispute": "00",  # succeeds; the payer complains a few seconds later
+    "late-success": "00",  # debited; answered LATE_SUCCESS_ANSWER until late_s after
 }
 _HANGS = {"timeout-success", "timeout-failure"}
+_LATE = {"late-success"}
+# What the switch answers for a late success until its debit shows (debit failed).
+LATE_SUCCESS_ANSWER = "U30"
 # Sandbox payers always have money: their outcome is fixed by name, not by balance.
 _SANDBOX_BALANCE = 10**15
 
@@ -80,6 +125,7 @@ class BankProfile:
     latency_sigma: float = 0.5
     decline_rate: float = 0.02
     decline_codes: dict[str, float] = field(default_factory=lambda: {"U30": 1.0})
+    dispute_rate: float = 0.0  # the share of successful payments a complaint follows
 
 
 @dataclass
@@ -90,11 +136,14 @@ class Faults:
     timeout_rate: float = 0.0  # answer processed but never returned in time
     error_rate: float = 0.0  # refused before processing (HTTP 503 from the switch)
     down: bool = False  # remitter bank offline: XY
+    dispute_rate: float = 0.0  # the share of successful payments its payers complain about
+    # debited, but answered U30 (debit failed); the debit shows late_s later: late success
+    late_success_rate: float = 0.0
 
 
 def load_profiles(raw: dict[str, Any] | None = None) -> dict[str, BankProfile]:
     if raw is None:
-        raw = json.loads(resources.files("payments.npci").joinpath("profiles.json").read_text())
+        raw = json.loads(resources.files("npcisim").joinpath("profiles.json").read_text())
     default = {k: v for k, v in raw["default"].items()}
     profiles = {"default": BankProfile(**default)}
     for bank, overrides in raw.get("banks", {}).items():
@@ -112,6 +161,15 @@ def _log_failure_nobody_awaits(task: asyncio.Future[Any]) -> None:
 
 
 @dataclass(frozen=True)
+class JournalCall:
+    """One call of a transaction, as the switch's journal of calls has it."""
+
+    api: str  # pay, check_status, reversal
+    at: datetime
+    outcome: str  # answered, or the Refusal that refused it
+
+
+@dataclass(frozen=True)
 class _Pay:
     """A pay request as it reached the switch."""
 
@@ -120,6 +178,8 @@ class _Pay:
     payee_bank: str | None
     fault: Faults
     visible_at: datetime
+    arrived_at: datetime
+    late_at: datetime | None = None  # a late success: its debit shows from then
 
 
 _I = TypeVar("_I")
@@ -175,18 +235,33 @@ class MockSwitch:
         hang_s: float = 30.0,
         pending_s: float = 5.0,
         seed: int | None = None,
+        clock: Clock | None = None,
+        time_scale: float = 1.0,
+        dispute_rules: DisputeRules | None = None,
+        late_s: float = 60.0,
     ) -> None:
+        """``hang_s``, ``pending_s``, ``late_s``, NPCI's check-status rule and the dispute
+        rules are at NPCI's own pace; ``time_scale`` multiplies them all."""
+        if time_scale <= 0:
+            raise ValueError("time_scale must be positive")
         self._db = db
         self._profiles = profiles or load_profiles()
         self._latency_scale = latency_scale
         self._decline_scale = decline_scale
-        self.hang_s = hang_s
-        self.pending_s = pending_s
+        self._clock: Clock = clock or SystemClock()
+        self.time_scale = time_scale
+        self.hang_s = hang_s * time_scale
+        self.pending_s = pending_s * time_scale
+        self.late_s = late_s * time_scale
+        self.check_status_rule = CHECK_STATUS_RULE.scaled(time_scale)
         self._rng = random.Random(seed)  # latency
         self._fault_rng = random.Random(seed)  # which calls an injected fault hits
         self.faults: dict[str, Faults] = {}
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._pays: _Coalescer[_Pay, tuple[SwitchResult, bool]] = _Coalescer(self._record_pays)
+        self.disputes = DisputeDesk(
+            db, self._clock, (dispute_rules or DisputeRules()).scaled(time_scale), seed
+        )
 
     # ----------------------------------------------------------------- faults
 
@@ -271,9 +346,13 @@ class MockSwitch:
         hangs = local in _HANGS or (
             fault.timeout_rate > 0 and self._fault_rng.random() < fault.timeout_rate
         )
-        now = datetime.now(UTC)
+        late = local in _LATE or (
+            fault.late_success_rate > 0 and self._fault_rng.random() < fault.late_success_rate
+        )
+        now = self._clock.now()
         visible_at = now + timedelta(seconds=self.pending_s) if hangs else now
-        arrival = _Pay(request, payer_bank, payee_bank, fault, visible_at)
+        late_at = visible_at + timedelta(seconds=self.late_s) if late else None
+        arrival = _Pay(request, payer_bank, payee_bank, fault, visible_at, now, late_at)
         result, first_time = await self._received(self._pays.submit(arrival))
         await self._latency(payer_bank, with_faults=False)
         if hangs and first_time:
@@ -309,6 +388,8 @@ class MockSwitch:
                         "amt": [p.request.amount_paise for p in unique],
                         "rrn": [rrns[p.request.txn_id] for p in unique],
                         "vis": [p.visible_at for p in unique],
+                        "at": [p.arrived_at for p in unique],
+                        "late": [p.late_at for p in unique],
                     },
                 )
             }
@@ -338,13 +419,21 @@ class MockSwitch:
                         "c": settled,
                     },
                 )
+                succeeded = [p for p, c in zip(fresh, settled, strict=True) if c == "00"]
+                if succeeded:
+                    await self.disputes.after_payments(
+                        conn, [self._complaint_chance(p) for p in succeeded]
+                    )
             repeats = {p.request.txn_id for p in pays} - set(inserted)
-            earlier = await _journal_results(conn, sorted(repeats)) if repeats else {}
+            now = self._clock.now()
+            earlier = await _journal_results(conn, sorted(repeats), now) if repeats else {}
         results: list[tuple[SwitchResult, bool]] = []
         for i, p in enumerate(pays):
             txn = p.request.txn_id
             if txn in inserted and firsts[txn] == i:
                 code = codes[txn] or "00"
+                if code == "00" and p.late_at is not None:
+                    code = LATE_SUCCESS_ANSWER  # debited; the switch does not know it yet
                 answer = SwitchResult(txn, code, inserted[txn], p.payer_bank, p.payee_bank)
                 results.append((answer, True))
             elif txn in inserted:  # the same txn id twice in this batch: the first answer
@@ -352,6 +441,25 @@ class MockSwitch:
             else:
                 results.append((earlier[txn], False))
         return results
+
+    def _complaint_chance(self, pay: _Pay) -> SuccessfulPay:
+        r = pay.request
+        if r.payer_vpa.split("@", 1)[0] == "dispute":
+            rate = 1.0
+        else:
+            rate = max(
+                pay.fault.dispute_rate,
+                self._profile(pay.payer_bank).dispute_rate * self._decline_scale,
+            )
+        return SuccessfulPay(
+            r.txn_id,
+            r.payer_vpa,
+            r.payee_vpa,
+            pay.payer_bank or "UNKNOWN",
+            pay.payee_bank or "UNKNOWN",
+            r.amount_paise,
+            min(rate, 1.0),
+        )
 
     def _decide(self, pay: _Pay) -> str | None:
         """The answer decided before any money moves; None: move the money."""
@@ -369,70 +477,134 @@ class MockSwitch:
         return None
 
     async def check_status(self, txn_id: str) -> SwitchResult:
+        """ReqChkTxn, under NPCI's rule: refused (:class:`SwitchRateLimited`, counted in
+        ``npci_mock_api_violations_total``) before ``first_after_s`` after the pay request
+        and once ``max_calls`` were answered within ``window_s``. Every call is journaled."""
         await self._latency(None)
+        answer, refused = await self._received(self._check_status(txn_id))
+        if refused is not None:
+            API_VIOLATIONS.labels("check_status").inc()
+            raise refused
+        assert answer is not None
+        return answer
+
+    async def _check_status(
+        self, txn_id: str
+    ) -> tuple[SwitchResult | None, SwitchRateLimited | None]:
+        rule = self.check_status_rule
+        async with self._db.transaction() as conn:
+            # One transaction's calls one after another, so that two at once cannot both
+            # take its last call of the budget.
+            await conn.execute(_LOCK_CALLS, {"k": f"npci-check-status:{txn_id}"})
+            now = self._clock.now()
+            row = (
+                await conn.execute(
+                    sql_text(_JOURNAL_READ + " WHERE txn_id = :t"), {"t": txn_id, "now": now}
+                )
+            ).first()
+            answered = list(
+                (
+                    await conn.execute(
+                        sql_text(
+                            "SELECT called_at FROM npci_sim.api_calls WHERE txn_id = :t"
+                            " AND api = 'check_status' AND outcome = 'answered'"
+                            " AND called_at >= :since ORDER BY called_at"
+                        ),
+                        {"t": txn_id, "since": now - timedelta(seconds=rule.window_s)},
+                    )
+                ).scalars()
+            )
+            requested_at = row.created_at if row is not None and row.status != "VOID" else None
+            refusal = rule.refusal(requested_at, answered, now)
+            await conn.execute(
+                _RECORD_CALL,
+                {
+                    "t": txn_id,
+                    "api": "check_status",
+                    "at": now,
+                    "o": refusal.value if refusal else "answered",
+                },
+            )
+        if refusal is None:
+            return _journal_answer(txn_id, row), None
+        if refusal is Refusal.TOO_EARLY:
+            assert requested_at is not None
+            ready = requested_at + timedelta(seconds=rule.first_after_s)
+            detail = f"first check-status allowed {rule.first_after_s:g} s after the pay request"
+        else:
+            ready = answered[-rule.max_calls] + timedelta(seconds=rule.window_s)
+            detail = f"{rule.max_calls} check-status calls within {rule.window_s:g} s already"
+        retry_after = max(0.0, (ready - now).total_seconds())
+        return None, SwitchRateLimited("check_status", f"{refusal.value}: {detail}", retry_after)
+
+    async def calls(self, txn_id: str) -> list[JournalCall]:
+        """The journal of one transaction's calls, in time order: its pay request (as the
+        switch first received it), then every check-status and reversal, refused or not."""
         async with self._db.connection() as conn:
-            return await _journal_result(conn, txn_id)
+            rows = await conn.execute(
+                sql_text(
+                    "SELECT 'pay' AS api, created_at AS at, 'answered' AS outcome, 0 AS id"
+                    " FROM npci_sim.transactions WHERE txn_id = :t AND kind = 'PAY'"
+                    " AND status <> 'VOID'"
+                    " UNION ALL SELECT api, called_at, outcome, id FROM npci_sim.api_calls"
+                    " WHERE txn_id = :t ORDER BY at, id"
+                ),
+                {"t": txn_id},
+            )
+            return [JournalCall(r.api, r.at, r.outcome) for r in rows]
 
     async def reverse(self, txn_id: str) -> ReversalResult:
         await self._latency(None)
         return await self._received(self._reverse(txn_id))
 
     async def _reverse(self, txn_id: str) -> ReversalResult:
+        now = self._clock.now()
         async with self._db.transaction() as conn:
-            row = (
-                await conn.execute(
-                    sql_text(
-                        "SELECT status, debited, payer_vpa, payee_vpa, amount_paise"
-                        " FROM npci_transactions WHERE txn_id = :t FOR UPDATE"
-                    ),
-                    {"t": txn_id},
-                )
-            ).first()
+            await conn.execute(
+                _RECORD_CALL, {"t": txn_id, "api": "reversal", "at": now, "o": "answered"}
+            )
+            row = (await conn.execute(_REVERSAL_READ, {"t": txn_id, "now": now})).first()
             if row is None:
                 # Never seen: void the id so that a late request cannot debit.
                 voided = (
                     await conn.execute(
                         sql_text(
-                            "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
+                            "INSERT INTO npci_sim.transactions (txn_id, kind, payer_vpa, payee_vpa,"
                             " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
-                            " debited) VALUES (:t, 'PAY', 'void@void', 'void@void', 'NONE',"
-                            " 'NONE', 1, 'VOID', '21', :rrn, false) ON CONFLICT DO NOTHING"
-                            " RETURNING 1"
+                            " debited, created_at) VALUES (:t, 'PAY', 'void@void', 'void@void',"
+                            " 'NONE', 'NONE', 1, 'VOID', '21', :rrn, false, :now)"
+                            " ON CONFLICT DO NOTHING RETURNING 1"
                         ),
-                        {"t": txn_id, "rrn": new_rrn()},
+                        {"t": txn_id, "rrn": new_rrn(), "now": now},
                     )
                 ).first()
                 if voided is not None:
                     return ReversalResult(txn_id, "21", reversed=False)
                 # A pay request committed while we were voiding: it won, reverse it.
-                row = (
-                    await conn.execute(
-                        sql_text(
-                            "SELECT status, debited, payer_vpa, payee_vpa, amount_paise"
-                            " FROM npci_transactions WHERE txn_id = :t FOR UPDATE"
-                        ),
-                        {"t": txn_id},
-                    )
-                ).one()
+                row = (await conn.execute(_REVERSAL_READ, {"t": txn_id, "now": now})).one()
             if row.status == "REVERSED":
                 return ReversalResult(txn_id, "00", reversed=True)
-            if not row.debited:
+            # A late success whose debit does not show yet: the switch knows of no debit.
+            if not row.debited or row.late:
                 await conn.execute(
                     sql_text(
-                        "UPDATE npci_transactions SET visible_at = now(), updated_at = now()"
+                        "UPDATE npci_sim.transactions SET visible_at = :now, updated_at = now()"
                         " WHERE txn_id = :t"
                     ),
-                    {"t": txn_id},
+                    {"t": txn_id, "now": now},
                 )
                 return ReversalResult(txn_id, "21", reversed=False)
+            fault = self.faults.get(bank_of(row.payer_vpa) or "")
+            if fault is not None and fault.down:  # the payer's bank cannot take it back now
+                return ReversalResult(txn_id, "96", reversed=False)
             if not await _move(conn, row.payee_vpa, row.payer_vpa, int(row.amount_paise)):
                 return ReversalResult(txn_id, "96", reversed=False)
             await conn.execute(
                 sql_text(
-                    "UPDATE npci_transactions SET status = 'REVERSED', debited = false,"
-                    " visible_at = now(), updated_at = now() WHERE txn_id = :t"
+                    "UPDATE npci_sim.transactions SET status = 'REVERSED', debited = false,"
+                    " visible_at = :now, updated_at = now() WHERE txn_id = :t"
                 ),
-                {"t": txn_id},
+                {"t": txn_id, "now": now},
             )
             return ReversalResult(txn_id, "00", reversed=True)
 
@@ -449,13 +621,14 @@ class MockSwitch:
             inserted = (
                 await conn.execute(
                     sql_text(
-                        "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa,"
+                        "INSERT INTO npci_sim.transactions (txn_id, kind, payer_vpa, payee_vpa,"
                         " payer_bank, payee_bank, amount_paise, status, response_code, rrn,"
-                        " debited, original_txn_id) VALUES (:t, 'REFUND', :payer, :payee, :pb,"
-                        " :eb, :amt, 'PROCESSING', '01', :rrn, false, :orig)"
+                        " debited, original_txn_id, created_at) VALUES (:t, 'REFUND', :payer,"
+                        " :payee, :pb, :eb, :amt, 'PROCESSING', '01', :rrn, false, :orig, :now)"
                         " ON CONFLICT (txn_id) DO NOTHING RETURNING rrn"
                     ),
                     {
+                        "now": self._clock.now(),
                         "t": request.refund_id,
                         "payer": request.payer_vpa,
                         "payee": request.payee_vpa,
@@ -468,7 +641,7 @@ class MockSwitch:
                 )
             ).first()
             if inserted is None:
-                return await _journal_result(conn, request.refund_id)
+                return await _journal_result(conn, request.refund_id, self._clock.now())
             code = "ZH"
             if payer_bank and payee_bank:
                 await _ensure_account(conn, request.payer_vpa, payer_bank)
@@ -480,48 +653,107 @@ class MockSwitch:
             await _settle_journal(conn, request.refund_id, code)
             return SwitchResult(request.refund_id, code, inserted.rrn, payer_bank, payee_bank)
 
+    async def dispute_updates(self, since: datetime, limit: int = 500) -> list[DisputeNotice]:
+        return await self.disputes.updates(since, limit)
+
+    async def answer_dispute(
+        self,
+        dispute_id: str,
+        *,
+        accept: bool,
+        evidence: str | None = None,
+        documents: Sequence[str] = (),
+    ) -> DisputeNotice:
+        return await self.disputes.answer(
+            dispute_id, accept=accept, evidence=evidence, documents=documents
+        )
+
+    async def raise_dispute(self, txn_id: str, reason: str = "goods_not_received") -> DisputeNotice:
+        """A payer's complaint about ``txn_id`` now (drills and tests)."""
+        return await self.disputes.raise_dispute(txn_id, reason)
+
+    async def settlement_data(
+        self, business_date: date, references: Sequence[str]
+    ) -> list[SettlementRecord]:
+        """The switch's settlement data for an IST date (the port's
+        :meth:`~payments.npci.switch.SettlementData.settlement_data`), from its journal."""
+        start = datetime.combine(business_date, time(), tzinfo=IST)
+        end = start + timedelta(days=1)
+        async with self._db.connection() as conn:
+            # A late success's debit is the switch's from late_at: in the data of the date
+            # it showed, not before.
+            result = await conn.execute(
+                sql_text(
+                    "SELECT txn_id, kind, amount_paise, payer_vpa,"
+                    " debited AND (late_at IS NULL OR late_at < :end) AS debited"
+                    " FROM npci_sim.transactions WHERE txn_id = ANY(:refs) OR (debited"
+                    " AND coalesce(late_at, created_at) >= :start"
+                    " AND coalesce(late_at, created_at) < :end) ORDER BY txn_id"
+                ),
+                {"refs": list(references), "start": start, "end": end},
+            )
+            return [
+                SettlementRecord(
+                    r.txn_id, r.kind, int(r.amount_paise), bool(r.debited), r.payer_vpa
+                )
+                for r in result
+            ]
+
     async def balance(self, vpa: str) -> Paise:
         """An account's balance as its bank sees it (opening balance if never touched)."""
         async with self._db.connection() as conn:
             row = (
                 await conn.execute(
-                    sql_text("SELECT balance_paise FROM npci_accounts WHERE vpa = :v"), {"v": vpa}
+                    sql_text("SELECT balance_paise FROM npci_sim.accounts WHERE vpa = :v"),
+                    {"v": vpa},
                 )
             ).scalar_one_or_none()
         return int(row) if row is not None else opening_balance(vpa)
 
 
 _JOURNAL_PAYS = sql_text(
-    "INSERT INTO npci_transactions (txn_id, kind, payer_vpa, payee_vpa, payer_bank, payee_bank,"
-    " amount_paise, status, response_code, rrn, debited, visible_at)"
-    " SELECT t, 'PAY', payer, payee, pb, eb, amt, 'PROCESSING', '01', rrn, false, vis"
+    "INSERT INTO npci_sim.transactions (txn_id, kind, payer_vpa, payee_vpa, payer_bank, payee_bank,"
+    " amount_paise, status, response_code, rrn, debited, visible_at, created_at, late_at)"
+    " SELECT t, 'PAY', payer, payee, pb, eb, amt, 'PROCESSING', '01', rrn, false, vis, at, late"
     " FROM unnest(CAST(:t AS text[]), CAST(:payer AS text[]), CAST(:payee AS text[]),"
     " CAST(:pb AS text[]), CAST(:eb AS text[]), CAST(:amt AS bigint[]), CAST(:rrn AS text[]),"
-    " CAST(:vis AS timestamptz[])) AS u(t, payer, payee, pb, eb, amt, rrn, vis)"
+    " CAST(:vis AS timestamptz[]), CAST(:at AS timestamptz[]), CAST(:late AS timestamptz[]))"
+    " AS u(t, payer, payee, pb, eb, amt, rrn, vis, at, late)"
     " ON CONFLICT (txn_id) DO NOTHING RETURNING txn_id, rrn"
 )
 _ENSURE_ACCOUNTS = sql_text(
-    "INSERT INTO npci_accounts (vpa, bank, balance_paise)"
+    "INSERT INTO npci_sim.accounts (vpa, bank, balance_paise)"
     " SELECT * FROM unnest(CAST(:v AS text[]), CAST(:b AS text[]), CAST(:bal AS bigint[]))"
     " ON CONFLICT (vpa) DO NOTHING"
 )
 _LOCK_ACCOUNTS = sql_text(
-    "SELECT vpa, balance_paise FROM npci_accounts WHERE vpa = ANY(CAST(:v AS text[]))"
+    "SELECT vpa, balance_paise FROM npci_sim.accounts WHERE vpa = ANY(CAST(:v AS text[]))"
     " ORDER BY vpa FOR UPDATE"
 )
 _SET_BALANCES = sql_text(
-    "UPDATE npci_accounts AS a SET balance_paise = u.b"
+    "UPDATE npci_sim.accounts AS a SET balance_paise = u.b"
     " FROM unnest(CAST(:v AS text[]), CAST(:b AS bigint[])) AS u(v, b) WHERE a.vpa = u.v"
 )
 _SETTLE_JOURNAL = sql_text(
-    "UPDATE npci_transactions AS j SET status = u.s, response_code = u.c,"
-    " debited = (u.c = '00'), updated_at = now()"
+    "UPDATE npci_sim.transactions AS j SET status = u.s, response_code = u.c,"
+    " debited = (u.c = '00'), updated_at = now(),"
+    " late_at = CASE WHEN u.c = '00' THEN j.late_at END"  # no debit: nothing comes late
     " FROM unnest(CAST(:t AS text[]), CAST(:s AS text[]), CAST(:c AS text[])) AS u(t, s, c)"
     " WHERE j.txn_id = u.t"
 )
 _JOURNAL_READ = (
-    "SELECT txn_id, response_code, rrn, payer_bank, payee_bank, status,"
-    " visible_at > now() AS pending FROM npci_transactions"
+    "SELECT txn_id, response_code, rrn, payer_bank, payee_bank, status, created_at,"
+    " visible_at > :now AS pending, coalesce(late_at > :now, false) AS late"
+    " FROM npci_sim.transactions"
+)
+_REVERSAL_READ = sql_text(
+    "SELECT status, debited, payer_vpa, payee_vpa, amount_paise,"
+    " coalesce(late_at > :now, false) AS late FROM npci_sim.transactions"
+    " WHERE txn_id = :t FOR UPDATE"
+)
+_LOCK_CALLS = sql_text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))")
+_RECORD_CALL = sql_text(
+    "INSERT INTO npci_sim.api_calls (txn_id, api, called_at, outcome) VALUES (:t, :api, :at, :o)"
 )
 
 
@@ -544,7 +776,7 @@ async def _settle_journal(conn: AsyncConnection, txn_id: str, code: str) -> None
     """Record the answer of a journal row: ``00`` means the money moved."""
     await conn.execute(
         sql_text(
-            "UPDATE npci_transactions SET status = :s, response_code = :c,"
+            "UPDATE npci_sim.transactions SET status = :s, response_code = :c,"
             " debited = :d, updated_at = now() WHERE txn_id = :t"
         ),
         {"s": "SUCCESS" if code == "00" else "FAILED", "c": code, "d": code == "00", "t": txn_id},
@@ -554,7 +786,7 @@ async def _settle_journal(conn: AsyncConnection, txn_id: str, code: str) -> None
 async def _ensure_account(conn: AsyncConnection, vpa: str, bank: str) -> None:
     await conn.execute(
         sql_text(
-            "INSERT INTO npci_accounts (vpa, bank, balance_paise) VALUES (:v, :b, :bal)"
+            "INSERT INTO npci_sim.accounts (vpa, bank, balance_paise) VALUES (:v, :b, :bal)"
             " ON CONFLICT (vpa) DO NOTHING"
         ),
         {"v": vpa, "b": bank, "bal": opening_balance(vpa)},
@@ -566,7 +798,7 @@ async def _move(conn: AsyncConnection, debit: str, credit: str, amount: Paise) -
     debited = (
         await conn.execute(
             sql_text(
-                "UPDATE npci_accounts SET balance_paise = balance_paise - :a"
+                "UPDATE npci_sim.accounts SET balance_paise = balance_paise - :a"
                 " WHERE vpa = :v AND balance_paise >= :a RETURNING 1"
             ),
             {"a": amount, "v": debit},
@@ -575,7 +807,7 @@ async def _move(conn: AsyncConnection, debit: str, credit: str, amount: Paise) -
     if debited is None:
         return False
     await conn.execute(
-        sql_text("UPDATE npci_accounts SET balance_paise = balance_paise + :a WHERE vpa = :v"),
+        sql_text("UPDATE npci_sim.accounts SET balance_paise = balance_paise + :a WHERE vpa = :v"),
         {"a": amount, "v": credit},
     )
     return True
@@ -586,25 +818,30 @@ def _journal_answer(txn_id: str, row: Any) -> SwitchResult:
         return SwitchResult(txn_id, "01", None, None, None, known=False)
     if row.pending or row.status == "PROCESSING":
         return SwitchResult(txn_id, "01", row.rrn, row.payer_bank, row.payee_bank)
+    if row.late:  # debited, and the switch does not know it yet
+        return SwitchResult(txn_id, LATE_SUCCESS_ANSWER, row.rrn, row.payer_bank, row.payee_bank)
     if row.status == "REVERSED":
         return SwitchResult(txn_id, "RB", row.rrn, row.payer_bank, row.payee_bank)
     return SwitchResult(txn_id, row.response_code, row.rrn, row.payer_bank, row.payee_bank)
 
 
-async def _journal_result(conn: AsyncConnection, txn_id: str) -> SwitchResult:
+async def _journal_result(conn: AsyncConnection, txn_id: str, now: datetime) -> SwitchResult:
     row = (
-        await conn.execute(sql_text(_JOURNAL_READ + " WHERE txn_id = :t"), {"t": txn_id})
+        await conn.execute(
+            sql_text(_JOURNAL_READ + " WHERE txn_id = :t"), {"t": txn_id, "now": now}
+        )
     ).first()
     return _journal_answer(txn_id, row)
 
 
 async def _journal_results(
-    conn: AsyncConnection, txn_ids: Sequence[str]
+    conn: AsyncConnection, txn_ids: Sequence[str], now: datetime
 ) -> dict[str, SwitchResult]:
     rows = {
         row.txn_id: row
         for row in await conn.execute(
-            sql_text(_JOURNAL_READ + " WHERE txn_id = ANY(CAST(:ts AS text[]))"), {"ts": txn_ids}
+            sql_text(_JOURNAL_READ + " WHERE txn_id = ANY(CAST(:ts AS text[]))"),
+            {"ts": txn_ids, "now": now},
         )
     }
     return {t: _journal_answer(t, rows.get(t)) for t in txn_ids}
