@@ -15,6 +15,12 @@ from tests.support import embedded_postgres_server, tansu_broker, unique_name
 os.environ.setdefault("UPI_LOG_LEVEL", "WARNING")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked slow first, in their collected order: on several workers a long
+    test that started last would set the suite's wall time on its own."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """One real PostgreSQL for the session; yields a URL template with ``{db}``."""

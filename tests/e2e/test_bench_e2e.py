@@ -11,7 +11,7 @@ import pytest
 from core.config import auto_gateway_processes
 from tests.e2e.harness import UPI_ENGINE, base_env, cli, create_merchant, query, serving
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SPEC_KEYS = {
     "payments",

@@ -34,7 +34,7 @@ from tests.faultproxy import FaultProxy
 from tests.invariants import check_invariants
 from tests.support import free_port, tansu_binary, unique_name, wait_for_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 class Tansu:

@@ -17,7 +17,7 @@ from core.storage import asyncpg_url
 from npcisim.mock import opening_balance
 from tests.e2e.harness import NPCI_FIVE_TIMES_FASTER, Serve, cli, create_merchant
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FINAL = {"SUCCESS", "FAILED", "BLOCKED", "REVERSED"}
 PAYERS = [f"payer{i:02d}@okhdfc" for i in range(12)] + ["success@oksbi", "insufficient@ybl"]

@@ -13,7 +13,7 @@ import pytest
 from tests.e2e.harness import cli, create_merchant, serving
 from tests.e2e.test_webhooks_e2e import BODY, Receiver, pay, verify
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def eventually(check, timeout: float = 10.0) -> None:

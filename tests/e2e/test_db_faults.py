@@ -35,7 +35,7 @@ from tests.e2e.harness import (
 from tests.faultproxy import FaultProxy
 from tests.invariants import check_invariants
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture

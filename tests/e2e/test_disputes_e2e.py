@@ -21,7 +21,7 @@ from core.clock import business_date
 from tests.e2e.harness import cli, create_merchant, serving
 from tests.e2e.test_webhooks_e2e import Receiver, pay
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 # NPCI's timetable at 0.02: the complaint 0.1 s after the payment, 8 s to answer, a contest
 # decided 1 s after it.

@@ -18,7 +18,7 @@ import pytest
 from dr.cluster import Cluster, PgBinaries
 from tests.e2e.harness import base_env, cli
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SHORT = ("--rate", "10", "--duration", "12", "--kill-after", "4")
 

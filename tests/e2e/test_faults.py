@@ -22,7 +22,7 @@ import pytest
 from tests.e2e.harness import NPCI_FIVE_TIMES_FASTER, Serve, create_merchant
 from tests.invariants import check_invariants
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FAULT_ENV = {
     "UPI_FRAUD_VERIFICATION_TTL_S": "3",

@@ -16,7 +16,7 @@ import pytest
 from compliance import chain
 from tests.e2e.harness import cli, create_merchant, query, serving, wait_final
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 VERIFIER = Path(__file__).parents[1] / "ledger_verifier.py"
 

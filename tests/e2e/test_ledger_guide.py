@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e.harness import UPI_ENGINE, cli, create_merchant, serving, wait_final
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 GUIDE = (Path(__file__).parents[2] / "docs" / "ledger.md").read_text()
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from compliance import verifier
 from tests.e2e.harness import UPI_ENGINE, cli, create_merchant, query, serving, wait_final
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _pay(client: httpx.Client, headers: dict[str, str], n: int, tag: str) -> list[str]:

@@ -26,6 +26,7 @@ def mode(request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
     return name, env
 
 
+@pytest.mark.slow
 def test_payment_reaches_its_final_status_in_both_modes(mode):
     name, env = mode
     with serving(env, *MODES[name]) as servers:

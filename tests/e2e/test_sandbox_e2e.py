@@ -9,7 +9,7 @@ import pytest
 
 from tests.e2e.harness import Serve, create_merchant, serving, wait_final
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SANDBOX = {
     "success": ("SUCCESS", "00"),

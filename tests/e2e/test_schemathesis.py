@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.harness import create_merchant, serving
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 # A schema-valid payment can still be refused by a rule no schema can state: a payee_vpa

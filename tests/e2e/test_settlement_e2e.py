@@ -11,7 +11,7 @@ import pytest
 from core.clock import business_date
 from tests.e2e.harness import cli, create_merchant, serving
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_settlement_run_cli_and_operator_api(embedded_env, tmp_path):

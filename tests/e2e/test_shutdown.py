@@ -123,6 +123,7 @@ def test_a_second_signal_during_shutdown_exits_at_once(embedded_env):
     assert _no_postgres_left(data_dir)
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_middle_of_a_load_loses_no_acknowledged_payment(embedded_env):
     env = {
         **embedded_env,

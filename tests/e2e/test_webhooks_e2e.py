@@ -17,7 +17,7 @@ import pytest
 from tests.e2e.harness import Serve, cli, create_merchant, query, serving
 from tests.support import free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FAST_RETRIES = {"UPI_WEBHOOK_RETRY_BASE_S": "0.2", "UPI_WEBHOOK_RETRY_MAX_INTERVAL_S": "0.5"}
 BODY = {"payer_vpa": "success@okhdfc", "amount_paise": 2_000, "merchant_order_id": "wh-1"}

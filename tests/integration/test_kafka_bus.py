@@ -81,6 +81,7 @@ async def test_events_arrive_in_order_per_partition_key(kafka_bootstrap):
         await publisher.stop()
 
 
+@pytest.mark.slow
 async def test_killed_after_effect_before_commit_redelivers_without_a_second_effect(
     kafka_bootstrap, db, db_url
 ):

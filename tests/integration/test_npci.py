@@ -191,6 +191,7 @@ async def test_a_request_the_switch_never_saw_is_voided_and_cannot_debit_later(d
         await engine.stop()
 
 
+@pytest.mark.slow
 async def test_a_bank_timing_out_half_its_requests_trips_the_breaker_which_then_closes(db_url):
     engine = await start_engine(
         db_url,
