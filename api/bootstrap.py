@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from enum import StrEnum
 from api import migrations as api_migrations
 from api.switch_journal import SwitchSettlementJournal
 from api.telemetry import start_tracing
+from compliance import keys as ledger_keys
 from compliance import migrations as compliance_migrations
 from compliance.ledger import LedgerWriter, verify_ledger
 from compliance.witnesses import witness_lags
@@ -31,10 +33,11 @@ from core.bus.delivery import RetryPolicy
 from core.bus.memory import MemoryBus
 from core.clock import Clock, SystemClock, business_date
 from core.config import BusKind, Settings
-from core.crypto import MasterKey, load_master_key
+from core.crypto import MasterKey, load_master_key, master_key_file
 from core.deadletters import TableDeadLetters
 from core.embedded import EmbeddedSupervisor, embedded_database_url
 from core.errors import ConfigError
+from core.keyring import SealedColumn, WrongMasterKey, bind_master_key
 from core.metrics import (
     CONSUMER_LAG,
     DATABASE_PRIMARY,
@@ -58,6 +61,7 @@ from fraud.store import HistoryPruner
 from npcisim import migrations as simulator_migrations_
 from npcisim.disputes import DisputeRules
 from npcisim.mock import MockSwitch
+from payments import disputes, merchants
 from payments import migrations as payments_migrations
 from payments.disputes import DisputeWatcher
 from payments.late_success import LateSuccessReturner
@@ -123,6 +127,33 @@ def all_migrations() -> list[Migration]:
         *dr_migrations.MIGRATIONS,
         *api_migrations.MIGRATIONS,
     ]
+
+
+def sealed_columns() -> list[SealedColumn]:
+    """Every column sealed under the master key, outside the core's own (core/keyring.py):
+    what `keys rotate-master` re-wraps."""
+    return [*ledger_keys.SEALED, *merchants.SEALED, *disputes.SEALED]
+
+
+async def bind_database_master_key(db: Database, master: MasterKey, settings: Settings) -> None:
+    """Check the configured master key against the database (core/keyring.py) and take its
+    pseudonym key. A rotation that committed but was stopped before its new key file
+    replaced the old one (`keys rotate-master`) is finished here: the new file opens."""
+    try:
+        async with db.transaction() as conn:
+            await bind_master_key(conn, master)
+        return
+    except WrongMasterKey:
+        path = master_key_file(settings)
+        pending = path.with_name(path.name + ".new") if path else None
+        if path is None or pending is None or not pending.exists():
+            raise
+    rotated = load_master_key(settings, path=pending)
+    async with db.transaction() as conn:
+        await bind_master_key(conn, rotated)
+    os.replace(pending, path)
+    _log.warning("finished a master-key rotation: %s replaced by its new key", path)
+    master.take(rotated)
 
 
 def simulator_migrations() -> list[Migration]:
@@ -426,6 +457,7 @@ class Engine:
         if self.settings.wait_for_primary:
             await self._wait_until_writable()
         await migrate(self.db, engine_migrations(self.settings))
+        await bind_database_master_key(self.db, self.master_key, self.settings)
         bus = self._make_bus()
         self.bus = bus
         if self.verifier is None and self.roles & {Role.GATEWAY, Role.SWITCH}:

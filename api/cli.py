@@ -300,7 +300,7 @@ def merchant_add_vpa(
 
 async def _with_engine(settings: Settings, work: Callable[[Engine], Awaitable[T]]) -> T:
     """Run ``work`` against the database (migrated), then release it."""
-    from api.bootstrap import engine_migrations
+    from api.bootstrap import bind_database_master_key, engine_migrations
 
     try:
         engine = Engine.build(settings, [Role.ALL])
@@ -308,6 +308,10 @@ async def _with_engine(settings: Settings, work: Callable[[Engine], Awaitable[T]
         _fail_config(exc)
     try:
         await migrate(engine.db, engine_migrations(settings))
+        try:
+            await bind_database_master_key(engine.db, engine.master_key, settings)
+        except ConfigError as exc:
+            _fail_config(exc)
         return await work(engine)
     finally:
         await engine.close_switch_journal()
@@ -985,6 +989,82 @@ def keys_rotate(
         sys.stdout.write(orjson.dumps({"key_id": key_id}).decode() + "\n")
     else:
         out.print(f"new active data key {key_id}")
+
+
+@keys_app.command("rotate-master")
+def keys_rotate_master(
+    new_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--new-key-file",
+            help="The new master key (base64 of 32 bytes, mode 0600). Default: a new key"
+            " replaces the key file in use (the embedded master.key or UPI_MASTER_KEY_FILE)",
+        ),
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Re-wrap every secret under a new master key: data keys, signing keys, webhook secrets,
+    dispute evidence and the pseudonym key, in one transaction. Nothing opens under the old
+    key afterwards. Stop every engine process first (it refuses while one is connected)."""
+    from api.bootstrap import sealed_columns
+    from core.crypto import master_key_file, read_key_file, write_key_file
+    from core.keyring import rotate_master_key
+    from core.storage import APPLICATION_NAME
+
+    settings = _settings()
+    current = master_key_file(settings)
+    if new_key_file is None and current is None:
+        _fail_config(ConfigError("--new-key-file: required when the key is in UPI_MASTER_KEY"))
+    pending: Path | None = None
+    try:
+        if new_key_file is not None:
+            new = read_key_file(new_key_file, f"--new-key-file {new_key_file}")
+        else:
+            assert current is not None
+            pending = current.with_name(current.name + ".new")
+            pending.unlink(missing_ok=True)  # a rotation that never committed
+            new = write_key_file(pending)
+    except ConfigError as exc:
+        _fail_config(exc)
+
+    async def rotate(engine: Engine) -> list[dict[str, object]]:
+        async with engine.db.transaction() as conn:
+            others = (
+                await conn.execute(
+                    sql_text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND application_name LIKE 'upi-engine:%' AND application_name <> :me"
+                    ),
+                    {"me": APPLICATION_NAME},
+                )
+            ).scalar_one()
+            if others:
+                raise ConfigError(
+                    f"keys rotate-master: {others} connections of other engine processes;"
+                    " stop serve (and every role) first, they would keep the old key"
+                )
+            done = await rotate_master_key(conn, engine.master_key, new, sealed_columns())
+        return [{"column": r.column, "values": r.values} for r in done]
+
+    try:
+        rewrapped = asyncio.run(_with_engine(settings, rotate))
+    except ConfigError as exc:
+        if pending is not None:
+            pending.unlink(missing_ok=True)
+        _fail_config(exc)
+    if pending is not None and current is not None:
+        os.replace(pending, current)  # committed: the new key replaces the old file
+    where = str(current) if new_key_file is None else str(new_key_file)
+    if json:
+        sys.stdout.write(orjson.dumps({"key_file": where, "rewrapped": rewrapped}).decode() + "\n")
+        return
+    total = sum(int(str(r["values"])) for r in rewrapped)
+    out.print(f"re-wrapped {total} sealed values under the new master key ({where})")
+    if new_key_file is not None:
+        out.print(
+            "now point UPI_MASTER_KEY_FILE (or UPI_MASTER_KEY) at the new key, start the"
+            " engine, and destroy every copy of the old key"
+        )
 
 
 @keys_app.command("shred")

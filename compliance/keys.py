@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.crypto import MasterKey
+from core.keyring import SealedColumn
 from core.storage import sql_text
 
 __all__ = [
     "RETENTION",
+    "SEALED",
     "DataKey",
     "KeyDestroyed",
     "SigningKey",
@@ -34,6 +36,14 @@ __all__ = [
 ]
 
 RETENTION = timedelta(days=7 * 365 + 2)  # 7 years, leap days included
+
+# What this context seals under the master key (core/keyring.py re-wraps them).
+SEALED = (
+    SealedColumn("ledger_keys", "key_id", "wrapped", "key_id", b"upi-engine:data-key:"),
+    SealedColumn(
+        "ledger_signing_keys", "key_id", "wrapped_private", "key_id", b"upi-engine:signing-key:"
+    ),
+)
 
 
 class KeyDestroyed(Exception):

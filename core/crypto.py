@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -20,7 +21,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from core.config import Settings
 from core.errors import ConfigError
 
-__all__ = ["MasterKey", "load_master_key"]
+__all__ = [
+    "MasterKey",
+    "load_master_key",
+    "master_key_file",
+    "read_key_file",
+    "write_key_file",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -30,7 +37,19 @@ class MasterKey:
         if len(key) != 32:
             raise ValueError("master key must be 32 bytes")
         self._aead = AESGCM(key)
+        # Derived from the key until the database's stored one is bound (core/keyring.py).
         self._pseudonym_key = hmac.new(key, b"upi-engine/pseudonyms/v1", hashlib.sha256).digest()
+
+    def pseudonym_key_bytes(self) -> bytes:
+        """The pseudonym key, for sealing it in the database (core/keyring.py)."""
+        return self._pseudonym_key
+
+    def use_pseudonym_key(self, key: bytes) -> None:
+        """Take the database's pseudonym key: the one derived from the first master key, so
+        that pseudonyms stay the same after the master key rotates (core/keyring.py)."""
+        if len(key) != 32:
+            raise ValueError("pseudonym key must be 32 bytes")
+        self._pseudonym_key = key
 
     def pseudonym(self, value: str, purpose: str) -> bytes:
         """A keyed, stable stand-in for a PII value (HMAC-SHA256 under a key derived from
@@ -44,6 +63,11 @@ class MasterKey:
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         return self._aead.decrypt(sealed[:12], sealed[12:], aad)
+
+    def take(self, other: MasterKey) -> None:
+        """Become ``other`` (a rotated key), for the components holding this object."""
+        self._aead = other._aead
+        self._pseudonym_key = other._pseudonym_key
 
     def __repr__(self) -> str:
         return "MasterKey(<redacted>)"
@@ -59,28 +83,54 @@ def _decode(value: str, variable: str) -> bytes:
     return key
 
 
-def load_master_key(settings: Settings) -> MasterKey:
+def master_key_file(settings: Settings) -> Path | None:
+    """The file the master key is read from (None: it is in ``UPI_MASTER_KEY``)."""
+    if settings.master_key:
+        return None
+    if settings.master_key_file:
+        return Path(settings.master_key_file)
+    if not settings.embedded:
+        return None
+    return settings.data_dir.expanduser().resolve() / "master.key"
+
+
+def write_key_file(path: Path) -> MasterKey:
+    """A new random master key, written to ``path`` (mode 0600; it must not exist)."""
+    key = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(key).decode() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return MasterKey(key)
+
+
+def read_key_file(path: Path, what: str) -> MasterKey:
+    try:
+        _refuse_loose(path, what)
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read: {exc.strerror}") from None
+    return MasterKey(_decode(text, what))
+
+
+def load_master_key(settings: Settings, *, path: Path | None = None) -> MasterKey:
+    """The configured master key; ``path``: read this key file instead."""
+    if path is not None:
+        return read_key_file(path, str(path))
     if settings.master_key:
         return MasterKey(_decode(settings.master_key, "UPI_MASTER_KEY"))
     if settings.master_key_file:
-        key_file = Path(settings.master_key_file)
-        try:
-            _refuse_loose(key_file, "UPI_MASTER_KEY_FILE")
-            text = key_file.read_text()
-        except OSError as exc:
-            raise ConfigError(f"UPI_MASTER_KEY_FILE: cannot read: {exc.strerror}") from None
-        return MasterKey(_decode(text, "UPI_MASTER_KEY_FILE"))
+        return read_key_file(Path(settings.master_key_file), "UPI_MASTER_KEY_FILE")
     if not settings.embedded:
         raise ConfigError("UPI_MASTER_KEY: required when UPI_DATABASE_URL is set")
     path = settings.data_dir.expanduser().resolve() / "master.key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.b64encode(os.urandom(32)).decode() + "\n")
-        _log.warning("generated a new master key at %s (mode 0600); back it up", path)
-    _refuse_loose(path, f"the master key file {path}")
-    return MasterKey(_decode(path.read_text(), f"UPI_MASTER_KEY_FILE ({path})"))
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            write_key_file(path)
+            _log.warning("generated a new master key at %s (mode 0600); back it up", path)
+    return read_key_file(path, f"the master key file {path}")
 
 
 def _refuse_loose(path: Path, what: str) -> None:

@@ -56,4 +56,19 @@ MIGRATIONS = [
         ALTER TABLE outbox_position ALTER COLUMN last_txid SET NOT NULL;
         """,
     ),
+    Migration(
+        "core.0003_master_key_check",
+        """
+        -- A value sealed under the master key, to refuse an engine started with another
+        -- key, and the pseudonym key, sealed, so that it outlives a master-key rotation
+        -- (core/keyring.py). One row, written by the first engine.
+        CREATE TABLE master_key_check (
+            id                   int PRIMARY KEY CHECK (id = 1),
+            check_sealed         bytea NOT NULL,
+            pseudonym_key_sealed bytea NOT NULL,
+            created_at           timestamptz NOT NULL DEFAULT now(),
+            rotated_at           timestamptz
+        );
+        """,
+    ),
 ]

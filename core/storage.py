@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from core.errors import StorageError
 
 __all__ = [
+    "APPLICATION_NAME",
     "Database",
     "Migration",
     "asyncpg_url",
@@ -154,6 +156,11 @@ def plain_url(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
 
+# Every connection names its process: `keys rotate-master` refuses to run while another
+# engine process holds connections (pg_stat_activity), since it would keep the old key.
+APPLICATION_NAME = f"upi-engine:{os.getpid()}"
+
+
 class Database:
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = asyncpg_url(url)
@@ -168,6 +175,7 @@ class Database:
             max_overflow=0,
             pool_pre_ping=True,
             pool_recycle=1800,
+            connect_args={"server_settings": {"application_name": APPLICATION_NAME}},
         )
         self._pool_size = pool_size
         self._raw: asyncpg.Pool | None = None
@@ -198,6 +206,7 @@ class Database:
                     min_size=1,
                     max_size=self._pool_size,
                     reset=_keep_session,
+                    server_settings={"application_name": APPLICATION_NAME},
                 )
             return self._raw
 

@@ -44,6 +44,7 @@ from core.events import (
     Envelope,
     Event,
 )
+from core.keyring import SealedColumn
 from core.outbox import append_to_outbox
 from core.pii import partition_key_for
 from core.polling import PollingWorker
@@ -353,7 +354,13 @@ async def contest_dispute(
 
 
 def _aad(dispute_id: str) -> bytes:
-    return b"dispute-evidence|" + dispute_id.encode()
+    return SEALED[0].aad(dispute_id)
+
+
+# The evidence is sealed under the master key (core/keyring.py re-wraps it).
+SEALED = (
+    SealedColumn("disputes", "dispute_id", "evidence_enc", "dispute_id", b"dispute-evidence|"),
+)
 
 
 # --------------------------------------------------------------------------- watcher

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core.errors import NotFound, VpaTaken
 from core.events import Envelope, MerchantVpaRegistered
 from core.ids import new_event_id
+from core.keyring import SealedColumn
 from core.outbox import append_to_outbox
 from core.pii import Vpa
 from core.storage import sql_text
@@ -29,6 +30,13 @@ __all__ = [
     "register_vpa",
     "rotate_webhook_secret",
 ]
+
+
+# What the merchants' tables seal under the master key (core/keyring.py re-wraps them).
+SEALED = (
+    SealedColumn("merchants", "merchant_id", "webhook_secret_enc", "merchant_id"),
+    SealedColumn("webhook_secrets", "secret_id", "secret_enc", "merchant_id"),
+)
 
 
 @dataclass(frozen=True)
