@@ -503,7 +503,15 @@ class Engine:
             self.pruner = self.fraud.pruner(timedelta(days=self.settings.fraud_history_days))
             self._spawn(self.pruner.run(), "fraud-history-pruner")
         if Role.LEDGER in self.roles:
-            self.ledger = LedgerWriter(self.db, self.master_key, self.clock)
+            self.ledger = LedgerWriter(
+                self.db,
+                self.master_key,
+                self.clock,
+                ledger_keys.DataKeyPolicy(
+                    max_age=timedelta(days=self.settings.ledger_data_key_max_age_days),
+                    max_entries=self.settings.ledger_data_key_max_entries,
+                ),
+            )
             bus.subscribe(self.ledger.subscription())
             self._spawn(self.ledger.run_checkpointer(), "ledger-checkpointer")
         if Role.SETTLEMENT in self.roles:

@@ -743,16 +743,21 @@ def ledger_export(
 
 
 @ledger_app.command("public-key")
-def ledger_public_key() -> None:
-    """Print the checkpoint verification key (PEM)."""
+def ledger_public_key(
+    all_keys: Annotated[
+        bool,
+        typer.Option("--all", help="Every signing key's, oldest first (after rotations)"),
+    ] = False,
+) -> None:
+    """Print the checkpoint verification key (PEM): the newest signing key's."""
     from compliance.keys import active_signing_key
     from compliance.ledger import public_key_pems
     from core.clock import SystemClock
 
     settings = _settings()
     pems = asyncio.run(_with_database(settings, public_key_pems))
-    if pems:  # the newest; no master key needed to read it
-        sys.stdout.write(list(pems.values())[-1])
+    if pems:  # no master key needed to read them
+        sys.stdout.write("".join(pems.values()) if all_keys else list(pems.values())[-1])
         return
 
     async def pem(engine: Engine) -> str:  # none yet: made now, which needs the master key
@@ -776,10 +781,13 @@ def _pin(text: str) -> tuple[int, bytes]:
 def _public_keys(paths: list[Path], what: str) -> list[Any]:
     from compliance.verifier import load_public_key
 
-    keys = []
+    keys: list[Any] = []
     for path in paths:
         try:
-            keys.append(load_public_key(path.read_bytes()))
+            # A file may hold several keys (`ledger public-key --all`): one PEM block each.
+            text = path.read_bytes()
+            blocks = [b"-----BEGIN" + part for part in text.split(b"-----BEGIN")[1:]]
+            keys.extend(load_public_key(block) for block in blocks or [text])
         except OSError as exc:
             sys.stderr.write(f"error: {what} {path}: {exc.strerror}\n")
             raise typer.Exit(2) from None
@@ -989,6 +997,32 @@ def keys_rotate(
         sys.stdout.write(orjson.dumps({"key_id": key_id}).decode() + "\n")
     else:
         out.print(f"new active data key {key_id}")
+
+
+@keys_app.command("rotate-signing")
+def keys_rotate_signing(
+    json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+) -> None:
+    """Make a new checkpoint signing key active. Checkpoints name the key that signed them;
+    the old public keys stay (`ledger public-key --all`), so older checkpoints still
+    verify. Give auditors the new public key. Safe beside a running serve."""
+    from compliance.keys import rotate_signing_key
+    from core.clock import SystemClock
+
+    settings = _settings()
+
+    async def rotate(engine: Engine) -> tuple[str, str]:
+        async with engine.db.transaction() as conn:
+            key = await rotate_signing_key(conn, engine.master_key, SystemClock().now())
+        return key.key_id, key.public_pem
+
+    key_id, pem = asyncio.run(_with_engine(settings, rotate))
+    if json:
+        sys.stdout.write(orjson.dumps({"signing_key_id": key_id, "public_pem": pem}).decode())
+        sys.stdout.write("\n")
+    else:
+        out.print(f"new checkpoint signing key {key_id}; its public key:")
+        sys.stdout.write(pem)
 
 
 @keys_app.command("rotate-master")

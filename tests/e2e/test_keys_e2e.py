@@ -55,3 +55,15 @@ def test_rotate_master_replaces_the_key_and_the_old_one_is_refused(embedded_env)
     # A key given in the environment cannot be replaced in place.
     inline = cli({**env, "UPI_MASTER_KEY": new.strip()}, "keys", "rotate-master")
     assert inline.returncode == 2 and "--new-key-file" in inline.stderr
+
+    # The signing key rotates beside the ledger; auditors take every public key.
+    first = json.loads(cli(env, "keys", "rotate-signing", "--json").stdout)
+    second = json.loads(cli(env, "keys", "rotate-signing", "--json").stdout)
+    assert first["signing_key_id"] != second["signing_key_id"]
+    bundle = cli(env, "ledger", "public-key", "--all").stdout
+    assert first["public_pem"] in bundle and second["public_pem"] in bundle
+    assert cli(env, "ledger", "public-key").stdout == second["public_pem"]
+    pem_file = Path(env["UPI_DATA_DIR"]) / "ledger-keys.pem"
+    pem_file.write_text(bundle)
+    verified = cli(env, "ledger", "verify", "--public-key", str(pem_file), "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["valid"], verified.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -327,3 +327,64 @@ async def test_verification_raises_when_the_database_fails_midway(db, writer, cl
         verifying.result()
     monkeypatch.undo()
     assert (await verify_ledger(db, clock, full=True)).valid  # the connections still work
+
+
+async def test_the_writer_starts_a_new_data_key_by_count_and_by_age(db, clock):
+    """Issue 20, part 3: data keys rotate on their own, past a count and past an age."""
+    policy = keys.DataKeyPolicy(max_age=timedelta(days=1), max_entries=5)
+    writer = LedgerWriter(db, MASTER, clock, policy)
+    await writer.append(envelopes(3))  # a first key: 3
+    await writer.append(envelopes(2, 10))  # the same key: 5, its most
+    await writer.append(envelopes(1, 20))  # a second key: 1
+    clock.advance(2 * 86_400)
+    await writer.append(envelopes(1, 30))  # the second is too old: a third
+    async with db.connection() as conn:
+        by_height = list(
+            (
+                await conn.execute(text("SELECT key_id FROM ledger_entries ORDER BY height"))
+            ).scalars()
+        )
+        first, second, third = dict.fromkeys(by_height)  # in the order they were used
+        assert by_height == [first] * 5 + [second, third]
+        rows = await conn.execute(
+            text(
+                "SELECT k.key_id, k.sealed_entries, k.active, count(e.height) AS n"
+                " FROM ledger_keys k LEFT JOIN ledger_entries e USING (key_id)"
+                " GROUP BY k.key_id ORDER BY min(e.height)"
+            )
+        )
+        counted = [(r.key_id, r.sealed_entries, r.n, r.active) for r in rows]
+    assert counted == [(first, 5, 5, False), (second, 1, 1, False), (third, 1, 1, True)]
+    for txn in ("UPI000000", "UPI000020", "UPI000030"):  # one of each key
+        audit = await transaction_audit(db, MASTER, txn)
+        assert audit["events"][0]["event"]["payload"]["payer_vpa"] == PAYER
+    await writer.checkpoint_if_due(force=True)
+    assert (await verify_ledger(db, clock, full=True)).valid
+
+
+async def test_a_new_signing_key_signs_the_next_checkpoints_and_old_ones_still_verify(
+    db, writer, clock
+):
+    await writer.append(envelopes(3))
+    await writer.checkpoint_if_due(force=True)
+    async with db.transaction() as conn:
+        clock.advance(60)
+        new = await keys.rotate_signing_key(conn, MASTER, clock.now())
+    await writer.append(envelopes(3, 10))
+    await writer.checkpoint_if_due(force=True)
+    async with db.connection() as conn:
+        signers = (
+            await conn.execute(
+                text("SELECT signing_key_id FROM ledger_checkpoints ORDER BY height")
+            )
+        ).scalars()
+        signed_by = list(signers)
+        public = await keys.public_keys(conn)
+    assert len(set(signed_by)) == 2 and signed_by[-1] == new.key_id
+    old_id = signed_by[0]
+    assert (await verify_ledger(db, clock, full=True)).valid
+    both = [public[old_id], public[new.key_id]]
+    assert (await verify_ledger(db, clock, full=True, trusted_keys=both)).valid
+    # A verifier that trusts only the new key refuses the checkpoint the old key signed.
+    only_new = await verify_ledger(db, clock, full=True, trusted_keys=[public[new.key_id]])
+    assert not only_new.valid
