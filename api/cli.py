@@ -1040,26 +1040,43 @@ def keys_rotate_master(
     """Re-wrap every secret under a new master key: data keys, signing keys, webhook secrets,
     dispute evidence and the pseudonym key, in one transaction. Nothing opens under the old
     key afterwards. Stop every engine process first (it refuses while one is connected)."""
+    settings = _settings()
+    try:
+        where, rewrapped = _rotate_master(settings, new_key_file)
+    except ConfigError as exc:
+        _fail_config(exc)
+    if json:
+        sys.stdout.write(orjson.dumps({"key_file": where, "rewrapped": rewrapped}).decode() + "\n")
+        return
+    total = sum(int(str(r["values"])) for r in rewrapped)
+    out.print(f"re-wrapped {total} sealed values under the new master key ({where})")
+    if new_key_file is not None:
+        out.print(
+            "now point UPI_MASTER_KEY_FILE (or UPI_MASTER_KEY) at the new key, start the"
+            " engine, and destroy every copy of the old key"
+        )
+
+
+def _rotate_master(
+    settings: Settings, new_key_file: Path | None
+) -> tuple[str, list[dict[str, object]]]:
+    """`keys rotate-master`: (where the new key is, the values re-wrapped per column)."""
     from api.bootstrap import sealed_columns
     from core.crypto import master_key_file, read_key_file, write_key_file
     from core.keyring import rotate_master_key
     from core.storage import APPLICATION_NAME
 
-    settings = _settings()
     current = master_key_file(settings)
     if new_key_file is None and current is None:
-        _fail_config(ConfigError("--new-key-file: required when the key is in UPI_MASTER_KEY"))
+        raise ConfigError("--new-key-file: required when the key is in UPI_MASTER_KEY")
     pending: Path | None = None
-    try:
-        if new_key_file is not None:
-            new = read_key_file(new_key_file, f"--new-key-file {new_key_file}")
-        else:
-            assert current is not None
-            pending = current.with_name(current.name + ".new")
-            pending.unlink(missing_ok=True)  # a rotation that never committed
-            new = write_key_file(pending)
-    except ConfigError as exc:
-        _fail_config(exc)
+    if new_key_file is not None:
+        new = read_key_file(new_key_file, f"--new-key-file {new_key_file}")
+    else:
+        assert current is not None
+        pending = current.with_name(current.name + ".new")
+        pending.unlink(missing_ok=True)  # a rotation that never committed
+        new = write_key_file(pending)
 
     async def rotate(engine: Engine) -> list[dict[str, object]]:
         async with engine.db.transaction() as conn:
@@ -1082,23 +1099,13 @@ def keys_rotate_master(
 
     try:
         rewrapped = asyncio.run(_with_engine(settings, rotate))
-    except ConfigError as exc:
+    except BaseException:
         if pending is not None:
             pending.unlink(missing_ok=True)
-        _fail_config(exc)
+        raise
     if pending is not None and current is not None:
         os.replace(pending, current)  # committed: the new key replaces the old file
-    where = str(current) if new_key_file is None else str(new_key_file)
-    if json:
-        sys.stdout.write(orjson.dumps({"key_file": where, "rewrapped": rewrapped}).decode() + "\n")
-        return
-    total = sum(int(str(r["values"])) for r in rewrapped)
-    out.print(f"re-wrapped {total} sealed values under the new master key ({where})")
-    if new_key_file is not None:
-        out.print(
-            "now point UPI_MASTER_KEY_FILE (or UPI_MASTER_KEY) at the new key, start the"
-            " engine, and destroy every copy of the old key"
-        )
+    return str(current) if new_key_file is None else str(new_key_file), rewrapped
 
 
 @keys_app.command("shred")
@@ -1122,10 +1129,26 @@ def keys_shred(
             return await shred_data_keys(conn, SystemClock().now(), timedelta(days=retention_days))
 
     destroyed = asyncio.run(_with_engine(settings, shred))
+    # Old copies of the shredded keys' wrapped form (row versions, WAL, backups, standbys)
+    # open under the master key: a new master key makes them useless.
+    rotated, why = False, "nothing was shredded"
+    if destroyed:
+        try:
+            _rotate_master(settings, None)
+            rotated, why = True, "the master key was rotated"
+        except ConfigError as exc:
+            why = f"run `upi-engine keys rotate-master` next ({exc})"
     if json:
-        sys.stdout.write(orjson.dumps({"destroyed": destroyed}).decode() + "\n")
+        sys.stdout.write(
+            orjson.dumps(
+                {"destroyed": destroyed, "master_rotated": rotated, "master": why}
+            ).decode()
+            + "\n"
+        )
     else:
         out.print(f"destroyed {len(destroyed)} data keys: {', '.join(destroyed) or '-'}")
+        if destroyed:
+            (out if rotated else err_console).print(why)
 
 
 @fraud_app.command("train")

@@ -67,3 +67,14 @@ def test_rotate_master_replaces_the_key_and_the_old_one_is_refused(embedded_env)
     pem_file.write_text(bundle)
     verified = cli(env, "ledger", "verify", "--public-key", str(pem_file), "--json")
     assert verified.returncode == 0 and json.loads(verified.stdout)["valid"], verified.stderr
+
+    # Shredding is followed by a new master key (no engine runs): old copies of the
+    # shredded key's wrapped form no longer open.
+    assert cli(env, "keys", "rotate").returncode == 0  # the ledger's key becomes inactive
+    before_shred = key_file.read_text()
+    shred = cli(env, "keys", "shred", "--retention-days", "0", "--json")
+    assert shred.returncode == 0, shred.stderr
+    shredded = json.loads(shred.stdout)
+    assert shredded["destroyed"] and shredded["master_rotated"] is True, shredded
+    assert key_file.read_text() != before_shred
+    assert cli(env, "keys", "rotate").returncode == 0  # the new key opens the database

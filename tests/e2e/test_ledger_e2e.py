@@ -131,6 +131,8 @@ def test_auditor_reads_verification_export_rotation_and_shredding(embedded_env, 
             cli(embedded_env, "keys", "shred", "--retention-days", "0", "--json").stdout
         )
         assert shred["destroyed"] and rotated["key_id"] not in shred["destroyed"]
+        # With serve running the master key cannot rotate yet: the operator is told to.
+        assert shred["master_rotated"] is False and "keys rotate-master" in shred["master"]
         gone = client.get(f"/v1/audit/transactions/{txns[0]}", headers=a_headers).json()
         assert gone["events"][0]["event"] is None and gone["events"][0]["unreadable"]
         assert cli(embedded_env, "ledger", "verify", "--full").returncode == 0
