@@ -2,24 +2,19 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from core.embedded import stop_embedded
-from tests.e2e.harness import base_env
-from tests.support import short_tmpdir, unique_name
+from tests.e2e.harness import base_env, embedded_environment
+from tests.support import unique_name
 
 
 @pytest.fixture
 def embedded_env() -> Iterator[dict[str, str]]:
-    """The embedded default: its own data dir, nothing else configured."""
-    data_dir = short_tmpdir("ue")
-    yield base_env(UPI_DATA_DIR=str(data_dir))
-    stop_embedded(data_dir)
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with embedded_environment() as env:
+        yield env
 
 
 @pytest.fixture
