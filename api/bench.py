@@ -817,6 +817,8 @@ async def _traced_rounds(
                 "on_vs_off": _r(on.settled_per_second / off.settled_per_second, 3),
                 "off_engine_cpu_ms_per_payment": off_cost["engine_cpu_ms_per_payment"],
                 "on_engine_cpu_ms_per_payment": on_cost["engine_cpu_ms_per_payment"],
+                "off_postgres_cpu_ms_per_payment": off_cost["postgres_cpu_ms_per_payment"],
+                "on_postgres_cpu_ms_per_payment": on_cost["postgres_cpu_ms_per_payment"],
                 "off_initiation_p99_ms": _r(off.sent.latency_p99_ms),
                 "on_initiation_p99_ms": _r(on.sent.latency_p99_ms),
                 "spans_exported": sink.spans,
