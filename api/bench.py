@@ -702,6 +702,147 @@ def _bodies(seed: int, count: int) -> Iterator[dict[str, Any]]:
     return itertools.islice(traffic(seed, f"bench-{uuid.uuid4().hex[:6]}"), count)
 
 
+@dataclass
+class _EngineRun:
+    """One run of the engine under the load: what was sent, when every payment was settled,
+    what it cost, what the database holds."""
+
+    count: int
+    sent: Sending
+    caught_up: float
+    before: Usage
+    after: Usage
+    top: list[dict[str, Any]]
+    measured: dict[str, Any]
+    conn_url: str  # the scratch server it ran on
+
+    @property
+    def settled_per_second(self) -> float:
+        return self.count / max(self.caught_up - self.sent.started, 1e-9)
+
+
+async def _run_engine(
+    load: _Load,
+    data_dir: Path,
+    conn_url: str,
+    env: dict[str, str],
+    requests: Path,
+    count: int,
+    processes: int,
+    bus: str,
+    on_phase: Callable[[str], None],
+    on_progress: Callable[[int], None],
+) -> _EngineRun:
+    """Steps 1-4 of the module's docstring on the scratch server at ``conn_url``."""
+    postmaster = _postmaster_pid(data_dir)
+    servers = _servers(env, data_dir, processes, bus)
+    engine = servers[0]  # the gateway
+    monitor = await asyncpg.connect(conn_url, user=_MONITOR_ROLE)
+    try:
+        backend = int(await monitor.fetchval("SELECT pg_backend_pid()"))
+        try:
+            for server in servers:
+                await asyncio.to_thread(server.start, 120)
+            api_key = await asyncio.to_thread(_merchant, env, data_dir)
+            engine_pids = [s.proc.pid for s in servers if s.proc is not None]
+            await monitor.execute("SELECT pg_stat_statements_reset()")
+            before = await _with_transactions(
+                monitor, await _read_usage(monitor, engine_pids, postmaster, backend)
+            )
+            on_phase("sending payments")
+            stop = asyncio.Event()
+            progress = asyncio.create_task(_progress(monitor, on_progress, stop))
+            try:
+                sent = await load.drive(engine.url, api_key, requests, data_dir)
+            finally:
+                stop.set()
+                await progress
+            created = int(await monitor.fetchval("SELECT count(*) FROM payments"))
+            on_progress(created)
+            if sent.accepted != count or created != count:
+                raise BenchError(
+                    f"{sent.accepted} of {count} payments accepted, {created} created:"
+                    f" {sent.refused()}"
+                )
+            on_phase("waiting for final statuses and the ledger")
+            caught_up = await _wait_settled(
+                monitor, count, sent.started, sent.finished + _settle_timeout_s(count)
+            )
+            after = await _read_usage(monitor, engine_pids, postmaster, backend)
+            top = await _top_statements(monitor, count)
+            measured = await _measured(monitor)
+        finally:
+            for server in servers:
+                server.stop()
+        # Its backends have exited, so every transaction of the engine is counted.
+        after = await _with_transactions(monitor, after)
+    finally:
+        await monitor.close()
+    return _EngineRun(count, sent, caught_up, before, after, top, measured, conn_url)
+
+
+async def _traced_rounds(
+    first: _EngineRun,
+    rounds: int,
+    sample_ratio: float,
+    seed: int,
+    run: Callable[..., Any],
+    on_phase: Callable[[str], None],
+) -> dict[str, Any]:
+    """Traces off versus on in the same run: after ``first`` (off), the engine again with
+    every process tracing to a local sink (:class:`api.otlp_sink.OtlpSink`), then off, then
+    on… ``rounds`` pairs in all, interleaved so that a change of the machine's load
+    falls on both sides; each run on a scratch server of its own."""
+    from api.otlp_sink import OtlpSink
+
+    pairs: list[dict[str, Any]] = []
+    off = first
+    for n in range(rounds):
+        if n:
+            on_phase(f"traces off, round {n + 1} of {rounds}")
+            off = await run(seed + n, {})
+        on_phase(f"traces on, round {n + 1} of {rounds}")
+        with OtlpSink() as sink:
+            on = await run(
+                seed + n,
+                {"UPI_OTEL_ENDPOINT": sink.endpoint, "UPI_OTEL_SAMPLE_RATIO": repr(sample_ratio)},
+            )
+        # The engines flushed their spans when they stopped: every one is counted.
+        off_cost = off.after.cost(off.before, off.count)
+        on_cost = on.after.cost(on.before, on.count)
+        pairs.append(
+            {
+                "off_settled_per_second": _r(off.settled_per_second, 1),
+                "on_settled_per_second": _r(on.settled_per_second, 1),
+                "on_vs_off": _r(on.settled_per_second / off.settled_per_second, 3),
+                "off_engine_cpu_ms_per_payment": off_cost["engine_cpu_ms_per_payment"],
+                "on_engine_cpu_ms_per_payment": on_cost["engine_cpu_ms_per_payment"],
+                "off_postgres_cpu_ms_per_payment": off_cost["postgres_cpu_ms_per_payment"],
+                "on_postgres_cpu_ms_per_payment": on_cost["postgres_cpu_ms_per_payment"],
+                "off_initiation_p99_ms": _r(off.sent.latency_p99_ms),
+                "on_initiation_p99_ms": _r(on.sent.latency_p99_ms),
+                "spans_exported": sink.spans,
+                "spans_per_payment": _r(sink.spans / max(on.count, 1)),
+                "sink_refused": sink.refused,
+            }
+        )
+    off_rate = sum(p["off_settled_per_second"] for p in pairs) / len(pairs)
+    on_rate = sum(p["on_settled_per_second"] for p in pairs) / len(pairs)
+    off_cpu = sum(p["off_engine_cpu_ms_per_payment"] for p in pairs) / len(pairs)
+    on_cpu = sum(p["on_engine_cpu_ms_per_payment"] for p in pairs) / len(pairs)
+    return {
+        "sample_ratio": sample_ratio,
+        "exporter": "OTLP/HTTP to a local sink that accepts and discards (api/otlp_sink.py)",
+        "rounds": pairs,
+        "settled_per_second_off": _r(off_rate, 1),
+        "settled_per_second_on": _r(on_rate, 1),
+        "settled_on_vs_off": _r(on_rate / off_rate, 3),
+        "engine_cpu_ms_per_payment_off": _r(off_cpu),
+        "engine_cpu_ms_per_payment_on": _r(on_cpu),
+        "engine_cpu_on_vs_off": _r(on_cpu / off_cpu, 3) if off_cpu else None,
+    }
+
+
 async def run_bench(
     payments: int,
     concurrency: int,
@@ -712,11 +853,15 @@ async def run_bench(
     duration_s: float | None = None,
     switch_latency_scale: float = 1.0,
     seed: int = 20261125,
+    trace_rounds: int = 0,
+    trace_sample_ratio: float = 1.0,
     on_phase: Callable[[str], None] = lambda phase: None,
     on_progress: Callable[[int], None] = lambda payments: None,
 ) -> dict[str, Any]:
     """The run (see the module's docstring): the closed loop sends ``payments``, the open
-    loop (``rate`` and ``duration_s`` given) ``rate x duration_s``."""
+    loop (``rate`` and ``duration_s`` given) ``rate x duration_s``. With ``trace_rounds``,
+    the engine runs again that many times with tracing on, interleaved with runs with it
+    off (:func:`_traced_rounds`): the result's ``traces``."""
     if rate is None:
         load = _Load(concurrency, payments, wrk=find_wrk())
     else:
@@ -724,61 +869,36 @@ async def run_bench(
         load = _Load(
             concurrency, scheduled_count(rate, duration_s), rate=rate, duration_s=duration_s
         )
-    with scratch_data_dir("ub") as data_dir:
+
+    async def engine_in(data_dir: Path, seed: int, extra_env: dict[str, str]) -> _EngineRun:
         requests = data_dir / "requests.tsv"
         count = await asyncio.to_thread(write_requests, requests, _bodies(seed, load.count))
-        env = _env(data_dir, bus, switch_latency_scale)
+        env = {**_env(data_dir, bus, switch_latency_scale), **extra_env}
         on_phase("starting the engine")
         # The bench starts the scratch server and holds it: it outlives the engine, for
         # the insert baseline; the scratch dir's clean-up stops it.
         conn_url = await _scratch_server(data_dir)
-        postmaster = _postmaster_pid(data_dir)
-        servers = _servers(env, data_dir, processes, bus)
-        engine = servers[0]  # the gateway
-        monitor = await asyncpg.connect(conn_url, user=_MONITOR_ROLE)
-        try:
-            backend = int(await monitor.fetchval("SELECT pg_backend_pid()"))
-            try:
-                for server in servers:
-                    await asyncio.to_thread(server.start, 120)
-                api_key = await asyncio.to_thread(_merchant, env, data_dir)
-                engine_pids = [s.proc.pid for s in servers if s.proc is not None]
-                await monitor.execute("SELECT pg_stat_statements_reset()")
-                before = await _with_transactions(
-                    monitor, await _read_usage(monitor, engine_pids, postmaster, backend)
-                )
-                on_phase("sending payments")
-                stop = asyncio.Event()
-                progress = asyncio.create_task(_progress(monitor, on_progress, stop))
-                try:
-                    sent = await load.drive(engine.url, api_key, requests, data_dir)
-                finally:
-                    stop.set()
-                    await progress
-                created = int(await monitor.fetchval("SELECT count(*) FROM payments"))
-                on_progress(created)
-                if sent.accepted != count or created != count:
-                    raise BenchError(
-                        f"{sent.accepted} of {count} payments accepted, {created} created:"
-                        f" {sent.refused()}"
-                    )
-                on_phase("waiting for final statuses and the ledger")
-                caught_up = await _wait_settled(
-                    monitor, count, sent.started, sent.finished + _settle_timeout_s(count)
-                )
-                after = await _read_usage(monitor, engine_pids, postmaster, backend)
-                top = await _top_statements(monitor, count)
-                measured = await _measured(monitor)
-            finally:
-                for server in servers:
-                    server.stop()
-            # Its backends have exited, so every transaction of the engine is counted.
-            after = await _with_transactions(monitor, after)
-        finally:
-            await monitor.close()
+        return await _run_engine(
+            load, data_dir, conn_url, env, requests, count, processes, bus, on_phase, on_progress
+        )
+
+    async def another(seed: int, extra_env: dict[str, str]) -> _EngineRun:
+        with scratch_data_dir("ub") as data_dir:
+            return await engine_in(data_dir, seed, extra_env)
+
+    with scratch_data_dir("ub") as data_dir:
+        first = await engine_in(data_dir, seed, {})
         on_phase("measuring the baselines")
+        requests = data_dir / "requests.tsv"
         bare_http = await _bare_http(load, requests, data_dir)
-        bare_insert = await _bare_inserts(conn_url, count, concurrency)
+        bare_insert = await _bare_inserts(first.conn_url, first.count, concurrency)
+    traces = (
+        await _traced_rounds(first, trace_rounds, trace_sample_ratio, seed, another, on_phase)
+        if trace_rounds
+        else None
+    )
+    count, sent, caught_up = first.count, first.sent, first.caught_up
+    before, after, top, measured = first.before, first.after, first.top, first.measured
     cost = after.cost(before, count)
     result: dict[str, Any] = {
         "payments": count,
@@ -842,4 +962,6 @@ async def run_bench(
             "date": datetime.now(UTC).date().isoformat(),
         }
     )
+    if traces is not None:
+        result["traces"] = traces
     return result

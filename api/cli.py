@@ -1593,6 +1593,18 @@ def bench(
         float,
         typer.Option(min=0, max=10, help="The mock switch's bank latencies x this (0: none)"),
     ] = 1.0,
+    traces: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=10,
+            help="Also run the engine N more times tracing every process to a local OTLP"
+            " sink, interleaved with runs tracing off: traces off vs on in the same run",
+        ),
+    ] = 0,
+    trace_sample_ratio: Annotated[
+        float, typer.Option(min=0, max=1, help="With --traces: UPI_OTEL_SAMPLE_RATIO")
+    ] = 1.0,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Run the whole engine on a scratch embedded PostgreSQL, send realistic payments, wait
@@ -1646,6 +1658,8 @@ def bench(
                     rate=rate,
                     duration_s=duration,
                     switch_latency_scale=switch_latency_scale,
+                    trace_rounds=traces,
+                    trace_sample_ratio=trace_sample_ratio,
                     on_phase=lambda phase: progress.update(task, description=phase),
                     on_progress=lambda n: progress.update(task, completed=n),
                 )
@@ -1658,6 +1672,7 @@ def bench(
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
         return
     top = result.pop("top_statements")
+    traced = result.pop("traces", None)
     if rate is None:
         title = f"bench: {count} payments, {concurrency} in flight"
     else:
@@ -1670,6 +1685,11 @@ def bench(
     for row in top:
         statements.add_row(str(row["per_payment"]), str(row["mean_ms"]), row["query"])
     out.print(statements)
+    if traced is not None:
+        rounds = traced.pop("rounds")
+        _measures(f"traces off vs on (sample ratio {traced['sample_ratio']:g})", _flat(traced))
+        for n, pair in enumerate(rounds, 1):
+            _measures(f"traces, round {n}", pair.items())
 
 
 @db_app.command("url")

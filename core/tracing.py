@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from types import MappingProxyType
@@ -87,25 +88,49 @@ def context_of(headers: Mapping[str, str]) -> Context | None:
     """The trace context ``headers`` carry (W3C ``traceparent``), or None: also for a
     trace its root left unsampled (``UPI_OTEL_SAMPLE_RATIO``), whose steps then cost no
     span at all."""
-    if "traceparent" not in headers:
+    traceparent = headers.get("traceparent")
+    if traceparent is None:
         return None
-    context = _PROPAGATOR.extract(headers)
+    return _context_of(traceparent, headers.get("tracestate"))
+
+
+# One event's context is read by every consumer of it (five on the in-process bus) and by
+# its redeliveries: parsed once. A Context is immutable, so sharing one is safe.
+@functools.lru_cache(maxsize=8192)
+def _context_of(traceparent: str, tracestate: str | None) -> Context | None:
+    carrier = {"traceparent": traceparent}
+    if tracestate is not None:
+        carrier["tracestate"] = tracestate
+    context = _PROPAGATOR.extract(carrier)
     parent = trace.get_current_span(context).get_span_context()
     return context if parent.is_valid and parent.trace_flags.sampled else None
 
 
 def headers_of(span: Span) -> dict[str, str]:
-    """The W3C headers that make an event a child of ``span``."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-    return carrier
+    """The W3C headers that make an event a child of ``span``: what
+    ``TraceContextTextMapPropagator.inject`` writes (version 00), without the context it
+    builds to read the span back (a few are written per event)."""
+    context = span.get_span_context()
+    headers = {
+        "traceparent": f"00-{context.trace_id:032x}-{context.span_id:016x}"
+        f"-{context.trace_flags:02x}"
+    }
+    if context.trace_state:
+        headers["tracestate"] = context.trace_state.to_header()
+    return headers
+
+
+def _sampled(span: Span) -> bool:
+    context = span.get_span_context()
+    return context.is_valid and bool(context.trace_flags.sampled)
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
-    """Add the current span's trace context to ``headers`` (nothing while tracing is off
-    or no span is current); returns ``headers``."""
-    if _tracer is not None:
-        _PROPAGATOR.inject(headers)
+    """Add the current span's trace context to ``headers`` (nothing while tracing is off,
+    or no span is current, or its trace is not sampled: no consumer would continue it, so
+    its events carry no headers, as with tracing off); returns ``headers``."""
+    if _tracer is not None and _sampled(current := trace.get_current_span()):
+        headers.update(headers_of(current))
     return headers
 
 
@@ -123,10 +148,10 @@ def headers_for(cause: Envelope | None, span: Span | None = None) -> dict[str, s
     carried on."""
     if _tracer is not None:
         if span is not None and span.get_span_context().is_valid:
-            return headers_of(span)
+            return headers_of(span) if _sampled(span) else {}
         current = trace.get_current_span()
         if current.get_span_context().is_valid:
-            return headers_of(current)
+            return headers_of(current) if _sampled(current) else {}
     if cause is None or not cause.headers:
         return {}
     return {k: v for k in TRACE_HEADERS if (v := cause.headers.get(k))}

@@ -18,6 +18,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+PROMTOOL = shutil.which("promtool")
+
+
+def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``promtool ARGS`` (skip the test where it is not installed: Debian's
+    ``prometheus`` package has it)."""
+    if PROMTOOL is None:
+        import pytest
+
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, cwd=cwd, check=False)
+
 
 def free_port() -> int:
     with socket.socket() as s:

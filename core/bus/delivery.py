@@ -25,9 +25,16 @@ from core.events import Envelope
 from core.metrics import CONSUMER_BATCH, CONSUMER_EVENTS, DEAD_LETTERS
 from core.storage import database_unavailable
 
-__all__ = ["Delivery", "RetryPolicy", "deliver_batch"]
+__all__ = ["Delivery", "RetryPolicy", "dead_letters_from_zero", "deliver_batch"]
 
 _log = logging.getLogger(__name__)
+
+
+def dead_letters_from_zero(consumer: str) -> None:
+    """Export the consumer's dead-letter count at 0 from its start. A series that first
+    appears at 1 shows no increase to Prometheus (``increase()`` needs an earlier sample),
+    so the first dead letter of a consumer would not fire ``UpiDeadLetters``."""
+    DEAD_LETTERS.labels(consumer)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from aiokafka.errors import (
 )
 
 from core.bus.base import DeadLetter, DeadLetterSink, Subscription
-from core.bus.delivery import Delivery, RetryPolicy, deliver_batch
+from core.bus.delivery import Delivery, RetryPolicy, dead_letters_from_zero, deliver_batch
 from core.config import Settings
 from core.errors import BrokerLogLost, BusError
 from core.events import Envelope, Topic
@@ -116,6 +116,7 @@ class KafkaBus:
     # ------------------------------------------------------------------ lifecycle
 
     def subscribe(self, subscription: Subscription) -> None:
+        dead_letters_from_zero(subscription.consumer)
         self._subs.append(subscription)
 
     async def start(self) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from core.bus.base import DeadLetterSink, Subscription
-from core.bus.delivery import Delivery, RetryPolicy, deliver_batch
+from core.bus.delivery import Delivery, RetryPolicy, dead_letters_from_zero, deliver_batch
 from core.events import Envelope
 
 __all__ = ["MemoryBus"]
@@ -145,6 +145,7 @@ class MemoryBus:
         self.on_settled: Callable[[], None] = lambda: None
 
     def subscribe(self, subscription: Subscription) -> None:
+        dead_letters_from_zero(subscription.consumer)
         self._consumers.append(
             _Consumer(
                 subscription,

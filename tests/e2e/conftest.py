@@ -2,35 +2,28 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from core.embedded import stop_embedded
-from tests.e2e.harness import base_env
-from tests.support import short_tmpdir, unique_name
+from tests.e2e.harness import base_env, embedded_environment
+from tests.support import unique_name
 
 
 @pytest.fixture
 def embedded_env() -> Iterator[dict[str, str]]:
     """The embedded default: its own data dir, nothing else configured."""
-    yield from _embedded_data_dir()
+    with embedded_environment() as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
 def module_embedded_env() -> Iterator[dict[str, str]]:
     """The embedded default shared by one module's tests: for a module whose tests each
     use their own merchant and payers, so that one server can serve them all."""
-    yield from _embedded_data_dir()
-
-
-def _embedded_data_dir() -> Iterator[dict[str, str]]:
-    data_dir = short_tmpdir("ue")
-    yield base_env(UPI_DATA_DIR=str(data_dir))
-    stop_embedded(data_dir)
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with embedded_environment() as env:
+        yield env
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from typing import Any
 import httpx
 import orjson
 
-from tests.support import free_port
+from core.embedded import stop_embedded
+from tests.support import free_port, short_tmpdir
 
 UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
 
@@ -46,6 +48,18 @@ def base_env(**extra: str) -> dict[str, str]:
         }
     )
     return env
+
+
+@contextlib.contextmanager
+def embedded_environment() -> Iterator[dict[str, str]]:
+    """The embedded default: its own data dir, nothing else configured; the data dir's
+    server stopped and the dir removed at the end."""
+    data_dir = short_tmpdir("ue")
+    try:
+        yield base_env(UPI_DATA_DIR=str(data_dir))
+    finally:
+        stop_embedded(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

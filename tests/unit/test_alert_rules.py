@@ -5,34 +5,21 @@ alert only on metrics the engine exports (core/metrics.py)."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-from pathlib import Path
-
-import pytest
 
 from core import metrics
+from tests.support import DEPLOY, ROOT, promtool
 
-ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
+RULES = DEPLOY / "prometheus" / "alerts.yml"
 CASES = ROOT / "tests" / "prometheus" / "alerts_test.yml"
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)"
-)
 
 
-@needs_promtool
 def test_rules_are_valid():
-    done = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True)
+    done = promtool("check", "rules", str(RULES))
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@needs_promtool
 def test_rules_fire_as_their_cases_say():
-    done = subprocess.run(
-        [PROMTOOL, "test", "rules", str(CASES)], capture_output=True, text=True, cwd=CASES.parent
-    )
+    done = promtool("test", "rules", str(CASES), cwd=CASES.parent)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

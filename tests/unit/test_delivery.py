@@ -262,3 +262,16 @@ async def test_an_ordinary_error_still_dead_letters_after_max_attempts():
     await bus.publish([env(1, "k")])
     await bus.stop()
     assert [(d.consumer, d.attempts) for d in letters.items] == [("c", 3)]
+
+
+async def test_a_consumers_dead_letters_are_exported_at_zero_from_its_start():
+    # So that Prometheus's increase() sees the first dead letter (UpiDeadLetters).
+    from prometheus_client import generate_latest
+
+    async def handler(e: Envelope) -> None:
+        return None
+
+    bus = MemoryBus(Letters(), FAST)
+    bus.subscribe(Subscription("zero-at-start", ("payments",), handler))
+    await bus.stop()
+    assert b'upi_dead_letters_total{consumer="zero-at-start"} 0.0' in generate_latest()
