@@ -3,11 +3,14 @@
 synchronous; :mod:`fraud.engine` runs them concurrently, each within its own time budget.
 
 * :class:`VelocityScorer`: counts and amounts in sliding windows (1 min, 1 h, 24 h) per
-  payer, per device and per payee.
+  payer, per device and per payee; a young payee reached by many payers new to the engine
+  within minutes or within the hour (a mule's collecting account); amounts structured just
+  under a round limit, towards a young payee.
 * :class:`LocationScorer`: impossible travel (haversine distance over elapsed time against a
   plausible top speed) and distance from the payer's usual places.
 * :class:`DeviceScorer`: a device new to an established payer, one device used by many VPAs
-  (mule), a device change right before a high-value payment (SIM swap / takeover), emulator
+  (mule) within minutes (a device farm) or within a day, a payer hopping devices, a device
+  change right before a high-value payment (SIM swap / takeover), emulator
   or rooted flags. A payer's very first payment on a steady device scores 0.
 * :class:`ModelScorer`: the scikit-learn model over :data:`fraud.features.FEATURE_NAMES`.
 
@@ -32,6 +35,8 @@ from fraud.features import (
     haversine_km,
     implied_speed_kmh,
     km_from_usual,
+    payee_age_s,
+    structuring_gap,
 )
 
 __all__ = [
@@ -123,6 +128,11 @@ class VelocityRules:
     payer_amount_per_day_paise: int = 2_00_000_00  # ₹2,00,000 including this payment
     device_per_hour: int = 15
     payee_payers_per_hour: int = 30  # distinct payers: a fan-in, but merchants have many
+    # A payee the engine has known for less than this is *young*: a mule's collecting VPA
+    # is opened for the scam; a shop has been paid for weeks.
+    young_payee_s: float = 24 * 3600
+    young_payee_payers_10m: int = 3  # distinct payers in 10 min to a young payee ...
+    young_payee_new_payers_1h: int = 5  # ... or payers new to the engine in its hour
 
 
 class VelocityScorer:
@@ -159,6 +169,21 @@ class VelocityScorer:
         if history.payee_payers_1h >= r.payee_payers_per_hour:
             # Alone, not enough: a popular merchant is paid by many people every hour.
             hits.append(("VELOCITY_PAYEE_FAN_IN", 0.1))
+        age = payee_age_s(history)
+        young = age is None or age < r.young_payee_s
+        if young and history.payee_payers_10m >= r.young_payee_payers_10m:
+            n = history.payee_payers_10m
+            new_share = history.payee_new_payers_10m / n
+            top = 0.85 if new_share >= 0.5 else 0.6
+            start = r.young_payee_payers_10m
+            hits.append(("PAYEE_NEW_FAN_IN", _ramp(n, start, 3 * start, 0.45, top)))
+        elif young and history.payee_new_payers_1h >= r.young_payee_new_payers_1h:
+            n = history.payee_new_payers_1h
+            start = r.young_payee_new_payers_1h
+            hits.append(("PAYEE_NEW_FAN_IN_SLOW", _ramp(n, start, 3 * start, 0.4, 0.75)))
+        if young and structuring_gap(txn.amount_paise) is not None:
+            # Just under a round limit, to an account nobody paid a day ago.
+            hits.append(("AMOUNT_STRUCTURING", 0.2))
         return _combine(hits)
 
 
@@ -208,6 +233,8 @@ class LocationScorer:
 @dataclass(frozen=True)
 class DeviceRules:
     shared_by_payers: int = 3  # other VPAs seen on this device in 24 h: a mule device
+    shared_within_minutes: int = 2  # other VPAs on it in 10 min: a device farm
+    devices_per_day: int = 3  # distinct devices the payer used in 24 h, before this one
     high_value_paise: int = 5_000_00  # ₹5,000 ...
     high_value_vs_median: float = 5.0  # ... and five times the payer's usual amount
     recent_change_s: float = 6 * 3600
@@ -235,7 +262,11 @@ class DeviceScorer:
             hits.append(("DEVICE_ROOTED", 0.25))
         if txn.device_id is None:
             return _combine(hits)
-        if history.device_vpas_24h >= r.shared_by_payers:
+        if history.device_payers_10m >= r.shared_within_minutes:
+            n = history.device_payers_10m
+            start = r.shared_within_minutes
+            hits.append(("DEVICE_SHARED", _ramp(n, start, 4 * start, 0.5, 0.85)))
+        elif history.device_vpas_24h >= r.shared_by_payers:
             n = history.device_vpas_24h
             hits.append(
                 (
@@ -243,6 +274,8 @@ class DeviceScorer:
                     _ramp(n, r.shared_by_payers, 4 * r.shared_by_payers, 0.5, 0.85),
                 )
             )
+        if history.payer_devices_24h >= r.devices_per_day and not history.device_known_for_payer:
+            hits.append(("PAYER_MANY_DEVICES", 0.3))
         established = history.payer_payments_ever > 0
         new_here = established and not history.device_known_for_payer
         high_value = established and self._high_value(txn, history)
