@@ -53,6 +53,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.trace import Span
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -76,7 +77,7 @@ from fraud.model import load_model
 from fraud.scorers import DeviceScorer, LocationScorer, ModelScorer, VelocityScorer
 from fraud.store import HistoryPruner, HistoryStore, split_rounds
 
-__all__ = ["FraudAssessor", "build_engine", "txn_of"]
+__all__ = ["FraudAssessor", "build_engine", "shipped_thresholds", "txn_of"]
 
 _log = logging.getLogger(__name__)
 _NO_SPANS: Mapping[uuid.UUID, Span] = {}
@@ -99,11 +100,23 @@ def build_engine(settings: Settings) -> tuple[FraudEngine, str]:
             "device": rule_s,
             "model": settings.fraud_model_budget_ms / 1000,
         },
-        thresholds=Thresholds(
-            block=settings.fraud_block_threshold, step_up=settings.fraud_step_up_threshold
+        thresholds=shipped_thresholds(
+            model.meta, settings.fraud_block_threshold, settings.fraud_step_up_threshold
         ),
     )
     return engine, model.version
+
+
+def shipped_thresholds(
+    meta: Mapping[str, Any], block: float | None = None, step_up: float | None = None
+) -> Thresholds:
+    """The thresholds calibrated with the model (``model.json``), each unless configured
+    (``UPI_FRAUD_BLOCK_THRESHOLD``, ``UPI_FRAUD_STEP_UP_THRESHOLD``)."""
+    calibrated = meta.get("thresholds", {})
+    return Thresholds(
+        block=float(calibrated.get("block", 0.7)) if block is None else block,
+        step_up=float(calibrated.get("step_up", 0.4)) if step_up is None else step_up,
+    )
 
 
 def txn_of(event: PaymentInitiated) -> Txn:

@@ -126,6 +126,7 @@ FEATURE_NAMES = (
     "amount_structured",
     "device_payers_10m",
     "payer_devices_24h",
+    "young_payee_payers_1h",
 )
 PAYEE_AGE_CAP_H = 24.0 * 30  # older than a month is simply old
 
@@ -193,4 +194,7 @@ def feature_vector(txn: Txn, history: History) -> list[float]:
         1.0 if structuring_gap(txn.amount_paise) is not None else 0.0,
         float(history.device_payers_10m),
         float(history.payer_devices_24h),
+        # The hour's distinct payers, for a payee younger than a day only: for a shop it
+        # measures the shop's size (see the module's docstring), for a day-old VPA a ring.
+        float(history.payee_payers_1h) if (age or 0.0) < 86_400 else 0.0,
     ]

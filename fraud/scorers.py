@@ -122,7 +122,7 @@ def _ramp(value: float, start: float, full: float, low: float, high: float) -> f
 
 @dataclass(frozen=True)
 class VelocityRules:
-    payer_per_minute: int = 4  # earlier payments in the last minute that start a burst
+    payer_per_minute: int = 3  # earlier payments in the last minute that start a burst
     payer_per_hour: int = 15
     payer_per_day: int = 40
     payer_amount_per_day_paise: int = 2_00_000_00  # ₹2,00,000 including this payment
@@ -131,8 +131,11 @@ class VelocityRules:
     # A payee the engine has known for less than this is *young*: a mule's collecting VPA
     # is opened for the scam; a shop has been paid for weeks.
     young_payee_s: float = 24 * 3600
-    young_payee_payers_10m: int = 3  # distinct payers in 10 min to a young payee ...
-    young_payee_new_payers_1h: int = 5  # ... or payers new to the engine in its hour
+    young_payee_new_payers_10m: int = 2  # payers new to the engine, in 10 min, most of them
+    young_payee_new_payers_1h: int = 4  # ... or in its hour
+    # ... paying it a sum worth laundering (or one structured under a limit): a new shop's
+    # first customers, new to the engine too, buy tea and groceries.
+    mule_amount_paise: int = 4_000_00
 
 
 class VelocityScorer:
@@ -171,19 +174,31 @@ class VelocityScorer:
             hits.append(("VELOCITY_PAYEE_FAN_IN", 0.1))
         age = payee_age_s(history)
         young = age is None or age < r.young_payee_s
-        if young and history.payee_payers_10m >= r.young_payee_payers_10m:
-            n = history.payee_payers_10m
-            new_share = history.payee_new_payers_10m / n
-            top = 0.85 if new_share >= 0.5 else 0.6
-            start = r.young_payee_payers_10m
-            hits.append(("PAYEE_NEW_FAN_IN", _ramp(n, start, 3 * start, 0.45, top)))
-        elif young and history.payee_new_payers_1h >= r.young_payee_new_payers_1h:
-            n = history.payee_new_payers_1h
+        new_10m, new_1h = history.payee_new_payers_10m, history.payee_new_payers_1h
+        sizeable = (
+            txn.amount_paise >= r.mule_amount_paise or structuring_gap(txn.amount_paise) is not None
+        )
+        if (
+            young
+            and sizeable
+            and new_10m >= r.young_payee_new_payers_10m
+            and 2 * new_10m >= history.payee_payers_10m
+        ):
+            # Mostly payers paying for the first time anywhere: fresh VPAs, a mule ring. A
+            # festival stall is as young and as busy, but paid by people the engine knows.
+            start = r.young_payee_new_payers_10m
+            hits.append(("PAYEE_NEW_FAN_IN", _ramp(new_10m, start, 4 * start, 0.3, 0.8)))
+        elif (
+            young
+            and sizeable
+            and new_1h >= r.young_payee_new_payers_1h
+            and 2 * new_1h >= history.payee_payers_1h
+        ):
             start = r.young_payee_new_payers_1h
-            hits.append(("PAYEE_NEW_FAN_IN_SLOW", _ramp(n, start, 3 * start, 0.4, 0.75)))
+            hits.append(("PAYEE_NEW_FAN_IN_SLOW", _ramp(new_1h, start, 3 * start, 0.3, 0.7)))
         if young and structuring_gap(txn.amount_paise) is not None:
             # Just under a round limit, to an account nobody paid a day ago.
-            hits.append(("AMOUNT_STRUCTURING", 0.2))
+            hits.append(("AMOUNT_STRUCTURING", 0.15))
         return _combine(hits)
 
 
@@ -232,7 +247,9 @@ class LocationScorer:
 
 @dataclass(frozen=True)
 class DeviceRules:
-    shared_by_payers: int = 3  # other VPAs seen on this device in 24 h: a mule device
+    # Other VPAs seen on this device in 24 h: a mule device. A family of four sharing one
+    # phone is three others; a device farm is many more.
+    shared_by_payers: int = 4
     shared_within_minutes: int = 2  # other VPAs on it in 10 min: a device farm
     devices_per_day: int = 3  # distinct devices the payer used in 24 h, before this one
     high_value_paise: int = 5_000_00  # ₹5,000 ...
