@@ -63,7 +63,15 @@ from core.bus.base import Subscription
 from core.clock import Clock
 from core.config import Settings
 from core.crypto import MasterKey
-from core.events import CATALOGUE, Envelope, FraudAssessed, FraudDecision, PaymentInitiated, Topic
+from core.events import (
+    CATALOGUE,
+    Envelope,
+    FraudAssessed,
+    FraudDecision,
+    PaymentInitiated,
+    ScorerContribution,
+    Topic,
+)
 from core.inbox import claim_many
 from core.metrics import FRAUD_DECISIONS, FRAUD_SCORING
 from core.outbox import append_to_outbox
@@ -319,6 +327,10 @@ class FraudAssessor:
             model_version=self.model_version,
             skipped=assessment.skipped,
             assessed_at=now,
+            contributions={
+                name: ScorerContribution(score=signal.score, reasons=signal.reasons)
+                for name, signal in assessment.signals.items()
+            },
         )
         if span is not None:
             span.set_attribute("fraud.decision", assessment.decision.value)

@@ -197,18 +197,22 @@ def _payee_windows_of(
 # opposite orders.
 _OBSERVE = sql_text(
     """
-    WITH batch AS (
+    WITH given AS (
         SELECT * FROM unnest(
             CAST(:ts AS text[]), CAST(:payers AS bytea[]), CAST(:devices AS bytea[]),
             CAST(:payees AS bytea[]), CAST(:amounts AS bigint[]), CAST(:ats AS timestamptz[]),
             CAST(:lats AS double precision[]), CAST(:lons AS double precision[])
         ) WITH ORDINALITY AS u(transaction_id, payer_key, device_key, payee_key, amount_paise,
                                at, lat, lon, ord)
+    ), batch AS (
+        SELECT *, row_number() OVER (PARTITION BY payer_key ORDER BY ord) = 1 AS first_of_payer
+        FROM given
     ), inserted AS (
         INSERT INTO fraud_observations (transaction_id, payer_key, device_key, payee_key,
                                         amount_paise, at, lat, lon, payer_new)
         SELECT transaction_id, payer_key, device_key, payee_key, amount_paise, at, lat, lon,
-               NOT EXISTS (SELECT 1 FROM fraud_payers p WHERE p.payer_key = batch.payer_key)
+               first_of_payer
+               AND NOT EXISTS (SELECT 1 FROM fraud_payers p WHERE p.payer_key = batch.payer_key)
         FROM batch ORDER BY ord
         ON CONFLICT (transaction_id) DO NOTHING
         RETURNING transaction_id

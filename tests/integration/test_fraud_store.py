@@ -115,11 +115,11 @@ async def test_velocity_state_survives_a_restart_and_redelivery_changes_nothing(
         for i in range(8)
     ]
     first = assessor(db, clock)
-    for envelope in burst[:4]:
+    for envelope in burst[:3]:
         await first.handle(envelope)
     first.close()  # the process stops; a new one takes over
     second = assessor(db, clock)
-    for envelope in burst[4:]:
+    for envelope in burst[3:]:
         await second.handle(envelope)
     await second.handle(burst[5])  # a redelivery
     second.close()
@@ -127,10 +127,10 @@ async def test_velocity_state_survives_a_restart_and_redelivery_changes_nothing(
     found = await decisions(db)
     assert len(found) == 8  # one decision per payment, none for the redelivery
     txns = [CATALOGUE.decode(e).transaction_id for e in burst]  # type: ignore[attr-defined]
-    early = [found[t] for t in txns[:4]]
-    late = [found[t] for t in txns[4:]]
+    early = [found[t] for t in txns[:3]]
+    late = [found[t] for t in txns[3:]]
     assert all(d.decision.value == "ALLOW" for d in early)
-    # The fifth payment in a minute was counted against the four the first process saw.
+    # The fourth payment in a minute was counted against the three the first process saw.
     assert all("VELOCITY_PAYER_1M" in d.reasons for d in late)
     assert all(d.decision.value in ("STEP_UP", "BLOCK") for d in late)
     async with db.connection() as conn:
@@ -173,6 +173,13 @@ async def test_impossible_travel_and_takeover_through_the_assessor(db):
     assert "DEVICE_CHANGE_BEFORE_HIGH_VALUE" in by_txn[t[5]].reasons
     assert by_txn[t[5]].decision.value in ("STEP_UP", "BLOCK")
     assert all(d.model_version.startswith("hgb-") for d in found.values())
+    # The ledgered event says what each scorer contributed: who saw the travel, who the
+    # new device, and the scores the combined score was made of.
+    travel = by_txn[t[4]].contributions
+    assert set(travel) == {"velocity", "location", "device", "model"}
+    assert "IMPOSSIBLE_TRAVEL" in travel["location"].reasons
+    assert "DEVICE_CHANGE_BEFORE_HIGH_VALUE" in by_txn[t[5]].contributions["device"].reasons
+    assert {k: c.score for k, c in travel.items()} == by_txn[t[4]].scores
 
 
 async def test_the_pruner_forgets_payments_past_retention_and_nothing_newer(db):
