@@ -3,6 +3,7 @@ history (training and scoring see the same features), restart safety, redelivery
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import UTC, datetime, timedelta
 
@@ -213,6 +214,68 @@ async def test_the_pruner_forgets_payments_past_retention_and_nothing_newer(db):
     )
     assert after.payer_payments_ever == before.payer_payments_ever == len(ages_days)
     assert after.device_known_for_payer and after.last_location == before.last_location
+
+
+async def test_pruning_forgets_old_payers_and_devices_and_the_windows_still_answer(db):
+    """Past the retention go the payments, the payers with no payment left (their count
+    and devices: back, they are new again), while what a payment reads of the last day
+    (payer, device, payee windows, the payee's age within the retention) is the same as
+    the in-memory history of the payments kept."""
+    from fraud.store import HistoryPruner
+
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    store = HistoryStore(KEY)
+    old = [
+        Txn(f"gone{n}@okhdfc", "collector@ybl", 9_999_00, now - timedelta(days=100 + n), f"ph{n}")
+        for n in range(3)
+    ]
+    recent = [
+        Txn(f"mule{n}@ybl", "collector@ybl", 9_990_00, now - timedelta(minutes=9 - n), f"m{n % 2}")
+        for n in range(6)
+    ]
+    kept = [*recent, Txn("gone0@okhdfc", "shop@okicici", 500, now - timedelta(days=3), "ph0")]
+    async with db.transaction() as conn:
+        await store.observe_many(conn, [f"O{n}" for n in range(3)], old)
+        for n, txn in enumerate(kept):
+            await store.observe(conn, f"K{n}", txn)
+    pruner = HistoryPruner(db, store, FakeClock(now), timedelta(days=90))
+    # Three payments, the payers gone1 and gone2 (gone0 paid three days ago) and their
+    # devices.
+    assert await pruner.prune_once() == 3 + 2 + 2
+    assert await pruner.prune_once() == 0
+    async with db.connection() as conn:
+        left = {
+            table: (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
+            for table in ("fraud_observations", "fraud_payers", "fraud_payer_devices")
+        }
+        # Six mules and gone0, each with one device.
+        assert left == {"fraud_observations": 7, "fraud_payers": 7, "fraud_payer_devices": 7}
+        memory = HistoryTracker()
+        for txn in sorted(kept, key=lambda t: t.at):
+            memory.observe(txn)
+        for probe in (
+            Txn("mule9@ybl", "collector@ybl", 9_999_00, now, "m1"),
+            Txn("gone0@okhdfc", "collector@ybl", 9_999_00, now, "ph0"),
+            Txn("gone1@okhdfc", "collector@ybl", 9_999_00, now, "m0"),
+        ):
+            from_db = await store.history(conn, probe)
+            expected = memory.history(probe)
+            if probe.payer == "gone0@okhdfc":  # its count ever stays: 2, one pruned
+                expected = dataclasses.replace(expected, payer_payments_ever=2)
+            assert from_db == expected, probe
+    gone1 = await _history_of(db, store, "gone1@okhdfc")
+    assert gone1.payer_payments_ever == 0 and gone1.payer_devices_ever == 0
+    # The collector's age is that of its oldest payment kept: nine minutes, not 100 days.
+    assert 539 <= from_db.payee_first_seen_s <= 541
+    assert (from_db.payee_payers_10m, from_db.payee_new_payers_10m) == (6, 6)
+    assert from_db.device_payers_10m == 3  # mule0, mule2, mule4 on m0
+
+
+async def _history_of(db, store: HistoryStore, payer: str):
+    async with db.connection() as conn:
+        return await store.history(
+            conn, Txn(payer, "x@ybl", 100, datetime(2026, 6, 1, 12, tzinfo=UTC))
+        )
 
 
 async def test_a_payees_hour_window_is_its_latest_payments_capped_in_both_histories(db):
