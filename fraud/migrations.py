@@ -47,25 +47,16 @@ MIGRATIONS = [
         "fraud.0003_payee_and_device_windows",
         """
         -- Issue 18: whether a payment was its payer's first (the share of new payers in a
-        -- payee's window), the payer's last payment (pruning the per-payer rows).
+        -- payee's window). The windows' reads use the indexes there are: the payee's
+        -- latest payments and its first one (payee_key, at), the device's payers in
+        -- 10 min (device_key, at), the payer's devices in 24 h (payer_key, at).
         ALTER TABLE fraud_observations ADD COLUMN payer_new boolean NOT NULL DEFAULT false;
-        ALTER TABLE fraud_payers ADD COLUMN last_seen timestamptz;
-        UPDATE fraud_payers p SET last_seen = coalesce(
-            (SELECT max(o.at) FROM fraud_observations o WHERE o.payer_key = p.payer_key), now());
-        ALTER TABLE fraud_payers ALTER COLUMN last_seen SET NOT NULL;
-        CREATE INDEX fraud_payers_last_seen ON fraud_payers (last_seen);
-        -- The windows read only these columns: covering indexes make each window an
-        -- index-only scan (the payee's latest payments, its first; the device's payers in
-        -- 10 min and 24 h; the payer's amounts and devices in 24 h).
-        CREATE INDEX fraud_obs_payee_window ON fraud_observations (payee_key, at, id)
-            INCLUDE (payer_key, payer_new);
-        DROP INDEX fraud_obs_payee_at;
-        CREATE INDEX fraud_obs_device_window ON fraud_observations (device_key, at)
-            INCLUDE (payer_key) WHERE device_key IS NOT NULL;
-        DROP INDEX fraud_obs_device_at;
-        CREATE INDEX fraud_obs_payer_window ON fraud_observations (payer_key, at)
-            INCLUDE (amount_paise, device_key);
-        DROP INDEX fraud_obs_payer_at;
+        -- Payers (and their devices) whose payments were all pruned before pruning reached
+        -- these tables; from now on the pruner removes them with their last payment.
+        DELETE FROM fraud_payers p WHERE NOT EXISTS (
+            SELECT 1 FROM fraud_observations o WHERE o.payer_key = p.payer_key);
+        DELETE FROM fraud_payer_devices d WHERE NOT EXISTS (
+            SELECT 1 FROM fraud_payers p WHERE p.payer_key = d.payer_key);
         """,
     ),
 ]

@@ -219,11 +219,9 @@ _OBSERVE = sql_text(
     ), recorded AS (
         SELECT batch.* FROM batch JOIN inserted USING (transaction_id)
     ), payers AS (
-        INSERT INTO fraud_payers (payer_key, payments, last_seen)
-        SELECT payer_key, count(*), max(at) FROM recorded GROUP BY payer_key ORDER BY payer_key
-        ON CONFLICT (payer_key) DO UPDATE SET
-            payments = fraud_payers.payments + EXCLUDED.payments,
-            last_seen = greatest(fraud_payers.last_seen, EXCLUDED.last_seen)
+        INSERT INTO fraud_payers (payer_key, payments)
+        SELECT payer_key, count(*) FROM recorded GROUP BY payer_key ORDER BY payer_key
+        ON CONFLICT (payer_key) DO UPDATE SET payments = fraud_payers.payments + EXCLUDED.payments
     ), devices AS (
         INSERT INTO fraud_payer_devices (payer_key, device_key, first_seen)
         SELECT DISTINCT ON (payer_key, device_key) payer_key, device_key, at
@@ -452,28 +450,33 @@ class HistoryStore:
         return bool(await self.observe_many(conn, [transaction_id], [txn]))
 
     async def prune(self, conn: AsyncConnection, before: datetime, limit: int = 5_000) -> int:
-        """Forget up to ``limit`` payments made before ``before``, and up to ``limit``
-        payers whose latest payment is before it (their count and their devices: such a
-        payer has no payment left, and if they come back they are new again); how many
-        rows went. A payer with a payment within the retention keeps their count and
-        devices. One statement."""
+        """Forget up to ``limit`` payments made before ``before``, and the payers of those
+        who have no payment left within the retention (their count and their devices: if
+        they come back they are new again); how many rows went. A payer with a payment
+        within the retention keeps their count and devices. One statement."""
         deleted = await conn.execute(_PRUNE, {"before": before, "n": limit})
         return int(deleted.scalar_one())
 
 
-# Payments by age (index fraud_obs_at); payers by their latest payment (index
-# fraud_payers_last_seen), and those payers' devices (the primary key's prefix).
+# Payments by age (index fraud_obs_at); then the payers of those payments that have none
+# left within the retention (index fraud_obs_payer_at), with their devices. (The statement
+# sees the table as it was before its own deletes, hence "none at or after the cut-off"
+# rather than "none left".) A payer's row is thus never touched by the hot path for
+# pruning's sake: no column to keep up to date on every payment.
 _PRUNE = sql_text(
     """
     WITH payments AS (
         DELETE FROM fraud_observations WHERE id IN (
             SELECT id FROM fraud_observations WHERE at < :before ORDER BY at LIMIT :n
-        ) RETURNING 1
-    ), payers AS (
-        DELETE FROM fraud_payers WHERE payer_key IN (
-            SELECT payer_key FROM fraud_payers WHERE last_seen < :before
-            ORDER BY last_seen LIMIT :n
         ) RETURNING payer_key
+    ), payers AS (
+        DELETE FROM fraud_payers p
+        WHERE p.payer_key IN (SELECT DISTINCT payer_key FROM payments)
+          AND NOT EXISTS (
+              SELECT 1 FROM fraud_observations o
+              WHERE o.payer_key = p.payer_key AND o.at >= :before
+          )
+        RETURNING p.payer_key
     ), devices AS (
         DELETE FROM fraud_payer_devices d USING payers WHERE d.payer_key = payers.payer_key
         RETURNING 1
