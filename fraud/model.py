@@ -375,7 +375,10 @@ def calibrate(
     """The step-up and block thresholds, chosen on the calibration world: the lowest (so
     the best recall) at which at most ``flagged_target`` of ordinary payments are stepped
     up or blocked, and at which at most ``blocked_target`` are blocked."""
-    world = _score_world(estimator, seed + CALIBRATION_OFFSET, **sim)
+    # Twice the size of the others: the thresholds sit in the tail of the ordinary
+    # scores, a few hundred payments, and a bigger world moves them less by chance.
+    size = {"payers": 10_000, "scale": 2.0, **sim}
+    world = _score_world(estimator, seed + CALIBRATION_OFFSET, **size)
     ordinary = [s for s, y in zip(world.combined, world.labels, strict=True) if not y]
     step_up = _lowest_threshold(ordinary, flagged_target)
     block = _lowest_threshold(ordinary, blocked_target, floor=step_up)

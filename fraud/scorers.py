@@ -132,7 +132,7 @@ class VelocityRules:
     # is opened for the scam; a shop has been paid for weeks.
     young_payee_s: float = 24 * 3600
     young_payee_new_payers_10m: int = 2  # payers new to the engine, in 10 min, most of them
-    young_payee_new_payers_1h: int = 4  # ... or in its hour
+    young_payee_new_payers_1h: int = 3  # ... or in its hour (a slow ring: a few an hour)
     # ... paying it a sum worth laundering (or one structured under a limit): a new shop's
     # first customers, new to the engine too, buy tea and groceries.
     mule_amount_paise: int = 4_000_00

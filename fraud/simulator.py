@@ -150,7 +150,7 @@ class _World:
         # stalls that nobody paid before, each paid by many locals within minutes.
         self.festival = START + timedelta(days=self.rng.uniform(0.5, max(days - 1.0, 0.6)))
         self.stalls = {
-            city: [f"stall{k}.{city.lower().replace(' ', '')}@{_HANDLES[k % 6]}" for k in range(4)]
+            city: [f"stall{k}.{city.lower().replace(' ', '')}@{_HANDLES[k % 6]}" for k in range(2)]
             for city in _CITY_NAMES
         }
         # Shops that open during the period (young payees paid by locals, old and new).
@@ -213,6 +213,33 @@ class _World:
         if p.kind == "shop_owner":
             self.shop_owner(p)
         self.everyday(p)
+
+    def onboarding(self, k: int) -> None:
+        """A merchant moves its collections to this engine (or launches): a payee nobody
+        paid here before, paid within an hour or three by hundreds of customers, most of
+        them new to the engine too, everyday amounts on their own phones, across the
+        country (an online shop) or one city (a chain)."""
+        rng = self.rng
+        shop = f"brand{k}.{rng.randrange(10**4)}@{rng.choice(_HANDLES)}"
+        at = START + timedelta(days=rng.uniform(0.2, self.days - 0.2))
+        end = at + timedelta(hours=rng.uniform(1, 3))
+        per_min = rng.uniform(1, 8)
+        typical = int(math.exp(rng.gauss(math.log(600), 0.6)) * 100)
+        city = _city(rng) if rng.random() < 0.4 else None
+        n = 0
+        while at < end:
+            if rng.random() < 0.3:
+                p = self._victim(at)  # a customer the engine already knows
+                vpa, device, home = p.vpa, p.device, p.city
+            else:
+                vpa = f"cust{k}x{n}@{rng.choice(_HANDLES)}"
+                device, home = f"cust-{k}-{n}", city or _city(rng)
+            amount = _amount(rng, typical)
+            if rng.random() < 0.05:
+                amount = _price_point(rng)
+            self.add(Txn(vpa, shop, amount, at, device, _near(rng, home)))
+            n += 1
+            at += timedelta(minutes=rng.expovariate(per_min))
 
     def light(self, p: _Payer) -> None:
         """Pays twice in the period, from their own phone and city, ₹10 to ₹4,000: a tea,
@@ -297,7 +324,7 @@ class _World:
                 self.add(txn(cab, rng.randint(200, 2_500) * 100))  # a taxi from the airport
                 at += timedelta(minutes=rng.uniform(30, 180))
             if festive and self.festival <= at < self.festival + timedelta(days=1):
-                start = self.festival + timedelta(hours=rng.uniform(4, 14))
+                start = self.festival + timedelta(hours=rng.uniform(10, 14))  # the evening
                 if at < start:
                     at = self.festival_day(
                         p, start, device if p.sends_device else None, city
@@ -555,6 +582,8 @@ def simulate(
     world.opened_before()
     for p in world.payers:
         world.ordinary(p)
+    for k in range(max(1, round(4 * payers / 5_000))):
+        world.onboarding(k)
     i = 0
     for typology, count in INCIDENTS.items():
         for _ in range(max(1, round(count * scale))):
