@@ -163,7 +163,7 @@ class VelocityScorer:
         if history.payer_count_24h >= r.payer_per_day:
             hits.append(("VELOCITY_PAYER_24H", 0.3))
         if history.payer_amount_24h + txn.amount_paise >= r.payer_amount_per_day_paise:
-            hits.append(("VELOCITY_AMOUNT_24H", 0.4))
+            hits.append(("VELOCITY_AMOUNT_24H", 0.25))
         if history.device_count_1h >= r.device_per_hour:
             n = history.device_count_1h
             hits.append(

@@ -192,8 +192,10 @@ class _World:
         """A family sharing one phone: 2-4 payers of one city on the first one's device."""
         rng = self.rng
         everyday = [p for p in self.payers if p.kind == "everyday" and p.sends_device]
+        rng.shuffle(everyday)
         for _ in range(len(self.payers) // 40):
-            family = rng.sample(everyday, rng.randint(2, 4))
+            size = rng.randint(2, 4)
+            family, everyday = everyday[:size], everyday[size:]  # one household each
             for member in family[1:]:
                 member.device = family[0].device
                 member.city = family[0].city
