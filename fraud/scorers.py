@@ -133,9 +133,6 @@ class VelocityRules:
     young_payee_s: float = 24 * 3600
     young_payee_new_payers_10m: int = 2  # payers new to the engine, in 10 min, most of them
     young_payee_new_payers_1h: int = 3  # ... or in its hour (a slow ring: a few an hour)
-    # ... paying it a sum worth laundering (or one structured under a limit): a new shop's
-    # first customers, new to the engine too, buy tea and groceries.
-    mule_amount_paise: int = 4_000_00
 
 
 class VelocityScorer:
@@ -175,28 +172,24 @@ class VelocityScorer:
         age = payee_age_s(history)
         young = age is None or age < r.young_payee_s
         new_10m, new_1h = history.payee_new_payers_10m, history.payee_new_payers_1h
-        sizeable = (
-            txn.amount_paise >= r.mule_amount_paise or structuring_gap(txn.amount_paise) is not None
+        # A sum structured under a limit: a merchant's first day here, its customers new
+        # to the engine too, is the same fan-in, but of purchases (any sizeable mule sum
+        # unstructured is left to the model, which sees the amounts and the cities).
+        structured = structuring_gap(txn.amount_paise) is not None
+        # Mostly payers paying for the first time anywhere: fresh VPAs, a mule ring, in
+        # 10 minutes or (a slow ring) in the hour. A festival stall is as young and as
+        # busy, but paid by people the engine knows.
+        windows = (
+            ("PAYEE_NEW_FAN_IN", new_10m, history.payee_payers_10m, r.young_payee_new_payers_10m),
+            ("PAYEE_NEW_FAN_IN_SLOW", new_1h, history.payee_payers_1h, r.young_payee_new_payers_1h),
         )
-        if (
-            young
-            and sizeable
-            and new_10m >= r.young_payee_new_payers_10m
-            and 2 * new_10m >= history.payee_payers_10m
-        ):
-            # Mostly payers paying for the first time anywhere: fresh VPAs, a mule ring. A
-            # festival stall is as young and as busy, but paid by people the engine knows.
-            start = r.young_payee_new_payers_10m
-            hits.append(("PAYEE_NEW_FAN_IN", _ramp(new_10m, start, 4 * start, 0.3, 0.8)))
-        elif (
-            young
-            and sizeable
-            and new_1h >= r.young_payee_new_payers_1h
-            and 2 * new_1h >= history.payee_payers_1h
-        ):
-            start = r.young_payee_new_payers_1h
-            hits.append(("PAYEE_NEW_FAN_IN_SLOW", _ramp(new_1h, start, 3 * start, 0.3, 0.7)))
-        if young and structuring_gap(txn.amount_paise) is not None:
+        for code, new, payers, start in windows if young and structured else ():
+            if new >= start and 2 * new >= payers:
+                slow = code == "PAYEE_NEW_FAN_IN_SLOW"
+                full, top = (3 * start, 0.7) if slow else (4 * start, 0.8)
+                hits.append((code, _ramp(new, start, full, 0.3, top)))
+                break
+        if young and structured:
             # Just under a round limit, to an account nobody paid a day ago.
             hits.append(("AMOUNT_STRUCTURING", 0.15))
         return _combine(hits)

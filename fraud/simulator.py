@@ -417,9 +417,12 @@ class _World:
             )
         return mules
 
-    def _mule_amount(self) -> int:
+    def _mule_payment(self, mule: _Payer, collector: str, at: datetime) -> Txn:
+        """A mule's payment to the collector from its phone and city: mostly just under a
+        round limit, sometimes any sizeable sum."""
         rng = self.rng
-        return _under_limit(rng) if rng.random() < 0.85 else rng.randint(2_000, 49_999) * 100
+        amount = _under_limit(rng) if rng.random() < 0.85 else rng.randint(2_000, 49_999) * 100
+        return Txn(mule.vpa, collector, amount, at, mule.device, _near(rng, mule.city))
 
     def mule_fan_in(self, i: int) -> None:
         rng, at = self.rng, self._when()
@@ -430,17 +433,7 @@ class _World:
         for mule in self._mule_payers(i, rng.randint(6, 30), not spread, cities):
             when = at + timedelta(minutes=rng.uniform(0, span_min))
             for _ in range(1 if rng.random() < 0.8 else 2):
-                self.add(
-                    Txn(
-                        mule.vpa,
-                        collector,
-                        self._mule_amount(),
-                        when,
-                        mule.device,
-                        _near(rng, mule.city),
-                    ),
-                    "mule_fan_in",
-                )
+                self.add(self._mule_payment(mule, collector, when), "mule_fan_in")
                 when += timedelta(seconds=rng.uniform(20, 120))
 
     def mule_fan_in_slow(self, i: int) -> None:
@@ -450,17 +443,7 @@ class _World:
         hours = rng.uniform(2, 8)
         for mule in self._mule_payers(i, rng.randint(8, 30), False, cities):
             when = at + timedelta(hours=rng.uniform(0, hours))
-            self.add(
-                Txn(
-                    mule.vpa,
-                    collector,
-                    self._mule_amount(),
-                    when,
-                    mule.device,
-                    _near(rng, mule.city),
-                ),
-                "mule_fan_in_slow",
-            )
+            self.add(self._mule_payment(mule, collector, when), "mule_fan_in_slow")
 
     def device_farm(self, i: int) -> None:
         rng, at = self.rng, self._when()

@@ -47,6 +47,21 @@ class Api:
         assert r.status_code == 202, r.text
         return str(r.json()["transaction_id"])
 
+    def assess(
+        self,
+        payer: str,
+        amount: int,
+        device: str,
+        where: tuple[float, float],
+        key: str,
+        payee: str | None = None,
+    ) -> dict[str, Any]:
+        """Pay (``key`` is the order id and the idempotency key) and wait for the fraud
+        decision: the payment's ``fraud``."""
+        return dict(
+            self.decided(self.pay(body(payer, amount, device, where, key, payee), key))["fraud"]
+        )
+
     def get(self, txn: str) -> dict[str, Any]:
         r = self.client.get(f"/v1/payments/{txn}", headers=self.headers)
         assert r.status_code == 200, r.text
@@ -127,7 +142,7 @@ def history(api: Api, payer: str, device: str, city: str, rng: random.Random, n:
     for i in range(n):
         key = f"{payer.replace('@', '.')}-h{i}"
         amount = rng.randint(20_000, 150_000)
-        api.decided(api.pay(body(payer, amount, device, near(rng, city), key), key))
+        api.assess(payer, amount, device, near(rng, city), key)
 
 
 def test_ordinary_traffic_is_allowed_at_least_97_percent(api: Api):
@@ -199,15 +214,16 @@ def test_a_mule_fan_in_to_a_fresh_payee_is_stepped_up_or_blocked(api: Api):
         amount = rng.choice([9_999_00, 49_990_00, 19_950_00, 9_990_00])
         where = near(rng, rng.choice(cities))
         key = f"mule-{i}"
-        sent = body(
-            f"m{i}.{rng.randrange(10**6)}@{rng.choice(HANDLES)}",
-            amount,
-            f"mp-{i}",
-            where,
-            key,
-            collector,
+        decided.append(
+            api.assess(
+                f"m{i}.{rng.randrange(10**6)}@{rng.choice(HANDLES)}",
+                amount,
+                f"mp-{i}",
+                where,
+                key,
+                collector,
+            )
         )
-        decided.append(api.decided(api.pay(sent, key))["fraud"])
     late = decided[2:]
     assert all(d["decision"] in FLAGGED for d in late), decided
     assert any("PAYEE_NEW_FAN_IN" in d["reasons"] for d in late), decided
@@ -221,8 +237,9 @@ def test_a_device_farm_is_stepped_up_or_blocked(api: Api):
     for i in range(8):
         key = f"farm-{i}"
         amount = rng.randint(1_000, 15_000) * 100
-        sent = body(f"farm{i}.{rng.randrange(10**6)}@ybl", amount, "farm-phone", where, key)
-        decided.append(api.decided(api.pay(sent, key))["fraud"])
+        decided.append(
+            api.assess(f"farm{i}.{rng.randrange(10**6)}@ybl", amount, "farm-phone", where, key)
+        )
     late = decided[2:]
     assert all(d["decision"] in FLAGGED for d in late), decided
     assert all("DEVICE_SHARED" in d["reasons"] for d in late), decided
@@ -235,16 +252,10 @@ def test_probing_then_a_large_payment_is_stepped_up_or_blocked(api: Api):
     target = api.payee(f"payout.{rng.randrange(10**6)}@ybl")
     where = near(rng, "Hyderabad")
     probes = [
-        api.decided(
-            api.pay(body("victim.probe@oksbi", a, "vp-attacker", where, f"pr{a}", target), f"pr{a}")
-        )["fraud"]
+        api.assess("victim.probe@oksbi", a, "vp-attacker", where, f"pr{a}", target)
         for a in (100, 500, 1_000)
     ]
-    big = api.decided(
-        api.pay(
-            body("victim.probe@oksbi", 6_000_000, "vp-attacker", where, "pr-big", target), "pr-big"
-        )
-    )["fraud"]
+    big = api.assess("victim.probe@oksbi", 6_000_000, "vp-attacker", where, "pr-big", target)
     assert big["decision"] in FLAGGED, big
     assert sum(d["decision"] in FLAGGED for d in probes) >= 2, probes
 
@@ -255,11 +266,9 @@ def test_account_takeover_after_a_sim_swap_is_stepped_up_or_blocked(api: Api):
     history(api, "victim.swap@okaxis", "vs-own", "Bengaluru", rng)
     where = near(rng, "Bengaluru")
     cashout = api.payee(f"cashout.{rng.randrange(10**6)}@ybl")
-    api.decided(api.pay(body("victim.swap@okaxis", 300, "vs-new", where, "sw0", cashout), "sw0"))
+    api.assess("victim.swap@okaxis", 300, "vs-new", where, "sw0", cashout)
     big = [
-        api.decided(
-            api.pay(body("victim.swap@okaxis", a, "vs-new", where, f"sw{a}", cashout), f"sw{a}")
-        )["fraud"]
+        api.assess("victim.swap@okaxis", a, "vs-new", where, f"sw{a}", cashout)
         for a in (4_500_000, 2_500_000)
     ]
     assert all(d["decision"] in FLAGGED for d in big), big
@@ -277,8 +286,7 @@ def test_a_collect_request_scam_across_victims_is_stepped_up_or_blocked(api: Api
         history(api, victim, phone, city, rng, n=2)
         for k, amount in enumerate((15_000_00, 30_000_00)):
             key = f"cr-{i}-{k}"
-            sent = body(victim, amount, phone, near(rng, city), key, scammer)
-            decided.append(api.decided(api.pay(sent, key))["fraud"])
+            decided.append(api.assess(victim, amount, phone, near(rng, city), key, scammer))
     late = decided[2:]
     assert sum(d["decision"] in FLAGGED for d in late) >= 0.75 * len(late), decided
 
@@ -295,20 +303,25 @@ def test_ordinary_look_alikes_are_allowed(api: Api):
     for i in range(10):
         key = f"stall-{i}"
         amount = rng.randint(50, 1_500) * 100
-        sent = body(f"visitor{i}.fest@ybl", amount, f"sp-{i}", near(rng, "Jaipur"), key, stall)
-        decided.setdefault("stall", []).append(api.decided(api.pay(sent, key))["fraud"])
+        decided.setdefault("stall", []).append(
+            api.assess(f"visitor{i}.fest@ybl", amount, f"sp-{i}", near(rng, "Jaipur"), key, stall)
+        )
     for i in range(4):
         payer = ("amma.family@okicici", "ravi.family@okicici")[i % 2]
         key = f"family-{i}"
-        sent = body(payer, rng.randint(100, 2_000) * 100, "family-phone", near(rng, "Chennai"), key)
-        decided.setdefault("family", []).append(api.decided(api.pay(sent, key))["fraud"])
+        decided.setdefault("family", []).append(
+            api.assess(
+                payer, rng.randint(100, 2_000) * 100, "family-phone", near(rng, "Chennai"), key
+            )
+        )
     for i in range(30):
         payer, phone, city = f"light{i}.twice@paytm", f"light-{i}", rng.choice(list(CITIES))
         for k in range(2):
             amount = int(math.exp(rng.uniform(math.log(10_00), math.log(4_000_00))))
             key = f"light-{i}-{k}"
-            sent = body(payer, amount, phone, near(rng, city), key)
-            decided.setdefault("light", []).append(api.decided(api.pay(sent, key))["fraud"])
+            decided.setdefault("light", []).append(
+                api.assess(payer, amount, phone, near(rng, city), key)
+            )
     flagged = {k: [d for d in v if d["decision"] in FLAGGED] for k, v in decided.items()}
     assert flagged == {k: [] for k in decided}, flagged
 

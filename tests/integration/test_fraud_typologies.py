@@ -12,7 +12,6 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
 
 from core.clock import FakeClock
 from core.config import Settings
@@ -21,6 +20,7 @@ from core.events import CATALOGUE, DeviceInfo, Envelope, FraudAssessed, PaymentI
 from core.pii import Vpa, partition_key_for
 from fraud.assessor import FraudAssessor
 from fraud.cities import CITIES
+from tests.integration.test_fraud_store import decisions as decided
 
 pytestmark = pytest.mark.postgres
 
@@ -49,17 +49,6 @@ def initiated(
         initiated_at=at,
     )
     return Envelope.wrap(event, partition_key=partition_key_for(payer), occurred_at=at)
-
-
-async def decided(db) -> dict[str, FraudAssessed]:
-    async with db.connection() as conn:
-        rows = (
-            await conn.execute(
-                text("SELECT envelope FROM outbox WHERE event_type = 'FraudAssessed' ORDER BY id")
-            )
-        ).scalars()
-        found = [CATALOGUE.decode(Envelope.from_bytes(bytes(r))) for r in rows]
-    return {e.transaction_id: e for e in found if isinstance(e, FraudAssessed)}
 
 
 async def assess_all(db, envelopes: list[Envelope]) -> list[FraudAssessed]:
