@@ -37,11 +37,16 @@ def traffic(seed: int, run: str) -> Iterator[dict[str, Any]]:
     n = 0
     while True:
         seen: set[str] = set()
+        phones: set[str] = set()
         for labelled in simulate(seed + batch, payers=2_000, days=1.0, scale=0.01):
             txn = labelled.txn
-            if labelled.fraud or txn.payer in seen:
+            if labelled.fraud or txn.payer in seen or (txn.device_id in phones):
+                # One payment per payer, one payer per phone: the simulator's families
+                # share a phone, and the load would look like a device farm to fraud.
                 continue
             seen.add(txn.payer)
+            if txn.device_id is not None:
+                phones.add(txn.device_id)
             body: dict[str, Any] = {
                 # The same customers come back in the next batch, with other names and phones.
                 "payer_vpa": txn.payer.replace("@", f".{batch}@") if batch else txn.payer,

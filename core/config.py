@@ -157,8 +157,9 @@ class Settings(BaseSettings):
     settlement_cycles: tuple[dict[str, str | bool], ...] | None = None
     # Fraud (docs/fraud.md): decision thresholds on the combined score, each scorer's time
     # budget, the step-up window and the sandbox OTP of the mock verification.
-    fraud_block_threshold: Annotated[float, Field(ge=0, le=1)] = 0.7
-    fraud_step_up_threshold: Annotated[float, Field(ge=0, le=1)] = 0.4
+    # Unset: the thresholds calibrated with the model (its model.json, docs/fraud.md).
+    fraud_block_threshold: Annotated[float | None, Field(ge=0, le=1)] = None
+    fraud_step_up_threshold: Annotated[float | None, Field(ge=0, le=1)] = None
     fraud_rule_budget_ms: Annotated[float, Field(gt=0, le=10_000)] = 25.0
     fraud_model_budget_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     fraud_model_dir: Path | None = None  # unset: the model shipped in the package
@@ -237,9 +238,9 @@ class Settings(BaseSettings):
 
     @field_validator("fraud_step_up_threshold")
     @classmethod
-    def _below_block(cls, value: float, info: ValidationInfo) -> float:
+    def _below_block(cls, value: float | None, info: ValidationInfo) -> float | None:
         block = info.data.get("fraud_block_threshold")
-        if block is not None and value > block:
+        if block is not None and value is not None and value > block:
             raise ValueError(f"must not exceed UPI_FRAUD_BLOCK_THRESHOLD ({block})")
         return value
 

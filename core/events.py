@@ -60,6 +60,7 @@ __all__ = [
     "RefundFailed",
     "RefundInitiated",
     "RefundSucceeded",
+    "ScorerContribution",
     "SettlementClosed",
     "Topic",
 ]
@@ -291,8 +292,22 @@ class FraudDecision(StrEnum):
     BLOCK = "BLOCK"
 
 
+class ScorerContribution(BaseModel):
+    """What one fraud scorer said of a payment: its score and its reasons."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    score: float = Field(ge=0, le=1)
+    reasons: tuple[str, ...] = ()
+
+
 class FraudAssessed(Event):
+    """v2 added ``contributions``: each scorer's score and reasons, so that an auditor
+    reading the ledger sees why a payment was blocked (v1 events read as ``{}``: not
+    recorded then)."""
+
     name: ClassVar[str] = "FraudAssessed"
+    version: ClassVar[int] = 2
     topic: ClassVar[Topic] = Topic.FRAUD
     transaction_id: str
     decision: FraudDecision
@@ -302,6 +317,7 @@ class FraudAssessed(Event):
     model_version: str
     skipped: tuple[str, ...] = ()
     assessed_at: datetime
+    contributions: dict[str, ScorerContribution] = Field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- audit
@@ -568,6 +584,12 @@ for _event in (
     FailoverCompleted,
 ):
     CATALOGUE.register(_event)
+
+
+@CATALOGUE.upcaster("FraudAssessed", 1)
+def _fraud_assessed_v1_to_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    # v1 recorded the scores but not each scorer's reasons: none to show.
+    return {**payload, "contributions": {}}
 
 
 @CATALOGUE.upcaster("PaymentSucceeded", 1)

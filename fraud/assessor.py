@@ -53,6 +53,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.trace import Span
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -62,7 +63,15 @@ from core.bus.base import Subscription
 from core.clock import Clock
 from core.config import Settings
 from core.crypto import MasterKey
-from core.events import CATALOGUE, Envelope, FraudAssessed, FraudDecision, PaymentInitiated, Topic
+from core.events import (
+    CATALOGUE,
+    Envelope,
+    FraudAssessed,
+    FraudDecision,
+    PaymentInitiated,
+    ScorerContribution,
+    Topic,
+)
 from core.inbox import claim_many
 from core.metrics import FRAUD_DECISIONS, FRAUD_SCORING
 from core.outbox import append_to_outbox
@@ -76,7 +85,7 @@ from fraud.model import load_model
 from fraud.scorers import DeviceScorer, LocationScorer, ModelScorer, VelocityScorer
 from fraud.store import HistoryPruner, HistoryStore, split_rounds
 
-__all__ = ["FraudAssessor", "build_engine", "txn_of"]
+__all__ = ["FraudAssessor", "build_engine", "shipped_thresholds", "txn_of"]
 
 _log = logging.getLogger(__name__)
 _NO_SPANS: Mapping[uuid.UUID, Span] = {}
@@ -99,11 +108,23 @@ def build_engine(settings: Settings) -> tuple[FraudEngine, str]:
             "device": rule_s,
             "model": settings.fraud_model_budget_ms / 1000,
         },
-        thresholds=Thresholds(
-            block=settings.fraud_block_threshold, step_up=settings.fraud_step_up_threshold
+        thresholds=shipped_thresholds(
+            model.meta, settings.fraud_block_threshold, settings.fraud_step_up_threshold
         ),
     )
     return engine, model.version
+
+
+def shipped_thresholds(
+    meta: Mapping[str, Any], block: float | None = None, step_up: float | None = None
+) -> Thresholds:
+    """The thresholds calibrated with the model (``model.json``), each unless configured
+    (``UPI_FRAUD_BLOCK_THRESHOLD``, ``UPI_FRAUD_STEP_UP_THRESHOLD``)."""
+    calibrated = meta.get("thresholds", {})
+    return Thresholds(
+        block=float(calibrated.get("block", 0.7)) if block is None else block,
+        step_up=float(calibrated.get("step_up", 0.4)) if step_up is None else step_up,
+    )
 
 
 def txn_of(event: PaymentInitiated) -> Txn:
@@ -306,6 +327,10 @@ class FraudAssessor:
             model_version=self.model_version,
             skipped=assessment.skipped,
             assessed_at=now,
+            contributions={
+                name: ScorerContribution(score=signal.score, reasons=signal.reasons)
+                for name, signal in assessment.signals.items()
+            },
         )
         if span is not None:
             span.set_attribute("fraud.decision", assessment.decision.value)

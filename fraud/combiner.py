@@ -21,7 +21,7 @@ silent ``ALLOW``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from core.events import FraudDecision
 from fraud.scorers import Signal, noisy_or
@@ -62,6 +62,8 @@ class Assessment:
     scores: dict[str, float]
     reasons: tuple[str, ...]
     skipped: tuple[str, ...] = ()
+    # Each scorer that answered: its own score and reasons (the explanation ledgered).
+    signals: Mapping[str, Signal] = field(default_factory=dict)
 
 
 def combine(
@@ -89,4 +91,5 @@ def combine(
         {name: s.score for name, s in signals.items()},
         reasons + skipped_reasons,
         skipped,
+        dict(signals),
     )

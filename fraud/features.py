@@ -2,10 +2,16 @@
 payee before it. Pure. The same code computes them for training (simulated traffic) and
 for scoring (live history), so the model sees the same numbers in both.
 
-The payee's fan-in (distinct payers in the last hour) is in the history, for the velocity
-rule, but not a model feature: in merchant collections a popular shop is paid by hundreds
-of new payers an hour, and a model taught on it learns the size of the shop, not fraud.
-Mule rings show instead in devices shared by many VPAs.
+The payee's plain fan-in (distinct payers in the last hour) is in the history, for the
+velocity rule, but not a model feature: in merchant collections a popular shop is paid by
+hundreds of payers an hour, and a model taught on it learns the size of the shop, not
+fraud. What the model does see of the payee is what tells a mule's collecting account
+from a shop: how long the engine has known the payee (its *age*: a mule VPA is hours
+old, a shop months), how many distinct payers reached it in the last minutes, and how
+many of those were paying for the first time anywhere (mule rings are fresh VPAs). With
+them, on the payer's side, amounts structured just under a round limit
+(:func:`structuring_gap`), and on the device's side how many payers shared the phone in
+the last minutes and how many phones the payer used in a day.
 """
 
 from __future__ import annotations
@@ -14,9 +20,30 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
-__all__ = ["FEATURE_NAMES", "History", "Txn", "feature_vector", "haversine_km"]
+__all__ = [
+    "FEATURE_NAMES",
+    "ROUND_LIMITS_PAISE",
+    "History",
+    "Txn",
+    "feature_vector",
+    "haversine_km",
+    "payee_age_s",
+    "structuring_gap",
+]
 
 EARTH_RADIUS_KM = 6371.0088
+# Round limits people structure payments under: bank and app limits, reporting habits
+# (₹10,000, ₹50,000, ₹1 lakh ...). A payment just under one is ``amount_structured``.
+ROUND_LIMITS_PAISE = (
+    5_000_00,
+    10_000_00,
+    20_000_00,
+    25_000_00,
+    50_000_00,
+    1_00_000_00,
+    2_00_000_00,
+)
+STRUCTURING_BAND = 0.03  # within 3 % below the limit (₹9,700-₹9,999.99 under ₹10,000)
 
 
 def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -61,6 +88,16 @@ class History:
     last_location: tuple[float, float] | None = None
     seconds_since_last: float | None = None
     usual_places: tuple[tuple[float, float], ...] = field(default=())
+    # Payee and device side (issue 18): the payee's first payment seen by the engine, its
+    # distinct payers in the last 10 minutes and how many of them were paying for the
+    # first time anywhere (in 10 min and 1 h), other payers on the device in 10 minutes,
+    # the payer's distinct devices in 24 h.
+    payee_first_seen_s: float | None = None  # seconds since; None: never paid before
+    payee_payers_10m: int = 0
+    payee_new_payers_10m: int = 0
+    payee_new_payers_1h: int = 0
+    device_payers_10m: int = 0  # other payers seen on this device
+    payer_devices_24h: int = 0
 
 
 FEATURE_NAMES = (
@@ -80,7 +117,18 @@ FEATURE_NAMES = (
     "km_from_usual",
     "emulator_or_rooted",
     "round_amount",
+    "payee_age_h",
+    "payee_never_paid",
+    "payee_payers_10m",
+    "payee_new_payers_10m",
+    "payee_new_share_10m",
+    "payee_new_payers_1h",
+    "amount_structured",
+    "device_payers_10m",
+    "payer_devices_24h",
+    "young_payee_payers_1h",
 )
+PAYEE_AGE_CAP_H = 24.0 * 30  # older than a month is simply old
 
 
 def implied_speed_kmh(txn: Txn, history: History) -> float:
@@ -95,6 +143,22 @@ def km_from_usual(txn: Txn, history: History) -> float:
     if txn.location is None or not history.usual_places:
         return 0.0
     return min(haversine_km(txn.location, place) for place in history.usual_places)
+
+
+def payee_age_s(history: History) -> float | None:
+    """How long the engine has known the payee, or None if it was never paid before."""
+    seen = history.payee_first_seen_s
+    return None if seen is None else max(seen, 0.0)
+
+
+def structuring_gap(amount_paise: int) -> float | None:
+    """How far below the nearest round limit the amount is, as a share of the limit, when
+    it is within :data:`STRUCTURING_BAND` below one (and not the limit itself); else None.
+    ₹9,999 → 0.0001 under ₹10,000; ₹9,500 → None."""
+    for limit in ROUND_LIMITS_PAISE:
+        if limit * (1 - STRUCTURING_BAND) <= amount_paise < limit:
+            return (limit - amount_paise) / limit
+    return None
 
 
 def feature_vector(txn: Txn, history: History) -> list[float]:
@@ -119,4 +183,18 @@ def feature_vector(txn: Txn, history: History) -> list[float]:
         min(km_from_usual(txn, history), 5_000.0),
         1.0 if txn.emulator or txn.rooted else 0.0,
         1.0 if txn.amount_paise % 100_000 == 0 else 0.0,
+        min(age / 3600, PAYEE_AGE_CAP_H) if (age := payee_age_s(history)) is not None else 0.0,
+        1.0 if history.payee_first_seen_s is None else 0.0,
+        float(history.payee_payers_10m),
+        float(history.payee_new_payers_10m),
+        history.payee_new_payers_10m / history.payee_payers_10m
+        if history.payee_payers_10m
+        else 0.0,
+        float(history.payee_new_payers_1h),
+        1.0 if structuring_gap(txn.amount_paise) is not None else 0.0,
+        float(history.device_payers_10m),
+        float(history.payer_devices_24h),
+        # The hour's distinct payers, for a payee younger than a day only: for a shop it
+        # measures the shop's size (see the module's docstring), for a day-old VPA a ring.
+        float(history.payee_payers_1h) if (age or 0.0) < 86_400 else 0.0,
     ]

@@ -15,6 +15,14 @@ Rules both follow (the *definition* of each :class:`~fraud.features.History` fie
   merchant paid thousands of times an hour would otherwise make the check of every
   payment to it read all of them, and the fan-in rule (30 distinct payers) is decided
   long before that;
+* the payee's 10 min window is the part of its (capped) 1 h window later than
+  ``txn.at - 10 min``; a payer is *new* in a payee window when that payment was the
+  payer's first recorded payment (``payer_payments_ever`` was 0); ``payee_new_payers_*``
+  count the distinct payers of the window who paid so;
+* ``payee_first_seen_s`` is the time since the earliest payment to the payee observed
+  before this one (within the retention: the pruned are forgotten), None if none;
+* ``device_payers_10m`` counts the *other* payers seen on the device in 10 min;
+  ``payer_devices_24h`` the distinct devices of the payer's payments in 24 h;
 * ``seconds_since_device_change`` is how long the payer's current device has been in use,
   when the payer had another device before it (0 for a device new to the payer), or None.
 """
@@ -32,6 +40,7 @@ from fraud.features import History, Txn
 __all__ = ["HistoryTracker", "cell_centre"]
 
 MINUTE = timedelta(minutes=1)
+TEN_MINUTES = timedelta(minutes=10)
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 RECENT = 50
@@ -50,6 +59,8 @@ class _Seen:
     amount: int
     location: tuple[float, float] | None
     other: str  # the payer (for device and payee windows)
+    device: str | None = None
+    payer_new: bool = False  # the payer's first recorded payment
 
 
 def _window(items: deque[_Seen], since: datetime) -> list[_Seen]:
@@ -71,6 +82,7 @@ class HistoryTracker:
         self._device: dict[str, deque[_Seen]] = defaultdict(deque)
         self._payee: dict[str, deque[_Seen]] = defaultdict(deque)
         self._devices_of: dict[str, dict[str, datetime]] = defaultdict(dict)
+        self._payee_first: dict[str, datetime] = {}
 
     @staticmethod
     def _prune(items: deque[_Seen], now: datetime) -> None:
@@ -89,6 +101,7 @@ class HistoryTracker:
         last = self._payer_last_located.get(txn.payer)
         device_count_1h = 0
         device_vpas = 0
+        device_payers_10m = 0
         known = False
         since_change: float | None = None
         devices = self._devices_of[txn.payer]
@@ -97,6 +110,9 @@ class HistoryTracker:
             self._prune(seen, at)
             device_count_1h = len(_window(seen, at - HOUR))
             device_vpas = len({s.other for s in _window(seen, at - DAY)} - {txn.payer})
+            device_payers_10m = len(
+                {s.other for s in _window(seen, at - TEN_MINUTES)} - {txn.payer}
+            )
             known = txn.device_id in devices
             if devices:
                 current = devices.get(txn.device_id, at)
@@ -105,6 +121,8 @@ class HistoryTracker:
         payee = self._payee[txn.payee]
         self._prune(payee, at)
         payee_1h = _window(payee, at - HOUR)[-PAYEE_WINDOW:]
+        payee_10m = [s for s in payee_1h if s.at > at - TEN_MINUTES]
+        payee_first = self._payee_first.get(txn.payee)
         return History(
             payer_count_1m=len(p1m),
             payer_count_1h=len(p1h),
@@ -123,10 +141,26 @@ class HistoryTracker:
             last_location=last.location if last else None,
             seconds_since_last=(at - last.at).total_seconds() if last else None,
             usual_places=usual_places(located),
+            payee_first_seen_s=(at - payee_first).total_seconds() if payee_first else None,
+            payee_payers_10m=len({s.other for s in payee_10m}),
+            payee_new_payers_10m=len({s.other for s in payee_10m if s.payer_new}),
+            payee_new_payers_1h=len({s.other for s in payee_1h if s.payer_new}),
+            device_payers_10m=device_payers_10m,
+            payer_devices_24h=len({s.device for s in p24 if s.device is not None}),
         )
 
     def observe(self, txn: Txn) -> None:
-        seen = _Seen(txn.at, txn.amount_paise, txn.location, txn.payer)
+        seen = _Seen(
+            txn.at,
+            txn.amount_paise,
+            txn.location,
+            txn.payer,
+            txn.device_id,
+            self._payer_count[txn.payer] == 0,
+        )
+        first = self._payee_first.get(txn.payee)
+        if first is None or txn.at < first:
+            self._payee_first[txn.payee] = txn.at
         self._payer[txn.payer].append(seen)
         self._payer_recent[txn.payer].append(seen)
         self._payer_count[txn.payer] += 1

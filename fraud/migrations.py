@@ -43,4 +43,20 @@ MIGRATIONS = [
         CREATE INDEX fraud_obs_at ON fraud_observations (at);
         """,
     ),
+    Migration(
+        "fraud.0003_payee_and_device_windows",
+        """
+        -- Issue 18: whether a payment was its payer's first (the share of new payers in a
+        -- payee's window). The windows' reads use the indexes there are: the payee's
+        -- latest payments and its first one (payee_key, at), the device's payers in
+        -- 10 min (device_key, at), the payer's devices in 24 h (payer_key, at).
+        ALTER TABLE fraud_observations ADD COLUMN payer_new boolean NOT NULL DEFAULT false;
+        -- Payers (and their devices) whose payments were all pruned before pruning reached
+        -- these tables; from now on the pruner removes them with their last payment.
+        DELETE FROM fraud_payers p WHERE NOT EXISTS (
+            SELECT 1 FROM fraud_observations o WHERE o.payer_key = p.payer_key);
+        DELETE FROM fraud_payer_devices d WHERE NOT EXISTS (
+            SELECT 1 FROM fraud_payers p WHERE p.payer_key = d.payer_key);
+        """,
+    ),
 ]

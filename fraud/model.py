@@ -3,8 +3,15 @@ shipped, versioned artefact.
 
 * Training data: :func:`fraud.simulator.simulate` with the training seed; features from
   :func:`fraud.features.feature_vector`, the same code that scores live payments.
+* Calibration data: another independent world (seed + :data:`CALIBRATION_OFFSET`), on
+  which the decision thresholds are chosen (:func:`calibrate`): the lowest step-up
+  threshold at which at most :data:`ORDINARY_FLAGGED_TARGET` of ordinary payments are
+  stepped up or blocked (the lowest is the best recall), and the lowest block threshold at
+  which at most :data:`ORDINARY_BLOCKED_TARGET` are blocked. They ship in ``model.json``
+  and are the engine's defaults (``UPI_FRAUD_*_THRESHOLD`` override them).
 * Held-out data: an independent simulated world (seed + :data:`HELD_OUT_OFFSET`): other
-  payers, other cities, other incidents.
+  payers, other cities, other incidents; the metrics are measured there, at the shipped
+  thresholds, by typology.
 * Estimator: scikit-learn's ``HistGradientBoostingClassifier``, fixed hyper-parameters,
   no early stopping, so a seed gives the same model.
 * Artefact: ``fraud/artifacts/model.skops`` (skops format: loading it never unpickles
@@ -33,11 +40,13 @@ from fraud.features import FEATURE_NAMES
 
 __all__ = [
     "ARTIFACTS",
+    "CALIBRATION_OFFSET",
     "DEFAULT_SEED",
     "HELD_OUT_OFFSET",
     "TRUSTED_TYPES",
     "CompiledTrees",
     "LoadedModel",
+    "calibrate",
     "evaluate",
     "fingerprint",
     "load_model",
@@ -48,6 +57,11 @@ __all__ = [
 ARTIFACTS = Path(__file__).parent / "artifacts"
 DEFAULT_SEED = 20261125
 HELD_OUT_OFFSET = 1_000_003
+CALIBRATION_OFFSET = 2_000_006
+# At most this share of ordinary payments stepped up or blocked on the calibration world
+# (the goal is 1 %; the margin is for another world's sampling noise), and blocked.
+ORDINARY_FLAGGED_TARGET = 0.007
+ORDINARY_BLOCKED_TARGET = 0.001
 PROBE_SEED = 7
 # Types beyond skops' own safe defaults (numpy arrays, sklearn estimators) that the file
 # may hold. Anything else in a model file is refused before it is loaded.
@@ -243,7 +257,13 @@ def train(seed: int = DEFAULT_SEED, **sim: Any) -> Any:
     return model
 
 
-def save_model(model: Any, out_dir: Path, seed: int, metrics: dict[str, Any]) -> str:
+def save_model(
+    model: Any,
+    out_dir: Path,
+    seed: int,
+    metrics: dict[str, Any],
+    thresholds: dict[str, Any] | None = None,
+) -> str:
     import skops.io as sio
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +277,7 @@ def save_model(model: Any, out_dir: Path, seed: int, metrics: dict[str, Any]) ->
         "estimator": "sklearn.ensemble.HistGradientBoostingClassifier",
         "features": list(FEATURE_NAMES),
         "held_out": metrics,
+        "thresholds": thresholds or {"step_up": 0.4, "block": 0.7},
     }
     (out_dir / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return version
@@ -300,22 +321,23 @@ def _at(scores: list[float], labels: list[int], threshold: float) -> dict[str, f
     }
 
 
-def evaluate(
-    model: LoadedModel,
-    seed: int = DEFAULT_SEED,
-    step_up: float = 0.4,
-    block: float = 0.7,
-    **sim: Any,
-) -> dict[str, Any]:
-    """Held-out metrics of the model alone and of the whole engine (rules + model)."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+@dataclass(frozen=True)
+class _Scored:
+    """A simulated world scored by the whole engine: per payment its typology, the
+    model's score and the combined score."""
 
-    from fraud.combiner import Thresholds
+    labels: list[int]
+    typologies: list[str]
+    model_scores: list[float]
+    combined: list[float]
+
+
+def _score_world(estimator: Any, seed: int, **sim: Any) -> _Scored:
     from fraud.engine import FraudEngine
     from fraud.scorers import DeviceScorer, LocationScorer, VelocityScorer
 
-    xs, ys, rows = _dataset(seed + HELD_OUT_OFFSET, **sim)
-    model_scores = [float(p) for p in model.estimator.predict_proba(xs)[:, 1]]
+    xs, ys, rows = _dataset(seed, **sim)
+    model_scores = [float(p) for p in estimator.predict_proba(xs)[:, 1]]
     engine = FraudEngine(
         [
             VelocityScorer(),
@@ -326,26 +348,94 @@ def evaluate(
             ),
         ],
         budgets_s={},
-        thresholds=Thresholds(block=block, step_up=step_up),
     )
-    combined: list[float] = []
-    by_typology: dict[str, list[int]] = {}
-    for item, history in rows:
-        assessment = engine.assess_now(item.txn, history)
-        combined.append(assessment.score)
-        caught = int(assessment.score >= step_up)
-        by_typology.setdefault(item.typology, []).append(caught)
+    combined = [engine.assess_now(item.txn, history).score for item, history in rows]
     engine.close()
+    return _Scored(ys, [item.typology for item, _ in rows], model_scores, combined)
+
+
+def _lowest_threshold(ordinary: list[float], share: float, floor: float = 0.0) -> float:
+    """The lowest threshold on a 0.001 grid, at least ``floor``, at which at most ``share``
+    of the ``ordinary`` scores reach it."""
+    ranked = sorted(ordinary, reverse=True)
+    allowed = int(share * len(ranked))  # this many may reach it
+    # The (allowed + 1)-th highest ordinary score must stay below the threshold.
+    above = ranked[allowed] if allowed < len(ranked) else 0.0
+    threshold = max(math.floor(above * 1000) / 1000 + 0.001, floor)
+    return round(min(threshold, 1.0), 3)
+
+
+def calibrate(
+    estimator: Any,
+    seed: int = DEFAULT_SEED,
+    flagged_target: float = ORDINARY_FLAGGED_TARGET,
+    blocked_target: float = ORDINARY_BLOCKED_TARGET,
+    **sim: Any,
+) -> dict[str, Any]:
+    """The step-up and block thresholds, chosen on the calibration world: the lowest (so
+    the best recall) at which at most ``flagged_target`` of ordinary payments are stepped
+    up or blocked, and at which at most ``blocked_target`` are blocked."""
+    # Twice the size of the others: the thresholds sit in the tail of the ordinary
+    # scores, a few hundred payments, and a bigger world moves them less by chance.
+    size = {"payers": 10_000, "scale": 2.0, **sim}
+    world = _score_world(estimator, seed + CALIBRATION_OFFSET, **size)
+    ordinary = [s for s, y in zip(world.combined, world.labels, strict=True) if not y]
+    step_up = _lowest_threshold(ordinary, flagged_target)
+    block = _lowest_threshold(ordinary, blocked_target, floor=step_up)
+    return {
+        "step_up": step_up,
+        "block": block,
+        "calibration_seed": seed + CALIBRATION_OFFSET,
+        "ordinary_flagged_target": flagged_target,
+        "ordinary_blocked_target": blocked_target,
+    }
+
+
+def _by_typology(world: _Scored, step_up: float, block: float) -> dict[str, dict[str, float]]:
+    found: dict[str, list[tuple[float, ...]]] = {}
+    for typology, score in zip(world.typologies, world.combined, strict=True):
+        found.setdefault(typology, []).append((score >= step_up, score >= block))
+    return {
+        name: {
+            "payments": len(v),
+            "stepped_up_or_blocked": round(sum(f for f, _ in v) / len(v), 4),
+            "blocked": round(sum(b for _, b in v) / len(v), 4),
+        }
+        for name, v in sorted(found.items())
+    }
+
+
+def evaluate(
+    model: LoadedModel,
+    seed: int = DEFAULT_SEED,
+    step_up: float | None = None,
+    block: float | None = None,
+    **sim: Any,
+) -> dict[str, Any]:
+    """Held-out metrics of the model alone and of the whole engine (rules + model), at the
+    given thresholds (default: the model's calibrated ones), by typology: the recall of
+    each fraud typology (stepped up or blocked) and the ordinary payments' false-positive
+    rate."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    shipped = model.meta.get("thresholds", {})
+    step_up = float(shipped.get("step_up", 0.4)) if step_up is None else step_up
+    block = float(shipped.get("block", 0.7)) if block is None else block
+    world = _score_world(model.estimator, seed + HELD_OUT_OFFSET, **sim)
+    ys, combined = world.labels, world.combined
+    by_typology = _by_typology(world, step_up, block)
+    ordinary = by_typology.pop("legit")
     return {
         "model_version": model.version,
         "held_out_seed": seed + HELD_OUT_OFFSET,
         "payments": len(ys),
         "fraud_share": round(sum(ys) / len(ys), 4),
-        "roc_auc": round(float(roc_auc_score(ys, model_scores)), 4),
-        "pr_auc": round(float(average_precision_score(ys, model_scores)), 4),
+        "thresholds": {"step_up": step_up, "block": block},
+        "roc_auc": round(float(roc_auc_score(ys, world.model_scores)), 4),
+        "pr_auc": round(float(average_precision_score(ys, world.model_scores)), 4),
         "model_at_thresholds": {
-            "step_up": _at(model_scores, ys, step_up),
-            "block": _at(model_scores, ys, block),
+            "step_up": _at(world.model_scores, ys, step_up),
+            "block": _at(world.model_scores, ys, block),
         },
         "combined": {
             "roc_auc": round(float(roc_auc_score(ys, combined)), 4),
@@ -353,8 +443,15 @@ def evaluate(
             "step_up": _at(combined, ys, step_up),
             "block": _at(combined, ys, block),
         },
+        "ordinary": {
+            "payments": ordinary["payments"],
+            "false_positive_rate": ordinary["stepped_up_or_blocked"],
+            "blocked": ordinary["blocked"],
+        },
+        "recall_by_typology": by_typology,
         "flagged_by_typology": {
-            name: round(sum(v) / len(v), 4) for name, v in sorted(by_typology.items())
+            "legit": ordinary["stepped_up_or_blocked"],
+            **{name: v["stepped_up_or_blocked"] for name, v in by_typology.items()},
         },
     }
 
@@ -376,10 +473,18 @@ class _Precomputed:
 
 
 def main_train(seed: int, out_dir: Path) -> dict[str, Any]:
-    """Train, measure on held-out traffic, save: what ``upi-engine fraud train`` does."""
+    """Train, choose the thresholds on the calibration world, measure on the held-out
+    world at those thresholds, save: what ``upi-engine fraud train`` does."""
     estimator = train(seed)
-    scratch = LoadedModel(estimator, "unsaved", {})
+    thresholds = calibrate(estimator, seed)
+    scratch = LoadedModel(estimator, "unsaved", {"thresholds": thresholds})
     metrics = evaluate(scratch, seed)
     metrics.pop("model_version")
-    version = save_model(estimator, out_dir, seed, metrics)
-    return {"version": version, "seed": seed, "out": str(out_dir), "held_out": metrics}
+    version = save_model(estimator, out_dir, seed, metrics, thresholds)
+    return {
+        "version": version,
+        "seed": seed,
+        "out": str(out_dir),
+        "thresholds": thresholds,
+        "held_out": metrics,
+    }

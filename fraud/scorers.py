@@ -3,11 +3,14 @@
 synchronous; :mod:`fraud.engine` runs them concurrently, each within its own time budget.
 
 * :class:`VelocityScorer`: counts and amounts in sliding windows (1 min, 1 h, 24 h) per
-  payer, per device and per payee.
+  payer, per device and per payee; a young payee reached by many payers new to the engine
+  within minutes or within the hour (a mule's collecting account); amounts structured just
+  under a round limit, towards a young payee.
 * :class:`LocationScorer`: impossible travel (haversine distance over elapsed time against a
   plausible top speed) and distance from the payer's usual places.
 * :class:`DeviceScorer`: a device new to an established payer, one device used by many VPAs
-  (mule), a device change right before a high-value payment (SIM swap / takeover), emulator
+  (mule) within minutes (a device farm) or within a day, a payer hopping devices, a device
+  change right before a high-value payment (SIM swap / takeover), emulator
   or rooted flags. A payer's very first payment on a steady device scores 0.
 * :class:`ModelScorer`: the scikit-learn model over :data:`fraud.features.FEATURE_NAMES`.
 
@@ -32,6 +35,8 @@ from fraud.features import (
     haversine_km,
     implied_speed_kmh,
     km_from_usual,
+    payee_age_s,
+    structuring_gap,
 )
 
 __all__ = [
@@ -117,12 +122,17 @@ def _ramp(value: float, start: float, full: float, low: float, high: float) -> f
 
 @dataclass(frozen=True)
 class VelocityRules:
-    payer_per_minute: int = 4  # earlier payments in the last minute that start a burst
+    payer_per_minute: int = 3  # earlier payments in the last minute that start a burst
     payer_per_hour: int = 15
     payer_per_day: int = 40
     payer_amount_per_day_paise: int = 2_00_000_00  # ₹2,00,000 including this payment
     device_per_hour: int = 15
     payee_payers_per_hour: int = 30  # distinct payers: a fan-in, but merchants have many
+    # A payee the engine has known for less than this is *young*: a mule's collecting VPA
+    # is opened for the scam; a shop has been paid for weeks.
+    young_payee_s: float = 24 * 3600
+    young_payee_new_payers_10m: int = 2  # payers new to the engine, in 10 min, most of them
+    young_payee_new_payers_1h: int = 3  # ... or in its hour (a slow ring: a few an hour)
 
 
 class VelocityScorer:
@@ -150,7 +160,7 @@ class VelocityScorer:
         if history.payer_count_24h >= r.payer_per_day:
             hits.append(("VELOCITY_PAYER_24H", 0.3))
         if history.payer_amount_24h + txn.amount_paise >= r.payer_amount_per_day_paise:
-            hits.append(("VELOCITY_AMOUNT_24H", 0.4))
+            hits.append(("VELOCITY_AMOUNT_24H", 0.25))
         if history.device_count_1h >= r.device_per_hour:
             n = history.device_count_1h
             hits.append(
@@ -159,6 +169,29 @@ class VelocityScorer:
         if history.payee_payers_1h >= r.payee_payers_per_hour:
             # Alone, not enough: a popular merchant is paid by many people every hour.
             hits.append(("VELOCITY_PAYEE_FAN_IN", 0.1))
+        age = payee_age_s(history)
+        young = age is None or age < r.young_payee_s
+        new_10m, new_1h = history.payee_new_payers_10m, history.payee_new_payers_1h
+        # A sum structured under a limit: a merchant's first day here, its customers new
+        # to the engine too, is the same fan-in, but of purchases (any sizeable mule sum
+        # unstructured is left to the model, which sees the amounts and the cities).
+        structured = structuring_gap(txn.amount_paise) is not None
+        # Mostly payers paying for the first time anywhere: fresh VPAs, a mule ring, in
+        # 10 minutes or (a slow ring) in the hour. A festival stall is as young and as
+        # busy, but paid by people the engine knows.
+        windows = (
+            ("PAYEE_NEW_FAN_IN", new_10m, history.payee_payers_10m, r.young_payee_new_payers_10m),
+            ("PAYEE_NEW_FAN_IN_SLOW", new_1h, history.payee_payers_1h, r.young_payee_new_payers_1h),
+        )
+        for code, new, payers, start in windows if young and structured else ():
+            if new >= start and 2 * new >= payers:
+                slow = code == "PAYEE_NEW_FAN_IN_SLOW"
+                full, top = (3 * start, 0.7) if slow else (4 * start, 0.8)
+                hits.append((code, _ramp(new, start, full, 0.3, top)))
+                break
+        if young and structured:
+            # Just under a round limit, to an account nobody paid a day ago.
+            hits.append(("AMOUNT_STRUCTURING", 0.15))
         return _combine(hits)
 
 
@@ -207,7 +240,11 @@ class LocationScorer:
 
 @dataclass(frozen=True)
 class DeviceRules:
-    shared_by_payers: int = 3  # other VPAs seen on this device in 24 h: a mule device
+    # Other VPAs seen on this device in 24 h: a mule device. A family of four sharing one
+    # phone is three others; a device farm is many more.
+    shared_by_payers: int = 4
+    shared_within_minutes: int = 2  # other VPAs on it in 10 min: a device farm
+    devices_per_day: int = 3  # distinct devices the payer used in 24 h, before this one
     high_value_paise: int = 5_000_00  # ₹5,000 ...
     high_value_vs_median: float = 5.0  # ... and five times the payer's usual amount
     recent_change_s: float = 6 * 3600
@@ -235,7 +272,11 @@ class DeviceScorer:
             hits.append(("DEVICE_ROOTED", 0.25))
         if txn.device_id is None:
             return _combine(hits)
-        if history.device_vpas_24h >= r.shared_by_payers:
+        if history.device_payers_10m >= r.shared_within_minutes:
+            n = history.device_payers_10m
+            start = r.shared_within_minutes
+            hits.append(("DEVICE_SHARED", _ramp(n, start, 4 * start, 0.5, 0.85)))
+        elif history.device_vpas_24h >= r.shared_by_payers:
             n = history.device_vpas_24h
             hits.append(
                 (
@@ -243,6 +284,8 @@ class DeviceScorer:
                     _ramp(n, r.shared_by_payers, 4 * r.shared_by_payers, 0.5, 0.85),
                 )
             )
+        if history.payer_devices_24h >= r.devices_per_day and not history.device_known_for_payer:
+            hits.append(("PAYER_MANY_DEVICES", 0.3))
         established = history.payer_payments_ever > 0
         new_here = established and not history.device_known_for_payer
         high_value = established and self._high_value(txn, history)

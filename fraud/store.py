@@ -32,7 +32,7 @@ from core.crypto import MasterKey
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
 from fraud.features import History, Txn
-from fraud.history import DAY, HOUR, MINUTE, PAYEE_WINDOW, RECENT, USUAL_PLACES
+from fraud.history import DAY, HOUR, MINUTE, PAYEE_WINDOW, RECENT, TEN_MINUTES, USUAL_PLACES
 
 __all__ = ["HistoryPruner", "HistoryStore", "PayeeWindow", "Pseudonyms", "split_rounds"]
 
@@ -48,10 +48,11 @@ def _seconds(window: timedelta) -> str:
 # apart, once per batch (_READ_PAYEES).
 _READ = sql_text(
     f"""
-    SELECT payer.c1m, payer.c1h, payer.c24, payer.a1h, payer.a24,
+    SELECT payer.c1m, payer.c1h, payer.c24, payer.a1h, payer.a24, payer.devices24,
            (SELECT payments FROM fraud_payers WHERE payer_key = q.payer) AS ever,
            recent.median, recent.places,
            device.c1h AS device_c1h, device.others AS device_others,
+           device.others10m AS device_others10m,
            last_located.at AS last_at, last_located.lat AS last_lat,
            last_located.lon AS last_lon,
            devices.is_current AS device_is_current, devices.first_seen AS device_first_seen
@@ -64,7 +65,8 @@ _READ = sql_text(
                count(*) AS c24,
                coalesce(sum(o.amount_paise) FILTER (WHERE o.at > q.at - {_seconds(HOUR)}), 0)
                    AS a1h,
-               coalesce(sum(o.amount_paise), 0) AS a24
+               coalesce(sum(o.amount_paise), 0) AS a24,
+               count(DISTINCT o.device_key) AS devices24
         FROM fraud_observations o
         WHERE o.payer_key = q.payer AND o.at > q.at - {_seconds(DAY)}
     ) AS payer
@@ -85,7 +87,10 @@ _READ = sql_text(
     ) AS recent
     CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE o.at > q.at - {_seconds(HOUR)}) AS c1h,
-               count(DISTINCT o.payer_key) FILTER (WHERE o.payer_key <> q.payer) AS others
+               count(DISTINCT o.payer_key) FILTER (WHERE o.payer_key <> q.payer) AS others,
+               count(DISTINCT o.payer_key) FILTER (
+                   WHERE o.payer_key <> q.payer AND o.at > q.at - {_seconds(TEN_MINUTES)}
+               ) AS others10m
         FROM fraud_observations o
         WHERE o.device_key = q.device AND o.at > q.at - {_seconds(DAY)}
     ) AS device
@@ -106,50 +111,82 @@ _READ = sql_text(
 # recorded payments to the payee, plus the batch's earlier ones, placed after every
 # recorded one as they would be if the batch were handled one payment at a time.
 # The latest payments to each payee of a batch, within the hour before its earliest payment
-# in the batch: an index scan backwards, at most PAYEE_WINDOW rows a payee. Each payment's
-# own window is a part of these (a later cut-off keeps a prefix of them), merged with the
-# batch's earlier payments to that payee, in Python (:func:`_payee_windows_of`).
+# in the batch: an index scan backwards, at most PAYEE_WINDOW rows a payee, each with
+# whether it was its payer's first payment; and the payee's earliest payment (its age),
+# one index probe. Each payment's own window is a part of these (a later cut-off keeps a
+# prefix of them), merged with the batch's earlier payments to that payee, in Python
+# (:func:`_payee_windows_of`). The rows with a negative ``ord`` are the batch's payers'
+# counts (``fraud_payers``): whether a batch's earlier payment to the payee was its payer's
+# first is known before its own round reads it. A payee with no payment in the hour still
+# has one row (its earliest payment, or none), for its age.
 _READ_PAYEES = sql_text(
     f"""
-    SELECT q.ord, w.payer_key, w.at, w.id
+    SELECT q.ord, w.payer_key, w.at, w.id, w.payer_new, earliest.at AS first_at
     FROM unnest(CAST(:payees AS bytea[]), CAST(:since AS timestamptz[]))
         WITH ORDINALITY AS q(payee, since, ord)
-    CROSS JOIN LATERAL (
-        SELECT o.payer_key, o.at, o.id FROM fraud_observations o
+    LEFT JOIN LATERAL (
+        SELECT o.at FROM fraud_observations o WHERE o.payee_key = q.payee
+        ORDER BY o.at LIMIT 1
+    ) AS earliest ON true
+    LEFT JOIN LATERAL (
+        SELECT o.payer_key, o.at, o.id, o.payer_new FROM fraud_observations o
         WHERE o.payee_key = q.payee AND o.at > q.since
         ORDER BY o.at DESC, o.id DESC LIMIT {PAYEE_WINDOW}
-    ) AS w
-    ORDER BY q.ord, w.at DESC, w.id DESC
+    ) AS w ON true
+    UNION ALL
+    SELECT -b.ord, b.payer, CAST(NULL AS timestamptz), p.payments, CAST(NULL AS boolean),
+           CAST(NULL AS timestamptz)
+    FROM unnest(CAST(:payers AS bytea[])) WITH ORDINALITY AS b(payer, ord)
+    JOIN fraud_payers p ON p.payer_key = b.payer
     """
 )
 
 
 def _payee_windows_of(
-    stored: Sequence[tuple[datetime, int, int, bytes]],
+    stored: Sequence[tuple[datetime, int, int, bytes, bool]],
     ats: Sequence[datetime],
     payers: Sequence[bytes],
+    new: Sequence[bool] | None = None,
+    first: datetime | None = None,
 ) -> list[PayeeWindow]:
     """The windows of a batch's payments to one payee, in batch order: each is its payee's
     latest ``PAYEE_WINDOW`` payments in the hour before it, the batch's earlier ones
     included, ordered as the database orders them (by time; at the same time the batch's
-    own are the newer; then by arrival). ``stored``: the payee's stored payments as
-    ``(at, 0, id, payer)``, the latest ``PAYEE_WINDOW`` after the batch's earliest cut-off.
+    own are the newer; then by arrival), and its part in the last 10 minutes. ``stored``:
+    the payee's stored payments as ``(at, 0, id, payer, payer_new)``, the latest
+    ``PAYEE_WINDOW`` after the batch's earliest cut-off; ``new``: whether each batch
+    payment is its payer's first; ``first``: the payee's earliest stored payment.
 
     The candidates are kept in one ascending list (a batch's payment is inserted in its
     place once counted): a payment's window is the top of the part after its cut-off, so
-    each costs a bisection and one set of at most ``PAYEE_WINDOW`` payers, in C."""
-    rows = sorted(((at, flag, seq), payer) for at, flag, seq, payer in stored)
-    keys = [key for key, _ in rows]
-    who = [payer for _, payer in rows]
+    each costs two bisections and a few sets of at most ``PAYEE_WINDOW`` payers, in C."""
+    rows = sorted(((at, flag, seq), payer, is_new) for at, flag, seq, payer, is_new in stored)
+    keys = [key for key, _, _ in rows]
+    who = [payer for _, payer, _ in rows]
+    flags = [is_new for _, _, is_new in rows]  # whether it was its payer's first payment
+    new = new if new is not None else [False] * len(ats)
     windows = []
-    for position, (at, payer) in enumerate(zip(ats, payers, strict=True), start=1):
+    for position, (at, payer, is_new) in enumerate(zip(ats, payers, new, strict=True), start=1):
         newer = bisect.bisect_right(keys, (at - HOUR, 2, 0))  # the first after the cut-off
         start = max(newer, len(keys) - PAYEE_WINDOW)
-        windows.append(PayeeWindow(len(keys) - start, len(set(who[start:]))))
+        start10 = max(bisect.bisect_right(keys, (at - TEN_MINUTES, 2, 0)), start)
+        hour = who[start:]
+        windows.append(
+            PayeeWindow(
+                len(hour),
+                len(set(hour)),
+                len(set(who[start10:])),
+                len({p for p, f in zip(who[start10:], flags[start10:], strict=True) if f}),
+                len({p for p, f in zip(hour, flags[start:], strict=True) if f}),
+                first,
+            )
+        )
         key = (at, 1, position)
         place = bisect.bisect_right(keys, key)
         keys.insert(place, key)
         who.insert(place, payer)
+        flags.insert(place, is_new)
+        first = at if first is None else min(first, at)
     return windows
 
 
@@ -160,17 +197,22 @@ def _payee_windows_of(
 # opposite orders.
 _OBSERVE = sql_text(
     """
-    WITH batch AS (
+    WITH given AS (
         SELECT * FROM unnest(
             CAST(:ts AS text[]), CAST(:payers AS bytea[]), CAST(:devices AS bytea[]),
             CAST(:payees AS bytea[]), CAST(:amounts AS bigint[]), CAST(:ats AS timestamptz[]),
             CAST(:lats AS double precision[]), CAST(:lons AS double precision[])
         ) WITH ORDINALITY AS u(transaction_id, payer_key, device_key, payee_key, amount_paise,
                                at, lat, lon, ord)
+    ), batch AS (
+        SELECT *, row_number() OVER (PARTITION BY payer_key ORDER BY ord) = 1 AS first_of_payer
+        FROM given
     ), inserted AS (
         INSERT INTO fraud_observations (transaction_id, payer_key, device_key, payee_key,
-                                        amount_paise, at, lat, lon)
-        SELECT transaction_id, payer_key, device_key, payee_key, amount_paise, at, lat, lon
+                                        amount_paise, at, lat, lon, payer_new)
+        SELECT transaction_id, payer_key, device_key, payee_key, amount_paise, at, lat, lon,
+               first_of_payer
+               AND NOT EXISTS (SELECT 1 FROM fraud_payers p WHERE p.payer_key = batch.payer_key)
         FROM batch ORDER BY ord
         ON CONFLICT (transaction_id) DO NOTHING
         RETURNING transaction_id
@@ -200,10 +242,15 @@ class Pseudonyms(NamedTuple):
 
 
 class PayeeWindow(NamedTuple):
-    """``History.payee_count_1h`` and ``payee_payers_1h``."""
+    """``History.payee_count_1h``, ``payee_payers_1h``, ``payee_payers_10m``,
+    ``payee_new_payers_10m``, ``payee_new_payers_1h`` and the payee's earliest payment."""
 
     count_1h: int
     payers_1h: int
+    payers_10m: int = 0
+    new_payers_10m: int = 0
+    new_payers_1h: int = 0
+    first_at: datetime | None = None
 
 
 def split_rounds(txns: Sequence[Txn]) -> list[list[int]]:
@@ -263,6 +310,12 @@ def _history(row: Any, payee: PayeeWindow, txn: Txn) -> History:
         last_location=last,
         seconds_since_last=(at - row.last_at).total_seconds() if row.last_at else None,
         usual_places=tuple((float(p[0]), float(p[1])) for p in row.places or ()),
+        payee_first_seen_s=(at - payee.first_at).total_seconds() if payee.first_at else None,
+        payee_payers_10m=payee.payers_10m,
+        payee_new_payers_10m=payee.new_payers_10m,
+        payee_new_payers_1h=payee.new_payers_1h,
+        device_payers_10m=row.device_others10m if txn.device_id else 0,
+        payer_devices_24h=int(row.devices24),
     )
 
 
@@ -299,20 +352,40 @@ class HistoryStore:
             cutoff = txn.at - HOUR
             since[key.payee] = min(since.get(key.payee, cutoff), cutoff)
         payees = list(since)
+        batch_payers = list(dict.fromkeys(k.payer for k in keys))
         rows = await conn.execute(
-            _READ_PAYEES, {"payees": payees, "since": [since[p] for p in payees]}
+            _READ_PAYEES,
+            {"payees": payees, "since": [since[p] for p in payees], "payers": batch_payers},
         )
-        stored: dict[bytes, list[tuple[datetime, int, int, bytes]]] = {p: [] for p in payees}
+        stored: dict[bytes, list[tuple[datetime, int, int, bytes, bool]]] = {p: [] for p in payees}
+        first: dict[bytes, datetime | None] = {}
+        counted: dict[bytes, int] = {}
         for row in rows:
-            stored[payees[row.ord - 1]].append((row.at, 0, row.id, bytes(row.payer_key)))
+            if row.ord < 0:  # a batch payer's count
+                counted[bytes(row.payer_key)] = int(row.id)
+                continue
+            payee = payees[row.ord - 1]
+            first[payee] = row.first_at
+            if row.at is not None:
+                stored[payee].append((row.at, 0, row.id, bytes(row.payer_key), bool(row.payer_new)))
+        # Whether each payment is its payer's first: none recorded, none earlier in the batch.
+        new: list[bool] = []
+        for key in keys:
+            new.append(counted.get(key.payer, 0) == 0)
+            counted[key.payer] = counted.get(key.payer, 0) + 1
         positions: dict[bytes, list[int]] = {p: [] for p in payees}
         for position, key in enumerate(keys):
             positions[key.payee].append(position)
         windows: list[PayeeWindow] = [PayeeWindow(0, 0)] * len(txns)
         for payee, mine in positions.items():
-            ats = [txns[i].at for i in mine]
-            payers = [keys[i].payer for i in mine]
-            for i, window in zip(mine, _payee_windows_of(stored[payee], ats, payers), strict=True):
+            found = _payee_windows_of(
+                stored[payee],
+                [txns[i].at for i in mine],
+                [keys[i].payer for i in mine],
+                [new[i] for i in mine],
+                first.get(payee),
+            )
+            for i, window in zip(mine, found, strict=True):
                 windows[i] = window
         return windows
 
@@ -377,16 +450,41 @@ class HistoryStore:
         return bool(await self.observe_many(conn, [transaction_id], [txn]))
 
     async def prune(self, conn: AsyncConnection, before: datetime, limit: int = 5_000) -> int:
-        """Forget up to ``limit`` payments made before ``before``; how many went. The
-        per-payer count and devices stay: they are one row per payer, not per payment."""
-        deleted = await conn.execute(
-            sql_text(
-                "DELETE FROM fraud_observations WHERE id IN (SELECT id FROM fraud_observations"
-                " WHERE at < :before ORDER BY at LIMIT :n)"
-            ),
-            {"before": before, "n": limit},
-        )
-        return int(deleted.rowcount)
+        """Forget up to ``limit`` payments made before ``before``, and the payers of those
+        who have no payment left within the retention (their count and their devices: if
+        they come back they are new again); how many rows went. A payer with a payment
+        within the retention keeps their count and devices. One statement."""
+        deleted = await conn.execute(_PRUNE, {"before": before, "n": limit})
+        return int(deleted.scalar_one())
+
+
+# Payments by age (index fraud_obs_at); then the payers of those payments that have none
+# left within the retention (index fraud_obs_payer_at), with their devices. (The statement
+# sees the table as it was before its own deletes, hence "none at or after the cut-off"
+# rather than "none left".) A payer's row is thus never touched by the hot path for
+# pruning's sake: no column to keep up to date on every payment.
+_PRUNE = sql_text(
+    """
+    WITH payments AS (
+        DELETE FROM fraud_observations WHERE id IN (
+            SELECT id FROM fraud_observations WHERE at < :before ORDER BY at LIMIT :n
+        ) RETURNING payer_key
+    ), payers AS (
+        DELETE FROM fraud_payers p
+        WHERE p.payer_key IN (SELECT DISTINCT payer_key FROM payments)
+          AND NOT EXISTS (
+              SELECT 1 FROM fraud_observations o
+              WHERE o.payer_key = p.payer_key AND o.at >= :before
+          )
+        RETURNING p.payer_key
+    ), devices AS (
+        DELETE FROM fraud_payer_devices d USING payers WHERE d.payer_key = payers.payer_key
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM payments) + (SELECT count(*) FROM payers)
+           + (SELECT count(*) FROM devices)
+    """
+)
 
 
 class HistoryPruner(PollingWorker):

@@ -153,3 +153,28 @@ def test_payment_succeeded_v1_from_before_the_merchant_category_is_upcast():
     }
     event = CATALOGUE.decode_as(Envelope.from_dict(stored_v1), PaymentSucceeded)
     assert event.merchant_mcc == "0000" and event.amount_paise == 500
+
+
+def test_a_v1_fraud_assessed_reads_as_v2_without_contributions():
+    """FraudAssessed v2 added each scorer's contribution; stored v1 events (in the outbox,
+    the ledger) are never rewritten and read as v2 with none recorded."""
+    from core.events import FraudAssessed, ScorerContribution
+
+    v2 = FraudAssessed(
+        transaction_id="UPI1",
+        decision="BLOCK",
+        score=0.9,
+        scores={"device": 0.65},
+        reasons=("DEVICE_SHARED",),
+        model_version="hgb-1-x",
+        assessed_at=datetime(2026, 12, 1, tzinfo=UTC),
+        contributions={"device": ScorerContribution(score=0.65, reasons=("DEVICE_SHARED",))},
+    )
+    wrapped = Envelope.wrap(v2, partition_key="p")
+    assert wrapped.version == 2
+    assert CATALOGUE.decode(Envelope.from_bytes(wrapped.to_bytes())) == v2
+    old_payload = {k: v for k, v in wrapped.payload.items() if k != "contributions"}
+    v1 = Envelope.from_dict({**wrapped.to_dict(), "version": 1, "payload": old_payload})
+    read = CATALOGUE.decode(v1)
+    assert isinstance(read, FraudAssessed) and read.contributions == {}
+    assert read.model_copy(update={"contributions": v2.contributions}) == v2

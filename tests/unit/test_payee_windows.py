@@ -8,20 +8,31 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fraud.history import HOUR, PAYEE_WINDOW
+from fraud.history import HOUR, PAYEE_WINDOW, TEN_MINUTES
 from fraud.store import PayeeWindow, _payee_windows_of
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
 
 
-def merged(stored, ats, payers):
-    """Each window built from scratch: candidates sorted newest first, cut, capped."""
+def merged(stored, ats, payers, new, first):
+    """Each window built from scratch: candidates sorted newest first, cut, capped; its
+    last 10 minutes; the payers new to the engine in both; the payee's earliest payment."""
     earlier, out = [], []
-    for position, (at, payer) in enumerate(zip(ats, payers, strict=True), start=1):
+    for position, (at, payer, is_new) in enumerate(zip(ats, payers, new, strict=True), start=1):
         candidates = sorted((*stored, *earlier), reverse=True)
         window = [row for row in candidates if row[0] > at - HOUR][:PAYEE_WINDOW]
-        out.append(PayeeWindow(len(window), len({row[3] for row in window})))
-        earlier.append((at, 1, position, payer))
+        recent = [row for row in window if row[0] > at - TEN_MINUTES]
+        out.append(
+            PayeeWindow(
+                len(window),
+                len({row[3] for row in window}),
+                len({row[3] for row in recent}),
+                len({row[3] for row in recent if row[4]}),
+                len({row[3] for row in window if row[4]}),
+                min([*([first] if first else []), *(row[0] for row in earlier)], default=None),
+            )
+        )
+        earlier.append((at, 1, position, payer, is_new))
     return out
 
 
@@ -32,7 +43,11 @@ def test_fast_windows_equal_the_full_merge(seed):
     n_stored = rng.choice([0, 10, 999, 1_000, 1_500])
     span = rng.choice([timedelta(seconds=30), timedelta(minutes=70)])
     times = sorted((NOW - span * rng.random() for _ in range(n_stored)), reverse=True)
-    stored = [(at, 0, 10_000 - i, rng.choice(payer_pool)) for i, at in enumerate(times)]
+    stored = [
+        (at, 0, 10_000 - i, rng.choice(payer_pool), rng.random() < 0.3)
+        for i, at in enumerate(times)
+    ]
+    first = min(times) - timedelta(hours=rng.choice([0, 5])) if times else None
     batch = rng.choice([1, 5, 120, 400])
     if rng.random() < 0.2:  # a cut-off exactly on a stored time, to the microsecond
         base = (stored[len(stored) // 2][0] + HOUR) if stored else NOW
@@ -43,12 +58,38 @@ def test_fast_windows_equal_the_full_merge(seed):
         for i in rng.sample(range(batch), k=max(1, batch // 3)):
             ats[i] = stored[0][0] - timedelta(seconds=rng.random() * 20)
     payers = [rng.choice(payer_pool) for _ in range(batch)]
-    assert _payee_windows_of(stored, ats, payers) == merged(stored, ats, payers)
+    new = [rng.random() < 0.5 for _ in range(batch)]
+    found = _payee_windows_of(stored, ats, payers, new, first)
+    assert found == merged(stored, ats, payers, new, first)
+    assert any(w.payers_10m for w in found) == any(w.count_1h for w in found)
 
 
 def test_the_window_is_capped_and_counts_distinct_payers():
-    stored = [(NOW - timedelta(seconds=i + 1), 0, i, b"old") for i in range(PAYEE_WINDOW)]
+    stored = [(NOW - timedelta(seconds=i + 1), 0, i, b"old", False) for i in range(PAYEE_WINDOW)]
     ats = [NOW + timedelta(microseconds=i) for i in range(3)]
     windows = _payee_windows_of(stored, ats, [b"a", b"b", b"a"])
     assert [w.count_1h for w in windows] == [PAYEE_WINDOW] * 3
     assert [w.payers_1h for w in windows] == [1, 2, 3]  # "old", then a, then b
+    assert [w.payers_10m for w in windows] == [1, 2, 3]  # all within the last 17 minutes
+
+
+def test_new_payers_in_ten_minutes_and_the_payees_first_payment():
+    """Of a payee's payers in 10 minutes, those whose payment was their first anywhere
+    (the batch's own included); the earliest payment to it, stored or in the batch."""
+    stored = [
+        (NOW - timedelta(minutes=30), 0, 1, b"regular", False),
+        (NOW - timedelta(minutes=5), 0, 2, b"fresh1", True),
+        (NOW - timedelta(minutes=4), 0, 3, b"regular", False),
+    ]
+    ats = [NOW + timedelta(seconds=i) for i in range(3)]
+    windows = _payee_windows_of(
+        stored, ats, [b"fresh2", b"fresh3", b"x"], [True, True, False], NOW - timedelta(days=2)
+    )
+    assert [(w.payers_10m, w.new_payers_10m, w.new_payers_1h) for w in windows] == [
+        (2, 1, 1),
+        (3, 2, 2),
+        (4, 3, 3),
+    ]
+    assert {w.first_at for w in windows} == {NOW - timedelta(days=2)}
+    never = _payee_windows_of([], ats, [b"a", b"b", b"c"], [True] * 3, None)
+    assert [w.first_at for w in never] == [None, ats[0], ats[0]]
