@@ -21,7 +21,8 @@ from fraud.cities import CITIES
 from tests.e2e.harness import Serve, base_env, cli, create_merchant, wait_final
 from tests.support import short_tmpdir
 
-pytestmark = pytest.mark.e2e
+# Slow, and one worker runs the module: its tests share one server.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("fraud_e2e")]
 
 HANDLES = ("okhdfc", "okicici", "oksbi", "okaxis", "ybl", "paytm")
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.e2e.harness import cli, create_merchant, serving
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_rotate_master_replaces_the_key_and_the_old_one_is_refused(embedded_env):

@@ -25,7 +25,8 @@ from tests.dashboard import SYNTHETIC, metric_names, queries
 from tests.e2e.harness import UPI_ENGINE, Serve, cli, create_merchant, embedded_environment, serving
 from tests.support import free_port
 
-pytestmark = pytest.mark.e2e
+# Slow, and one worker runs the module: its tests share one busy engine.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("top_e2e")]
 
 TMUX = shutil.which("tmux")
 
