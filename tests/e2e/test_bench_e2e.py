@@ -106,13 +106,14 @@ def test_bench_open_loop_measures_from_intended_send_times():
     assert result["initiation_p50_ms"] >= result["service_p50_ms"] > 0
     assert result["schedule_lag_p99_ms"] >= 0 and result["connection_wait_p99_ms"] >= 0
     # Traces off (the run above) against on, in the same run: every payment's spans reached
-    # the sink (12 for a payment that succeeds, fewer for one blocked or declined).
+    # the sink (12 for a payment that succeeds, fewer for one blocked or declined, one more
+    # when an event is delivered again).
     traces = result["traces"]
     [pair] = traces["rounds"]
     assert traces["sample_ratio"] == 1 and pair["sink_refused"] == 0
     assert pair["off_settled_per_second"] == result["settled_per_second"]
     assert pair["on_settled_per_second"] > 0 and traces["settled_on_vs_off"] > 0
-    assert 8 <= pair["spans_per_payment"] <= 12, pair
+    assert 8 <= pair["spans_per_payment"] <= 12.5, pair
 
 
 def test_bench_over_kafka_with_the_gateway_and_the_workers_apart(kafka_bootstrap):

@@ -23,6 +23,10 @@ from tests.e2e.harness import UPI_ENGINE, cli, create_merchant, query, serving, 
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
+# These tests are about the ledger: a burst of first-time payers to one fresh shop is what
+# fraud steps up (a mule's fan-in), so fraud lets everything through here.
+NO_FRAUD = {"UPI_FRAUD_STEP_UP_THRESHOLD": "1", "UPI_FRAUD_BLOCK_THRESHOLD": "1"}
+
 
 def _pay(client: httpx.Client, headers: dict[str, str], n: int, tag: str) -> list[str]:
     txns = []
@@ -52,7 +56,7 @@ def _covered(client: httpx.Client, auditor: dict[str, str], env: dict[str, str])
 
 
 def test_witness_cosigns_proofs_publish_and_the_export_verifies_offline(embedded_env, tmp_path):
-    env = {**embedded_env, "UPI_LEDGER_WITNESSES_REQUIRED": "1"}
+    env = {**embedded_env, **NO_FRAUD, "UPI_LEDGER_WITNESSES_REQUIRED": "1"}
     with (
         serving(env, ("all",)) as (server,),
         httpx.Client(base_url=server.url, timeout=20) as client,
@@ -229,7 +233,7 @@ def test_verify_export_refuses_bad_usage_clearly(embedded_env, tmp_path):
 
 def test_a_witness_in_a_loop_keeps_cosigning_until_stopped(embedded_env, tmp_path):
     with (
-        serving(embedded_env, ("all",)) as (server,),
+        serving({**embedded_env, **NO_FRAUD}, ("all",)) as (server,),
         httpx.Client(base_url=server.url, timeout=20) as client,
     ):
         merchant = create_merchant(embedded_env)

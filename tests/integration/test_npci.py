@@ -33,6 +33,11 @@ FAST = {
     "npci_mock_latency_scale": 0.02,
     "npci_mock_decline_scale": 0,
     "npci_time_scale": 0.02,
+    # These tests are about the switch path. Fraud (tested on its own) would step up some
+    # of their payers: many first payments to one shop nobody paid before look like a
+    # mule's fan-in to the model.
+    "fraud_step_up_threshold": 1.0,
+    "fraud_block_threshold": 1.0,
 }
 SCALE = FAST["npci_time_scale"]
 
