@@ -13,6 +13,8 @@ clients that cost less and retry nothing: ``api.bench``.)
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -177,6 +179,10 @@ async def drive_at_rate(
     a client facing an engine that is slower than the offered rate (or down) piles up
     tens of thousands of requests on one connection pool, whose scheduling then takes all
     its CPU: it measured itself, not the engine."""
+    # Made before the clock starts: a batch of simulated customers takes seconds to
+    # generate, which inside the loop would hold back the sends it should pace.
+    planned = list(itertools.islice(bodies, math.ceil(rate * duration_s)))
+    ahead = iter(planned)
     sent = Sent()
     tasks: set[asyncio.Task[None]] = set()
     limits = httpx.Limits(max_connections=min(max_in_flight, 256))
@@ -194,7 +200,10 @@ async def drive_at_rate(
                     sent.held_back += 1
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                task = asyncio.create_task(one(next(bodies)))
+                body = next(ahead, None)
+                if body is None:
+                    break
+                task = asyncio.create_task(one(body))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 n += 1

@@ -29,6 +29,7 @@ Rules both follow (the *definition* of each :class:`~fraud.features.History` fie
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections import Counter, defaultdict, deque
@@ -64,7 +65,25 @@ class _Seen:
 
 
 def _window(items: deque[_Seen], since: datetime) -> list[_Seen]:
-    return [s for s in items if s.at > since]
+    """The items after ``since``, oldest first. Items are kept in time order (``observe``
+    appends, ``_prune`` drops from the left), so the scan stops at the first older one:
+    the cost is the window's, not the day's."""
+    newer: list[_Seen] = []
+    for seen in reversed(items):
+        if seen.at <= since:
+            break
+        newer.append(seen)
+    newer.reverse()
+    return newer
+
+
+def _in_order(items: deque[_Seen], seen: _Seen) -> None:
+    """Append, or insert where it belongs if it happened before the latest (time order
+    is what ``_window`` and ``_prune`` rely on)."""
+    if items and items[-1].at > seen.at:
+        items.insert(bisect.bisect_right(items, seen.at, key=lambda s: s.at), seen)
+    else:
+        items.append(seen)
 
 
 def usual_places(locations: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
@@ -161,12 +180,12 @@ class HistoryTracker:
         first = self._payee_first.get(txn.payee)
         if first is None or txn.at < first:
             self._payee_first[txn.payee] = txn.at
-        self._payer[txn.payer].append(seen)
+        _in_order(self._payer[txn.payer], seen)
         self._payer_recent[txn.payer].append(seen)
         self._payer_count[txn.payer] += 1
         if txn.location is not None:
             self._payer_last_located[txn.payer] = seen
         if txn.device_id is not None:
-            self._device[txn.device_id].append(seen)
+            _in_order(self._device[txn.device_id], seen)
             self._devices_of[txn.payer].setdefault(txn.device_id, txn.at)
-        self._payee[txn.payee].append(seen)
+        _in_order(self._payee[txn.payee], seen)

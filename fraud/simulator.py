@@ -53,6 +53,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
+
 from fraud.cities import CITIES
 from fraud.features import Txn, feature_vector, haversine_km
 from fraud.history import HistoryTracker
@@ -76,6 +78,7 @@ TYPOLOGIES = (
 _LIMITS = (10_000_00, 50_000_00, 20_000_00, 25_000_00, 1_00_000_00)
 _LIMIT_WEIGHTS = (5, 3, 2, 1, 1)
 START = datetime(2026, 1, 5, tzinfo=UTC)
+_US = timedelta(microseconds=1)
 _CITY_NAMES = tuple(CITIES)
 # Metros first in the list: weigh them more.
 _CITY_WEIGHTS = tuple(6.0 if i < 8 else 1.5 for i in range(len(_CITY_NAMES)))
@@ -146,6 +149,7 @@ class _World:
         self.merchant_weights = [1 / (i + 1) ** 1.1 for i in range(300)]
         self.payers = [self._payer(i, days) for i in range(payers)]
         self.out: list[LabelledTxn] = []
+        self._joined_us: np.ndarray | None = None  # each payer's joining time, for _victim
         # A festival day (Diwali, Eid, Onam ...): more payments, bigger ones, and pop-up
         # stalls that nobody paid before, each paid by many locals within minutes.
         self.festival = START + timedelta(days=self.rng.uniform(0.5, max(days - 1.0, 0.6)))
@@ -368,8 +372,16 @@ class _World:
         """A payer; with ``at``, one who had been paying for six hours by then (an account
         takeover robs a customer the engine knows; a stranger's first payment is another
         problem)."""
-        known = [p for p in self.payers if at is None or p.joins <= at - timedelta(hours=6)]
-        return self.rng.choice(known or self.payers)
+        if at is None:
+            return self.rng.choice(self.payers)
+        # The payers (in their order) who joined by then, found without a pass over them
+        # all in Python: the same draw as ``rng.choice([p for p in payers if ...])``.
+        if self._joined_us is None:
+            self._joined_us = np.array([(p.joins - START) // _US for p in self.payers])
+        known = np.flatnonzero(self._joined_us <= (at - timedelta(hours=6) - START) // _US)
+        if not len(known):
+            return self.rng.choice(self.payers)
+        return self.payers[int(self.rng.choice(known))]
 
     def account_takeover(self, i: int) -> None:
         rng, at = self.rng, self._when()

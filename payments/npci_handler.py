@@ -239,10 +239,19 @@ async def record_switch_answer(
     clock: Clock,
     timings: NpciTimings,
     cause: Envelope | None = None,
+    leg_closed_at: datetime | None = None,
 ) -> PaymentStatus:
     """:func:`switch_answer` for one payment, written at once; the status after."""
     changes = PaymentChanges(clock)
-    after = switch_answer(changes, payment, result, clock=clock, timings=timings, cause=cause)
+    after = switch_answer(
+        changes,
+        payment,
+        result,
+        clock=clock,
+        timings=timings,
+        cause=cause,
+        leg_closed_at=leg_closed_at,
+    )
     await changes.flush(conn)
     return after.status
 
@@ -637,7 +646,12 @@ class DeemedResolver(PollingWorker):
 
     async def _deem_stale_submissions(self) -> None:
         """A payment left ``SUBMITTED`` well past the pay timeout lost its handler (crash,
-        dead letter): deem it, so that check-status decides, never a resend."""
+        dead letter): deem it, so that check-status decides, never a resend.
+
+        Its pay leg is taken to close now, not a pay timeout after it was submitted: a
+        handler that was only slow (a loaded machine, a short ``UPI_NPCI_TIME_SCALE``) may
+        have sent the pay request late, and the first check-status must still come NPCI's
+        90 s after the switch received it."""
         now = self._clock.now()
         stale_before = now - timedelta(seconds=self.timings.stale_submission_s)
         async with self._db.transaction() as conn:
@@ -649,7 +663,7 @@ class DeemedResolver(PollingWorker):
                 assert payment is not None
                 stale = SwitchResult(txn, DEEMED_CODE, None, None, None)
                 await record_switch_answer(
-                    conn, payment, stale, clock=self._clock, timings=self.timings
+                    conn, payment, stale, clock=self._clock, timings=self.timings, leg_closed_at=now
                 )
 
     async def _resolve(self, txn: str, call: int | None, payer_bank: str = "UNKNOWN") -> None:

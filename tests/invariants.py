@@ -97,7 +97,38 @@ async def _caught_up(conn: asyncpg.Connection, timeout: float) -> None:
         if not any(state.values()):
             return
         await asyncio.sleep(0.2)
-    raise AssertionError(f"the engine did not catch up within {timeout:g} s: {state}")
+    stuck = await _stuck(conn) if state.get("open") else ""
+    raise AssertionError(f"the engine did not catch up within {timeout:g} s: {state}{stuck}")
+
+
+async def _stuck(conn: asyncpg.Connection) -> str:
+    """Where the open payments stopped: (status, their last event, the consumers that
+    processed it) -> how many, so that a failure says which consumer missed what."""
+    open_ = {
+        r["transaction_id"]: r["status"]
+        for r in await conn.fetch(
+            "SELECT transaction_id, status FROM payments WHERE status <> ALL($1::text[])",
+            list(FINAL),
+        )
+    }
+    last: dict[str, tuple[str, Any]] = {}
+    for row in await conn.fetch("SELECT event_id, envelope FROM outbox ORDER BY id"):
+        envelope = Envelope.from_bytes(bytes(row["envelope"]))
+        if envelope.transaction_id in open_:
+            last[envelope.transaction_id] = (envelope.event_type, row["event_id"])
+    consumers: dict[Any, list[str]] = defaultdict(list)
+    for row in await conn.fetch(
+        "SELECT event_id, consumer FROM inbox WHERE event_id = ANY($1::uuid[]) ORDER BY consumer",
+        [event_id for _, event_id in last.values()],
+    ):
+        consumers[row["event_id"]].append(row["consumer"])
+    shapes: Counter[tuple[str, str, tuple[str, ...]]] = Counter()
+    for txn, status in open_.items():
+        event_type, event_id = last.get(txn, ("no event", None))
+        shapes[(status, event_type, tuple(consumers.get(event_id, ())))] += 1
+    return "; open payments by (status, last event, consumers done with it): " + ", ".join(
+        f"{shape}: {n}" for shape, n in shapes.most_common(6)
+    )
 
 
 async def _assert_all(
