@@ -97,8 +97,29 @@ async def _caught_up(conn: asyncpg.Connection, timeout: float) -> None:
         if not any(state.values()):
             return
         await asyncio.sleep(0.2)
-    stuck = await _stuck(conn) if state.get("open") else ""
+    stuck = await _stuck(conn) + await _histories(conn) if state.get("open") else ""
     raise AssertionError(f"the engine did not catch up within {timeout:g} s: {state}{stuck}")
+
+
+async def _histories(conn: asyncpg.Connection) -> str:
+    """The status histories (seconds after the first, status, code, reason) of up to three
+    payments still open, or open at the deadline and final since."""
+    rows = await conn.fetch(
+        "SELECT h.transaction_id, h.status, h.response_code, h.reason,"
+        " extract(epoch FROM h.at - min(h.at) OVER (PARTITION BY h.transaction_id)) AS t"
+        " FROM payment_status_history h WHERE h.transaction_id IN ("
+        "   SELECT transaction_id FROM payments"
+        "   WHERE status <> ALL($1::text[]) OR updated_at > now() - interval '2 seconds'"
+        "   ORDER BY updated_at DESC LIMIT 3)"
+        " ORDER BY h.transaction_id, h.seq",
+        list(FINAL),
+    )
+    lines: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        lines[r["transaction_id"]].append(
+            f"{float(r['t']):.1f}s {r['status']} {r['response_code']} {r['reason']}"
+        )
+    return "".join(f"\n  {txn}: " + " -> ".join(steps) for txn, steps in lines.items())
 
 
 async def _stuck(conn: asyncpg.Connection) -> str:

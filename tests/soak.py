@@ -37,10 +37,9 @@ import asyncpg
 import httpx
 
 from tests.e2e.harness import NPCI_FIVE_TIMES_FASTER, UPI_ENGINE, Serve, base_env, create_merchant
-from tests.e2e.test_broker_faults import Tansu
 from tests.faultproxy import FaultProxy
 from tests.invariants import check_invariants
-from tests.support import embedded_postgres_server, free_port, unique_name
+from tests.support import Tansu, embedded_postgres_server, free_port, unique_name
 
 
 def _kill_postgres(server: Any) -> None:

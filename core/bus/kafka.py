@@ -20,7 +20,11 @@ Delivery guarantees:
   (:meth:`KafkaBus.log_lost`, asked by the relay when idle), or its topics gone, mean the
   broker lost records it had acknowledged: the topics are created again and
   :class:`~core.errors.BrokerLogLost` tells the relay to publish the outbox again from
-  its start (core/outbox.py); inboxes make the repeats no-ops.
+  its start (core/outbox.py); inboxes make the repeats no-ops. The consumers must then
+  read the new log from its start too: their positions (and offsets a consumer committed
+  to the new broker before it noticed) point past records the relay publishes again.
+  The consumers of the bus that noticed rewind at once; a consumer in another process
+  rewinds when its watchdog finds its position or committed offset past the log's end.
 * **Dead letters.** Records no retry can fix go to ``<prefix>.dlq`` with the original
   bytes and key, and headers ``reason``, ``consumer``, ``original_topic``, ``attempts``
   (and ``event_id``/``event_type`` when known); they are also kept in PostgreSQL when a
@@ -68,6 +72,7 @@ class _Running:
     consumer: AIOKafkaConsumer
     task: asyncio.Task[None]
     progress_at: float = field(default_factory=time.monotonic)
+    rewind: bool = False  # the broker lost its log: read its partitions from the start
 
 
 class KafkaBus:
@@ -151,8 +156,15 @@ class KafkaBus:
         except (TimeoutError, KafkaError) as exc:
             raise BusError(f"cannot start the Kafka offsets probe: {exc!r}") from exc
         self._probe = probe
-        for sub in self._subs:
-            await self._start_consumer(sub)
+        # Side by side: each consumer's first group join waits out the broker's rebalance
+        # delay (seconds on Tansu), which one after another added up to 40 s of start.
+        started = await asyncio.gather(
+            *(self._start_consumer(sub) for sub in self._subs), return_exceptions=True
+        )
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:
+            await self.stop()
+            raise failed[0]
         self._watchdog = asyncio.create_task(self._watch_consumers(), name="kafka-watchdog")
 
     async def _start_consumer(self, sub: Subscription) -> None:
@@ -187,6 +199,12 @@ class KafkaBus:
         while not self._stopping.is_set():
             await asyncio.sleep(min(5.0, self._stall_s / 3))
             for name, running in list(self._running.items()):
+                try:
+                    if not running.rewind and await self._past_the_log(running):
+                        _log.error("consumer %s is past the end of the broker's log", name)
+                        running.rewind = True
+                except Exception as exc:  # the broker is away, or the consumer rejoining
+                    _log.debug("watchdog: %s: %s", name, exc)
                 if time.monotonic() - running.progress_at < self._stall_s:
                     continue
                 try:
@@ -203,6 +221,39 @@ class KafkaBus:
                         waiting,
                     )
                     await self._restart(running)
+
+    async def _rewind(self, running: _Running) -> None:
+        """Read every assigned partition from the start of the (new) log, and commit that,
+        so that a rebalance does not bring back an offset past what the broker holds."""
+        parts = running.consumer.assignment()
+        if not parts:
+            return  # rejoining: rewound once it has partitions again
+        await running.consumer.seek_to_beginning(*parts)
+        await asyncio.wait_for(running.consumer.commit({tp: 0 for tp in parts}), _COMMIT_TIMEOUT_S)
+        running.rewind = False
+        _log.warning(
+            "consumer %s: reading %d partitions again from the start of the log",
+            running.sub.consumer,
+            len(parts),
+        )
+
+    async def _past_the_log(self, running: _Running) -> bool:
+        """Whether the consumer's position or committed offset is past the high watermark
+        its last fetch reported: the broker lost records (the relay, maybe in another
+        process, publishes them again below that offset). The fetch's high watermark, not
+        ListOffsets: Tansu answers that one with the offset after a batch's first record.
+        (Kafka answers such a fetch "out of range" and aiokafka resets by itself; Tansu
+        answers it empty.)"""
+        consumer = running.consumer
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = await asyncio.wait_for(consumer.position(tp), 2)
+            committed = await asyncio.wait_for(consumer.committed(tp), 2)
+            if max(position, committed or 0) > highwater:
+                return True
+        return False
 
     async def lag(self) -> dict[str, int]:
         """Per consumer, the records on its partitions past its group's committed offset
@@ -360,6 +411,8 @@ class KafkaBus:
         self._acked.clear()
         self._floor.clear()
         _log.error("the Kafka broker lost its log: %s", why)
+        for running in self._running.values():
+            running.rewind = True
         await self._create_topics()
         raise BrokerLogLost(f"the broker lost its log: {why}")
 
@@ -387,6 +440,9 @@ class KafkaBus:
     async def _consume(self, sub: Subscription, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
             try:
+                running = self._running.get(sub.consumer)
+                if running is not None and running.rewind:
+                    await self._rewind(running)
                 batch: dict[TopicPartition, list[Any]] = await consumer.getmany(
                     timeout_ms=200, max_records=500
                 )

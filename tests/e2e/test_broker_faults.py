@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import signal
-import subprocess
-import tempfile
 import time
 from typing import Any
 
@@ -22,7 +19,7 @@ import httpx
 import pytest
 
 from tests.e2e.harness import (
-    NPCI_FIVE_TIMES_FASTER,
+    NPCI_TWENTY_TIMES_FASTER,
     Answers,
     Serve,
     base_env,
@@ -32,44 +29,9 @@ from tests.e2e.harness import (
 )
 from tests.faultproxy import FaultProxy
 from tests.invariants import check_invariants
-from tests.support import free_port, tansu_binary, unique_name, wait_for_port
+from tests.support import Tansu, free_port, unique_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-class Tansu:
-    """A Tansu broker on a fixed port that can be killed and started again there."""
-
-    def __init__(self, advertised_port: int | None = None) -> None:
-        self.port = free_port()
-        self.advertised_port = advertised_port or self.port
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
-
-    def start(self) -> Tansu:
-        listen = f"tcp://127.0.0.1:{self.port}"
-        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
-        urls = ("--listener-url", listen, "--advertised-listener-url", advertised)
-        self.proc = subprocess.Popen(
-            [str(tansu_binary()), "broker", *urls],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_port(self.port)
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def _env(db_url: str, bootstrap: str) -> dict[str, str]:
@@ -84,7 +46,7 @@ def _env(db_url: str, bootstrap: str) -> dict[str, str]:
         UPI_FRAUD_VERIFICATION_TTL_S="3",
         UPI_MERCHANT_RATE_PER_S="100000",
         UPI_MERCHANT_RATE_BURST="100000",
-        **NPCI_FIVE_TIMES_FASTER,
+        **NPCI_TWENTY_TIMES_FASTER,
     )
 
 

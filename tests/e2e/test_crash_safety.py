@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from core.events import Envelope
 from core.storage import asyncpg_url
 from npcisim.mock import opening_balance
-from tests.e2e.harness import NPCI_FIVE_TIMES_FASTER, Serve, cli, create_merchant
+from tests.e2e.harness import NPCI_TWENTY_TIMES_FASTER, Serve, cli, create_merchant
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -75,7 +75,7 @@ def test_sigkill_mid_burst_then_restart_loses_nothing_and_repeats_nothing(embedd
         "UPI_FRAUD_VERIFICATION_TTL_S": "3",
         "UPI_MERCHANT_RATE_PER_S": "100000",
         "UPI_MERCHANT_RATE_BURST": "100000",
-        **NPCI_FIVE_TIMES_FASTER,
+        **NPCI_TWENTY_TIMES_FASTER,
     }
     server = Serve(embedded_env).start()
     merchant = create_merchant(embedded_env)

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.harness import NPCI_FIVE_TIMES_FASTER, Serve, create_merchant
+from tests.e2e.harness import NPCI_TWENTY_TIMES_FASTER, Serve, create_merchant
 from tests.invariants import check_invariants
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -28,7 +28,7 @@ FAULT_ENV = {
     "UPI_FRAUD_VERIFICATION_TTL_S": "3",
     "UPI_MERCHANT_RATE_PER_S": "100000",
     "UPI_MERCHANT_RATE_BURST": "100000",
-    **NPCI_FIVE_TIMES_FASTER,
+    **NPCI_TWENTY_TIMES_FASTER,
 }
 
 

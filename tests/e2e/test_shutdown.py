@@ -15,7 +15,13 @@ import httpx
 import psutil
 import pytest
 
-from tests.e2e.harness import NPCI_FIVE_TIMES_FASTER, UPI_ENGINE, Serve, create_merchant, wait_final
+from tests.e2e.harness import (
+    NPCI_TWENTY_TIMES_FASTER,
+    UPI_ENGINE,
+    Serve,
+    create_merchant,
+    wait_final,
+)
 from tests.e2e.test_crash_safety import burst, request_body
 from tests.invariants import check_invariants
 
@@ -131,7 +137,7 @@ def test_sigterm_in_the_middle_of_a_load_loses_no_acknowledged_payment(embedded_
         "UPI_FRAUD_VERIFICATION_TTL_S": "3",
         "UPI_MERCHANT_RATE_PER_S": "100000",
         "UPI_MERCHANT_RATE_BURST": "100000",
-        **NPCI_FIVE_TIMES_FASTER,
+        **NPCI_TWENTY_TIMES_FASTER,
     }
     server = Serve(env).start()
     merchant = create_merchant(env)

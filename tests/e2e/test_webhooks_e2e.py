@@ -77,7 +77,10 @@ class Receiver:
     def wait_for(self, count: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while len(self.received) < count:
-            assert time.monotonic() < deadline, f"got {len(self.received)} webhooks"
+            assert time.monotonic() < deadline, (
+                f"got {len(self.received)} webhooks of {count}: "
+                + ", ".join(str(h.get("event") or h.get("status")) for h in self.received)
+            )
             time.sleep(0.05)
 
 

@@ -309,3 +309,54 @@ async def test_the_trace_context_in_the_envelope_survives_kafka(kafka_bootstrap)
     for span in consumed:
         assert span.context.trace_id == request.context.trace_id
         assert span.parent is not None and span.parent.span_id == request.context.span_id
+
+
+async def test_after_the_broker_lost_its_log_the_consumers_read_the_new_log_from_its_start(
+    caplog,
+):
+    """The broker restarts empty; the publish that notices it lands in the new log, at
+    offsets below the consumer's position. The consumers of the bus that noticed read the
+    new log from its start (and commit that), not from their old positions."""
+    from core.errors import BrokerLogLost
+    from tests.support import Tansu
+
+    broker = Tansu().start()
+    s = settings(f"127.0.0.1:{broker.port}", kafka_partitions=1)
+    seen: set[str] = set()
+
+    async def handle(e: Envelope) -> None:
+        seen.add(e.payload["transaction_id"])
+
+    bus = KafkaBus(s)
+    bus.subscribe(Subscription("orders", ("payments",), handle))
+    try:
+        await bus.start()
+        await bus.publish([envelope(i, "payer") for i in range(20)])
+
+        async def all_first() -> bool:
+            return len(seen) == 20
+
+        await eventually(all_first)
+        broker.kill()
+        broker.start()  # same port, empty log
+        seen.clear()
+        again = [envelope(i, "payer") for i in range(8)]
+        for _ in range(40):  # until the new broker answers
+            try:
+                await bus.publish(again)
+            except BrokerLogLost:
+                break
+            except BusError:
+                await asyncio.sleep(0.5)
+        else:
+            raise AssertionError("the bus never noticed the lost log")
+        await bus.publish([envelope(i, "payer") for i in range(8, 12)])
+
+        async def all_again() -> bool:
+            return len(seen) == 12
+
+        await eventually(all_again, timeout=40)
+        assert "again from the start of the log" in caplog.text
+    finally:
+        await bus.stop()
+        broker.stop()
