@@ -145,8 +145,10 @@ async def bind_database_master_key(db: Database, master: MasterKey, settings: Se
         return
     except WrongMasterKey:
         path = master_key_file(settings)
-        pending = path.with_name(path.name + ".new") if path else None
-        if path is None or pending is None or not pending.exists():
+        if path is None:
+            raise
+        pending = path.with_name(path.name + ".new")
+        if not pending.exists():
             raise
     rotated = load_master_key(settings, path=pending)
     async with db.transaction() as conn:

@@ -1061,6 +1061,16 @@ def _rotate_master(
     settings: Settings, new_key_file: Path | None
 ) -> tuple[str, list[dict[str, object]]]:
     """`keys rotate-master`: (where the new key is, the values re-wrapped per column)."""
+    return asyncio.run(
+        _with_engine(settings, lambda engine: _rotate_master_on(engine, settings, new_key_file))
+    )
+
+
+async def _rotate_master_on(
+    engine: Engine, settings: Settings, new_key_file: Path | None
+) -> tuple[str, list[dict[str, object]]]:
+    """Re-wrap every sealed value under a new master key, with an engine already bound to
+    the database; then the new key file replaces the old one."""
     from api.bootstrap import sealed_columns
     from core.crypto import master_key_file, read_key_file, write_key_file
     from core.keyring import rotate_master_key
@@ -1077,8 +1087,7 @@ def _rotate_master(
         pending = current.with_name(current.name + ".new")
         pending.unlink(missing_ok=True)  # a rotation that never committed
         new = write_key_file(pending)
-
-    async def rotate(engine: Engine) -> list[dict[str, object]]:
+    try:
         async with engine.db.transaction() as conn:
             others = (
                 await conn.execute(
@@ -1095,16 +1104,13 @@ def _rotate_master(
                     " stop serve (and every role) first, they would keep the old key"
                 )
             done = await rotate_master_key(conn, engine.master_key, new, sealed_columns())
-        return [{"column": r.column, "values": r.values} for r in done]
-
-    try:
-        rewrapped = asyncio.run(_with_engine(settings, rotate))
     except BaseException:
         if pending is not None:
             pending.unlink(missing_ok=True)
         raise
     if pending is not None and current is not None:
         os.replace(pending, current)  # committed: the new key replaces the old file
+    rewrapped: list[dict[str, object]] = [{"column": r.column, "values": r.values} for r in done]
     return str(current) if new_key_file is None else str(new_key_file), rewrapped
 
 
@@ -1124,20 +1130,22 @@ def keys_shred(
 
     settings = _settings()
 
-    async def shred(engine: Engine) -> list[str]:
+    async def shred(engine: Engine) -> tuple[list[str], bool, str]:
         async with engine.db.transaction() as conn:
-            return await shred_data_keys(conn, SystemClock().now(), timedelta(days=retention_days))
-
-    destroyed = asyncio.run(_with_engine(settings, shred))
-    # Old copies of the shredded keys' wrapped form (row versions, WAL, backups, standbys)
-    # open under the master key: a new master key makes them useless.
-    rotated, why = False, "nothing was shredded"
-    if destroyed:
+            destroyed = await shred_data_keys(
+                conn, SystemClock().now(), timedelta(days=retention_days)
+            )
+        if not destroyed:
+            return destroyed, False, "nothing was shredded"
+        # Old copies of the shredded keys' wrapped form (row versions, WAL, backups,
+        # standbys) open under the master key: a new master key makes them useless.
         try:
-            _rotate_master(settings, None)
-            rotated, why = True, "the master key was rotated"
+            await _rotate_master_on(engine, settings, None)
         except ConfigError as exc:
-            why = f"run `upi-engine keys rotate-master` next ({exc})"
+            return destroyed, False, f"run `upi-engine keys rotate-master` next ({exc})"
+        return destroyed, True, "the master key was rotated"
+
+    destroyed, rotated, why = asyncio.run(_with_engine(settings, shred))
     if json:
         sys.stdout.write(
             orjson.dumps(

@@ -11,6 +11,10 @@ Exit 0 when the export is valid, 1 when a check fails (the first failure names i
 2 on bad usage. The engine uses the same code (``upi-engine ledger verify-export``, and its
 own ``ledger verify`` on the database).
 
+The engine's modules import its primitives (compliance/chain.py, compliance/tree.py), never
+the other way round, since it must run alone. Its checks over an export therefore repeat,
+on purpose, those that ``ledger verify`` makes on the database (compliance/ledger.py).
+
 The rules, in short:
 
 * ``frame(b) = uint32_be(len(b)) || b`` (strings as UTF-8);

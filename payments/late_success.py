@@ -34,18 +34,15 @@ import logging
 from datetime import date, timedelta
 
 from core.bus.base import Subscription
-from core.clock import Clock
 from core.errors import SwitchError
 from core.events import CATALOGUE, Envelope, LateSuccessFound, LateSuccessReturned, Topic
 from core.inbox import claim
 from core.pii import Vpa
-from core.polling import PollingWorker
-from core.storage import Database, sql_text
+from core.storage import sql_text
 from payments import repository
 from payments.domain import PaymentStatus
 from payments.npci.banks import bank_of
-from payments.npci.switch import SwitchClient
-from payments.npci_handler import NpciTimings
+from payments.npci_handler import SwitchPoller
 from payments.publishing import emit
 
 __all__ = ["DUE_RETURNS", "LateSuccessReturner"]
@@ -72,30 +69,13 @@ _COMPLETE = sql_text(
 )
 
 
-class LateSuccessReturner(PollingWorker):
+class LateSuccessReturner(SwitchPoller):
     """Gives a late success back to its payer: consumes ``LateSuccessFound`` (records the
     intent) and sends the credit reversals (a polling worker, so that a bank that is down
     for days delays the return, never loses it)."""
 
     name = "late-success returner"
     consumer = "late-success"
-
-    def __init__(
-        self,
-        db: Database,
-        switch: SwitchClient,
-        clock: Clock,
-        timings: NpciTimings | None = None,
-        *,
-        batch_size: int = 50,
-        poll_interval_s: float = 1.0,
-    ) -> None:
-        super().__init__(poll_interval_s)
-        self._db = db
-        self._switch = switch
-        self._clock = clock
-        self.timings = timings or NpciTimings()
-        self._batch = batch_size
 
     def subscription(self) -> Subscription:
         return Subscription(

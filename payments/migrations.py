@@ -7,6 +7,7 @@ step hands them over to the simulator, whose tables are its own, in the schema `
 
 from core.outbox import OUTBOX_WRITE_LOCK
 from core.storage import Migration
+from payments.npci.handover import SIMULATOR_TABLES_HANDOVER
 
 MIGRATIONS = [
     Migration(
@@ -351,53 +352,9 @@ MIGRATIONS = [
         -- renamed without its npci_ prefix, with its indexes, constraints and identity
         -- sequence. An empty one (a fresh database, where 0002 etc. just made it) is
         -- dropped: with a real NPCI none of the simulator's tables exists.
-        DO $handover$
-        DECLARE
-            t record;
-            r record;
-            has_rows boolean;
-            moved regclass;
-        BEGIN
-            FOR t IN SELECT * FROM (VALUES ('npci_accounts', 'accounts'),
-                ('npci_transactions', 'transactions'), ('npci_api_calls', 'api_calls'),
-                ('npci_disputes', 'disputes')) AS v (old, new)
-            LOOP
-                CONTINUE WHEN to_regclass(format('public.%I', t.old)) IS NULL;
-                EXECUTE format('SELECT EXISTS (SELECT 1 FROM public.%I)', t.old) INTO has_rows;
-                IF NOT has_rows THEN
-                    EXECUTE format('DROP TABLE public.%I', t.old);
-                    CONTINUE;
-                END IF;
-                IF to_regclass(format('npci_sim.%I', t.new)) IS NOT NULL THEN
-                    RAISE EXCEPTION 'public.% holds rows and npci_sim.% exists already', t.old,
-                        t.new USING HINT = 'move the rows by hand, then drop public.' || t.old;
-                END IF;
-                CREATE SCHEMA IF NOT EXISTS npci_sim;
-                EXECUTE format('ALTER TABLE public.%I SET SCHEMA npci_sim', t.old);
-                EXECUTE format('ALTER TABLE npci_sim.%I RENAME TO %I', t.old, t.new);
-                moved := format('npci_sim.%I', t.new)::regclass;
-                -- Names as the simulator's own CREATE gives them: without the npci_ prefix.
-                FOR r IN SELECT conname FROM pg_constraint
-                    WHERE conrelid = moved AND left(conname, 5) = 'npci_'
-                LOOP
-                    EXECUTE format('ALTER TABLE %s RENAME CONSTRAINT %I TO %I', moved,
-                        r.conname, substr(r.conname, 6));
-                END LOOP;
-                FOR r IN SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-                    WHERE i.indrelid = moved AND left(c.relname, 5) = 'npci_'
-                LOOP
-                    EXECUTE format('ALTER INDEX npci_sim.%I RENAME TO %I', r.relname,
-                        substr(r.relname, 6));
-                END LOOP;
-                FOR r IN SELECT s.relname FROM pg_depend d JOIN pg_class s ON s.oid = d.objid
-                    WHERE d.refobjid = moved AND s.relkind = 'S' AND left(s.relname, 5) = 'npci_'
-                LOOP
-                    EXECUTE format('ALTER SEQUENCE npci_sim.%I RENAME TO %I', r.relname,
-                        substr(r.relname, 6));
-                END LOOP;
-            END LOOP;
-        END
-        $handover$;
+        """
+        + SIMULATOR_TABLES_HANDOVER
+        + """
         """,
     ),
     Migration(

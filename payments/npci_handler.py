@@ -571,7 +571,31 @@ STALE_SUBMISSIONS = sql_text(
 )
 
 
-class DeemedResolver(PollingWorker):
+class SwitchPoller(PollingWorker):
+    """A polling worker that asks the switch about payments in batches (the deemed
+    resolver, the late-success returner): its database, switch, clock and NPCI timers."""
+
+    default_interval_s = 1.0
+
+    def __init__(
+        self,
+        db: Database,
+        switch: SwitchClient,
+        clock: Clock,
+        timings: NpciTimings | None = None,
+        *,
+        batch_size: int = 50,
+        poll_interval_s: float | None = None,
+    ) -> None:
+        super().__init__(self.default_interval_s if poll_interval_s is None else poll_interval_s)
+        self._db = db
+        self._switch = switch
+        self._clock = clock
+        self.timings = timings or NpciTimings()
+        self._batch = batch_size
+
+
+class DeemedResolver(SwitchPoller):
     """Resolves ``DEEMED`` payments: check-status on NPCI's budget, then reversal.
 
     The plan (:class:`~payments.npci.rules.CheckStatusPlan`) says when: the first check
@@ -587,22 +611,7 @@ class DeemedResolver(PollingWorker):
 
     name = "deemed resolver"
 
-    def __init__(
-        self,
-        db: Database,
-        switch: SwitchClient,
-        clock: Clock,
-        timings: NpciTimings | None = None,
-        *,
-        batch_size: int = 50,
-        poll_interval_s: float = 0.5,
-    ) -> None:
-        super().__init__(poll_interval_s)
-        self._db = db
-        self._switch = switch
-        self._clock = clock
-        self.timings = timings or NpciTimings()
-        self._batch = batch_size
+    default_interval_s = 0.5
 
     async def run_once(self) -> int:
         """Ask about (or reverse) every due deemed payment once; returns how many were due."""
