@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import httpx
 import orjson
 
 from core.embedded import stop_embedded
-from tests.support import free_port, short_tmpdir
+from tests.support import free_port, kill_process, short_tmpdir, stop_process
 
 UPI_ENGINE = str(Path(sys.executable).parent / "upi-engine")
 
@@ -117,18 +116,10 @@ class Serve:
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        kill_process(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 20)
 
 
 @contextlib.contextmanager
