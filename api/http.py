@@ -339,6 +339,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             merchant_order_id=body.merchant_order_id,
             note=body.note,
             device=DeviceInfo(**body.device.model_dump()) if body.device else None,
+            partition_key=engine.master_key.partition_key(body.payer_vpa.value),
         )
         result = await service.initiate_payment(engine.db, cmd, engine.clock, limits)
         if not result.replayed:

@@ -57,6 +57,12 @@ class MasterKey:
         message = purpose.encode() + b"\0" + value.lower().encode()
         return hmac.new(self._pseudonym_key, message, hashlib.sha256).digest()[:16]
 
+    def partition_key(self, payer_vpa: str) -> str:
+        """The bus partition key of a payer's payments: a keyed pseudonym, so the outbox, the
+        broker and the dead letters never hold the VPA, nor a hash of it that a list of VPAs
+        would reverse. Stable across master-key rotations (the pseudonym key is)."""
+        return self.pseudonym(payer_vpa, "partition").hex()
+
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, plaintext, aad)

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import GetCoreSchemaHandler
 from pydantic_core import core_schema
 
-__all__ = ["VPA_PATTERN", "Vpa", "mask_text", "mask_vpa", "partition_key_for"]
+__all__ = ["VPA_PATTERN", "Vpa", "mask_text", "mask_vpa", "unkeyed_partition_key"]
 
 # NPCI: local part of letters, digits, '.', '-', '_' ; handle of letters (and digits).
 VPA_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}@[A-Za-z][A-Za-z0-9]{1,63}$")
@@ -37,8 +37,11 @@ def mask_text(text: str) -> str:
     return _VPA_IN_TEXT.sub(lambda m: mask_vpa(m.group(0)), text)
 
 
-def partition_key_for(vpa: str) -> str:
-    """The bus partition key of a payer: a hash, so brokers never hold a VPA in clear."""
+def unkeyed_partition_key(vpa: str) -> str:
+    """The bus partition key of payments made before migration ``payments.0016``: an unkeyed
+    hash, which anyone holding a list of VPAs can reverse. New payments take a keyed one
+    (:meth:`core.crypto.MasterKey.partition_key`); a payment keeps its key for life, so one
+    payer's events stay in order across the upgrade. For tests that need a stable key."""
     return hashlib.sha256(vpa.lower().encode()).hexdigest()[:32]
 
 

@@ -30,7 +30,6 @@ from core.events import Envelope, Event
 from core.inbox import claim_many
 from core.metrics import PAYMENTS_FINAL
 from core.outbox import append_to_outbox
-from core.pii import partition_key_for
 from core.storage import sql_text
 from payments.domain import Payment, PaymentStatus
 
@@ -66,13 +65,15 @@ _VERIFICATIONS = sql_text(
 )
 
 
-def wrap(event: Event, clock: Clock, cause: Envelope | None, payer_vpa: str) -> Envelope:
-    """The envelope of a payments event: keyed by the payer (per-payer order on every bus),
-    caused by the event being handled, if any, and in its trace
-    (:func:`core.tracing.headers_for`)."""
+def wrap(event: Event, clock: Clock, cause: Envelope | None, partition_key: str) -> Envelope:
+    """The envelope of a payments event: keyed by the payment's ``partition_key`` (the
+    payer's keyed pseudonym: per-payer order on every bus), caused by the event being
+    handled, if any, and in its trace (:func:`core.tracing.headers_for`)."""
+    if not (cause or partition_key):
+        raise ValueError(f"{type(event).__name__}: no partition key")
     return Envelope.wrap(
         event,
-        partition_key=cause.partition_key if cause else partition_key_for(payer_vpa),
+        partition_key=cause.partition_key if cause else partition_key,
         occurred_at=clock.now(),
         causation_id=cause.event_id if cause else None,
         headers=tracing.headers_for(cause),
@@ -108,8 +109,8 @@ class PaymentChanges:
     def __bool__(self) -> bool:
         return bool(self._rows or self._fraud or self._verifications or self._events)
 
-    def emit(self, event: Event, cause: Envelope | None, payer_vpa: str) -> None:
-        self._events.append(wrap(event, self._clock, cause, payer_vpa))
+    def emit(self, event: Event, cause: Envelope | None, partition_key: str) -> None:
+        self._events.append(wrap(event, self._clock, cause, partition_key))
 
     def transition(
         self,
@@ -132,7 +133,7 @@ class PaymentChanges:
         if next_check_at is not None:
             row.next_check_at = next_check_at
         if event is not None:
-            self.emit(event, cause, before.payer_vpa)
+            self.emit(event, cause, before.partition_key)
         if after.status.is_final:
             self._final.append(after.status)
         return after

@@ -46,7 +46,6 @@ from core.events import (
 )
 from core.keyring import SealedColumn
 from core.outbox import append_to_outbox
-from core.pii import partition_key_for
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
 from payments.npci.switch import DisputeNotice, SwitchClient
@@ -141,7 +140,7 @@ class Dispute:
     resolved_at: datetime | None
     payer_bank: str
     payee_bank: str
-    payer_vpa: str = field(default="", repr=False)
+    partition_key: str = field(default="", repr=False)  # its payment's
 
     def view(self) -> dict[str, Any]:
         return {
@@ -167,7 +166,7 @@ def _iso(at: datetime | None) -> str | None:
 _COLUMNS = (
     "d.dispute_id, d.transaction_id, d.merchant_id, d.amount_paise, d.reason, d.status,"
     " d.raised_at, d.respond_by, d.auto_accepted, d.documents, d.answered_at, d.resolved_at,"
-    " d.payer_bank, d.payee_bank, p.payer_vpa"
+    " d.payer_bank, d.payee_bank, p.partition_key"
 )
 _FROM = " FROM disputes d JOIN payments p ON p.transaction_id = d.transaction_id"
 
@@ -188,7 +187,7 @@ def _dispute(row: Any) -> Dispute:
         row.resolved_at,
         row.payer_bank,
         row.payee_bank,
-        row.payer_vpa,
+        row.partition_key,
     )
 
 
@@ -222,7 +221,7 @@ def _event(d: Dispute, step: Step, *, documents: int = 0) -> Event:
 async def _publish(
     conn: AsyncConnection, d: Dispute, events: Sequence[Event], at: datetime
 ) -> None:
-    key = partition_key_for(d.payer_vpa)
+    key = d.partition_key
     await append_to_outbox(
         conn, [Envelope.wrap(e, partition_key=key, occurred_at=at) for e in events]
     )

@@ -96,6 +96,10 @@ class Payment:
     # The fraud decision as the merchant sees it: {decision, score, reasons}.
     fraud: dict[str, Any] | None = field(default=None, compare=False, hash=False)
     history: tuple[StatusChange, ...] = field(default=())
+    # The bus partition key of every event of this payment: the payer's keyed pseudonym
+    # (core.crypto.MasterKey.partition_key), fixed at initiation, so all of one payer's
+    # events go through one partition, in order, without the VPA on the bus.
+    partition_key: str = field(default="", repr=False)
 
     @classmethod
     def initiate(
@@ -110,6 +114,7 @@ class Payment:
         at: datetime,
         note: str | None = None,
         mcc: str = "0000",
+        partition_key: str = "",
     ) -> Payment:
         if amount_paise < 1:
             raise ValueError("amount_paise must be at least 1")
@@ -126,6 +131,7 @@ class Payment:
             note=note,
             mcc=mcc,
             history=(StatusChange(PaymentStatus.INITIATED, at),),
+            partition_key=partition_key,
         )
 
     def transition(

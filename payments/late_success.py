@@ -157,5 +157,5 @@ class LateSuccessReturner(SwitchPoller):
                 payer_bank=bank_of(payment.payer_vpa) or "UNKNOWN",
                 returned_at=now,
             )
-            await emit(conn, returned, self._clock, None, payment.payer_vpa)
+            await emit(conn, returned, self._clock, None, payment.partition_key)
         _log.info("late success returned to the payer", extra={"transaction_id": txn})

@@ -377,4 +377,18 @@ MIGRATIONS = [
         FROM merchants;
         """,
     ),
+    Migration(
+        "payments.0016_partition_keys",
+        """
+        -- The bus partition key of a payment's events, fixed at initiation: the payer's
+        -- keyed pseudonym (core.crypto.MasterKey.partition_key). Payments made before keep
+        -- the unkeyed hash they were published under (core.pii.unkeyed_partition_key), so
+        -- one payer's events stay on one partition, in order, across the upgrade.
+        ALTER TABLE payments ADD COLUMN partition_key text;
+        UPDATE payments
+           SET partition_key
+               = left(encode(sha256(convert_to(lower(payer_vpa), 'UTF8')), 'hex'), 32);
+        ALTER TABLE payments ALTER COLUMN partition_key SET NOT NULL;
+        """,
+    ),
 ]

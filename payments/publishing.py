@@ -19,11 +19,11 @@ __all__ = ["emit", "failed_event", "finish", "wrap"]
 
 
 async def emit(
-    conn: AsyncConnection, event: Event, clock: Clock, cause: Envelope | None, payer_vpa: str
+    conn: AsyncConnection, event: Event, clock: Clock, cause: Envelope | None, partition_key: str
 ) -> None:
-    """Append one event to this transaction's outbox."""
+    """Append one event to this transaction's outbox (``partition_key``: its payment's)."""
     changes = PaymentChanges(clock)
-    changes.emit(event, cause, payer_vpa)
+    changes.emit(event, cause, partition_key)
     await changes.flush(conn)
 
 

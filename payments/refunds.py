@@ -31,7 +31,6 @@ from core.events import (
 from core.ids import new_event_id
 from core.inbox import claim
 from core.outbox import append_to_outbox
-from core.pii import partition_key_for
 from core.storage import Database, sql_text
 from payments import repository
 from payments.domain import PaymentStatus
@@ -180,7 +179,7 @@ async def request_refund(
             amount_paise=amount_paise,
             initiated_at=now,
         )
-        key = partition_key_for(payment.payer_vpa)
+        key = payment.partition_key
         await append_to_outbox(conn, [Envelope.wrap(event, partition_key=key, occurred_at=now)])
     return view.view(), False
 

@@ -26,7 +26,7 @@ __all__ = [
 _COLUMNS = (
     "transaction_id, merchant_id, merchant_order_id, payer_vpa, payee_vpa, amount_paise,"
     " currency, note, mcc, status, response_code, rrn, payer_bank, payee_bank, fraud,"
-    " created_at, updated_at, completed_at"
+    " created_at, updated_at, completed_at, partition_key"
 )
 
 
@@ -50,13 +50,15 @@ def to_payment(row: Row[Any]) -> Payment:
         updated_at=row.updated_at,
         completed_at=row.completed_at,
         fraud=row.fraud,
+        partition_key=row.partition_key,
     )
 
 
 _INSERT_PAYMENT = (
     "WITH p AS (INSERT INTO payments (transaction_id, merchant_id, merchant_order_id, payer_vpa,"
-    " payee_vpa, amount_paise, currency, note, mcc, device, status, created_at, updated_at)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CAST($10 AS jsonb), $11, $12, $12)"
+    " payee_vpa, amount_paise, currency, note, mcc, device, status, created_at, updated_at,"
+    " partition_key)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CAST($10 AS jsonb), $11, $12, $12, $13)"
     " RETURNING transaction_id)"
     " INSERT INTO payment_status_history (transaction_id, seq, status, at)"
     " SELECT transaction_id, 1, $11, $12 FROM p"
@@ -82,6 +84,7 @@ async def insert_payment(
         orjson.dumps(device).decode() if device is not None else None,
         payment.status.value,
         payment.created_at,
+        payment.partition_key,
     )
 
 

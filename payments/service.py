@@ -24,7 +24,7 @@ from core.events import DeviceInfo, Envelope, PaymentInitiated
 from core.ids import new_transaction_id
 from core.metrics import PAYMENTS_INITIATED
 from core.outbox import append_to_outbox_raw
-from core.pii import Vpa, partition_key_for
+from core.pii import Vpa
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
@@ -57,6 +57,9 @@ class InitiatePayment:
     note: str | None = None
     device: DeviceInfo | None = None
     currency: str = "INR"
+    # The payer's keyed pseudonym (core.crypto.MasterKey.partition_key): the bus key of
+    # every event of the payment.
+    partition_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ async def initiate_payment(
 ) -> InitiationResult:
     """Four statements: :data:`_OPEN`, the payer's day, the payment with its first history
     row, the outbox row."""
+    if not cmd.partition_key:
+        raise ValueError("InitiatePayment needs the payer's partition key")
     limits = limits or PaymentLimits()
     now = clock.now()
     transaction_id = new_transaction_id()
@@ -173,6 +178,7 @@ async def initiate_payment(
             at=now,
             note=cmd.note,
             mcc=merchant.mcc,
+            partition_key=cmd.partition_key,
         )
         device = cmd.device.model_dump(mode="json", exclude_none=True) if cmd.device else None
         await repository.insert_payment(conn, payment, device)
@@ -189,11 +195,7 @@ async def initiate_payment(
         )
         await append_to_outbox_raw(
             conn,
-            [
-                Envelope.wrap(
-                    event, partition_key=partition_key_for(cmd.payer_vpa.value), occurred_at=now
-                )
-            ],
+            [Envelope.wrap(event, partition_key=payment.partition_key, occurred_at=now)],
         )
     PAYMENTS_INITIATED.inc()
     return InitiationResult(202, body, replayed=False)

@@ -314,7 +314,7 @@ async def verify(
                 ),
                 clock,
                 None,
-                payment.payer_vpa,
+                payment.partition_key,
             )
             return payment
         left = policy.max_attempts - attempts

@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from core.clock import FakeClock
 from core.errors import LimitExceeded
-from core.pii import Vpa
+from core.pii import Vpa, unkeyed_partition_key
 from core.storage import Database
 from payments import service
 from payments.merchants import Merchant, insert_merchant
@@ -38,6 +38,7 @@ def command(merchant: str, amount: int, key: str, payer: str = "big.payer@okhdfc
         idempotency_key=key,
         request_hash=service.request_hash(body),
         payer_vpa=Vpa(payer),
+        partition_key=unkeyed_partition_key(payer),
         payee_vpa=None,
         amount_paise=amount,
         merchant_order_id=key,

@@ -19,7 +19,7 @@ from core.config import Settings
 from core.crypto import MasterKey
 from core.errors import PoisonMessage
 from core.events import CATALOGUE, DeviceInfo, Envelope, FraudAssessed, PaymentInitiated
-from core.pii import Vpa, partition_key_for
+from core.pii import Vpa, unkeyed_partition_key
 from fraud.assessor import FraudAssessor, txn_of
 from fraud.features import Txn
 from fraud.simulator import simulate
@@ -53,7 +53,9 @@ def envelope_of(transaction_id: str, txn: Txn) -> Envelope:
         device=device,
         initiated_at=txn.at,
     )
-    return Envelope.wrap(initiated, partition_key=partition_key_for(txn.payer), occurred_at=txn.at)
+    return Envelope.wrap(
+        initiated, partition_key=unkeyed_partition_key(txn.payer), occurred_at=txn.at
+    )
 
 
 def payments(n: int, start: int = 0, **kw: object) -> list[Envelope]:

@@ -14,7 +14,7 @@ from core.clock import FakeClock
 from core.config import Settings
 from core.crypto import MasterKey
 from core.events import CATALOGUE, DeviceInfo, Envelope, FraudAssessed, PaymentInitiated
-from core.pii import Vpa, partition_key_for
+from core.pii import Vpa, unkeyed_partition_key
 from fraud.assessor import FraudAssessor
 from fraud.features import Txn
 from fraud.history import PAYEE_WINDOW, HistoryTracker
@@ -90,7 +90,7 @@ def initiated(payer: str, amount: int, at: datetime, device: str = "phone-1", **
         device=DeviceInfo(id=device, **where),
         initiated_at=at,
     )
-    return Envelope.wrap(event, partition_key=partition_key_for(payer), occurred_at=at)
+    return Envelope.wrap(event, partition_key=unkeyed_partition_key(payer), occurred_at=at)
 
 
 async def decisions(db) -> dict[str, FraudAssessed]:

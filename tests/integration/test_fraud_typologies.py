@@ -17,7 +17,7 @@ from core.clock import FakeClock
 from core.config import Settings
 from core.crypto import MasterKey
 from core.events import CATALOGUE, DeviceInfo, Envelope, FraudAssessed, PaymentInitiated
-from core.pii import Vpa, partition_key_for
+from core.pii import Vpa, unkeyed_partition_key
 from fraud.assessor import FraudAssessor
 from fraud.cities import CITIES
 from tests.integration.test_fraud_store import decisions as decided
@@ -48,7 +48,7 @@ def initiated(
         device=DeviceInfo(id=device or f"phone-{payer}", latitude=lat, longitude=lon),
         initiated_at=at,
     )
-    return Envelope.wrap(event, partition_key=partition_key_for(payer), occurred_at=at)
+    return Envelope.wrap(event, partition_key=unkeyed_partition_key(payer), occurred_at=at)
 
 
 async def assess_all(db, envelopes: list[Envelope]) -> list[FraudAssessed]:

@@ -24,7 +24,7 @@ from api.switch_journal import SwitchSettlementJournal
 from core.clock import IST, FakeClock
 from core.config import Settings
 from core.events import Envelope, LateSuccessFound
-from core.pii import Vpa
+from core.pii import Vpa, unkeyed_partition_key
 from npcisim.mock import MockSwitch, opening_balance
 from payments import service
 from payments.domain import Payment, PaymentStatus
@@ -75,6 +75,7 @@ async def pay(engine: Engine, payer: str, amount: int) -> str:
             idempotency_key=payer,
             request_hash=service.request_hash(body),
             payer_vpa=Vpa(payer),
+            partition_key=unkeyed_partition_key(payer),
             payee_vpa=None,
             amount_paise=amount,
             merchant_order_id=payer,

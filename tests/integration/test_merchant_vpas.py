@@ -17,7 +17,7 @@ from core.clock import FakeClock
 from core.crypto import MasterKey
 from core.errors import LimitExceeded, NotFound, PayeeNotAllowed, VpaTaken
 from core.events import CATALOGUE, Envelope, MerchantVpaRegistered
-from core.pii import Vpa
+from core.pii import Vpa, unkeyed_partition_key
 from core.storage import Database, migrate
 from payments import service
 from payments.merchants import Merchant, insert_merchant, register_vpa
@@ -43,6 +43,7 @@ def command(key: str, payee: str | None, amount: int = 1_000) -> service.Initiat
         idempotency_key=key,
         request_hash=service.request_hash(body),
         payer_vpa=Vpa("success@okhdfc"),
+        partition_key=unkeyed_partition_key("success@okhdfc"),
         payee_vpa=Vpa(payee) if payee else None,
         amount_paise=amount,
         merchant_order_id="o",

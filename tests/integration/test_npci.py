@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from api.bootstrap import Engine
 from core.config import Settings
-from core.pii import Vpa
+from core.pii import Vpa, unkeyed_partition_key
 from npcisim.mock import MockSwitch, opening_balance
 from payments import service
 from payments.domain import PaymentStatus
@@ -69,6 +69,7 @@ async def pay(engine: Engine, payer: str, amount: int = 1_000, key: str | None =
         idempotency_key=key,
         request_hash=service.request_hash(body),
         payer_vpa=Vpa(payer),
+        partition_key=unkeyed_partition_key(payer),
         payee_vpa=None,
         amount_paise=amount,
         merchant_order_id="o",

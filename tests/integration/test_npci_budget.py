@@ -17,7 +17,7 @@ from api.bootstrap import Engine
 from core.clock import FakeClock
 from core.config import Settings
 from core.errors import SwitchRateLimited
-from core.pii import Vpa
+from core.pii import Vpa, unkeyed_partition_key
 from npcisim.mock import MockSwitch
 from payments import service
 from payments.domain import PaymentStatus
@@ -135,6 +135,7 @@ async def test_a_load_of_timeout_payers_stays_within_the_budget(db_url):
                     idempotency_key=f"load-{i}",
                     request_hash=service.request_hash(body),
                     payer_vpa=Vpa(payer),
+                    partition_key=unkeyed_partition_key(payer),
                     payee_vpa=None,
                     amount_paise=1_000 + i,
                     merchant_order_id=f"o{i}",

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from core.clock import FakeClock
 from core.errors import SwitchError, SwitchTimeout
 from core.events import Envelope, FraudAssessed, FraudDecision
-from core.pii import Vpa, partition_key_for
+from core.pii import Vpa, unkeyed_partition_key
 from core.storage import Database
 from npcisim.mock import MockSwitch, opening_balance
 from payments import service
@@ -100,6 +100,7 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
                 idempotency_key="k",
                 request_hash=service.request_hash(body),
                 payer_vpa=Vpa(payer),
+                partition_key=unkeyed_partition_key(payer),
                 payee_vpa=None,
                 amount_paise=amount,
                 merchant_order_id="o",
@@ -118,7 +119,7 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
                 model_version="test",
                 assessed_at=clock.now(),
             ),
-            partition_key=partition_key_for(payer),
+            partition_key=unkeyed_partition_key(payer),
         )
 
         def handler() -> NpciHandler:  # a fresh one each time: a restarted process

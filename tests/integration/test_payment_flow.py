@@ -14,7 +14,7 @@ from core.clock import FakeClock
 from core.config import Settings
 from core.errors import IdempotencyConflict
 from core.events import CATALOGUE, Envelope, FraudAssessed, FraudDecision, PaymentInitiated
-from core.pii import Vpa
+from core.pii import Vpa, unkeyed_partition_key
 from fraud.assessor import FraudAssessor
 from npcisim.mock import MockSwitch, opening_balance
 from payments import service
@@ -56,6 +56,7 @@ def command(payer: str, amount: int, key: str, order: str = "o1") -> service.Ini
         idempotency_key=key,
         request_hash=service.request_hash(body),
         payer_vpa=Vpa(payer),
+        partition_key=unkeyed_partition_key(payer),
         payee_vpa=None,
         amount_paise=amount,
         merchant_order_id=order,

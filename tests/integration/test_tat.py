@@ -21,7 +21,7 @@ from sqlalchemy import text
 from api.bootstrap import Engine
 from core.clock import IST, FakeClock
 from core.config import Settings
-from core.pii import Vpa
+from core.pii import Vpa, unkeyed_partition_key
 from npcisim.mock import MockSwitch
 from payments import service
 from payments.domain import Payment, PaymentStatus
@@ -76,6 +76,7 @@ async def pay(engine: Engine, payer: str, amount: int) -> str:
             idempotency_key=payer,
             request_hash=service.request_hash(body),
             payer_vpa=Vpa(payer),
+            partition_key=unkeyed_partition_key(payer),
             payee_vpa=None,
             amount_paise=amount,
             merchant_order_id=payer,
