@@ -102,6 +102,7 @@ class KafkaBus:
         self._acked: dict[TopicPartition, int] = {}  # highest offset the broker acknowledged
         self._floor: dict[TopicPartition, int] = {}  # first offset of the last publish
         self._probe: AIOKafkaConsumer | None = None
+        self._repair_topics = False  # a lost log's topics are still to be checked
 
     # ------------------------------------------------------------------ names
 
@@ -302,8 +303,16 @@ class KafkaBus:
             _log.warning("watchdog: %s", exc)  # tried again at the next round
             running.progress_at = time.monotonic()
 
-    async def _create_topics(self) -> None:
+    async def _repair(self) -> None:
+        """After a lost log, before anything is published again: the topics as configured."""
+        await self._create_topics(repair=True)
+        self._repair_topics = False
+
+    async def _create_topics(self, *, repair: bool = False) -> None:
+        """Create the topics that are missing; with ``repair`` (after a lost log), make again
+        those at another partition count than ``kafka_partitions``."""
         names = [self.topic_name(t.value) for t in Topic] + [self.dlq_topic]
+        want = self._settings.kafka_partitions
         admin = AIOKafkaAdminClient(
             bootstrap_servers=self._settings.kafka_bootstrap, client_id=self._client_id
         )
@@ -316,19 +325,30 @@ class KafkaBus:
                 f"cannot reach Kafka at {self._settings.kafka_bootstrap}: {exc!r}"
             ) from exc
         try:
-            existing = set(await admin.list_topics())
-            missing = [n for n in names if n not in existing]
-            if missing:
-                topics = [
-                    NewTopic(
-                        n, num_partitions=self._settings.kafka_partitions, replication_factor=1
-                    )
-                    for n in missing
-                ]
+            for _ in range(3):
+                # Every topic's partitions, without the auto-creation a request naming
+                # topics would ask for.
+                counts = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics()}
+                wrong = [n for n in names if counts.get(n, want) != want] if repair else []
+                if wrong:
+                    # The restarted broker made them itself, at its own partition count, for
+                    # a client asking before we did: records sent to a partition it lacks
+                    # are acknowledged and kept nowhere (Tansu). Whatever they hold the
+                    # relay publishes again after a loss: made again, at the right count.
+                    _log.warning("Kafka topics at the wrong partition count: %s", wrong)
+                    with contextlib.suppress(UnknownTopicOrPartitionError):
+                        await admin.delete_topics(wrong)
+                missing = [n for n in names if n not in counts or n in wrong]
+                if not missing:
+                    break
+                topics = [NewTopic(n, num_partitions=want, replication_factor=1) for n in missing]
                 with contextlib.suppress(TopicAlreadyExistsError):
                     await admin.create_topics(topics)
         finally:
             await admin.close()
+        if repair and self._producer is not None:
+            # Its metadata still holds the lost log's partitions.
+            await self._producer.client.force_metadata_update()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -358,6 +378,11 @@ class KafkaBus:
         producer = self._producer
         if producer is None:
             raise BusError("Kafka bus is not started")
+        if self._repair_topics:
+            try:
+                await self._repair()
+            except KafkaError as exc:
+                raise BusError(f"cannot make the topics again: {exc!r}") from exc
         try:
             futures = []
             for envelope in envelopes:
@@ -413,7 +438,11 @@ class KafkaBus:
         _log.error("the Kafka broker lost its log: %s", why)
         for running in self._running.values():
             running.rewind = True
-        await self._create_topics()
+        self._repair_topics = True
+        try:
+            await self._repair()
+        except Exception as exc:  # the broker is away again: the next publish tries again
+            _log.warning("cannot make the topics again yet: %s", exc)
         raise BrokerLogLost(f"the broker lost its log: {why}")
 
     async def dead_letter(self, letter: DeadLetter) -> None:

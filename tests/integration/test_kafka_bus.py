@@ -376,3 +376,73 @@ async def test_after_the_broker_lost_its_log_the_consumers_read_the_new_log_from
     finally:
         await bus.stop()
         broker.stop()
+
+
+async def test_a_topic_the_restarted_broker_made_at_its_own_partition_count_is_made_again():
+    """After the restart a client's metadata request makes the broker create the topic
+    itself, at its default partition count (Tansu: 4), before the bus can: records the bus's
+    producer sends to the partitions the lost log had beyond those are acknowledged and kept
+    nowhere. The bus that notices the loss makes the topic again at its configured count,
+    so what the relay publishes again is all read."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from core.errors import BrokerLogLost
+    from tests.support import Tansu
+
+    broker = Tansu().start()
+    s = settings(f"127.0.0.1:{broker.port}", kafka_partitions=6)
+    seen: set[str] = set()
+
+    async def handle(e: Envelope) -> None:
+        seen.add(e.payload["transaction_id"])
+
+    bus = KafkaBus(s)
+    bus.subscribe(Subscription("orders", ("payments",), handle))
+    # Keys spread over every partition (one payer per payment).
+    batch = [envelope(i, f"payer{i}") for i in range(40)]
+    try:
+        await bus.start()
+        await bus.publish(batch)
+
+        async def all_seen() -> bool:
+            return len(seen) == 40
+
+        await eventually(all_seen)
+        broker.kill()
+        broker.start()  # same port, empty log
+        topic = bus.topic_name("payments")
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+        for _ in range(40):
+            try:
+                await admin.start()
+                break
+            except Exception:
+                await asyncio.sleep(0.5)
+        try:
+            await admin.describe_topics([topic])  # names it: the broker makes it, its way
+            made = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics()}
+            assert made[topic] != 6, made  # else this test shows nothing
+        finally:
+            await admin.close()
+        seen.clear()
+        for _ in range(40):
+            try:
+                await bus.publish(batch)
+            except BrokerLogLost:
+                break
+            except BusError:
+                await asyncio.sleep(0.5)
+        else:
+            raise AssertionError("the bus never noticed the lost log")
+        await _publish_when_the_broker_answers(bus, batch)  # the relay's republication
+        await eventually(all_seen, timeout=40)
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+        await admin.start()
+        try:
+            now = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics()}
+        finally:
+            await admin.close()
+        assert now[topic] == 6
+    finally:
+        await bus.stop()
+        broker.stop()
