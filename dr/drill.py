@@ -158,6 +158,8 @@ class Drill:
                 # payment in flight at the kill is deemed, and its first check-status (90 s
                 # after the pay leg at NPCI's pace) comes within the settle time.
                 "UPI_NPCI_TIME_SCALE": os.environ.get("UPI_NPCI_TIME_SCALE", "0.2"),
+                # Each region's HTTP processes as the operator asks (auto: one per CPU).
+                "UPI_GATEWAY_PROCESSES": os.environ.get("UPI_GATEWAY_PROCESSES", "auto"),
                 "UPI_PAYER_DAILY_MAX_COUNT": "100000",
                 "UPI_MERCHANT_RATE_PER_S": "1000",
                 "UPI_MERCHANT_RATE_BURST": "1000",

@@ -16,9 +16,21 @@ os.environ.setdefault("UPI_LOG_LEVEL", "WARNING")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests marked slow first, in their collected order: on several workers a long
-    test that started last would set the suite's wall time on its own."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The files with the most slow tests first, each file's slow tests first, otherwise in
+    collected order: ``scripts/test`` hands a file to one worker at a time in this order,
+    and a long file started last would set the suite's wall time on its own."""
+    slow_in_file: dict[str, int] = {}
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            slow_in_file[item.location[0]] = slow_in_file.get(item.location[0], 0) + 1
+    order = {id(item): n for n, item in enumerate(items)}
+    items.sort(
+        key=lambda item: (
+            -slow_in_file.get(item.location[0], 0),
+            item.get_closest_marker("slow") is None,
+            order[id(item)],
+        )
+    )
 
 
 @pytest.fixture(scope="session")

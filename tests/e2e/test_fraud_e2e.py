@@ -22,7 +22,7 @@ from tests.e2e.harness import Serve, base_env, cli, create_merchant, wait_final
 from tests.support import short_tmpdir
 
 # Slow, and one worker runs the module: its tests share one server.
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("fraud_e2e")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 HANDLES = ("okhdfc", "okicici", "oksbi", "okaxis", "ybl", "paytm")
 

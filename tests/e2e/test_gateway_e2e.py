@@ -13,7 +13,7 @@ import pytest
 from tests.e2e.harness import cli, create_merchant, query, serving, wait_final
 
 # One worker runs the whole module, so that its tests share one server.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("gateway_e2e")]
+pytestmark = [pytest.mark.e2e]
 
 SHOP_NUMBERS = itertools.count(1)
 GOOD = {"payer_vpa": "success@okhdfc", "amount_paise": 12_345, "merchant_order_id": "ord-1"}

@@ -26,7 +26,7 @@ from tests.e2e.harness import UPI_ENGINE, Serve, cli, create_merchant, embedded_
 from tests.support import free_port
 
 # Slow, and one worker runs the module: its tests share one busy engine.
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("top_e2e")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TMUX = shutil.which("tmux")
 

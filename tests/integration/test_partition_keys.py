@@ -140,9 +140,7 @@ async def test_payments_from_before_the_migration_keep_the_key_they_were_publish
             )
         await migrate(db, migrations)
         async with db.connection() as conn:
-            key = (
-                await conn.execute(text("SELECT partition_key FROM payments"))
-            ).scalar_one()
+            key = (await conn.execute(text("SELECT partition_key FROM payments"))).scalar_one()
         assert key == unkeyed_partition_key("ravi.k@okaxis")
     finally:
         await db.close()
