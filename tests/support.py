@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
+from core.storage import Database
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 PROMTOOL = shutil.which("promtool")
@@ -99,6 +101,20 @@ def tansu_broker() -> Iterator[str]:
             proc.kill()
             proc.wait(5)
         log.close()
+
+
+async def empty_database(pg_server: str, prefix: str) -> Database:
+    """A new, empty database on the session's server (``pg_server``'s URL template), for
+    tests that migrate it step by step; the caller closes it."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    name = unique_name(prefix)
+    admin = create_async_engine(pg_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
+    async with admin.connect() as conn:
+        await conn.execute(text(f'CREATE DATABASE "{name}"'))
+    await admin.dispose()
+    return Database(pg_server.format(db=name))
 
 
 def unique_name(prefix: str) -> str:

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.auth import (
     Role,
@@ -30,7 +29,7 @@ from core.crypto import MasterKey
 from core.storage import Database, migrate
 from payments.merchants import Merchant, insert_merchant, rotate_webhook_secret
 from payments.webhooks import WebhookDispatcher, WebhookPolicy
-from tests.support import unique_name
+from tests.support import empty_database
 
 
 async def merchant_principal(db: Database, merchant_id: str = "mer_1") -> str:
@@ -80,12 +79,7 @@ async def test_a_revoked_token_is_refused_within_the_cache_ttl(db):
 
 
 async def test_tokens_issued_before_credentials_keep_working_after_the_migration(pg_server):
-    name = unique_name("c")
-    admin = create_async_engine(pg_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    await admin.dispose()
-    db = Database(pg_server.format(db=name))
+    db = await empty_database(pg_server, "c")
     try:
         migrations = all_migrations()
         cut = next(i for i, m in enumerate(migrations) if m.id == "api.0003_credentials")

@@ -58,6 +58,20 @@ async def _publish_when_the_broker_answers(bus: KafkaBus, envelopes: list[Envelo
     raise AssertionError("the broker never took the publish")
 
 
+async def _publish_until_the_loss_is_noticed(bus: KafkaBus, envelopes: list[Envelope]) -> None:
+    """Publish (once the restarted broker answers) until the bus says the log was lost."""
+    from core.errors import BrokerLogLost
+
+    for _ in range(40):
+        try:
+            await bus.publish(envelopes)
+        except BrokerLogLost:
+            return
+        except BusError:
+            await asyncio.sleep(0.5)
+    raise AssertionError("the bus never noticed the lost log")
+
+
 async def eventually(predicate, timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await predicate():
@@ -328,7 +342,6 @@ async def test_after_the_broker_lost_its_log_the_consumers_read_the_new_log_from
     loss) land in the new log at offsets below the consumer's position. The consumers of the
     bus that noticed read the new log from its start (and commit that), not from their old
     positions."""
-    from core.errors import BrokerLogLost
     from tests.support import Tansu
 
     broker = Tansu().start()
@@ -354,15 +367,7 @@ async def test_after_the_broker_lost_its_log_the_consumers_read_the_new_log_from
         broker.start()  # same port, empty log
         seen.clear()
         again = [envelope(i, "payer") for i in range(8)]
-        for _ in range(40):  # until the new broker answers
-            try:
-                await bus.publish(again)
-            except BrokerLogLost:
-                break
-            except BusError:
-                await asyncio.sleep(0.5)
-        else:
-            raise AssertionError("the bus never noticed the lost log")
+        await _publish_until_the_loss_is_noticed(bus, again)
         # The publish that noticed may have gone to a topic the restarted broker had not
         # made yet (Tansu acknowledges it and keeps nothing): the relay publishes the whole
         # outbox again after a loss, and so does this test.
@@ -386,7 +391,6 @@ async def test_a_topic_the_restarted_broker_made_at_its_own_partition_count_is_m
     so what the relay publishes again is all read."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from core.errors import BrokerLogLost
     from tests.support import Tansu
 
     broker = Tansu().start()
@@ -425,15 +429,7 @@ async def test_a_topic_the_restarted_broker_made_at_its_own_partition_count_is_m
         finally:
             await admin.close()
         seen.clear()
-        for _ in range(40):
-            try:
-                await bus.publish(batch)
-            except BrokerLogLost:
-                break
-            except BusError:
-                await asyncio.sleep(0.5)
-        else:
-            raise AssertionError("the bus never noticed the lost log")
+        await _publish_until_the_loss_is_noticed(bus, batch)
         await _publish_when_the_broker_answers(bus, batch)  # the relay's republication
         await eventually(all_seen, timeout=40)
         admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)

@@ -11,7 +11,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.bootstrap import all_migrations
 from compliance import chain, keys, ledger, tree, verifier, witnesses
@@ -20,7 +19,7 @@ from core.clock import FakeClock
 from core.storage import Database, migrate
 from tests import ledger_verifier
 from tests.integration.test_ledger import MASTER, envelopes
-from tests.support import unique_name
+from tests.support import empty_database
 
 pytestmark = pytest.mark.postgres
 
@@ -191,12 +190,7 @@ async def test_an_existing_ledger_moves_to_v2_at_its_height_without_rewriting_a_
     """A ledger written before format 2 (v1 AAD, no stored tree): after the migration, new
     entries are sealed in v2, old ones still decrypt with v1, the tree is built, the rows
     are the same bytes, and everything verifies."""
-    name = unique_name("v1")
-    admin = create_async_engine(pg_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    await admin.dispose()
-    db = Database(pg_server.format(db=name))
+    db = await empty_database(pg_server, "v1")
     try:
         older = [m for m in all_migrations() if m.id != "compliance.0002_tree_witnesses_v2"]
         await migrate(db, older)

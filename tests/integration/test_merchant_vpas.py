@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.bootstrap import all_migrations
 from compliance.ledger import LedgerWriter
@@ -22,7 +21,7 @@ from core.storage import Database, migrate
 from payments import service
 from payments.merchants import Merchant, insert_merchant, register_vpa
 from settlement.recorder import PAYEE_PSEUDONYM, SettlementRecorder
-from tests.support import unique_name
+from tests.support import empty_database
 
 pytestmark = pytest.mark.postgres
 
@@ -146,12 +145,7 @@ async def test_a_foreign_payee_is_refused_leaves_nothing_and_the_key_can_be_reus
 async def test_the_migration_registers_existing_merchants_and_tells_settlement(pg_server):
     """A database from before merchant_vpas: each merchant's own VPA is registered (the
     first merchant keeps a VPA two of them shared) and published for settlement's copy."""
-    name = unique_name("m")
-    admin = create_async_engine(pg_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    await admin.dispose()
-    db = Database(pg_server.format(db=name))
+    db = await empty_database(pg_server, "m")
     try:
         migrations = all_migrations()
         cut = next(i for i, m in enumerate(migrations) if m.id == "payments.0008_merchant_vpas")

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from api.auth import Role, issue_token
 from api.bootstrap import Engine, all_migrations
@@ -23,10 +22,10 @@ from core.config import Settings
 from core.crypto import MasterKey
 from core.events import Envelope
 from core.pii import unkeyed_partition_key
-from core.storage import Database, migrate
+from core.storage import migrate
 from payments import service
 from payments.merchants import Merchant, insert_merchant
-from tests.support import unique_name
+from tests.support import empty_database
 
 pytestmark = pytest.mark.postgres
 
@@ -113,12 +112,7 @@ async def test_a_payments_events_carry_the_payers_keyed_pseudonym(engine):
 async def test_payments_from_before_the_migration_keep_the_key_they_were_published_under(
     pg_server,
 ):
-    name = unique_name("pk")
-    admin = create_async_engine(pg_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
-    async with admin.connect() as conn:
-        await conn.execute(text(f'CREATE DATABASE "{name}"'))
-    await admin.dispose()
-    db = Database(pg_server.format(db=name))
+    db = await empty_database(pg_server, "pk")
     try:
         migrations = all_migrations()
         cut = next(i for i, m in enumerate(migrations) if m.id == "payments.0016_partition_keys")
