@@ -15,11 +15,15 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from core.storage import Database
+
+if TYPE_CHECKING:
+    from api.bootstrap import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -115,6 +119,33 @@ async def empty_database(pg_server: str, prefix: str) -> Database:
         await conn.execute(text(f'CREATE DATABASE "{name}"'))
     await admin.dispose()
     return Database(pg_server.format(db=name))
+
+
+@contextlib.asynccontextmanager
+async def running_engine(db_url: str, **overrides: Any) -> AsyncIterator[Engine]:
+    """An in-process engine with every role on ``db_url``, tuned for tests (a random master
+    key, fast retries and relay, the mock switch 50 times faster and declining nothing),
+    with ``overrides`` for its settings; started, and stopped at the end."""
+    import base64
+    import os
+
+    from api.bootstrap import Engine
+    from core.config import Settings
+
+    values: dict[str, Any] = {
+        "master_key": base64.b64encode(os.urandom(32)).decode(),
+        "consumer_retry_base_s": 0.01,
+        "relay_poll_interval_s": 0.01,
+        "npci_mock_latency_scale": 0.02,
+        "npci_mock_decline_scale": 0,
+        **overrides,
+    }
+    engine = Engine.build(Settings(**values), url=db_url)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
 
 
 def unique_name(prefix: str) -> str:

@@ -10,8 +10,6 @@ new route is checked the day it is added (and fails here until it says whose it 
 
 from __future__ import annotations
 
-import base64
-import os
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -23,8 +21,8 @@ from sqlalchemy import text
 from api.auth import Role, issue_token
 from api.bootstrap import Engine
 from api.http import create_app
-from core.config import Settings
 from payments.merchants import Merchant, insert_merchant
+from tests.support import running_engine
 
 pytestmark = pytest.mark.postgres
 
@@ -51,20 +49,11 @@ BODIES = {
 
 @pytest.fixture
 async def engine(db_url) -> AsyncIterator[Engine]:
-    settings = Settings(
-        master_key=base64.b64encode(os.urandom(32)).decode(),
-        relay_poll_interval_s=0.01,
-        npci_mock_latency_scale=0.02,
-        npci_mock_decline_scale=0,
-        # This walk fails authentication on purpose, far more than 20 times from one address.
-        auth_failure_burst=10_000,
-        auditor_rate_burst=10_000,
-        operator_rate_burst=10_000,
-    )
-    eng = Engine.build(settings, url=db_url)
-    await eng.start()
-    yield eng
-    await eng.stop()
+    # This walk fails authentication on purpose, far more than 20 times from one address.
+    async with running_engine(
+        db_url, auth_failure_burst=10_000, auditor_rate_burst=10_000, operator_rate_burst=10_000
+    ) as eng:
+        yield eng
 
 
 async def _status(

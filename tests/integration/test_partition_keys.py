@@ -7,7 +7,6 @@ keep the one they were published under."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 from collections.abc import AsyncIterator
 
@@ -18,33 +17,23 @@ from sqlalchemy import text
 from api.auth import Role, issue_token
 from api.bootstrap import Engine, all_migrations
 from api.http import create_app
-from core.config import Settings
 from core.crypto import MasterKey
 from core.events import Envelope
 from core.pii import unkeyed_partition_key
 from core.storage import migrate
 from payments import service
 from payments.merchants import Merchant, insert_merchant
-from tests.support import empty_database
+from tests.support import empty_database, running_engine
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
 async def engine(db_url) -> AsyncIterator[Engine]:
-    settings = Settings(
-        master_key=base64.b64encode(os.urandom(32)).decode(),
-        consumer_retry_base_s=0.01,
-        relay_poll_interval_s=0.01,
-        npci_mock_latency_scale=0.02,
-        npci_mock_decline_scale=0,
-        fraud_step_up_threshold=1.0,
-        fraud_block_threshold=1.0,
-    )
-    eng = Engine.build(settings, url=db_url)
-    await eng.start()
-    yield eng
-    await eng.stop()
+    async with running_engine(
+        db_url, fraud_step_up_threshold=1.0, fraud_block_threshold=1.0
+    ) as eng:
+        yield eng
 
 
 async def test_a_payments_events_carry_the_payers_keyed_pseudonym(engine):

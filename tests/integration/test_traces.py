@@ -6,8 +6,6 @@ trace of its own."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -21,11 +19,11 @@ from api.auth import Role, issue_token
 from api.bootstrap import Engine
 from api.http import create_app
 from core import tracing
-from core.config import Settings
 from core.events import Envelope
 from payments import service
 from payments.domain import PaymentStatus
 from payments.merchants import Merchant, insert_merchant
+from tests.support import running_engine
 
 pytestmark = pytest.mark.postgres
 
@@ -50,17 +48,8 @@ def exporter() -> AsyncIterator[InMemorySpanExporter]:
 
 @pytest.fixture
 async def engine(db_url, exporter) -> AsyncIterator[Engine]:
-    settings = Settings(
-        master_key=base64.b64encode(os.urandom(32)).decode(),
-        consumer_retry_base_s=0.01,
-        relay_poll_interval_s=0.01,
-        npci_mock_latency_scale=0.02,
-        npci_mock_decline_scale=0,
-    )
-    eng = Engine.build(settings, url=db_url)
-    await eng.start()
-    yield eng
-    await eng.stop()
+    async with running_engine(db_url) as eng:
+        yield eng
 
 
 async def _api_key(engine: Engine) -> str:
