@@ -54,12 +54,12 @@ class InitiatePayment:
     payee_vpa: Vpa | None  # None: the merchant's own VPA
     amount_paise: int
     merchant_order_id: str
+    # The payer's keyed pseudonym (core.crypto.MasterKey.partition_key): the bus key of
+    # every event of the payment.
+    partition_key: str
     note: str | None = None
     device: DeviceInfo | None = None
     currency: str = "INR"
-    # The payer's keyed pseudonym (core.crypto.MasterKey.partition_key): the bus key of
-    # every event of the payment.
-    partition_key: str = ""
 
 
 @dataclass(frozen=True)
