@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -19,16 +20,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files with the most slow tests first, each file's slow tests first, otherwise in
     collected order: ``scripts/test`` hands a file to one worker at a time in this order,
     and a long file started last would set the suite's wall time on its own."""
-    slow_in_file: dict[str, int] = {}
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            slow_in_file[item.location[0]] = slow_in_file.get(item.location[0], 0) + 1
-    order = {id(item): n for n, item in enumerate(items)}
+    slow_in_file = Counter(
+        item.location[0] for item in items if item.get_closest_marker("slow") is not None
+    )
+    # A stable sort: the collected order stands within each key.
     items.sort(
         key=lambda item: (
-            -slow_in_file.get(item.location[0], 0),
+            -slow_in_file[item.location[0]],
             item.get_closest_marker("slow") is None,
-            order[id(item)],
         )
     )
 

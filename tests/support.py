@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from core.storage import Database
-
 if TYPE_CHECKING:
     from api.bootstrap import Engine
+    from core.storage import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -112,6 +111,8 @@ async def empty_database(pg_server: str, prefix: str) -> Database:
     tests that migrate it step by step; the caller closes it."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
+
+    from core.storage import Database
 
     name = unique_name(prefix)
     admin = create_async_engine(pg_server.format(db="postgres"), isolation_level="AUTOCOMMIT")
