@@ -28,7 +28,7 @@ from compliance import migrations as compliance_migrations
 from compliance.ledger import LedgerWriter, verify_ledger
 from compliance.witnesses import witness_lags
 from core import migrations as core_migrations
-from core.bus.base import EventBus
+from core.bus.base import EventBus, Subscription
 from core.bus.delivery import RetryPolicy
 from core.bus.memory import MemoryBus
 from core.clock import Clock, SystemClock, business_date
@@ -52,12 +52,13 @@ from core.metrics import (
     TAT_BREACHES,
 )
 from core.outbox import OutboxRelay
+from core.sealing import opened
 from core.storage import Database, Migration, migrate, sql_text
 from dr import migrations as dr_migrations
 from dr.status import standby_counts
 from fraud import migrations as fraud_migrations
 from fraud.assessor import FraudAssessor
-from fraud.store import HistoryPruner
+from fraud.store import HistoryPruner, seal_clear_places
 from npcisim import migrations as simulator_migrations_
 from npcisim.disputes import DisputeRules
 from npcisim.mock import MockSwitch
@@ -72,6 +73,7 @@ from payments.npci.rules import CheckStatusPlan, plan_problem
 from payments.npci.switch import SettlementData, SwitchClient
 from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings, show_breaker_state
 from payments.refunds import RefundHandler
+from payments.retention import PiiPurger, seal_clear_payers
 from payments.verification import (
     HttpVerificationProvider,
     MockOtpProvider,
@@ -460,8 +462,15 @@ class Engine:
             await self._wait_until_writable()
         await migrate(self.db, engine_migrations(self.settings))
         await bind_database_master_key(self.db, self.master_key, self.settings)
+        if self.roles & {Role.GATEWAY, Role.SWITCH}:
+            await seal_clear_payers(self.db, self.master_key)  # rows from before sealing
         bus = self._make_bus()
         self.bus = bus
+
+        def subscribe(subscription: Subscription) -> None:
+            # Every consumer gets the events' PII opened (core/sealing.py).
+            bus.subscribe(opened(subscription, self.master_key))
+
         if self.verifier is None and self.roles & {Role.GATEWAY, Role.SWITCH}:
             self.verifier = verification_provider(self.settings)
         in_process = isinstance(bus, MemoryBus)
@@ -477,14 +486,19 @@ class Engine:
                 BankBreakers(breaker_policy(self.settings), self.clock, show_breaker_state),
                 verification_policy(self.settings),
                 self.verifier,
+                master=self.master_key,
             )
-            bus.subscribe(self.npci_handler.subscription())
-            self.expirer = VerificationExpirer(self.db, self.clock)
+            subscribe(self.npci_handler.subscription())
+            self.expirer = VerificationExpirer(self.db, self.clock, master=self.master_key)
             self._spawn(self.expirer.run(), "verification-expirer")
-            self.resolver = DeemedResolver(self.db, switch, self.clock, timings)
+            self.resolver = DeemedResolver(
+                self.db, switch, self.clock, timings, master=self.master_key
+            )
             self._spawn(self.resolver.run(), "deemed-resolver")
-            refund_handler = RefundHandler(self.db, switch, self.clock, timings.pay_timeout_s)
-            bus.subscribe(refund_handler.subscription())
+            refund_handler = RefundHandler(
+                self.db, switch, self.clock, timings.pay_timeout_s, master=self.master_key
+            )
+            subscribe(refund_handler.subscription())
             self.disputes = DisputeWatcher(
                 self.db,
                 switch,
@@ -494,14 +508,24 @@ class Engine:
                 answer_timeout_s=timings.check_status_timeout_s,
             )
             self._spawn(self.disputes.run(), "dispute-watcher")
-            self.late_returner = LateSuccessReturner(self.db, switch, self.clock, timings)
-            bus.subscribe(self.late_returner.subscription())
+            self.late_returner = LateSuccessReturner(
+                self.db, switch, self.clock, timings, master=self.master_key
+            )
+            subscribe(self.late_returner.subscription())
             self._spawn(self.late_returner.run(), "late-success-returner")
+            self.pii_purger = PiiPurger(
+                self.db,
+                self.clock,
+                timedelta(days=self.settings.pii_retention_days),
+                self.settings.pii_purge_interval_s,
+            )
+            self._spawn(self.pii_purger.run(), "pii-retention-purge")
         if Role.FRAUD in self.roles:
+            await seal_clear_places(self.db, self.master_key)  # rows from before sealing
             self.fraud = FraudAssessor.from_settings(
                 self.settings, self.db, self.master_key, self.clock
             )  # in production (UPI_ENV), sandbox payers are scored like any other
-            bus.subscribe(self.fraud.subscription())
+            subscribe(self.fraud.subscription())
             self.pruner = self.fraud.pruner(timedelta(days=self.settings.fraud_history_days))
             self._spawn(self.pruner.run(), "fraud-history-pruner")
         if Role.LEDGER in self.roles:
@@ -514,15 +538,15 @@ class Engine:
                     max_entries=self.settings.ledger_data_key_max_entries,
                 ),
             )
-            bus.subscribe(self.ledger.subscription())
+            subscribe(self.ledger.subscription())
             self._spawn(self.ledger.run_checkpointer(), "ledger-checkpointer")
         if Role.SETTLEMENT in self.roles:
-            bus.subscribe(SettlementRecorder(self.db, self.master_key).subscription())
+            subscribe(SettlementRecorder(self.db, self.master_key).subscription())
         if Role.GATEWAY in self.roles and (Role.RELAY in self.roles or not in_process):
             # Merchant notifications belong to the gateway: record final statuses, send them.
             # (An extra gateway process on the in-process bus gets no events: the process
             # with every role does this.)
-            bus.subscribe(WebhookRecorder(self.db, self.clock).subscription())
+            subscribe(WebhookRecorder(self.db, self.clock, master=self.master_key).subscription())
             self.webhooks = WebhookDispatcher(
                 self.db,
                 self.master_key,
@@ -673,6 +697,8 @@ class Engine:
             self.resolver.stop()
         if self.late_returner is not None:
             self.late_returner.stop()
+        if self.pii_purger is not None:
+            self.pii_purger.stop()
         if self.expirer is not None:
             self.expirer.stop()
         if self.pruner is not None:

@@ -341,7 +341,9 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             device=DeviceInfo(**body.device.model_dump()) if body.device else None,
             partition_key=engine.master_key.partition_key(body.payer_vpa.value),
         )
-        result = await service.initiate_payment(engine.db, cmd, engine.clock, limits)
+        result = await service.initiate_payment(
+            engine.db, cmd, engine.clock, limits, master=engine.master_key
+        )
         if not result.replayed:
             engine.outbox_committed()
         headers = {"Idempotent-Replayed": "true"} if result.replayed else None
@@ -357,7 +359,9 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         who: Annotated[Principal, Depends(merchant)],
     ) -> PaymentView:
         assert who.merchant_id is not None
-        payment = await service.get_payment(engine.db, who.merchant_id, transaction_id)
+        payment = await service.get_payment(
+            engine.db, who.merchant_id, transaction_id, engine.master_key
+        )
         return PaymentView.of(payment)
 
     @payments.get(
@@ -378,7 +382,12 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         ``after=next_after`` (``cursor=next_cursor``, the older names, still work)."""
         assert who.merchant_id is not None
         found = await service.list_payments(
-            engine.db, who.merchant_id, merchant_order_id, limit=limit + 1, after=after or cursor
+            engine.db,
+            who.merchant_id,
+            merchant_order_id,
+            engine.master_key,
+            limit=limit + 1,
+            after=after or cursor,
         )
         page = found[:limit]
         more = page[-1].transaction_id if len(found) > limit else None
@@ -420,6 +429,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             engine.clock,
             verification,
             engine.verifier,
+            master=engine.master_key,
         )
         engine.outbox_committed()
         return PaymentView.of(payment)
@@ -460,6 +470,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
             idempotency_key=idempotency_key,
             request_hash=service.request_hash(raw),
             clock=engine.clock,
+            master=engine.master_key,
         )
         if not replayed:
             engine.outbox_committed()
@@ -480,7 +491,12 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> FastAPI:
         """The payment's refunds, oldest first; the next page with ``after=next_after``."""
         assert who.merchant_id is not None
         found = await refunds.list_refunds(
-            engine.db, who.merchant_id, transaction_id, limit=limit + 1, after=after
+            engine.db,
+            who.merchant_id,
+            transaction_id,
+            engine.master_key,
+            limit=limit + 1,
+            after=after,
         )
         page = found[:limit]
         return RefundList(

@@ -173,6 +173,11 @@ class Settings(BaseSettings):
     verification_timeout_s: Annotated[float, Field(gt=0, le=30)] = 5.0
     # How long payments stay in the fraud history (pruned hourly); velocity needs a day.
     fraud_history_days: Annotated[int, Field(ge=2, le=3650)] = 90
+    # How long a payment keeps its payer's PII (VPA, device, IP, location) in the payments
+    # table once it is final: past refund and dispute windows (payments/retention.py). The
+    # ledger keeps its own copy, sealed, for 7 years (SPEC §6).
+    pii_retention_days: Annotated[int, Field(ge=1, le=3650)] = 400
+    pii_purge_interval_s: Annotated[float, Field(gt=0)] = 3600.0
     # The compliance ledger (docs/ledger.md): a checkpoint counts as published (auditors'
     # inclusion proofs use it) once this many registered witnesses cosigned it; 0: at once.
     ledger_witnesses_required: Annotated[int, Field(ge=0, le=64)] = 0

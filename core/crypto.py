@@ -15,7 +15,10 @@ import hmac
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
+import orjson
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from core.config import Settings
@@ -23,6 +26,7 @@ from core.errors import ConfigError
 
 __all__ = [
     "MasterKey",
+    "SealedPiiError",
     "load_master_key",
     "master_key_file",
     "read_key_file",
@@ -37,8 +41,10 @@ class MasterKey:
         if len(key) != 32:
             raise ValueError("master key must be 32 bytes")
         self._aead = AESGCM(key)
-        # Derived from the key until the database's stored one is bound (core/keyring.py).
+        # Derived from the key until the database's stored ones are bound (core/keyring.py).
         self._pseudonym_key = hmac.new(key, b"upi-engine/pseudonyms/v1", hashlib.sha256).digest()
+        field_key = hmac.new(key, b"upi-engine/pii-fields/v1", hashlib.sha256).digest()
+        self.use_field_key(_derived_key_id(field_key), field_key)
 
     def pseudonym_key_bytes(self) -> bytes:
         """The pseudonym key, for sealing it in the database (core/keyring.py)."""
@@ -63,6 +69,48 @@ class MasterKey:
         would reverse. Stable across master-key rotations (the pseudonym key is)."""
         return self.pseudonym(payer_vpa, "partition").hex()
 
+    @property
+    def field_key_id(self) -> str:
+        """The id of the PII field key: sealed PII names the key it was sealed under."""
+        return self._field_key_id
+
+    def field_key_bytes(self) -> bytes:
+        """The PII field key, for sealing it in the database (core/keyring.py)."""
+        return self._field_key
+
+    def use_field_key(self, key_id: str, key: bytes) -> None:
+        """Take the database's PII field key (core/keyring.py): like the pseudonym key it
+        outlives master-key rotations (it is re-wrapped, not replaced), so that PII sealed
+        before a rotation still opens after it."""
+        if len(key) != 32:
+            raise ValueError("field key must be 32 bytes")
+        self._field_key_id = key_id
+        self._field_key = key
+        self._field_aead = AESGCM(key)
+
+    def seal_pii(self, value: Any, aad: bytes) -> bytes:
+        """``value`` (JSON-ready PII: a VPA, device data, a location) sealed with AES-256-GCM
+        under the field key, bound to ``aad`` (what it belongs to: a row's key, an event's
+        id), so that a sealed value copied elsewhere does not open there. The key id leads
+        the bytes: ``<key id>:<nonce><ciphertext>``."""
+        nonce = os.urandom(12)
+        sealed = self._field_aead.encrypt(nonce, orjson.dumps(value), _PII_AAD + aad)
+        return self._field_key_id.encode() + b":" + nonce + sealed
+
+    def open_pii(self, sealed: bytes, aad: bytes) -> Any:
+        """What :meth:`seal_pii` sealed. A value under another key, or altered, or moved to
+        another ``aad``, raises :class:`SealedPiiError`."""
+        key_id, sep, body = bytes(sealed).partition(b":")
+        if not sep or key_id.decode(errors="replace") != self._field_key_id:
+            raise SealedPiiError(
+                f"sealed under field key {key_id.decode(errors='replace')!r}, not this"
+                f" database's {self._field_key_id!r}"
+            )
+        try:
+            return orjson.loads(self._field_aead.decrypt(body[:12], body[12:], _PII_AAD + aad))
+        except (InvalidTag, ValueError) as exc:
+            raise SealedPiiError("sealed PII does not open (altered, or not its place)") from exc
+
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, plaintext, aad)
@@ -74,9 +122,21 @@ class MasterKey:
         """Become ``other`` (a rotated key), for the components holding this object."""
         self._aead = other._aead
         self._pseudonym_key = other._pseudonym_key
+        self.use_field_key(other._field_key_id, other._field_key)
 
     def __repr__(self) -> str:
         return "MasterKey(<redacted>)"
+
+
+_PII_AAD = b"upi-engine:pii|"
+
+
+class SealedPiiError(ValueError):
+    """Sealed PII that does not open under this engine's field key."""
+
+
+def _derived_key_id(key: bytes) -> str:
+    return "fk_" + hashlib.sha256(b"upi-engine/field-key-id|" + key).hexdigest()[:10]
 
 
 def _decode(value: str, variable: str) -> bytes:

@@ -6,8 +6,15 @@ transaction id, causation, partition key). Stored or published bytes are never r
 when a contract changes, its version goes up and an upcaster turns old payloads into the
 new shape on read (:meth:`EventRegistry.decode`).
 
-Topics group events by the context that publishes them; the partition key is a hash of
-the payer's VPA so that per-payer state (velocity windows, ordering) stays on one partition.
+Topics group events by the context that publishes them; the partition key is the payer's
+keyed pseudonym so that per-payer state (velocity windows, ordering) stays on one partition.
+
+PII. An event names its fields that hold the payer's PII in ``pii`` (the payer's VPA, the
+device with its IP and location). The publisher seals them (:mod:`core.sealing`) into one
+``pii`` member of the payload, so that the outbox, the broker and dead letters hold them
+sealed; each subscriber gets them opened again. The payee's VPA is the merchant's
+registered collection address (on its QR codes and in its settlement), not the payer's, and
+travels in clear.
 """
 
 from __future__ import annotations
@@ -77,18 +84,22 @@ class Topic(StrEnum):
 class Event(BaseModel):
     """Base of every published contract."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a payload that fails validation is described without its
+    # values, so that no PII reaches a dead letter's reason or a log line.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     name: ClassVar[str]
     version: ClassVar[int] = 1
     topic: ClassVar[Topic]
+    #: The fields holding the payer's PII, sealed on the wire (:mod:`core.sealing`).
+    pii: ClassVar[tuple[str, ...]] = ()
 
 
 # --------------------------------------------------------------------------- payments
 
 
 class DeviceInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     id: str = Field(min_length=1, max_length=128)
     ip: str | None = Field(default=None, max_length=45)
@@ -108,6 +119,7 @@ class _PaymentEvent(Event):
 
 class PaymentInitiated(_PaymentEvent):
     name: ClassVar[str] = "PaymentInitiated"
+    pii: ClassVar[tuple[str, ...]] = ("payer_vpa", "device")
     merchant_order_id: str
     payer_vpa: Vpa
     payee_vpa: Vpa
@@ -130,6 +142,7 @@ class PaymentVerified(_PaymentEvent):
 
 class PaymentSubmitted(_PaymentEvent):
     name: ClassVar[str] = "PaymentSubmitted"
+    pii: ClassVar[tuple[str, ...]] = ("payer_vpa",)
     payer_vpa: Vpa
     payee_vpa: Vpa
     amount_paise: PositivePaise
@@ -154,6 +167,7 @@ class PaymentSucceeded(_PaymentFinal):
 
     name: ClassVar[str] = "PaymentSucceeded"
     version: ClassVar[int] = 2
+    pii: ClassVar[tuple[str, ...]] = ("payer_vpa",)
     payer_vpa: Vpa
     payee_vpa: Vpa
     payer_bank: str
@@ -173,6 +187,7 @@ class PaymentBlocked(_PaymentFinal):
 
 class PaymentReversed(_PaymentFinal):
     name: ClassVar[str] = "PaymentReversed"
+    pii: ClassVar[tuple[str, ...]] = ("payer_vpa",)
     payer_vpa: Vpa
     payer_bank: str
 
@@ -184,6 +199,7 @@ class LateSuccessReturned(_PaymentEvent):
     final status, which stays ``FAILED``: a payment never reaches two final statuses."""
 
     name: ClassVar[str] = "LateSuccessReturned"
+    pii: ClassVar[tuple[str, ...]] = ("payer_vpa",)
     amount_paise: PositivePaise  # what the switch had debited, and credited back
     response_code: str  # the reversal's answer: "00"
     rrn: str | None = None

@@ -2,15 +2,17 @@
 
 Every secret the engine keeps at rest is sealed (AES-256-GCM) under the master key: the
 ledger's data keys and checkpoint signing keys (compliance), webhook secrets and dispute
-evidence (payments), and the key of the keyed pseudonyms (here). Each context lists its
-sealed columns as :class:`SealedColumn`; the composition root hands them all to
+evidence (payments), the key of the keyed pseudonyms and the PII field key (here). Each
+context lists its sealed columns as :class:`SealedColumn`; the composition root hands them
+all to
 :func:`rotate_master_key`, which opens every value under the old key and seals it under the
 new one in one transaction: after the commit nothing opens under the old key.
 
 The database also holds a check value sealed under the master key (:func:`bind_master_key`):
 an engine started with another key stops at once with one line, instead of failing later
 on the first secret it opens. The pseudonym key is stored too, sealed, so that a new master
-key keeps every pseudonym (fraud history, payee lookups) the same.
+key keeps every pseudonym (fraud history, payee lookups) the same; and so is the PII field
+key, so that PII sealed in rows and events before a rotation opens after it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
 _CHECK = b"upi-engine master key check v1"
 _CHECK_AAD = b"upi-engine:master-key-check"
 _PSEUDONYM_AAD = b"upi-engine:pseudonym-key"
+_FIELD_AAD = b"upi-engine:field-key"
 _ROTATE_LOCK = 0x6D6B_726F  # "mkro": one rotation at a time
 
 
@@ -55,10 +58,11 @@ class SealedColumn:
         return self.aad_prefix + value.encode()
 
 
-# The core's own: the check value and the pseudonym key (one row, id 1).
+# The core's own: the check value, the pseudonym key and the field key (one row, id 1).
 CORE_SEALED = (
     SealedColumn("master_key_check", "id", "check_sealed", "id", _CHECK_AAD + b"|"),
     SealedColumn("master_key_check", "id", "pseudonym_key_sealed", "id", _PSEUDONYM_AAD + b"|"),
+    SealedColumn("master_key_check", "id", "field_key_sealed", "field_key_id", _FIELD_AAD + b"|"),
 )
 
 
@@ -68,10 +72,14 @@ class WrongMasterKey(ConfigError):
 
 async def bind_master_key(conn: AsyncConnection, master: MasterKey) -> None:
     """Check that ``master`` is this database's master key and give it the stored pseudonym
-    key. The first engine on a database stores both (the pseudonym key it has derived)."""
+    and field keys. The first engine on a database stores them (the keys it has derived);
+    the first after migration ``core.0004`` stores its field key beside the others."""
     row = (
         await conn.execute(
-            sql_text("SELECT check_sealed, pseudonym_key_sealed FROM master_key_check WHERE id = 1")
+            sql_text(
+                "SELECT check_sealed, pseudonym_key_sealed, field_key_id, field_key_sealed"
+                " FROM master_key_check WHERE id = 1"
+            )
         )
     ).first()
     if row is None:
@@ -98,6 +106,20 @@ async def bind_master_key(conn: AsyncConnection, master: MasterKey) -> None:
             " `upi-engine keys rotate-master`? use the new key)"
         )
     master.use_pseudonym_key(pseudonym_key)
+    if row.field_key_sealed is None:
+        await conn.execute(
+            sql_text(
+                "UPDATE master_key_check SET field_key_id = :i, field_key_sealed = :f"
+                " WHERE id = 1 AND field_key_sealed IS NULL"
+            ),
+            {
+                "i": master.field_key_id,
+                "f": master.seal(master.field_key_bytes(), CORE_SEALED[2].aad(master.field_key_id)),
+            },
+        )
+        return await bind_master_key(conn, master)  # whoever stored first decides
+    field_key = master.open(bytes(row.field_key_sealed), CORE_SEALED[2].aad(row.field_key_id))
+    master.use_field_key(row.field_key_id, field_key)
 
 
 @dataclass(frozen=True)
@@ -148,4 +170,5 @@ async def rotate_master_key(
         done.append(Rewrapped(f"{col.table}.{col.column}", len(keys)))
     await conn.execute(sql_text("UPDATE master_key_check SET rotated_at = now() WHERE id = 1"))
     new.use_pseudonym_key(old.pseudonym_key_bytes())
+    new.use_field_key(old.field_key_id, old.field_key_bytes())
     return done

@@ -71,4 +71,14 @@ MIGRATIONS = [
         );
         """,
     ),
+    Migration(
+        "core.0004_field_key",
+        """
+        -- The PII field key (core/crypto.py MasterKey.seal_pii), sealed like the pseudonym
+        -- key: operational rows and events hold PII sealed under it, never in clear. The
+        -- first engine after this step stores it (core/keyring.py bind_master_key).
+        ALTER TABLE master_key_check ADD COLUMN field_key_id text;
+        ALTER TABLE master_key_check ADD COLUMN field_key_sealed bytea;
+        """,
+    ),
 ]

@@ -81,6 +81,12 @@ class DrillConfig:
     settle_timeout_s: float = 60.0
 
 
+def drill_payer(order_id: str) -> str:
+    """The payer of the drill's payment ``drill-<n>`` (its key and its order id): each has
+    its own, so that a payer debited twice is a duplicate."""
+    return f"drill.payer{order_id.removeprefix('drill-')}@okhdfc"
+
+
 @dataclass
 class Load:
     """Payments through the proxy at a steady rate; each retried with its own key until it
@@ -99,7 +105,7 @@ class Load:
     async def one(self, client: httpx.AsyncClient, n: int) -> None:
         key = f"drill-{n}"
         body = {
-            "payer_vpa": f"drill.payer{n}@okhdfc",
+            "payer_vpa": drill_payer(key),
             "amount_paise": 100 + (n * 7919) % 4_900,
             "merchant_order_id": f"drill-{n}",
         }
@@ -345,7 +351,7 @@ class Drill:
             deadline = time.monotonic() + self.cfg.settle_timeout_s
             while True:
                 rows = await conn.fetch(
-                    "SELECT transaction_id, status, payer_vpa FROM payments"
+                    "SELECT transaction_id, status, merchant_order_id FROM payments"
                     " WHERE transaction_id = ANY($1::text[])",
                     list(txns),
                 )
@@ -357,7 +363,8 @@ class Drill:
             unfinished = [
                 f"{r['transaction_id']} {r['status']}" for r in rows if r["status"] not in FINAL
             ]
-            payers = {r["payer_vpa"] for r in rows}
+            # The payer is sealed in the row; the drill knows whom it sent each order for.
+            payers = {drill_payer(r["merchant_order_id"]) for r in rows}
             keys = await conn.fetchval(
                 "SELECT count(*) FROM (SELECT merchant_order_id FROM payments"
                 " WHERE merchant_order_id LIKE 'drill-%' GROUP BY merchant_order_id"

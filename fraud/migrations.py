@@ -59,4 +59,17 @@ MIGRATIONS = [
             SELECT 1 FROM fraud_payers p WHERE p.payer_key = d.payer_key);
         """,
     ),
+    Migration(
+        "fraud.0004_sealed_places",
+        """
+        -- Locations are PII (SPEC §1): a payment's place is sealed (place_pii, under the
+        -- PII field key, bound to its transaction id) and its 0.1° cell kept as a keyed
+        -- pseudonym (cell_key), which the usual places are counted by. SQL has no key:
+        -- the clear lat/lon of rows from before are sealed by the first fraud worker that
+        -- starts after this step (fraud/store.py seal_clear_places), which empties them.
+        ALTER TABLE fraud_observations ADD COLUMN cell_key bytea;
+        ALTER TABLE fraud_observations ADD COLUMN place_pii bytea;
+        CREATE INDEX fraud_obs_clear_places ON fraud_observations (id) WHERE lat IS NOT NULL;
+        """,
+    ),
 ]

@@ -32,9 +32,26 @@ from core.crypto import MasterKey
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
 from fraud.features import History, Txn
-from fraud.history import DAY, HOUR, MINUTE, PAYEE_WINDOW, RECENT, TEN_MINUTES, USUAL_PLACES
+from fraud.history import (
+    DAY,
+    HOUR,
+    MINUTE,
+    PAYEE_WINDOW,
+    RECENT,
+    TEN_MINUTES,
+    USUAL_PLACES,
+    cell_centre,
+)
 
-__all__ = ["HistoryPruner", "HistoryStore", "PayeeWindow", "Pseudonyms", "split_rounds"]
+__all__ = [
+    "HistoryPruner",
+    "HistoryStore",
+    "PayeeWindow",
+    "Pseudonyms",
+    "place_aad",
+    "seal_clear_places",
+    "split_rounds",
+]
 
 
 def _seconds(window: timedelta) -> str:
@@ -50,11 +67,12 @@ _READ = sql_text(
     f"""
     SELECT payer.c1m, payer.c1h, payer.c24, payer.a1h, payer.a24, payer.devices24,
            (SELECT payments FROM fraud_payers WHERE payer_key = q.payer) AS ever,
-           recent.median, recent.places,
+           recent.median,
            device.c1h AS device_c1h, device.others AS device_others,
            device.others10m AS device_others10m,
-           last_located.at AS last_at, last_located.lat AS last_lat,
-           last_located.lon AS last_lon,
+           recent.place_counts, recent.place_txns, recent.place_pii,
+           last_located.at AS last_at, last_located.transaction_id AS last_txn,
+           last_located.place_pii AS last_place,
            devices.is_current AS device_is_current, devices.first_seen AS device_first_seen
     FROM unnest(
         CAST(:payers AS bytea[]), CAST(:devices AS bytea[]), CAST(:ats AS timestamptz[])
@@ -72,18 +90,21 @@ _READ = sql_text(
     ) AS payer
     CROSS JOIN LATERAL (
         WITH latest AS (
-            SELECT o.amount_paise, o.lat, o.lon FROM fraud_observations o
+            SELECT o.id, o.transaction_id, o.amount_paise, o.cell_key, o.place_pii
+            FROM fraud_observations o
             WHERE o.payer_key = q.payer ORDER BY o.id DESC LIMIT {RECENT}
         ), places AS (
-            SELECT floor(lat * 10) / 10 + 0.05 AS plat, floor(lon * 10) / 10 + 0.05 AS plon,
-                   count(*) AS n
-            FROM latest WHERE lat IS NOT NULL GROUP BY 1, 2
-            ORDER BY n DESC, plat, plon LIMIT {USUAL_PLACES}
+            -- Each cell of the latest payments (by its pseudonym): how often, and its
+            -- latest place, sealed; ranked in Python once opened (_usual_places).
+            SELECT count(*) AS n, (array_agg(transaction_id ORDER BY id DESC))[1] AS t,
+                   (array_agg(place_pii ORDER BY id DESC))[1] AS s
+            FROM latest WHERE cell_key IS NOT NULL GROUP BY cell_key
         )
         SELECT (SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY amount_paise) FROM latest)
                    AS median,
-               (SELECT array_agg(ARRAY[plat, plon] ORDER BY n DESC, plat, plon) FROM places)
-                   AS places
+               (SELECT array_agg(n ORDER BY t) FROM places) AS place_counts,
+               (SELECT array_agg(t ORDER BY t) FROM places) AS place_txns,
+               (SELECT array_agg(s ORDER BY t) FROM places) AS place_pii
     ) AS recent
     CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE o.at > q.at - {_seconds(HOUR)}) AS c1h,
@@ -95,8 +116,8 @@ _READ = sql_text(
         WHERE o.device_key = q.device AND o.at > q.at - {_seconds(DAY)}
     ) AS device
     LEFT JOIN LATERAL (
-        SELECT o.at, o.lat, o.lon FROM fraud_observations o
-        WHERE o.payer_key = q.payer AND o.lat IS NOT NULL ORDER BY o.id DESC LIMIT 1
+        SELECT o.at, o.transaction_id, o.place_pii FROM fraud_observations o
+        WHERE o.payer_key = q.payer AND o.place_pii IS NOT NULL ORDER BY o.id DESC LIMIT 1
     ) AS last_located ON true
     CROSS JOIN LATERAL (
         SELECT array_agg(d.device_key = q.device) AS is_current,
@@ -201,16 +222,17 @@ _OBSERVE = sql_text(
         SELECT * FROM unnest(
             CAST(:ts AS text[]), CAST(:payers AS bytea[]), CAST(:devices AS bytea[]),
             CAST(:payees AS bytea[]), CAST(:amounts AS bigint[]), CAST(:ats AS timestamptz[]),
-            CAST(:lats AS double precision[]), CAST(:lons AS double precision[])
+            CAST(:cells AS bytea[]), CAST(:places AS bytea[])
         ) WITH ORDINALITY AS u(transaction_id, payer_key, device_key, payee_key, amount_paise,
-                               at, lat, lon, ord)
+                               at, cell_key, place_pii, ord)
     ), batch AS (
         SELECT *, row_number() OVER (PARTITION BY payer_key ORDER BY ord) = 1 AS first_of_payer
         FROM given
     ), inserted AS (
         INSERT INTO fraud_observations (transaction_id, payer_key, device_key, payee_key,
-                                        amount_paise, at, lat, lon, payer_new)
-        SELECT transaction_id, payer_key, device_key, payee_key, amount_paise, at, lat, lon,
+                                        amount_paise, at, cell_key, place_pii, payer_new)
+        SELECT transaction_id, payer_key, device_key, payee_key, amount_paise, at, cell_key,
+               place_pii,
                first_of_payer
                AND NOT EXISTS (SELECT 1 FROM fraud_payers p WHERE p.payer_key = batch.payer_key)
         FROM batch ORDER BY ord
@@ -281,7 +303,30 @@ def split_rounds(txns: Sequence[Txn]) -> list[list[int]]:
     return rounds
 
 
-def _history(row: Any, payee: PayeeWindow, txn: Txn) -> History:
+def place_aad(transaction_id: str) -> bytes:
+    """What a payment's sealed place is bound to: its observation."""
+    return b"fraud_observations|" + transaction_id.encode()
+
+
+def _place(master: MasterKey, transaction_id: str, sealed: bytes) -> tuple[float, float]:
+    lat, lon = master.open_pii(bytes(sealed), place_aad(transaction_id))
+    return (float(lat), float(lon))
+
+
+def _usual_places(master: MasterKey, row: Any) -> tuple[tuple[float, float], ...]:
+    """The payer's usual places from its cells' counts and latest places: ranked as
+    :func:`fraud.history.usual_places` ranks them (most often first, then by the cell)."""
+    cells = [
+        (cell_centre(_place(master, t, s)), int(n))
+        for n, t, s in zip(
+            row.place_counts or (), row.place_txns or (), row.place_pii or (), strict=True
+        )
+    ]
+    cells.sort(key=lambda cell: (-cell[1], cell[0]))
+    return tuple(centre for centre, _ in cells[:USUAL_PLACES])
+
+
+def _history(master: MasterKey, row: Any, payee: PayeeWindow, txn: Txn) -> History:
     at = txn.at
     since_change: float | None = None
     known = False
@@ -291,7 +336,7 @@ def _history(row: Any, payee: PayeeWindow, txn: Txn) -> History:
         current = next((first for is_cur, first in devices if is_cur), at)
         if any(first < current for is_cur, first in devices if not is_cur):
             since_change = (at - current).total_seconds()
-    last = (row.last_lat, row.last_lon) if row.last_at is not None else None
+    last = _place(master, row.last_txn, row.last_place) if row.last_at is not None else None
     return History(
         payer_count_1m=row.c1m,
         payer_count_1h=row.c1h,
@@ -309,7 +354,7 @@ def _history(row: Any, payee: PayeeWindow, txn: Txn) -> History:
         seconds_since_device_change=since_change,
         last_location=last,
         seconds_since_last=(at - row.last_at).total_seconds() if row.last_at else None,
-        usual_places=tuple((float(p[0]), float(p[1])) for p in row.places or ()),
+        usual_places=_usual_places(master, row),
         payee_first_seen_s=(at - payee.first_at).total_seconds() if payee.first_at else None,
         payee_payers_10m=payee.payers_10m,
         payee_new_payers_10m=payee.new_payers_10m,
@@ -327,6 +372,11 @@ class HistoryStore:
 
     def __init__(self, master_key: MasterKey) -> None:
         self._key = master_key
+
+    def cell_key(self, location: tuple[float, float]) -> bytes:
+        """The keyed pseudonym of a place's 0.1° cell: usual places are counted by it."""
+        lat, lon = cell_centre(location)
+        return self._key.pseudonym(f"{lat:.2f},{lon:.2f}", "cell")
 
     def pseudonyms(self, txn: Txn) -> Pseudonyms:
         key = self._key.pseudonym
@@ -411,7 +461,7 @@ class HistoryStore:
                 },
             )
         ).all()
-        return [_history(*parts) for parts in zip(rows, payee, txns, strict=True)]
+        return [_history(self._key, *parts) for parts in zip(rows, payee, txns, strict=True)]
 
     async def history(self, conn: AsyncConnection, txn: Txn) -> History:
         keys = [self.pseudonyms(txn)]
@@ -439,8 +489,11 @@ class HistoryStore:
                 "payees": [k.payee for k in keys],
                 "amounts": [t.amount_paise for t in txns],
                 "ats": [t.at for t in txns],
-                "lats": [t.location[0] if t.location else None for t in txns],
-                "lons": [t.location[1] if t.location else None for t in txns],
+                "cells": [self.cell_key(t.location) if t.location else None for t in txns],
+                "places": [
+                    self._key.seal_pii(list(t.location), place_aad(tid)) if t.location else None
+                    for tid, t in zip(transaction_ids, txns, strict=True)
+                ],
             },
         )
         return {str(r[0]) for r in rows}
@@ -513,3 +566,39 @@ class HistoryPruner(PollingWorker):
 
     async def step(self) -> int:
         return await self.prune_once()
+
+
+_CLEAR_PLACES = sql_text(
+    "SELECT id, transaction_id, lat, lon FROM fraud_observations WHERE lat IS NOT NULL"
+    " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
+)
+_SEAL_PLACES = sql_text(
+    "UPDATE fraud_observations AS o SET cell_key = u.c, place_pii = u.s, lat = NULL,"
+    " lon = NULL FROM unnest(CAST(:ids AS bigint[]), CAST(:c AS bytea[]), CAST(:s AS bytea[]))"
+    " AS u(id, c, s) WHERE o.id = u.id"
+)
+
+
+async def seal_clear_places(db: Database, master: MasterKey, batch: int = 1_000) -> int:
+    """Seal the clear places of observations recorded before migration ``fraud.0004``, as
+    :meth:`HistoryStore.observe_many` seals new ones; returns how many were sealed."""
+    store = HistoryStore(master)
+    sealed = 0
+    while True:
+        async with db.transaction() as conn:
+            rows = (await conn.execute(_CLEAR_PLACES, {"n": batch})).all()
+            if not rows:
+                return sealed
+            places = [(float(r.lat), float(r.lon or 0.0)) for r in rows]
+            await conn.execute(
+                _SEAL_PLACES,
+                {
+                    "ids": [r.id for r in rows],
+                    "c": [store.cell_key(place) for place in places],
+                    "s": [
+                        master.seal_pii(list(place), place_aad(r.transaction_id))
+                        for r, place in zip(rows, places, strict=True)
+                    ],
+                },
+            )
+        sealed += len(rows)

@@ -25,11 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core import tracing
 from core.clock import Clock
+from core.crypto import MasterKey
 from core.errors import InvalidTransition
 from core.events import Envelope, Event
 from core.inbox import claim_many
 from core.metrics import PAYMENTS_FINAL
 from core.outbox import append_to_outbox
+from core.sealing import seal_envelope
 from core.storage import sql_text
 from payments.domain import Payment, PaymentStatus
 
@@ -65,19 +67,32 @@ _VERIFICATIONS = sql_text(
 )
 
 
-def wrap(event: Event, clock: Clock, cause: Envelope | None, partition_key: str) -> Envelope:
+def wrap(
+    event: Event,
+    clock: Clock,
+    cause: Envelope | None,
+    partition_key: str,
+    master: MasterKey | None = None,
+) -> Envelope:
     """The envelope of a payments event: keyed by the payment's ``partition_key`` (the
     payer's keyed pseudonym: per-payer order on every bus), caused by the event being
-    handled, if any, and in its trace (:func:`core.tracing.headers_for`)."""
+    handled, if any, and in its trace (:func:`core.tracing.headers_for`). An event with
+    PII fields has them sealed under ``master``'s field key (:mod:`core.sealing`); one
+    without ``master`` is refused rather than published in clear."""
     if not (cause or partition_key):
         raise ValueError(f"{type(event).__name__}: no partition key")
-    return Envelope.wrap(
+    envelope = Envelope.wrap(
         event,
         partition_key=cause.partition_key if cause else partition_key,
         occurred_at=clock.now(),
         causation_id=cause.event_id if cause else None,
         headers=tracing.headers_for(cause),
     )
+    if not event.pii:
+        return envelope
+    if master is None:
+        raise ValueError(f"{type(event).__name__} carries PII: its publisher must seal it")
+    return seal_envelope(envelope, master)
 
 
 @dataclass
@@ -93,9 +108,13 @@ class _Row:
 
 
 class PaymentChanges:
-    def __init__(self, clock: Clock, consumer: str | None = None) -> None:
+    def __init__(
+        self, clock: Clock, consumer: str | None = None, *, master: MasterKey | None = None
+    ) -> None:
+        """``master``: seals the PII of the events recorded (needed for those that have)."""
         self._clock = clock
         self._consumer = consumer
+        self._master = master
         self._reset()
 
     def _reset(self) -> None:
@@ -110,7 +129,7 @@ class PaymentChanges:
         return bool(self._rows or self._fraud or self._verifications or self._events)
 
     def emit(self, event: Event, cause: Envelope | None, partition_key: str) -> None:
-        self._events.append(wrap(event, self._clock, cause, partition_key))
+        self._events.append(wrap(event, self._clock, cause, partition_key, self._master))
 
     def transition(
         self,

@@ -79,7 +79,9 @@ class Payment:
     transaction_id: str
     merchant_id: str
     merchant_order_id: str
-    payer_vpa: str
+    # The payer's VPA, opened from its sealed column (payments/repository.py); "" once the
+    # retention purged it (payments/retention.py). Never in a repr.
+    payer_vpa: str = field(repr=False)
     payee_vpa: str
     amount_paise: Paise
     status: PaymentStatus

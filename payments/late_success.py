@@ -91,7 +91,7 @@ class LateSuccessReturner(SwitchPoller):
         async with self._db.transaction() as conn:
             if not await claim(conn, self.consumer, envelope.event_id):
                 return
-            payment = await repository.load_payment(conn, txn, for_update=True)
+            payment = await repository.load_payment(conn, txn, self._master, for_update=True)
             if payment is None or payment.status is not PaymentStatus.FAILED:
                 # Settlement's copy said FAILED; ours does not (or the id is not ours):
                 # nothing of ours to give back. Reconciliation lists it for an operator.
@@ -145,7 +145,7 @@ class LateSuccessReturner(SwitchPoller):
             ).scalar_one_or_none()
             if amount is None or not reversal.reversed:
                 return  # done before (a lease that expired mid-call), or nothing debited
-            payment = await repository.load_payment(conn, txn)
+            payment = await repository.load_payment(conn, txn, self._master)
             assert payment is not None  # the row references it
             returned = LateSuccessReturned(
                 transaction_id=txn,
@@ -157,5 +157,5 @@ class LateSuccessReturner(SwitchPoller):
                 payer_bank=bank_of(payment.payer_vpa) or "UNKNOWN",
                 returned_at=now,
             )
-            await emit(conn, returned, self._clock, None, payment.partition_key)
+            await emit(conn, returned, self._clock, None, payment.partition_key, self._master)
         _log.info("late success returned to the payer", extra={"transaction_id": txn})

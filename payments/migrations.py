@@ -391,4 +391,24 @@ MIGRATIONS = [
         ALTER TABLE payments ALTER COLUMN partition_key SET NOT NULL;
         """,
     ),
+    Migration(
+        "payments.0017_sealed_payers",
+        """
+        -- The payer's PII leaves the payments table's clear columns (SPEC §1): the VPA and
+        -- the device (with its IP and location) are sealed together in payer_pii under
+        -- the PII field key (core/crypto.py MasterKey.seal_pii), and the payer's day is
+        -- found by payer_key, the VPA's keyed pseudonym. SQL has no key: rows written
+        -- before this step are sealed by the first engine that starts after it
+        -- (payments/retention.py seal_clear_payers), which then empties payer_vpa and
+        -- device. The retention purge (same module) empties payer_pii.
+        ALTER TABLE payments ADD COLUMN payer_key bytea;
+        ALTER TABLE payments ADD COLUMN payer_pii bytea;
+        ALTER TABLE payments ADD COLUMN pii_purged_at timestamptz;
+        ALTER TABLE payments ALTER COLUMN payer_vpa DROP NOT NULL;
+        DROP INDEX payments_by_payer_day;
+        CREATE INDEX payments_by_payer_day ON payments (payer_key, created_at);
+        CREATE INDEX payments_with_clear_payer ON payments (transaction_id)
+            WHERE payer_vpa IS NOT NULL;
+        """,
+    ),
 ]

@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from core import tracing
 from core.bus.base import Subscription
 from core.clock import Clock
+from core.crypto import MasterKey
 from core.errors import PoisonMessage, SwitchError, SwitchRateLimited, SwitchTimeout
 from core.events import (
     CATALOGUE,
@@ -240,9 +241,10 @@ async def record_switch_answer(
     timings: NpciTimings,
     cause: Envelope | None = None,
     leg_closed_at: datetime | None = None,
+    master: MasterKey,
 ) -> PaymentStatus:
     """:func:`switch_answer` for one payment, written at once; the status after."""
-    changes = PaymentChanges(clock)
+    changes = PaymentChanges(clock, master=master)
     after = switch_answer(
         changes,
         payment,
@@ -290,10 +292,14 @@ class NpciHandler:
         breakers: BankBreakers | None = None,
         verification: VerificationPolicy | None = None,
         verifier: VerificationProvider | None = None,
+        *,
+        master: MasterKey,
     ) -> None:
         """``verifier``: the step-up provider told of each challenge opened (unset: the
-        mock OTP's, which has nothing to send)."""
+        mock OTP's, which has nothing to send). ``master``: opens the payers of the payments
+        sent to the switch and seals them in the events that follow."""
         self._db = db
+        self._master = master
         self.verification = verification or VerificationPolicy()
         self._verifier = verifier
         self._switch = switch
@@ -333,10 +339,10 @@ class NpciHandler:
             asyncio.gather(*(self._answer(s) for s in submissions), return_exceptions=True),
         )
         failed: BaseException | None = None
-        changes = PaymentChanges(self._clock, self.consumer)
+        changes = PaymentChanges(self._clock, self.consumer, master=self._master)
         async with self._db.transaction() as conn:
             current = await repository.load_payments(
-                conn, [s.payment.transaction_id for s in submissions], for_update=True
+                conn, [s.payment.transaction_id for s in submissions], self._master, for_update=True
             )
             for submission, answer in zip(submissions, answers, strict=True):
                 if isinstance(answer, BaseException):
@@ -386,7 +392,7 @@ class NpciHandler:
     ) -> tuple[list[_Submission], list[Payment]]:
         """The first transaction: record the decisions, submit what may go to the switch.
         Also returns the payments stepped up by it, to open their challenges after commit."""
-        changes = PaymentChanges(self._clock, self.consumer)
+        changes = PaymentChanges(self._clock, self.consumer, master=self._master)
         submissions: dict[str, _Submission] = {}
         stepped_up: list[Payment] = []
         async with self._db.transaction() as conn:
@@ -394,7 +400,7 @@ class NpciHandler:
                 conn, self.consumer, [envelope.event_id for envelope, _ in decoded]
             )
             current = await repository.load_payments(
-                conn, [event.transaction_id for _, event in decoded], for_update=True
+                conn, [event.transaction_id for _, event in decoded], self._master, for_update=True
             )
             for envelope, event in decoded:
                 if envelope.event_id in done:
@@ -553,7 +559,8 @@ class NpciHandler:
 
 # The resolver's scans, each on its partial index (payments.0003, payments.0007).
 DEEMED_DUE = sql_text(
-    "SELECT transaction_id, check_attempts, payer_vpa FROM payments WHERE status = 'DEEMED'"
+    "SELECT transaction_id, check_attempts, payer_vpa, payer_pii FROM payments"
+    " WHERE status = 'DEEMED'"
     " AND next_check_at <= :now ORDER BY next_check_at LIMIT :n"
     " FOR UPDATE SKIP LOCKED"
 )
@@ -584,11 +591,15 @@ class SwitchPoller(PollingWorker):
         clock: Clock,
         timings: NpciTimings | None = None,
         *,
+        master: MasterKey,
         batch_size: int = 50,
         poll_interval_s: float | None = None,
     ) -> None:
+        """``master``: opens the payers of the payments asked about, and seals them in the
+        events that tell the outcome."""
         super().__init__(self.default_interval_s if poll_interval_s is None else poll_interval_s)
         self._db = db
+        self._master = master
         self._switch = switch
         self._clock = clock
         self.timings = timings or NpciTimings()
@@ -635,7 +646,7 @@ class DeemedResolver(SwitchPoller):
                     self._resolve(
                         r.transaction_id,
                         asking.get(r.transaction_id),
-                        bank_of(r.payer_vpa) or "UNKNOWN",
+                        bank_of(repository.open_payer(self._master, r)) or "UNKNOWN",
                     )
                     for r in due
                 )
@@ -668,11 +679,17 @@ class DeemedResolver(SwitchPoller):
                 await conn.execute(STALE_SUBMISSIONS, {"before": stale_before, "n": self._batch})
             ).scalars()
             for txn in list(rows):
-                payment = await repository.load_payment(conn, txn)
+                payment = await repository.load_payment(conn, txn, self._master)
                 assert payment is not None
                 stale = SwitchResult(txn, DEEMED_CODE, None, None, None)
                 await record_switch_answer(
-                    conn, payment, stale, clock=self._clock, timings=self.timings, leg_closed_at=now
+                    conn,
+                    payment,
+                    stale,
+                    clock=self._clock,
+                    timings=self.timings,
+                    leg_closed_at=now,
+                    master=self._master,
                 )
 
     async def _resolve(self, txn: str, call: int | None, payer_bank: str = "UNKNOWN") -> None:
@@ -697,13 +714,13 @@ class DeemedResolver(SwitchPoller):
         except (TimeoutError, SwitchError) as exc:
             _log.info("check-status failed: %s", exc, extra={"transaction_id": txn})
         async with self._db.transaction() as conn:
-            payment = await repository.load_payment(conn, txn, for_update=True)
+            payment = await repository.load_payment(conn, txn, self._master, for_update=True)
             if payment is None or payment.status is not PaymentStatus.DEEMED:
                 return
             never_seen = answer is not None and not answer.known
             if answer is not None and answer.known:
                 status = await record_switch_answer(
-                    conn, payment, answer, clock=self._clock, timings=timings
+                    conn, payment, answer, clock=self._clock, timings=timings, master=self._master
                 )
                 if status is not PaymentStatus.DEEMED:
                     return
@@ -725,7 +742,7 @@ class DeemedResolver(SwitchPoller):
             _log.warning("reversal failed, will retry: %s", exc, extra={"transaction_id": txn})
             return  # the lease expires and the next run tries again
         async with self._db.transaction() as conn:
-            payment = await repository.load_payment(conn, txn, for_update=True)
+            payment = await repository.load_payment(conn, txn, self._master, for_update=True)
             if payment is None or payment.status is not PaymentStatus.DEEMED:
                 return
             now = self._clock.now()
@@ -752,4 +769,4 @@ class DeemedResolver(SwitchPoller):
                 event = failed_event(payment, code, payment.rrn, now)
             else:
                 return  # reversal failed (96): the lease expires, the next run retries
-            await finish(conn, payment, after, event, self._clock, None)
+            await finish(conn, payment, after, event, self._clock, None, master=self._master)

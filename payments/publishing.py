@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import Clock
+from core.crypto import MasterKey
 from core.events import Envelope, Event, PaymentFailed
 from payments.changes import PaymentChanges, wrap
 from payments.domain import Payment
@@ -19,10 +20,16 @@ __all__ = ["emit", "failed_event", "finish", "wrap"]
 
 
 async def emit(
-    conn: AsyncConnection, event: Event, clock: Clock, cause: Envelope | None, partition_key: str
+    conn: AsyncConnection,
+    event: Event,
+    clock: Clock,
+    cause: Envelope | None,
+    partition_key: str,
+    master: MasterKey | None = None,
 ) -> None:
-    """Append one event to this transaction's outbox (``partition_key``: its payment's)."""
-    changes = PaymentChanges(clock)
+    """Append one event to this transaction's outbox (``partition_key``: its payment's;
+    ``master`` seals its PII, if it has any)."""
+    changes = PaymentChanges(clock, master=master)
     changes.emit(event, cause, partition_key)
     await changes.flush(conn)
 
@@ -35,9 +42,10 @@ async def finish(
     clock: Clock,
     cause: Envelope | None,
     next_check_at: datetime | None = None,
+    master: MasterKey | None = None,
 ) -> None:
     """Persist one transition with the event that announces it (and count final ones)."""
-    changes = PaymentChanges(clock)
+    changes = PaymentChanges(clock, master=master)
     changes.transition(before, after, event, cause, next_check_at=next_check_at)
     await changes.flush(conn)
 

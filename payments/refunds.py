@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.bus.base import Subscription
 from core.clock import Clock
+from core.crypto import MasterKey
 from core.errors import NotFound, PoisonMessage, RefundRejected
 from core.events import (
     CATALOGUE,
@@ -105,6 +106,7 @@ async def request_refund(
     idempotency_key: str,
     request_hash: bytes,
     clock: Clock,
+    master: MasterKey,
     reason: str | None = None,
     note: str | None = None,
 ) -> tuple[dict[str, Any], bool]:
@@ -115,7 +117,7 @@ async def request_refund(
     refund_id = "RFD" + new_event_id().hex
     scoped_key = f"refund:{transaction_id}:{idempotency_key}"
     async with db.transaction() as conn:
-        payment = await repository.load_payment(conn, transaction_id, for_update=True)
+        payment = await repository.load_payment(conn, transaction_id, master, for_update=True)
         if payment is None or payment.merchant_id != merchant_id:
             raise NotFound(f"no payment {transaction_id}")
         view = Refund(
@@ -137,6 +139,12 @@ async def request_refund(
         if payment.status is not PaymentStatus.SUCCESS:
             raise RefundRejected(
                 "payment_not_refundable", f"only SUCCESS payments are refundable ({payment.status})"
+            )
+        if not payment.payer_vpa:
+            raise RefundRejected(
+                "payment_not_refundable",
+                "the payer's details were purged at the end of their retention period"
+                " (UPI_PII_RETENTION_DAYS): the switch cannot be told whom to credit",
             )
         refunded = (
             await conn.execute(
@@ -188,6 +196,7 @@ async def list_refunds(
     db: Database,
     merchant_id: str,
     transaction_id: str,
+    master: MasterKey,
     *,
     limit: int = 50,
     after: str | None = None,
@@ -196,7 +205,7 @@ async def list_refunds(
     ``after`` (a keyset on (created_at, refund_id); an ``after`` not of this payment: an
     empty page)."""
     async with db.connection() as conn:
-        payment = await repository.load_payment(conn, transaction_id)
+        payment = await repository.load_payment(conn, transaction_id, master)
         if payment is None or payment.merchant_id != merchant_id:
             raise NotFound(f"no payment {transaction_id}")
         rows = await conn.execute(
@@ -218,9 +227,17 @@ class RefundHandler:
     consumer = "refund-handler"
 
     def __init__(
-        self, db: Database, switch: SwitchClient, clock: Clock, timeout_s: float = 15.0
+        self,
+        db: Database,
+        switch: SwitchClient,
+        clock: Clock,
+        timeout_s: float = 15.0,
+        *,
+        master: MasterKey,
     ) -> None:
+        """``master``: opens the payer of the payment refunded (the switch credits it)."""
         self._db = db
+        self._master = master
         self._switch = switch
         self._clock = clock
         self._timeout = timeout_s
@@ -242,7 +259,7 @@ class RefundHandler:
                     {"r": event.refund_id},
                 )
             ).scalar_one_or_none()
-            payment = await repository.load_payment(conn, event.transaction_id)
+            payment = await repository.load_payment(conn, event.transaction_id, self._master)
         if status is None or payment is None:
             raise PoisonMessage(f"RefundInitiated for unknown refund {event.refund_id}")
         if status != "PENDING":

@@ -19,12 +19,14 @@ import asyncpg
 import orjson
 
 from core.clock import IST, Clock, business_date
+from core.crypto import MasterKey
 from core.errors import NotFound, PayeeNotAllowed
-from core.events import DeviceInfo, Envelope, PaymentInitiated
+from core.events import DeviceInfo, PaymentInitiated
 from core.ids import new_transaction_id
 from core.metrics import PAYMENTS_INITIATED
 from core.outbox import append_to_outbox_raw
 from core.pii import Vpa
+from core.sealing import wrap_sealed
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
@@ -96,14 +98,14 @@ _OPEN = (
 # make a category's day and which the general one is :mod:`payments.limits`' to say.
 _PAYER_DAY = (
     "SELECT mcc, count(*) AS n, coalesce(sum(amount_paise), 0) AS total FROM payments"
-    " WHERE payer_vpa = $1 AND created_at >= $2"
+    " WHERE payer_key = $1 AND created_at >= $2"
     " AND status NOT IN ('FAILED', 'BLOCKED', 'REVERSED') GROUP BY mcc"
 )
 
 
 async def _check_payer_day(
     conn: asyncpg.Connection,
-    payer: str,
+    payer: bytes,
     mcc: str,
     amount: int,
     now: datetime,
@@ -117,15 +119,22 @@ async def _check_payer_day(
 
 
 async def initiate_payment(
-    db: Database, cmd: InitiatePayment, clock: Clock, limits: PaymentLimits | None = None
+    db: Database,
+    cmd: InitiatePayment,
+    clock: Clock,
+    limits: PaymentLimits | None = None,
+    *,
+    master: MasterKey,
 ) -> InitiationResult:
     """Four statements: :data:`_OPEN`, the payer's day, the payment with its first history
-    row, the outbox row."""
+    row, the outbox row. ``master`` seals the payer's PII in the row and in the event, and
+    keys the payer's pseudonym (its lock and its day are found by it)."""
     if not cmd.partition_key:
         raise ValueError("InitiatePayment needs the payer's partition key")
     limits = limits or PaymentLimits()
     now = clock.now()
     transaction_id = new_transaction_id()
+    payer = repository.payer_key(master, cmd.payer_vpa.value)
     body = {
         "transaction_id": transaction_id,
         "status": PaymentStatus.INITIATED.value,
@@ -141,7 +150,7 @@ async def initiate_payment(
             cmd.request_hash,
             transaction_id,
             orjson.dumps(body).decode(),
-            "payer:" + cmd.payer_vpa.value,
+            "payer:" + payer.hex(),
             cmd.payee_vpa.value if cmd.payee_vpa else None,
         )
         assert opened is not None
@@ -164,9 +173,7 @@ async def initiate_payment(
                 " operator register it (upi-engine merchant add-vpa)"
             )
         check_amount(merchant.mcc, cmd.amount_paise, limits)
-        await _check_payer_day(
-            conn, cmd.payer_vpa.value, merchant.mcc, cmd.amount_paise, now, limits
-        )
+        await _check_payer_day(conn, payer, merchant.mcc, cmd.amount_paise, now, limits)
         payee = cmd.payee_vpa or Vpa(merchant.vpa)
         payment = Payment.initiate(
             transaction_id=transaction_id,
@@ -181,7 +188,7 @@ async def initiate_payment(
             partition_key=cmd.partition_key,
         )
         device = cmd.device.model_dump(mode="json", exclude_none=True) if cmd.device else None
-        await repository.insert_payment(conn, payment, device)
+        await repository.insert_payment(conn, payment, device, master)
         event = PaymentInitiated(
             transaction_id=payment.transaction_id,
             merchant_id=payment.merchant_id,
@@ -195,16 +202,18 @@ async def initiate_payment(
         )
         await append_to_outbox_raw(
             conn,
-            [Envelope.wrap(event, partition_key=payment.partition_key, occurred_at=now)],
+            [wrap_sealed(event, master, partition_key=payment.partition_key, occurred_at=now)],
         )
     PAYMENTS_INITIATED.inc()
     return InitiationResult(202, body, replayed=False)
 
 
-async def get_payment(db: Database, merchant_id: str, transaction_id: str) -> Payment:
+async def get_payment(
+    db: Database, merchant_id: str, transaction_id: str, master: MasterKey
+) -> Payment:
     """A merchant's own payment; another merchant's is :class:`NotFound`, like a missing one."""
     async with db.connection() as conn:
-        payment = await repository.load_payment(conn, transaction_id)
+        payment = await repository.load_payment(conn, transaction_id, master)
     if payment is None or payment.merchant_id != merchant_id:
         raise NotFound(f"no payment {transaction_id}")
     return payment
@@ -214,11 +223,12 @@ async def list_payments(
     db: Database,
     merchant_id: str,
     merchant_order_id: str,
+    master: MasterKey,
     *,
     limit: int = 50,
     after: str | None = None,
 ) -> list[Payment]:
     async with db.connection() as conn:
         return await repository.list_payments_by_order(
-            conn, merchant_id, merchant_order_id, limit=limit, after_transaction_id=after
+            conn, merchant_id, merchant_order_id, master, limit=limit, after_transaction_id=after
         )

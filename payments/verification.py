@@ -41,6 +41,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from core.clock import Clock
+from core.crypto import MasterKey
 from core.errors import NotFound, VerificationRejected
 from core.events import (
     Envelope,
@@ -225,11 +226,11 @@ def apply_fraud_decision(
 
 
 async def _open_verification(
-    conn: AsyncConnection, merchant_id: str, transaction_id: str, clock: Clock
+    conn: AsyncConnection, merchant_id: str, transaction_id: str, clock: Clock, master: MasterKey
 ) -> tuple[Payment, Any]:
     """The payment (row locked) and its verification row (locked) when it may be answered
     now; ``row.verified_at`` set: verified already. Raises otherwise."""
-    payment = await repository.load_payment(conn, transaction_id, for_update=True)
+    payment = await repository.load_payment(conn, transaction_id, master, for_update=True)
     if payment is None or payment.merchant_id != merchant_id:
         raise NotFound(f"no payment {transaction_id}")
     row = (
@@ -263,6 +264,8 @@ async def verify(
     clock: Clock,
     policy: VerificationPolicy,
     provider: VerificationProvider | None = None,
+    *,
+    master: MasterKey,
 ) -> Payment:
     """The payer's answer to a step-up, checked by ``provider`` (unset: the mock OTP of
     ``policy``). A right code publishes ``PaymentVerified`` (asked again, the same answer
@@ -273,7 +276,7 @@ async def verify(
     # The try is taken before the provider is asked, so that guesses sent side by side
     # can never be checked more often than the tries allow; given back when no verdict came.
     async with db.transaction() as conn:
-        payment, row = await _open_verification(conn, merchant_id, transaction_id, clock)
+        payment, row = await _open_verification(conn, merchant_id, transaction_id, clock, master)
         if row.verified_at is not None:
             return payment
         if row.attempts >= policy.max_attempts:
@@ -295,7 +298,7 @@ async def verify(
         ) from None
     rejection: VerificationRejected | None = None
     async with db.transaction() as conn:
-        payment, row = await _open_verification(conn, merchant_id, transaction_id, clock)
+        payment, row = await _open_verification(conn, merchant_id, transaction_id, clock, master)
         if row.verified_at is not None:
             return payment
         if right:
@@ -351,10 +354,13 @@ class VerificationExpirer(PollingWorker):
 
     name = "verification expiry"
 
-    def __init__(self, db: Database, clock: Clock, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, db: Database, clock: Clock, interval_s: float = 1.0, *, master: MasterKey
+    ) -> None:
         super().__init__(interval_s)
         self._db = db
         self._clock = clock
+        self._master = master
 
     async def expire_due(self, limit: int = 100) -> int:
         async with self._db.transaction() as conn:
@@ -364,7 +370,7 @@ class VerificationExpirer(PollingWorker):
                 .all()
             )
             for transaction_id in rows:
-                payment = await repository.load_payment(conn, transaction_id)
+                payment = await repository.load_payment(conn, transaction_id, self._master)
                 assert payment is not None
                 await _fail(conn, payment, EXPIRED_CODE, self._clock)
         return len(rows)

@@ -129,9 +129,11 @@ class WebhookPolicy:
 class WebhookRecorder:
     consumer = "webhooks"
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, *, master: MasterKey) -> None:
+        """``master``: opens the payer of each payment, whose webhook shows it masked."""
         self._db = db
         self._clock = clock
+        self._master = master
 
     def subscription(self) -> Subscription:
         return Subscription(
@@ -167,7 +169,7 @@ class WebhookRecorder:
             todo = [e for e in todo if urls.get(merchants[e.event_id])]
             finals = [e for e in todo if e.event_type in _FINAL_EVENTS]
             payments = await repository.load_payments(
-                conn, [e.transaction_id or "" for e in finals]
+                conn, [e.transaction_id or "" for e in finals], self._master
             )
             rows = [
                 (e, payments[e.transaction_id].merchant_id, orjson.dumps(payment_view(p)))

@@ -157,9 +157,7 @@ async def _assert_all(
 ) -> Checked:
     payments = {
         r["transaction_id"]: r
-        for r in await conn.fetch(
-            "SELECT transaction_id, payer_vpa, amount_paise, status FROM payments"
-        )
+        for r in await conn.fetch("SELECT transaction_id, amount_paise, status FROM payments")
     }
     # 1. Each acknowledged payment once, final once; nothing nobody asked for.
     if acknowledged is not None:
@@ -186,23 +184,25 @@ async def _assert_all(
             " FROM npci_sim.transactions"
         )
     }
+    # The payer of a payment: the switch's, as the engine seals its own (SPEC §1).
+    payer_of = {txn: r["payer_vpa"] for txn, r in journal.items() if r["kind"] == "PAY"}
     refunded: dict[str, int] = defaultdict(int)  # by payment
     refunds_back: dict[str, int] = defaultdict(int)  # credited back to a payer
     for r in await conn.fetch(
-        "SELECT r.transaction_id, r.amount_paise, r.status, p.amount_paise AS paid,"
-        " p.payer_vpa FROM refunds r JOIN payments p USING (transaction_id)"
+        "SELECT r.transaction_id, r.amount_paise, r.status, p.amount_paise AS paid"
+        " FROM refunds r JOIN payments p USING (transaction_id)"
     ):
         if r["status"] != "FAILED":
             refunded[r["transaction_id"]] += r["amount_paise"]
         if r["status"] == "SUCCESS":
-            refunds_back[r["payer_vpa"]] += r["amount_paise"]
+            refunds_back[payer_of[r["transaction_id"]]] += r["amount_paise"]
     spent: dict[str, int] = defaultdict(int)
     for txn, p in payments.items():
         entry = journal.get(txn)
         debited = entry is not None and entry["kind"] == "PAY" and entry["debited"]
         if p["status"] == "SUCCESS":
             assert debited, f"{txn} SUCCESS without a debit at the switch"
-            spent[p["payer_vpa"]] += p["amount_paise"]
+            spent[payer_of[txn]] += p["amount_paise"]
         elif p["status"] != "REVERSED":
             assert not debited, f"{txn} is {p['status']} but its payer was debited"
         # 4. Refunds never exceed their payment.
@@ -211,7 +211,7 @@ async def _assert_all(
         r["vpa"]: r["balance_paise"]
         for r in await conn.fetch("SELECT vpa, balance_paise FROM npci_sim.accounts")
     }
-    payers = {p["payer_vpa"] for p in payments.values()}
+    payers = {payer_of[txn] for txn in payments if txn in payer_of}
     for payer in payers & set(balances):
         moved = opening_balance(payer) - balances[payer]
         expected = spent[payer] - refunds_back[payer]

@@ -151,7 +151,7 @@ def test_load_sends_realistic_payments_to_a_running_engine(embedded_env):
         assert 14 <= summary["sent"] <= 17 and summary["accepted"] == summary["sent"]
         assert summary["rejected"] == {} and summary["latency_p50_ms"] > 0
         [(payments, payers)] = query(
-            embedded_env, "SELECT count(*), count(DISTINCT payer_vpa) FROM payments"
+            embedded_env, "SELECT count(*), count(DISTINCT payer_key) FROM payments"
         )
         assert payments == payers == summary["accepted"]
         # A wrong key: every payment refused, and the command says so.

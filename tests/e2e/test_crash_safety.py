@@ -133,9 +133,7 @@ async def check_effects_once(url: str, txns: set[str]) -> None:
     engine = create_async_engine(asyncpg_url(url))
     async with engine.connect() as conn:
         payments = (
-            await conn.execute(
-                text("SELECT transaction_id, payer_vpa, amount_paise, status FROM payments")
-            )
+            await conn.execute(text("SELECT transaction_id, amount_paise, status FROM payments"))
         ).all()
         assert {p.transaction_id for p in payments} == txns  # no payment twice, none lost
         finals = Counter(
@@ -154,7 +152,9 @@ async def check_effects_once(url: str, txns: set[str]) -> None:
             r.txn_id: r
             for r in (
                 await conn.execute(
-                    text("SELECT txn_id, debited, amount_paise FROM npci_sim.transactions")
+                    text(
+                        "SELECT txn_id, debited, amount_paise, payer_vpa FROM npci_sim.transactions"
+                    )
                 )
             ).all()
         }
@@ -164,7 +164,7 @@ async def check_effects_once(url: str, txns: set[str]) -> None:
             debited = journal.get(p.transaction_id)
             if p.status == "SUCCESS":
                 assert debited is not None and debited.debited, p.transaction_id
-                spent[p.payer_vpa] += p.amount_paise
+                spent[debited.payer_vpa] += p.amount_paise  # the engine's own is sealed
             else:
                 assert debited is None or not debited.debited, p.transaction_id
         rows = await conn.execute(text("SELECT vpa, balance_paise FROM npci_sim.accounts"))

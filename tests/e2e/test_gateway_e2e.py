@@ -176,7 +176,11 @@ def test_idempotency_replay_conflict_and_concurrency(gateway):
         )
     assert [r.status_code for r in results] == [202, 202]
     assert results[0].json()["transaction_id"] == results[1].json()["transaction_id"]
-    [(n,)] = query(env, "SELECT count(*) FROM payments WHERE payer_vpa = 'racer@okaxis'")
+    [(n,)] = query(
+        env,
+        "SELECT count(*) FROM payments p JOIN idempotency_keys k USING (transaction_id)"
+        " WHERE k.idempotency_key = 'idem-race'",
+    )
     assert n == 1
 
 

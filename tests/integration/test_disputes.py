@@ -159,6 +159,7 @@ async def test_a_dispute_accepted_by_the_merchant_gives_the_payer_back_the_money
             idempotency_key="r1",
             request_hash=b"h",
             clock=engine.clock,
+            master=engine.master_key,
         )
     await asyncio.sleep(0.3)  # the watcher goes round again: nothing changes
     assert await events_of(engine, dispute_id) == ["DisputeRaised", "DisputeAccepted"]

@@ -81,6 +81,7 @@ async def pay(engine: Engine, payer: str, amount: int) -> str:
             merchant_order_id=payer,
         ),
         engine.clock,
+        master=engine.master_key,
     )
     engine.outbox_committed()
     return str(result.body["transaction_id"])
@@ -94,7 +95,7 @@ def clock_of(engine: Engine) -> FakeClock:
 async def until(engine: Engine, txn: str, status: PaymentStatus, step_s: float = 0.0) -> Payment:
     """Wait for ``status``, moving the clock ``step_s`` at a time (0: not at all)."""
     for _ in range(400):
-        p = await service.get_payment(engine.db, "mer_1", txn)
+        p = await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
         if p.status is status:
             return p
         clock_of(engine).advance(step_s)
@@ -251,7 +252,7 @@ async def test_a_failed_payment_the_switch_debits_later_is_reversed_to_the_payer
         await returned(engine, txn)
         assert await switch.balance(payer) == opening_balance(payer)
         assert await switch.balance(MERCHANT_VPA) == merchant_before
-        p = await service.get_payment(engine.db, "mer_1", txn)
+        p = await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
         assert (p.status, p.response_code) == (PaymentStatus.FAILED, "U30")
         assert await history(engine, txn) == ["INITIATED", "SUBMITTED", "FAILED"]
         assert await events_of(engine, txn, "PaymentFailed") == 1
@@ -317,7 +318,9 @@ async def test_a_deemed_payment_failed_by_check_status_and_debited_the_next_day(
         assert day_1.summary["interbank_nets_sum_paise"] == 0
         await returned(engine, txn)
         assert await switch.balance(payer) == opening_balance(payer)
-        assert (await service.get_payment(engine.db, "mer_1", txn)).status is PaymentStatus.FAILED
+        assert (
+            await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
+        ).status is PaymentStatus.FAILED
         calls = await switch.calls(txn)
         assert [c.api for c in calls] == ["pay", "check_status", "reversal"]
         assert {c.outcome for c in calls} == {"answered"}

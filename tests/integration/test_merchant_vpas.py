@@ -25,6 +25,9 @@ from tests.support import empty_database
 
 pytestmark = pytest.mark.postgres
 
+# Seals the payers of the payments these tests make (no engine binds one here).
+MASTER = MasterKey(bytes(range(32)))
+
 NOW = datetime(2026, 6, 1, 6, 0, tzinfo=UTC)
 
 
@@ -116,22 +119,26 @@ async def test_a_foreign_payee_is_refused_leaves_nothing_and_the_key_can_be_reus
     before = await counts(db)
     for payee in ("thief@okaxis", "other@ybl"):  # nobody's, and another merchant's
         with pytest.raises(PayeeNotAllowed) as refused:
-            await service.initiate_payment(db, command("k1", payee), clock)
+            await service.initiate_payment(db, command("k1", payee), clock, master=MASTER)
         assert refused.value.code == "payee_not_allowed"
         assert "@" in str(refused.value) and payee not in str(refused.value)  # masked
     assert await counts(db) == before, "a refused payment left a payment, an event or a key"
 
     # The same key with the corrected body goes through, like after amount_over_limit.
     with pytest.raises(LimitExceeded):
-        await service.initiate_payment(db, command("k2", None, amount=10_000_001), clock)
-    ok = await service.initiate_payment(db, command("k1", None), clock)
+        await service.initiate_payment(
+            db, command("k2", None, amount=10_000_001), clock, master=MASTER
+        )
+    ok = await service.initiate_payment(db, command("k1", None), clock, master=MASTER)
     assert ok.status_code == 202 and not ok.replayed
-    fixed = await service.initiate_payment(db, command("k2", "shop@okicici"), clock)
+    fixed = await service.initiate_payment(db, command("k2", "shop@okicici"), clock, master=MASTER)
     assert fixed.status_code == 202 and not fixed.replayed
 
     async with db.transaction() as conn:
         await register_vpa(conn, "mer_1", Vpa("shop.counter2@okicici"))
-    added = await service.initiate_payment(db, command("k3", "shop.counter2@okicici"), clock)
+    added = await service.initiate_payment(
+        db, command("k3", "shop.counter2@okicici"), clock, master=MASTER
+    )
     assert added.status_code == 202
     async with db.connection() as conn:
         payees = (

@@ -74,7 +74,7 @@ async def pay(engine: Engine, payer: str, amount: int = 1_000, key: str | None =
         amount_paise=amount,
         merchant_order_id="o",
     )
-    result = await service.initiate_payment(engine.db, cmd, engine.clock)
+    result = await service.initiate_payment(engine.db, cmd, engine.clock, master=engine.master_key)
     engine.outbox_committed()
     return str(result.body["transaction_id"])
 
@@ -82,7 +82,7 @@ async def pay(engine: Engine, payer: str, amount: int = 1_000, key: str | None =
 async def final(engine: Engine, txn: str, timeout: float = 20.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        p = await service.get_payment(engine.db, "mer_1", txn)
+        p = await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
         if p.status.is_final:
             return p
         assert asyncio.get_running_loop().time() < deadline, f"{txn} still {p.status}"

@@ -141,6 +141,7 @@ async def test_a_load_of_timeout_payers_stays_within_the_budget(db_url):
                     merchant_order_id=f"o{i}",
                 ),
                 engine.clock,
+                master=engine.master_key,
             )
             expected[str(result.body["transaction_id"])] = PAYERS[local]
         engine.outbox_committed()
@@ -151,7 +152,7 @@ async def test_a_load_of_timeout_payers_stays_within_the_budget(db_url):
         while len(finals) < len(expected):
             assert loop.time() < deadline, f"{len(expected) - len(finals)} never final"
             for txn in set(expected) - set(finals):
-                p = await service.get_payment(engine.db, "mer_1", txn)
+                p = await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
                 if p.status.is_final:
                     finals[txn] = (p.status, p.response_code)
             await asyncio.sleep(0.1)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from core.clock import FakeClock
+from core.crypto import MasterKey
 from core.errors import SwitchError, SwitchTimeout
 from core.events import Envelope, FraudAssessed, FraudDecision
 from core.pii import Vpa, unkeyed_partition_key
@@ -33,6 +34,9 @@ from payments.npci.switch import PayRequest, RefundRequest, ReversalResult, Swit
 from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings
 
 pytestmark = pytest.mark.postgres
+
+# Seals the payers of the payments these tests make (no engine binds one here).
+MASTER = MasterKey(bytes(range(32)))
 
 # NPCI's plan and rule at their own pace: the clock is moved by hand, and the mock switch
 # shares it, so it enforces the check-status rule on the same time.
@@ -107,6 +111,7 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
             ),
             clock,
             UNLIMITED,  # sandbox payers are shared by all examples
+            master=MASTER,
         )
         txn = result.body["transaction_id"]
         # The fraud assessor's ALLOW is what releases a payment to the handler.
@@ -123,9 +128,11 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
         )
 
         def handler() -> NpciHandler:  # a fresh one each time: a restarted process
-            return NpciHandler(db, network, clock, TIMINGS, BankBreakers(BreakerPolicy(), clock))
+            return NpciHandler(
+                db, network, clock, TIMINGS, BankBreakers(BreakerPolicy(), clock), master=MASTER
+            )
 
-        resolver = DeemedResolver(db, network, clock, TIMINGS)
+        resolver = DeemedResolver(db, network, clock, TIMINGS, master=MASTER)
 
         async def step(kind: str) -> None:
             try:
@@ -143,13 +150,13 @@ async def scenario(url: str, payer_kind: str, steps: list[str], script: list[str
         for kind in steps:
             await step(kind)
         for _ in range(60):  # the network heals; keep delivering and resolving
-            payment = await service.get_payment(db, merchant, txn)
+            payment = await service.get_payment(db, merchant, txn, MASTER)
             if payment.status.is_final:
                 break
             clock.advance(61)
             await step("deliver")
             await step("resolve")
-        payment = await service.get_payment(db, merchant, txn)
+        payment = await service.get_payment(db, merchant, txn, MASTER)
         assert payment.status.is_final, payment.status
 
         async with db.connection() as conn:

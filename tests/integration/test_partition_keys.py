@@ -58,7 +58,9 @@ async def test_a_payments_events_carry_the_payers_keyed_pseudonym(engine):
             txns.append(r.json()["transaction_id"])
     for txn in txns:
         deadline = asyncio.get_running_loop().time() + 20
-        while not (await service.get_payment(engine.db, "mer_1", txn)).status.is_final:
+        while not (
+            await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
+        ).status.is_final:
             assert asyncio.get_running_loop().time() < deadline, txn
             await asyncio.sleep(0.02)
 

@@ -15,6 +15,7 @@ from core.config import Settings
 from core.errors import IdempotencyConflict
 from core.events import CATALOGUE, Envelope, FraudAssessed, FraudDecision, PaymentInitiated
 from core.pii import Vpa, unkeyed_partition_key
+from core.sealing import open_envelope
 from fraud.assessor import FraudAssessor
 from npcisim.mock import MockSwitch, opening_balance
 from payments import service
@@ -66,7 +67,7 @@ def command(payer: str, amount: int, key: str, order: str = "o1") -> service.Ini
 async def final(engine: Engine, txn: str, timeout: float = 10.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        p = await service.get_payment(engine.db, "mer_1", txn)
+        p = await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
         if p.status.is_final:
             return p
         assert asyncio.get_running_loop().time() < deadline, f"{txn} still {p.status}"
@@ -82,7 +83,10 @@ async def event_types(engine: Engine, txn: str) -> list[str]:
 
 async def test_success_payer_ends_success_with_code_00_and_rrn(engine):
     result = await service.initiate_payment(
-        engine.db, command("success@okhdfc", 12345, "k1"), engine.clock
+        engine.db,
+        command("success@okhdfc", 12345, "k1"),
+        engine.clock,
+        master=engine.master_key,
     )
     assert result.status_code == 202 and result.body["status"] == "INITIATED"
     p = await final(engine, result.body["transaction_id"])
@@ -99,7 +103,10 @@ async def test_success_payer_ends_success_with_code_00_and_rrn(engine):
 
 async def test_insufficient_payer_fails_z9_and_nothing_moves(engine):
     result = await service.initiate_payment(
-        engine.db, command("insufficient@oksbi", 500, "k1"), engine.clock
+        engine.db,
+        command("insufficient@oksbi", 500, "k1"),
+        engine.clock,
+        master=engine.master_key,
     )
     p = await final(engine, result.body["transaction_id"])
     assert p.status is PaymentStatus.FAILED and p.response_code == "Z9"
@@ -121,7 +128,9 @@ async def test_ordinary_payer_is_debited_exactly_once_and_payee_credited(engine)
     payer = "meera.iyer@ybl"
     before = await switch.balance(payer)
     assert before == opening_balance(payer)
-    result = await service.initiate_payment(engine.db, command(payer, 25_000, "k1"), engine.clock)
+    result = await service.initiate_payment(
+        engine.db, command(payer, 25_000, "k1"), engine.clock, master=engine.master_key
+    )
     p = await final(engine, result.body["transaction_id"])
     assert p.status is PaymentStatus.SUCCESS
     assert await switch.balance(payer) == before - 25_000
@@ -130,7 +139,9 @@ async def test_ordinary_payer_is_debited_exactly_once_and_payee_credited(engine)
 
 async def reaches(engine: Engine, txn: str, status: PaymentStatus, timeout: float = 10.0):
     deadline = asyncio.get_running_loop().time() + timeout
-    while (p := await service.get_payment(engine.db, "mer_1", txn)).status is not status:
+    while (
+        p := await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
+    ).status is not status:
         assert asyncio.get_running_loop().time() < deadline, f"{txn} still {p.status}"
         await asyncio.sleep(0.02)
     return p
@@ -143,33 +154,51 @@ async def test_more_than_the_balance_is_declined_z9(engine):
         v for h in ("ybl", "ibl", "kotak") if opening_balance(v := f"fraud-stepup@{h}") < 9_000_000
     )
     amount = opening_balance(payer) + 1
-    result = await service.initiate_payment(engine.db, command(payer, amount, "k1"), engine.clock)
+    result = await service.initiate_payment(
+        engine.db, command(payer, amount, "k1"), engine.clock, master=engine.master_key
+    )
     txn = result.body["transaction_id"]
     waiting = await reaches(engine, txn, PaymentStatus.PENDING_VERIFICATION)
     assert waiting.fraud is not None and waiting.fraud["decision"] == "STEP_UP"
     assert "SANDBOX_PAYER" in waiting.fraud["reasons"]
     policy = VerificationPolicy()
-    await verify(engine.db, "mer_1", txn, policy.otp, engine.clock, policy)
+    await verify(
+        engine.db, "mer_1", txn, policy.otp, engine.clock, policy, master=engine.master_key
+    )
     p = await final(engine, txn)
     assert (p.status, p.response_code) == (PaymentStatus.FAILED, "Z9")
 
 
 async def test_idempotency_replay_conflict_and_concurrency(engine):
     first = await service.initiate_payment(
-        engine.db, command("success@okhdfc", 100, "same"), engine.clock
+        engine.db,
+        command("success@okhdfc", 100, "same"),
+        engine.clock,
+        master=engine.master_key,
     )
     again = await service.initiate_payment(
-        engine.db, command("success@okhdfc", 100, "same"), engine.clock
+        engine.db,
+        command("success@okhdfc", 100, "same"),
+        engine.clock,
+        master=engine.master_key,
     )
     assert again.replayed and again.body == first.body and again.status_code == 202
     with pytest.raises(IdempotencyConflict):
         await service.initiate_payment(
-            engine.db, command("success@okhdfc", 101, "same"), engine.clock
+            engine.db,
+            command("success@okhdfc", 101, "same"),
+            engine.clock,
+            master=engine.master_key,
         )
 
     racers = await asyncio.gather(
         *(
-            service.initiate_payment(engine.db, command("success@okhdfc", 7, "race"), engine.clock)
+            service.initiate_payment(
+                engine.db,
+                command("success@okhdfc", 7, "race"),
+                engine.clock,
+                master=engine.master_key,
+            )
             for _ in range(5)
         )
     )
@@ -220,7 +249,9 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
     async with db.transaction() as conn:
         await insert_merchant(conn, Merchant("mer_1", "Shop", "shop@okicici", "5411", None), b"x")
     payer = "kavya.nair@okaxis"
-    result = await service.initiate_payment(db, command(payer, 9_900, "k1"), clock)
+    result = await service.initiate_payment(
+        db, command(payer, 9_900, "k1"), clock, master=eng.master_key
+    )
     async with db.connection() as conn:
         raw = (
             await conn.execute(
@@ -230,7 +261,7 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
                 )
             )
         ).scalar_one()
-    initiated = Envelope.from_bytes(bytes(raw))
+    initiated = open_envelope(Envelope.from_bytes(bytes(raw)), eng.master_key)
     assert isinstance(CATALOGUE.decode(initiated), PaymentInitiated)
     assessor = FraudAssessor.from_settings(eng.settings, db, eng.master_key, eng.clock)
     await assessor.handle(initiated)  # the fraud decision releases the payment
@@ -247,23 +278,23 @@ async def test_redelivery_after_a_lost_answer_never_debits_twice(db, lost_before
 
     real = MockSwitch(db, latency_scale=0, decline_scale=0, clock=clock)
     flaky = LosesAnswer(real, before=lost_before_switch_saw_it)
-    handler = NpciHandler(db, flaky, clock)
+    handler = NpciHandler(db, flaky, clock, master=eng.master_key)
     with pytest.raises(ConnectionError):
         await handler.handle(envelope)
     txn = result.body["transaction_id"]
-    p = await service.get_payment(db, "mer_1", txn)
+    p = await service.get_payment(db, "mer_1", txn, eng.master_key)
     assert p.status is PaymentStatus.SUBMITTED  # committed before the switch call
 
     await handler.handle(envelope)  # the redelivery
     await handler.handle(envelope)  # and a duplicate of it
-    p = await service.get_payment(db, "mer_1", txn)
+    p = await service.get_payment(db, "mer_1", txn, eng.master_key)
     assert p.status is PaymentStatus.DEEMED
     assert (flaky.pays, flaky.checks) == (1, 0)  # nothing resent, nothing asked too early
 
-    resolver = DeemedResolver(db, flaky, clock)
+    resolver = DeemedResolver(db, flaky, clock, master=eng.master_key)
     clock.advance(15 + 90)  # the pay leg, then NPCI's 90 s
     assert await resolver.run_once() == 1
-    p = await service.get_payment(db, "mer_1", txn)
+    p = await service.get_payment(db, "mer_1", txn, eng.master_key)
     assert flaky.checks == 1
     assert flaky.pays == 1  # never re-sent
     if lost_before_switch_saw_it:

@@ -82,6 +82,7 @@ async def pay(engine: Engine, payer: str, amount: int) -> str:
             merchant_order_id=payer,
         ),
         engine.clock,
+        master=engine.master_key,
     )
     engine.outbox_committed()
     return str(result.body["transaction_id"])
@@ -92,7 +93,7 @@ async def until(engine: Engine, txn: str, status: PaymentStatus, step_s: float =
     clock = engine.clock
     assert isinstance(clock, FakeClock)
     for _ in range(600):
-        p = await service.get_payment(engine.db, "mer_1", txn)
+        p = await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
         if p.status is status:
             return p
         clock.advance(step_s)
@@ -180,7 +181,9 @@ async def test_deemed_payments_through_every_tat_path(engine, tmp_path):
     # T+6: one day past the due date (T+5), still not reversed: the breach accrues.
     clock.advance((ist(T + timedelta(days=6)) - clock.now()).total_seconds())
     await asyncio.sleep(0.2)
-    assert (await service.get_payment(engine.db, "mer_1", late)).status is PaymentStatus.DEEMED
+    assert (
+        await service.get_payment(engine.db, "mer_1", late, engine.master_key)
+    ).status is PaymentStatus.DEEMED
     assert await unreversed_tat_breaches(engine.db, engine.switch_journal(), T + timedelta(6)) == 1
     day_6 = await settle(engine, T + timedelta(days=6))
     assert rows(day_6.files["tat_compensation.csv"]) == [

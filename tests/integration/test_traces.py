@@ -122,10 +122,14 @@ async def test_each_payment_is_one_trace_from_the_request_to_settlement(engine, 
         txns = await asyncio.gather(*(pay(n, p) for n, p in enumerate(payers)))
     for txn in txns:
         deadline = asyncio.get_running_loop().time() + 20
-        while not (await service.get_payment(engine.db, "mer_1", txn)).status.is_final:
+        while not (
+            await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
+        ).status.is_final:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.02)
-        assert (await service.get_payment(engine.db, "mer_1", txn)).status is PaymentStatus.SUCCESS
+        assert (
+            await service.get_payment(engine.db, "mer_1", txn, engine.master_key)
+        ).status is PaymentStatus.SUCCESS
 
     spans = await _spans_until(exporter, txns)
     requests = [s for s in spans if s.name == "POST /v1/payments"]

@@ -70,7 +70,10 @@ async def test_the_provider_opens_the_challenge_and_decides_the_code(engine_and_
     engine, provider = engine_and_provider
     policy = VerificationPolicy(max_attempts=3)
     result = await service.initiate_payment(
-        engine.db, command("fraud-stepup@okhdfc", 500, "k1"), engine.clock
+        engine.db,
+        command("fraud-stepup@okhdfc", 500, "k1"),
+        engine.clock,
+        master=engine.master_key,
     )
     txn = result.body["transaction_id"]
     await reaches(engine, txn, PaymentStatus.PENDING_VERIFICATION)
@@ -84,25 +87,47 @@ async def test_the_provider_opens_the_challenge_and_decides_the_code(engine_and_
     provider.verdicts = [None, None]
     for _ in range(2):
         with pytest.raises(VerificationRejected) as info:
-            await verify(engine.db, "mer_1", txn, "111111", engine.clock, policy, provider)
+            await verify(
+                engine.db,
+                "mer_1",
+                txn,
+                "111111",
+                engine.clock,
+                policy,
+                provider,
+                master=engine.master_key,
+            )
         assert info.value.code == "verification_unavailable"
     assert await attempts(engine, txn) == 0
 
     # The provider's "no" counts a try; even the mock's OTP is nothing to it.
     provider.verdicts = [False]
     with pytest.raises(VerificationRejected) as info:
-        await verify(engine.db, "mer_1", txn, policy.otp, engine.clock, policy, provider)
+        await verify(
+            engine.db,
+            "mer_1",
+            txn,
+            policy.otp,
+            engine.clock,
+            policy,
+            provider,
+            master=engine.master_key,
+        )
     assert info.value.code == "verification_failed" and "2 tries left" in str(info.value)
     assert await attempts(engine, txn) == 1
 
     provider.verdicts = [True]
-    await verify(engine.db, "mer_1", txn, "975310", engine.clock, policy, provider)
+    await verify(
+        engine.db, "mer_1", txn, "975310", engine.clock, policy, provider, master=engine.master_key
+    )
     assert provider.checked[-1] == (txn, "975310")
     p = await final(engine, txn)
     assert p.status is PaymentStatus.SUCCESS
     # Verified: asked again, the same answer, without asking the provider.
     checks = len(provider.checked)
-    await verify(engine.db, "mer_1", txn, "975310", engine.clock, policy, provider)
+    await verify(
+        engine.db, "mer_1", txn, "975310", engine.clock, policy, provider, master=engine.master_key
+    )
     assert len(provider.checked) == checks
 
 
@@ -127,13 +152,25 @@ async def test_guesses_sent_side_by_side_are_never_checked_more_often_than_the_t
             )
         policy = VerificationPolicy(max_attempts=3)
         result = await service.initiate_payment(
-            eng.db, command("fraud-stepup@okhdfc", 500, "k9"), eng.clock
+            eng.db,
+            command("fraud-stepup@okhdfc", 500, "k9"),
+            eng.clock,
+            master=eng.master_key,
         )
         txn = result.body["transaction_id"]
         await reaches(eng, txn, PaymentStatus.PENDING_VERIFICATION)
         guesses = await asyncio.gather(
             *(
-                verify(eng.db, "mer_1", txn, f"{n:06d}", eng.clock, policy, provider)
+                verify(
+                    eng.db,
+                    "mer_1",
+                    txn,
+                    f"{n:06d}",
+                    eng.clock,
+                    policy,
+                    provider,
+                    master=eng.master_key,
+                )
                 for n in range(40)
             ),
             return_exceptions=True,
