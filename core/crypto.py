@@ -63,6 +63,14 @@ class MasterKey:
         message = purpose.encode() + b"\0" + value.lower().encode()
         return hmac.new(self._pseudonym_key, message, hashlib.sha256).digest()[:16]
 
+    def digest(self, data: bytes, purpose: str) -> bytes:
+        """A keyed digest (HMAC-SHA256 under the pseudonym key) of ``data``, exact (no
+        lower-casing): what is stored in place of a plain hash of something with PII in it,
+        which a list of candidate VPAs would reverse."""
+        return hmac.new(
+            self._pseudonym_key, purpose.encode() + b"\0" + data, hashlib.sha256
+        ).digest()
+
     def partition_key(self, payer_vpa: str) -> str:
         """The bus partition key of a payer's payments: a keyed pseudonym, so the outbox, the
         broker and the dead letters never hold the VPA, nor a hash of it that a list of VPAs

@@ -130,10 +130,15 @@ async def request_refund(
             request_hash=request_hash,
             transaction_id=transaction_id,
             response=view.view(),
+            master=master,
         )
         if not fresh:
             _, stored = await stored_response(
-                conn, merchant_id=merchant_id, key=scoped_key, request_hash=request_hash
+                conn,
+                merchant_id=merchant_id,
+                key=scoped_key,
+                request_hash=request_hash,
+                master=master,
             )
             return stored, True
         if payment.status is not PaymentStatus.SUCCESS:

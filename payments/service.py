@@ -30,7 +30,7 @@ from core.sealing import wrap_sealed
 from core.storage import Database
 from payments import repository
 from payments.domain import Payment, PaymentStatus
-from payments.idempotency import STORED_RAW, replay
+from payments.idempotency import STORED_RAW, replay, stored_hash
 from payments.limits import PayerDay, PaymentLimits, check_amount, check_payer_day
 from payments.merchants import Merchant
 
@@ -147,7 +147,7 @@ async def initiate_payment(
             _OPEN,
             cmd.merchant_id,
             cmd.idempotency_key,
-            cmd.request_hash,
+            stored_hash(master, cmd.request_hash),
             transaction_id,
             orjson.dumps(body).decode(),
             "payer:" + payer.hex(),
@@ -158,7 +158,11 @@ async def initiate_payment(
             row = await conn.fetchrow(STORED_RAW, cmd.merchant_id, cmd.idempotency_key)
             assert row is not None
             status, stored = replay(
-                row["request_hash"], row["response_status"], row["response_body"], cmd.request_hash
+                row["request_hash"],
+                row["response_status"],
+                row["response_body"],
+                cmd.request_hash,
+                master,
             )
             return InitiationResult(status, stored, replayed=True)
         if opened["merchant_id"] is None:

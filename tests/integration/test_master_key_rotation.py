@@ -16,7 +16,7 @@ from sqlalchemy import text
 from api.bootstrap import Engine, bind_database_master_key, sealed_columns
 from core.crypto import MasterKey
 from core.keyring import CORE_SEALED, WrongMasterKey, bind_master_key, rotate_master_key
-from payments import disputes
+from payments import disputes, repository
 from payments.domain import PaymentStatus
 from tests.integration.test_disputes import DISPUTES, disputed_payment, wait_for
 from tests.integration.test_npci import final, pay, start_engine
@@ -120,6 +120,11 @@ async def test_every_sealed_value_moves_to_the_new_key_and_nothing_opens_under_t
         with pytest.raises(WrongMasterKey, match="not the database's master key"):
             await bind_master_key(conn, raw_key_of(engine))
     assert fresh.pseudonym("ravi@okaxis", "payer") == pseudonym
+    # So is the PII field key: a payer sealed before the rotation opens after it.
+    assert fresh.field_key_id == old.field_key_id
+    async with engine.db.connection() as conn:
+        payment = await repository.load_payment(conn, txn, fresh)
+    assert payment is not None and payment.payer_vpa == "ravi@okaxis"
     await engine.db.close()
 
 

@@ -5,6 +5,7 @@ past its period, and keeps what a refund, a dispute or a late success still need
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +14,7 @@ from sqlalchemy import text
 from api.bootstrap import all_migrations
 from core.clock import FakeClock
 from core.crypto import MasterKey, SealedPiiError
-from core.errors import RefundRejected
+from core.errors import IdempotencyConflict, RefundRejected
 from core.events import CATALOGUE, DeviceInfo, Envelope, PaymentInitiated
 from core.pii import Vpa
 from core.sealing import open_envelope
@@ -218,3 +219,28 @@ async def test_the_retention_purge_empties_what_no_one_needs_any_more(db):
             clock=FakeClock(NOW),
             master=MASTER,
         )
+
+
+async def test_the_idempotency_row_keeps_the_request_hash_keyed(db):
+    """A plain hash of a body with the payer's VPA in it would give the VPA away to anyone
+    with a list of candidates: the row holds it keyed; a row from before (plain) still
+    matches its resend."""
+    await merchant(db)
+    cmd = command("k1")
+    first = await service.initiate_payment(db, cmd, FakeClock(NOW), master=MASTER)
+    async with db.connection() as conn:
+        stored = (
+            await conn.execute(text("SELECT request_hash FROM idempotency_keys"))
+        ).scalar_one()
+    assert bytes(stored) != cmd.request_hash and len(bytes(stored)) == 32
+    again = await service.initiate_payment(db, cmd, FakeClock(NOW), master=MASTER)
+    assert again.replayed and again.body == first.body
+    async with db.transaction() as conn:
+        await conn.execute(
+            text("UPDATE idempotency_keys SET request_hash = :h"), {"h": cmd.request_hash}
+        )
+    legacy = await service.initiate_payment(db, cmd, FakeClock(NOW), master=MASTER)
+    assert legacy.replayed and legacy.body == first.body
+    changed = dataclasses.replace(cmd, request_hash=b"another body")
+    with pytest.raises(IdempotencyConflict):
+        await service.initiate_payment(db, changed, FakeClock(NOW), master=MASTER)
