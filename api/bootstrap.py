@@ -19,74 +19,43 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from api import migrations as api_migrations
-from api.switch_journal import SwitchSettlementJournal
-from api.telemetry import start_tracing
-from compliance import keys as ledger_keys
-from compliance import migrations as compliance_migrations
-from compliance.ledger import LedgerWriter, verify_ledger
-from compliance.witnesses import witness_lags
-from core import migrations as core_migrations
-from core.bus.base import EventBus, Subscription
-from core.bus.delivery import RetryPolicy
-from core.bus.memory import MemoryBus
 from core.clock import Clock, SystemClock, business_date
-from core.config import BusKind, Settings
-from core.crypto import MasterKey, load_master_key, master_key_file
-from core.deadletters import TableDeadLetters
-from core.embedded import EmbeddedSupervisor, embedded_database_url
 from core.errors import ConfigError
-from core.keyring import SealedColumn, WrongMasterKey, bind_master_key
-from core.metrics import (
-    CONSUMER_LAG,
-    DATABASE_PRIMARY,
-    DEEMED_PAYMENTS,
-    DR_STANDBYS_CONFIGURED,
-    DR_STANDBYS_STREAMING,
-    LEDGER_CHECKPOINT_AGE,
-    LEDGER_SIZE,
-    LEDGER_VALID,
-    LEDGER_WITNESS_LAG,
-    OUTBOX_BACKLOG,
-    TAT_BREACHES,
-)
-from core.outbox import OutboxRelay
-from core.sealing import opened
-from core.storage import Database, Migration, migrate, sql_text
-from dr import migrations as dr_migrations
-from dr.status import standby_counts
-from fraud import migrations as fraud_migrations
-from fraud.assessor import FraudAssessor
-from fraud.store import HistoryPruner, seal_clear_places
-from npcisim import migrations as simulator_migrations_
-from npcisim.disputes import DisputeRules
-from npcisim.mock import MockSwitch
-from payments import disputes, merchants
-from payments import migrations as payments_migrations
-from payments.disputes import DisputeWatcher
-from payments.late_success import LateSuccessReturner
-from payments.limits import PayerDailyLimits, PaymentLimits, daily_override_problem
-from payments.npci.breaker import BankBreakers, BreakerPolicy
-from payments.npci.http import HttpSwitch
-from payments.npci.rules import CheckStatusPlan, plan_problem
-from payments.npci.switch import SettlementData, SwitchClient
-from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings, show_breaker_state
-from payments.refunds import RefundHandler
-from payments.retention import PiiPurger, seal_clear_payers
-from payments.verification import (
-    HttpVerificationProvider,
-    MockOtpProvider,
-    VerificationExpirer,
-    VerificationPolicy,
-    VerificationProvider,
-)
-from payments.webhooks import WebhookDispatcher, WebhookPolicy, WebhookRecorder
-from settlement import migrations as settlement_migrations
-from settlement.cycles import NPCI_CYCLES, CycleTable, CycleTableError
-from settlement.holidays import HolidayCalendar
-from settlement.recorder import SettlementRecorder
-from settlement.run import unreversed_tat_breaches
+
+# Each function imports what it uses: a command of the CLI builds an Engine to reach the
+# database and must not load every context (scikit-learn, the switch simulator, ...) to do
+# it. What only types need is imported for the type checker.
+if TYPE_CHECKING:
+    from api.switch_journal import SwitchSettlementJournal
+    from compliance.ledger import LedgerWriter
+    from core.bus.base import EventBus
+    from core.config import Settings
+    from core.crypto import MasterKey
+    from core.embedded import EmbeddedSupervisor
+    from core.keyring import SealedColumn
+    from core.outbox import OutboxRelay
+    from core.storage import Database, Migration
+    from fraud.assessor import FraudAssessor
+    from fraud.store import HistoryPruner
+    from npcisim.mock import MockSwitch
+    from payments.disputes import DisputeWatcher
+    from payments.late_success import LateSuccessReturner
+    from payments.limits import PaymentLimits
+    from payments.npci.breaker import BreakerPolicy
+    from payments.npci.http import HttpSwitch
+    from payments.npci.rules import CheckStatusPlan
+    from payments.npci.switch import SettlementData, SwitchClient
+    from payments.npci_handler import DeemedResolver, NpciHandler, NpciTimings
+    from payments.verification import (
+        VerificationExpirer,
+        VerificationPolicy,
+        VerificationProvider,
+    )
+    from payments.webhooks import WebhookDispatcher, WebhookPolicy
+    from settlement.cycles import CycleTable
+    from settlement.holidays import HolidayCalendar
 
 __all__ = [
     "Engine",
@@ -120,6 +89,14 @@ class Role(StrEnum):
 
 
 def all_migrations() -> list[Migration]:
+    from api import migrations as api_migrations
+    from compliance import migrations as compliance_migrations
+    from core import migrations as core_migrations
+    from dr import migrations as dr_migrations
+    from fraud import migrations as fraud_migrations
+    from payments import migrations as payments_migrations
+    from settlement import migrations as settlement_migrations
+
     return [
         *core_migrations.MIGRATIONS,
         *payments_migrations.MIGRATIONS,
@@ -134,6 +111,9 @@ def all_migrations() -> list[Migration]:
 def sealed_columns() -> list[SealedColumn]:
     """Every column sealed under the master key, outside the core's own (core/keyring.py):
     what `keys rotate-master` re-wraps."""
+    from compliance import keys as ledger_keys
+    from payments import disputes, merchants
+
     return [*ledger_keys.SEALED, *merchants.SEALED, *disputes.SEALED]
 
 
@@ -141,6 +121,9 @@ async def bind_database_master_key(db: Database, master: MasterKey, settings: Se
     """Check the configured master key against the database (core/keyring.py) and take its
     pseudonym key. A rotation that committed but was stopped before its new key file
     replaced the old one (`keys rotate-master`) is finished here: the new file opens."""
+    from core.crypto import load_master_key, master_key_file
+    from core.keyring import WrongMasterKey, bind_master_key
+
     try:
         async with db.transaction() as conn:
             await bind_master_key(conn, master)
@@ -163,6 +146,8 @@ async def bind_database_master_key(db: Database, master: MasterKey, settings: Se
 def simulator_migrations() -> list[Migration]:
     """The switch simulator's own tables (schema ``npci_sim``): migrated only where the
     simulator runs, in process or as ``upi-engine npci-mock``."""
+    from npcisim import migrations as simulator_migrations_
+
     return list(simulator_migrations_.MIGRATIONS)
 
 
@@ -175,6 +160,8 @@ def engine_migrations(settings: Settings) -> list[Migration]:
 
 def database_url(settings: Settings) -> str:
     """``UPI_DATABASE_URL``, or the embedded server's (started or joined). Blocking."""
+    from core.embedded import embedded_database_url
+
     if settings.database_url:
         return settings.database_url
     return embedded_database_url(settings.data_dir)
@@ -183,20 +170,31 @@ def database_url(settings: Settings) -> str:
 def npci_timings(settings: Settings) -> NpciTimings:
     """The engine's NPCI timers at ``UPI_NPCI_TIME_SCALE``; a check-status plan that NPCI's
     rule would refuse is a configuration error."""
-    problem = plan_problem(settings.npci_check_status_plan_s)
-    if problem is not None:
-        raise ConfigError(f"UPI_NPCI_CHECK_STATUS_PLAN_S: {problem}")
+    from payments.npci_handler import NpciTimings
+
     return NpciTimings.at_scale(
         settings.npci_time_scale,
         pay_timeout_s=settings.npci_pay_timeout_s,
         check_status_timeout_s=settings.npci_check_status_timeout_s,
-        plan=CheckStatusPlan(settings.npci_check_status_plan_s),
+        plan=_check_status_plan(settings),
     )
+
+
+def _check_status_plan(settings: Settings) -> CheckStatusPlan:
+    """``UPI_NPCI_CHECK_STATUS_PLAN_S`` (at NPCI's own pace), or a configuration error."""
+    from payments.npci.rules import CheckStatusPlan, plan_problem
+
+    problem = plan_problem(settings.npci_check_status_plan_s)
+    if problem is not None:
+        raise ConfigError(f"UPI_NPCI_CHECK_STATUS_PLAN_S: {problem}")
+    return CheckStatusPlan(settings.npci_check_status_plan_s)
 
 
 def payment_limits(settings: Settings) -> PaymentLimits:
     """The gateway's limits (payments/limits.py) with the settings' overrides; a daily cap
     for a category that does not exist is a configuration error."""
+    from payments.limits import PayerDailyLimits, PaymentLimits, daily_override_problem
+
     problem = daily_override_problem(settings.category_daily_limits_paise)
     if problem is not None:
         raise ConfigError(f"UPI_CATEGORY_DAILY_LIMITS_PAISE: {problem}")
@@ -211,6 +209,8 @@ def payment_limits(settings: Settings) -> PaymentLimits:
 
 
 def holiday_calendar(settings: Settings) -> HolidayCalendar:
+    from settlement.holidays import HolidayCalendar
+
     if settings.settlement_holidays_file:
         try:
             return HolidayCalendar.from_file(settings.settlement_holidays_file)
@@ -222,6 +222,8 @@ def holiday_calendar(settings: Settings) -> HolidayCalendar:
 def settlement_cycles(settings: Settings) -> CycleTable:
     """The cycles a business date is grouped into: ``UPI_SETTLEMENT_CYCLES``, or NPCI's
     table; one that cannot group a day is a configuration error."""
+    from settlement.cycles import NPCI_CYCLES, CycleTable, CycleTableError
+
     if settings.settlement_cycles is None:
         return NPCI_CYCLES
     try:
@@ -231,6 +233,8 @@ def settlement_cycles(settings: Settings) -> CycleTable:
 
 
 def webhook_policy(settings: Settings) -> WebhookPolicy:
+    from payments.webhooks import WebhookPolicy
+
     return WebhookPolicy(
         retry_base_s=settings.webhook_retry_base_s,
         max_interval_s=settings.webhook_max_age_s
@@ -242,6 +246,8 @@ def webhook_policy(settings: Settings) -> WebhookPolicy:
 
 
 def breaker_policy(settings: Settings) -> BreakerPolicy:
+    from payments.npci.breaker import BreakerPolicy
+
     return BreakerPolicy(
         window=settings.npci_breaker_window,
         min_calls=settings.npci_breaker_min_calls,
@@ -251,6 +257,8 @@ def breaker_policy(settings: Settings) -> BreakerPolicy:
 
 
 def verification_policy(settings: Settings) -> VerificationPolicy:
+    from payments.verification import VerificationPolicy
+
     return VerificationPolicy(
         ttl_s=settings.fraud_verification_ttl_s,
         max_attempts=settings.fraud_verification_max_attempts,
@@ -261,6 +269,8 @@ def verification_policy(settings: Settings) -> VerificationPolicy:
 def verification_provider(settings: Settings) -> VerificationProvider:
     """The step-up provider: the service at ``UPI_VERIFICATION_URL``, else the mock OTP
     (which :func:`production_problem` refuses in production)."""
+    from payments.verification import HttpVerificationProvider, MockOtpProvider
+
     if settings.verification_url:
         return HttpVerificationProvider(
             settings.verification_url,
@@ -295,6 +305,9 @@ def production_problem(
 def mock_switch(settings: Settings, db: Database, clock: Clock | None = None) -> MockSwitch:
     """The mock NPCI switch, in-process (on the engine's clock) or behind ``upi-engine
     npci-mock``, on the same ``UPI_NPCI_TIME_SCALE`` as the engine."""
+    from npcisim.disputes import DisputeRules
+    from npcisim.mock import MockSwitch
+
     return MockSwitch(
         db,
         latency_scale=settings.npci_mock_latency_scale,
@@ -385,8 +398,16 @@ class Engine:
         (``UPI_GATEWAY_PROCESSES``): it only answers HTTP; the process with every role,
         beside it on the same database, relays and consumes what it writes.
         ``gateways_beside``: this process has such gateways beside it."""
+        from core.config import BusKind
+        from core.crypto import load_master_key
+        from core.embedded import EmbeddedSupervisor
+        from core.storage import Database
+
         expanded = _expand(roles)
-        npci_timings(settings)  # a bad NPCI plan stops the process here, before anything runs
+        # A bad NPCI plan stops the process here, before anything runs: the plan of
+        # npci_timings(), scaled as it scales it, without importing the NPCI handler (a CLI
+        # command builds an Engine only to reach the database).
+        _check_status_plan(settings).scaled(settings.npci_time_scale)
         settlement_cycles(settings)  # and so does a cycle table that cannot group a day
         payment_limits(settings)  # and so does a daily cap for an unknown category
         problem = production_problem(settings, expanded, switch_given=switch is not None)
@@ -420,6 +441,8 @@ class Engine:
 
     def _make_switch(self) -> HttpSwitch | MockSwitch:
         if self.settings.npci_url:
+            from payments.npci.http import HttpSwitch
+
             return HttpSwitch(self.settings.npci_url)
         return mock_switch(self.settings, self.db, self.clock)
 
@@ -427,14 +450,20 @@ class Engine:
         """The switch's settlement data, through the switch port: this process's switch's,
         or a client of settlement's own (the in-process mock on this database, or the
         switch at ``UPI_NPCI_URL``)."""
-        if isinstance(self.switch, HttpSwitch | MockSwitch):
-            return self.switch
+        if self.switch is not None:
+            from npcisim.mock import MockSwitch
+            from payments.npci.http import HttpSwitch
+
+            if isinstance(self.switch, HttpSwitch | MockSwitch):
+                return self.switch
         if self._settlement_source is None:
             self._settlement_source = self._make_switch()
         return self._settlement_source
 
     def switch_journal(self) -> SwitchSettlementJournal:
         """Settlement's switch journal, from :meth:`settlement_data`."""
+        from api.switch_journal import SwitchSettlementJournal
+
         return SwitchSettlementJournal(self.settlement_data())
 
     async def close_switch_journal(self) -> None:
@@ -443,6 +472,11 @@ class Engine:
             await source.close()
 
     def _make_bus(self) -> EventBus:
+        from core.bus.delivery import RetryPolicy
+        from core.bus.memory import MemoryBus
+        from core.config import BusKind
+        from core.deadletters import TableDeadLetters
+
         policy = RetryPolicy(
             max_attempts=self.settings.consumer_max_attempts,
             base_delay=self.settings.consumer_retry_base_s,
@@ -455,6 +489,13 @@ class Engine:
         return MemoryBus(table, policy)
 
     async def start(self) -> None:
+        from api.telemetry import start_tracing
+        from core.bus.base import Subscription
+        from core.bus.memory import MemoryBus
+        from core.sealing import opened
+        from core.storage import migrate
+        from payments.retention import PiiPurger, seal_clear_payers
+
         self._stop_tracing = start_tracing(self.settings, [r.value for r in self.roles])
         if self.supervisor is not None:
             self._spawn(self.supervisor.run(), "embedded-postgres-supervisor")
@@ -475,6 +516,13 @@ class Engine:
             self.verifier = verification_provider(self.settings)
         in_process = isinstance(bus, MemoryBus)
         if Role.SWITCH in self.roles:
+            from payments.disputes import DisputeWatcher
+            from payments.late_success import LateSuccessReturner
+            from payments.npci.breaker import BankBreakers
+            from payments.npci_handler import DeemedResolver, NpciHandler, show_breaker_state
+            from payments.refunds import RefundHandler
+            from payments.verification import VerificationExpirer
+
             switch = self.switch or self._make_switch()
             self.switch = switch
             timings = npci_timings(self.settings)
@@ -521,6 +569,9 @@ class Engine:
             )
             self._spawn(self.pii_purger.run(), "pii-retention-purge")
         if Role.FRAUD in self.roles:
+            from fraud.assessor import FraudAssessor
+            from fraud.store import seal_clear_places
+
             await seal_clear_places(self.db, self.master_key)  # rows from before sealing
             self.fraud = FraudAssessor.from_settings(
                 self.settings, self.db, self.master_key, self.clock
@@ -529,6 +580,9 @@ class Engine:
             self.pruner = self.fraud.pruner(timedelta(days=self.settings.fraud_history_days))
             self._spawn(self.pruner.run(), "fraud-history-pruner")
         if Role.LEDGER in self.roles:
+            from compliance import keys as ledger_keys
+            from compliance.ledger import LedgerWriter
+
             self.ledger = LedgerWriter(
                 self.db,
                 self.master_key,
@@ -541,11 +595,15 @@ class Engine:
             subscribe(self.ledger.subscription())
             self._spawn(self.ledger.run_checkpointer(), "ledger-checkpointer")
         if Role.SETTLEMENT in self.roles:
+            from settlement.recorder import SettlementRecorder
+
             subscribe(SettlementRecorder(self.db, self.master_key).subscription())
         if Role.GATEWAY in self.roles and (Role.RELAY in self.roles or not in_process):
             # Merchant notifications belong to the gateway: record final statuses, send them.
             # (An extra gateway process on the in-process bus gets no events: the process
             # with every role does this.)
+            from payments.webhooks import WebhookDispatcher, WebhookRecorder
+
             subscribe(WebhookRecorder(self.db, self.clock, master=self.master_key).subscription())
             self.webhooks = WebhookDispatcher(
                 self.db,
@@ -558,6 +616,8 @@ class Engine:
             self._spawn(self.webhooks.run(), "webhook-dispatcher")
         await bus.start()
         if Role.RELAY in self.roles:
+            from core.outbox import OutboxRelay
+
             self.relay = OutboxRelay(
                 self.db,
                 bus.publish,
@@ -587,6 +647,8 @@ class Engine:
         nothing to drain yet, and the server's own handler would only mark a shutdown the
         startup never reaches (a warm engine and its extra gateway processes outlived their
         drill that way)."""
+        from core.storage import sql_text
+
         _log.info("warm standby: waiting for the database to accept writes")
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -621,6 +683,25 @@ class Engine:
         """Every 5 s, the gauges of what runs in this process (SPEC §10): the outbox
         backlog, each consumer's lag, the deemed backlog, the TAT breaches, the checkpoint's
         age."""
+        from compliance.ledger import verify_ledger
+        from compliance.witnesses import witness_lags
+        from core.bus.memory import MemoryBus
+        from core.metrics import (
+            CONSUMER_LAG,
+            DATABASE_PRIMARY,
+            DEEMED_PAYMENTS,
+            DR_STANDBYS_CONFIGURED,
+            DR_STANDBYS_STREAMING,
+            LEDGER_CHECKPOINT_AGE,
+            LEDGER_SIZE,
+            LEDGER_VALID,
+            LEDGER_WITNESS_LAG,
+            OUTBOX_BACKLOG,
+            TAT_BREACHES,
+        )
+        from dr.status import standby_counts
+        from settlement.run import unreversed_tat_breaches
+
         verify_at = time.monotonic() + _GAUGES_EVERY_S
         while True:
             backlog = 0

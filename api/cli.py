@@ -15,7 +15,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
@@ -31,17 +31,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from api.auth import Role as PrincipalRole
-from api.auth import issue_token
-from api.bootstrap import Engine, Role
+from api.bootstrap import Role
 from api.shutdown import exit_on_sigterm, graceful_server
-from core.config import Settings, load_settings
-from core.embedded import embedded_url_if_running, release_embedded
 from core.errors import ConfigError, NotFound, VpaTaken
 from core.ids import new_merchant_id
-from core.logging import configure_logging
-from core.pii import VPA_PATTERN
-from core.storage import Database, migrate, plain_url, sql_text
+
+# Every command imports what it uses, in its body: `--help`, or a command that only reaches
+# the database, loads neither the engine's contexts nor the HTTP app. The names here are
+# light (api.bootstrap imports in its functions too); what only types need is below.
+if TYPE_CHECKING:
+    from api.auth import Role as PrincipalRole
+    from api.bootstrap import Engine
+    from core.config import Settings
+    from core.storage import Database
 
 __all__ = ["app", "main"]
 
@@ -80,6 +82,9 @@ def _fail_config(exc: ConfigError) -> NoReturn:
 
 
 def _settings() -> Settings:
+    from core.config import load_settings
+    from core.logging import configure_logging
+
     try:
         settings = load_settings()
     except ConfigError as exc:
@@ -102,6 +107,7 @@ def serve(
 
     import uvicorn
 
+    from api.bootstrap import Engine
     from api.http import create_app
     from core.config import BusKind
 
@@ -171,6 +177,8 @@ def serve(
 async def _create_merchant(
     engine: Engine, name: str, vpa: str, mcc: str, webhook_url: str | None
 ) -> dict[str, str]:
+    from api.auth import Role as PrincipalRole
+    from api.auth import issue_token
     from payments.merchants import Merchant, insert_merchant
 
     merchant_id = new_merchant_id()
@@ -198,7 +206,7 @@ def npci_mock(
     import uvicorn
 
     from api.bootstrap import database_url, mock_switch, simulator_migrations
-    from core.storage import Database
+    from core.storage import Database, migrate
     from npcisim.http import create_mock_app
 
     settings = _settings()
@@ -217,6 +225,8 @@ def npci_mock(
 
 def _exit_at_once(settings: Settings) -> NoReturn:
     """A second signal during shutdown (``api/shutdown.py``)."""
+    from core.embedded import release_embedded
+
     if settings.embedded:
         release_embedded(settings.data_dir, immediate=True)
     os._exit(1)
@@ -231,6 +241,8 @@ def merchant_create(
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Create a merchant; prints its API key and webhook secret (shown once)."""
+    from core.pii import VPA_PATTERN
+
     if not VPA_PATTERN.match(vpa):
         _fail_config(ConfigError("--vpa: not a valid VPA (local-part@handle)"))
     if not (mcc.isdigit() and len(mcc) == 4):
@@ -270,7 +282,7 @@ def merchant_add_vpa(
     One VPA belongs to one merchant; adding one already registered to this merchant
     changes nothing.
     """
-    from core.pii import Vpa
+    from core.pii import VPA_PATTERN, Vpa
     from payments.merchants import register_vpa
 
     if not VPA_PATTERN.match(vpa):
@@ -300,7 +312,8 @@ def merchant_add_vpa(
 
 async def _with_engine(settings: Settings, work: Callable[[Engine], Awaitable[T]]) -> T:
     """Run ``work`` against the database (migrated), then release it."""
-    from api.bootstrap import bind_database_master_key, engine_migrations
+    from api.bootstrap import Engine, bind_database_master_key, engine_migrations
+    from core.storage import migrate
 
     try:
         engine = Engine.build(settings, [Role.ALL])
@@ -322,6 +335,7 @@ async def _with_database(settings: Settings, work: Callable[[Database], Awaitabl
     """Run ``work`` against the database (migrated) without the master key: for what reads
     only signed or sealed data, so that auditors' tooling never needs the key."""
     from api.bootstrap import all_migrations, database_url
+    from core.storage import Database, migrate
 
     db = Database(database_url(settings), pool_size=settings.db_pool_size)
     try:
@@ -387,7 +401,9 @@ def merchant_rotate_key(
     ``--grace`` seconds, then stop."""
     from datetime import timedelta
 
+    from api.auth import Role as PrincipalRole
     from api.auth import rotate_credentials
+    from core.storage import sql_text
 
     settings = _settings()
 
@@ -576,6 +592,8 @@ def _bar(message: str, total: float | None, quiet: bool) -> Progress:
 
 
 def _print_token(role: PrincipalRole, name: str, json: bool) -> None:
+    from api.auth import issue_token
+
     settings = _settings()
 
     async def create(engine: Engine) -> dict[str, str]:
@@ -602,6 +620,8 @@ def auditor_create(
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Create an auditor; prints its bearer token (shown once)."""
+    from api.auth import Role as PrincipalRole
+
     _print_token(PrincipalRole.AUDITOR, name, json)
 
 
@@ -611,6 +631,8 @@ def operator_create(
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Create an operator; prints its bearer token (shown once)."""
+    from api.auth import Role as PrincipalRole
+
     _print_token(PrincipalRole.OPERATOR, name, json)
 
 
@@ -876,6 +898,7 @@ def ledger_witness(
         run_witness,
         state_path_for,
     )
+    from core.logging import configure_logging
 
     configure_logging("INFO")
     try:
@@ -1074,7 +1097,7 @@ async def _rotate_master_on(
     from api.bootstrap import sealed_columns
     from core.crypto import master_key_file, read_key_file, write_key_file
     from core.keyring import rotate_master_key
-    from core.storage import APPLICATION_NAME
+    from core.storage import APPLICATION_NAME, sql_text
 
     current = master_key_file(settings)
     if new_key_file is None and current is None:
@@ -1707,6 +1730,9 @@ def db_url() -> None:
     Embedded: the running server's socket URL. If no process runs the server, it is not
     started (it would stop again when this command exits): say so and exit 1.
     """
+    from core.embedded import embedded_url_if_running
+    from core.storage import plain_url
+
     settings = _settings()
     if settings.database_url:
         sys.stdout.write(plain_url(settings.database_url) + "\n")
