@@ -60,8 +60,7 @@ class MasterKey:
     def pseudonym(self, value: str, purpose: str) -> bytes:
         """A keyed, stable stand-in for a PII value (HMAC-SHA256 under a key derived from
         the master key): joins and counts work on it; without the key it reveals nothing."""
-        message = purpose.encode() + b"\0" + value.lower().encode()
-        return hmac.new(self._pseudonym_key, message, hashlib.sha256).digest()[:16]
+        return self.digest(value.lower().encode(), purpose)[:16]
 
     def digest(self, data: bytes, purpose: str) -> bytes:
         """A keyed digest (HMAC-SHA256 under the pseudonym key) of ``data``, exact (no

@@ -308,7 +308,13 @@ def place_aad(transaction_id: str) -> bytes:
     return b"fraud_observations|" + transaction_id.encode()
 
 
+def seal_place(master: MasterKey, transaction_id: str, place: tuple[float, float]) -> bytes:
+    """A payment's ``place_pii``: its place, sealed to its observation."""
+    return master.seal_pii(list(place), place_aad(transaction_id))
+
+
 def _place(master: MasterKey, transaction_id: str, sealed: bytes) -> tuple[float, float]:
+    """What :func:`seal_place` sealed."""
     lat, lon = master.open_pii(bytes(sealed), place_aad(transaction_id))
     return (float(lat), float(lon))
 
@@ -491,7 +497,7 @@ class HistoryStore:
                 "ats": [t.at for t in txns],
                 "cells": [self.cell_key(t.location) if t.location else None for t in txns],
                 "places": [
-                    self._key.seal_pii(list(t.location), place_aad(tid)) if t.location else None
+                    seal_place(self._key, tid, t.location) if t.location else None
                     for tid, t in zip(transaction_ids, txns, strict=True)
                 ],
             },
@@ -596,7 +602,7 @@ async def seal_clear_places(db: Database, master: MasterKey, batch: int = 1_000)
                     "ids": [r.id for r in rows],
                     "c": [store.cell_key(place) for place in places],
                     "s": [
-                        master.seal_pii(list(place), place_aad(r.transaction_id))
+                        seal_place(master, r.transaction_id, place)
                         for r, place in zip(rows, places, strict=True)
                     ],
                 },

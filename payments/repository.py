@@ -28,6 +28,7 @@ __all__ = [
     "payer_aad",
     "payer_key",
     "schedule_check",
+    "seal_payer",
     "to_payment",
 ]
 
@@ -47,6 +48,13 @@ def payer_aad(transaction_id: str) -> bytes:
 def payer_key(master: MasterKey, payer_vpa: str) -> bytes:
     """The payer's keyed pseudonym, by which the payer's payments are found (their day)."""
     return master.pseudonym(payer_vpa, "payer")
+
+
+def seal_payer(
+    master: MasterKey, transaction_id: str, payer_vpa: str, device: dict[str, Any] | None
+) -> bytes:
+    """A payment's ``payer_pii``: its payer's VPA and device, sealed to its row."""
+    return master.seal_pii({"payer_vpa": payer_vpa, "device": device}, payer_aad(transaction_id))
 
 
 def open_payer(master: MasterKey, row: Any) -> str:
@@ -100,16 +108,13 @@ async def insert_payment(
 ) -> None:
     """The payment and its first history row, in one statement (on the gateway's asyncpg
     connection: ``Database.raw_transaction``); the payer and the device sealed."""
-    sealed = master.seal_pii(
-        {"payer_vpa": payment.payer_vpa, "device": device}, payer_aad(payment.transaction_id)
-    )
     await conn.execute(
         _INSERT_PAYMENT,
         payment.transaction_id,
         payment.merchant_id,
         payment.merchant_order_id,
         payer_key(master, payment.payer_vpa),
-        sealed,
+        seal_payer(master, payment.transaction_id, payment.payer_vpa, device),
         payment.payee_vpa,
         payment.amount_paise,
         payment.currency,

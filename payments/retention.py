@@ -27,7 +27,7 @@ from core.clock import Clock
 from core.crypto import MasterKey
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
-from payments.repository import payer_aad, payer_key
+from payments.repository import payer_key, seal_payer
 
 __all__ = ["PiiPurger", "seal_clear_payers"]
 
@@ -63,10 +63,7 @@ async def seal_clear_payers(db: Database, master: MasterKey, batch: int = 1_000)
                     "t": [r.transaction_id for r in rows],
                     "k": [payer_key(master, r.payer_vpa) for r in rows],
                     "s": [
-                        master.seal_pii(
-                            {"payer_vpa": r.payer_vpa.lower(), "device": _device(r.device)},
-                            payer_aad(r.transaction_id),
-                        )
+                        seal_payer(master, r.transaction_id, r.payer_vpa.lower(), _device(r.device))
                         for r in rows
                     ],
                 },
