@@ -790,28 +790,33 @@ async def _traced_rounds(
     on_phase: Callable[[str], None],
 ) -> dict[str, Any]:
     """Traces off versus on in the same run: after ``first`` (off), the engine again with
-    every process tracing to a local sink (:class:`api.otlp_sink.OtlpSink`), then off, then
-    on… ``rounds`` pairs in all, interleaved so that a change of the machine's load
-    falls on both sides; each run on a scratch server of its own."""
+    every process tracing to a local sink (:class:`api.otlp_sink.OtlpSink`); then pairs
+    on then off, off then on… ``rounds`` pairs in all, interleaved and in alternating
+    order so that a change of the machine's load, or a cost the run before leaves to the
+    next (its server's shutdown, the page cache), falls on both sides; each run on a
+    scratch server of its own."""
     from api.otlp_sink import OtlpSink
 
     pairs: list[dict[str, Any]] = []
-    off = first
     for n in range(rounds):
-        if n:
-            on_phase(f"traces off, round {n + 1} of {rounds}")
-            off = await run(seed + n, {})
-        on_phase(f"traces on, round {n + 1} of {rounds}")
         with OtlpSink() as sink:
-            on = await run(
-                seed + n,
-                {"UPI_OTEL_ENDPOINT": sink.endpoint, "UPI_OTEL_SAMPLE_RATIO": repr(sample_ratio)},
-            )
+            env = {"UPI_OTEL_ENDPOINT": sink.endpoint, "UPI_OTEL_SAMPLE_RATIO": repr(sample_ratio)}
+            if n == 0:
+                off = first
+            elif n % 2 == 0:
+                on_phase(f"traces off, round {n + 1} of {rounds}")
+                off = await run(seed + n, {})
+            on_phase(f"traces on, round {n + 1} of {rounds}")
+            on = await run(seed + n, env)
+            if n % 2:  # on first in every other pair: a drift along the run cancels out
+                on_phase(f"traces off, round {n + 1} of {rounds}")
+                off = await run(seed + n, {})
         # The engines flushed their spans when they stopped: every one is counted.
         off_cost = off.after.cost(off.before, off.count)
         on_cost = on.after.cost(on.before, on.count)
         pairs.append(
             {
+                "first": "on" if n % 2 else "off",
                 "off_settled_per_second": _r(off.settled_per_second, 1),
                 "on_settled_per_second": _r(on.settled_per_second, 1),
                 "on_vs_off": _r(on.settled_per_second / off.settled_per_second, 3),

@@ -23,7 +23,8 @@ Delivery guarantees:
   its start (core/outbox.py); inboxes make the repeats no-ops. The consumers must then
   read the new log from its start too: their positions (and offsets a consumer committed
   to the new broker before it noticed) point past records the relay publishes again.
-  The consumers of the bus that noticed rewind at once; a consumer in another process
+  The consumers of the bus that noticed are started again once the topics are made
+  again, and read from the start (:meth:`KafkaBus._repair`); a consumer in another process
   rewinds when its watchdog finds its position or committed offset past the log's end.
 * **Dead letters.** Records no retry can fix go to ``<prefix>.dlq`` with the original
   bytes and key, and headers ``reason``, ``consumer``, ``original_topic``, ``attempts``
@@ -75,6 +76,20 @@ class _Running:
     rewind: bool = False  # the broker lost its log: read its partitions from the start
 
 
+async def _stop_quietly(consumer: AIOKafkaConsumer) -> None:
+    """Stop ``consumer``, whatever it raises: aiokafka's ``stop`` can raise the
+    CancelledError of its own fetch tasks, which it cancels and awaits. (Still cancelled
+    when the task stopping it is.)"""
+    try:
+        await asyncio.wait_for(consumer.stop(), 10)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception as exc:
+        _log.debug("stopping a consumer: %s", exc)
+
+
 class KafkaBus:
     def __init__(
         self,
@@ -103,6 +118,7 @@ class KafkaBus:
         self._floor: dict[TopicPartition, int] = {}  # first offset of the last publish
         self._probe: AIOKafkaConsumer | None = None
         self._repair_topics = False  # a lost log's topics are still to be checked
+        self._restarting = asyncio.Lock()  # one restart of a consumer at a time
 
     # ------------------------------------------------------------------ names
 
@@ -168,7 +184,7 @@ class KafkaBus:
             raise failed[0]
         self._watchdog = asyncio.create_task(self._watch_consumers(), name="kafka-watchdog")
 
-    async def _start_consumer(self, sub: Subscription) -> None:
+    async def _start_consumer(self, sub: Subscription, *, rewind: bool = False) -> None:
         consumer = AIOKafkaConsumer(
             *(self.topic_name(t) for t in sub.topics),
             bootstrap_servers=self._settings.kafka_bootstrap,
@@ -190,6 +206,7 @@ class KafkaBus:
             sub,
             consumer,
             asyncio.create_task(self._consume(sub, consumer), name=f"consume-{sub.consumer}"),
+            rewind=rewind,
         )
 
     async def _watch_consumers(self) -> None:
@@ -290,23 +307,43 @@ class KafkaBus:
             waiting += max(0, end - (committed or 0))
         return waiting
 
-    async def _restart(self, running: _Running) -> None:
-        running.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(running.task, 10)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(running.consumer.stop(), 10)
-        self._restarts += 1
-        try:
-            await self._start_consumer(running.sub)
-        except BusError as exc:
-            _log.warning("watchdog: %s", exc)  # tried again at the next round
-            running.progress_at = time.monotonic()
+    async def _restart(self, running: _Running, *, rewind: bool = False) -> None:
+        """A fresh consumer for ``running``'s subscription (``rewind``: reading its partitions
+        from the start once it has them). Nothing if it was replaced meanwhile."""
+        async with self._restarting:
+            if self._running.get(running.sub.consumer) is not running:
+                return
+            if running.task is asyncio.current_task():  # its own handler published
+                running.rewind = running.rewind or rewind
+                return
+            running.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(running.task, 10)
+            await _stop_quietly(running.consumer)
+            self._restarts += 1
+            try:
+                await self._start_consumer(running.sub, rewind=rewind)
+            except BusError as exc:
+                _log.warning("restarting a consumer: %s", exc)  # the watchdog tries again
+                running.progress_at = time.monotonic()
+                running.rewind = running.rewind or rewind
 
     async def _repair(self) -> None:
-        """After a lost log, before anything is published again: the topics as configured."""
+        """After a lost log, before anything is published again: the topics as configured,
+        then every consumer of this bus started again, to read the new log from its start.
+
+        Started again, not only rewound where it stands: until the topics are made again a
+        consumer may hold the partitions of a topic the restarted broker made itself (at
+        its own partition count), and have read and committed records there, which the
+        repair deletes. A rewind of those partitions, or a position carried over from them,
+        says nothing of the new topic's: a fresh consumer joins with the new metadata, and
+        its rewind (seek to the beginning, commit 0) applies to what it is given then."""
         await self._create_topics(repair=True)
         self._repair_topics = False
+        if not self._stopping.is_set():
+            await asyncio.gather(
+                *(self._restart(r, rewind=True) for r in list(self._running.values()))
+            )
 
     async def _create_topics(self, *, repair: bool = False) -> None:
         """Create the topics that are missing; with ``repair`` (after a lost log), make again
@@ -362,8 +399,7 @@ class KafkaBus:
                 await task
         consumers = [r.consumer for r in self._running.values()]
         for consumer in [*consumers, *([self._probe] if self._probe else [])]:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await _stop_quietly(consumer)
         self._probe = None
         self._watchdog = None
         self._running.clear()

@@ -442,3 +442,72 @@ async def test_a_topic_the_restarted_broker_made_at_its_own_partition_count_is_m
     finally:
         await bus.stop()
         broker.stop()
+
+
+async def test_what_a_consumer_read_from_the_broker_s_own_topic_does_not_hide_the_new_log():
+    """The restarted broker made the topic itself, at its own partition count, and records
+    landed there before the bus noticed the loss (another producer's, or the relay's first
+    publishes after the restart): the consumer read them and committed their offsets. The
+    topic is then made again at the configured count and the outbox published again: the
+    consumer must read the new topic from its start, not from the offsets it committed on
+    the one that was deleted."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from tests.support import Tansu
+
+    broker = Tansu().start()
+    s = settings(f"127.0.0.1:{broker.port}", kafka_partitions=6)
+    seen: set[str] = set()
+
+    async def handle(e: Envelope) -> None:
+        seen.add(e.payload["transaction_id"])
+
+    bus = KafkaBus(s, stall_s=3.0)
+    bus.subscribe(Subscription("orders", ("payments",), handle))
+    batch = [envelope(i, f"payer{i}") for i in range(60)]
+    try:
+        await bus.start()
+        await bus.publish(batch)
+
+        async def all_seen() -> bool:
+            return len(seen) == 60
+
+        await eventually(all_seen)
+        broker.kill()
+        broker.start()  # same port, empty log
+        topic = bus.topic_name("payments")
+        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+        for _ in range(40):
+            try:
+                await admin.start()
+                break
+            except Exception:
+                await asyncio.sleep(0.5)
+        try:
+            await admin.describe_topics([topic])  # the broker makes it, at its own count
+        finally:
+            await admin.close()
+        # Records in the broker's topic, read and committed by the consumer before the loss
+        # is noticed (as the relay's first publishes after the restart are): a few on each
+        # of its partitions, about half of what the new log will hold there.
+        early = [envelope(1000 + i, f"early{i}") for i in range(24)]
+        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap)
+        await producer.start()
+        try:
+            for e in early:
+                await producer.send(topic, value=e.to_bytes(), key=e.partition_key.encode())
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+        async def early_seen() -> bool:
+            return {f"UPI{1000 + i}" for i in range(24)} <= seen
+
+        await eventually(early_seen, timeout=40)
+        seen.clear()
+        await _publish_until_the_loss_is_noticed(bus, batch)
+        await _publish_when_the_broker_answers(bus, batch)  # the relay's republication
+        await eventually(all_seen, timeout=60)
+    finally:
+        await bus.stop()
+        broker.stop()
