@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -74,6 +74,10 @@ class _Running:
     task: asyncio.Task[None]
     progress_at: float = field(default_factory=time.monotonic)
     rewind: bool = False  # the broker lost its log: read its partitions from the start
+
+
+async def _all(awaitables: list[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*awaitables)
 
 
 async def _stop_quietly(consumer: AIOKafkaConsumer) -> None:
@@ -118,7 +122,8 @@ class KafkaBus:
         self._floor: dict[TopicPartition, int] = {}  # first offset of the last publish
         self._probe: AIOKafkaConsumer | None = None
         self._repair_topics = False  # a lost log's topics are still to be checked
-        self._restarting = asyncio.Lock()  # one restart of a consumer at a time
+        self._restarting: dict[str, asyncio.Lock] = {}  # one restart of a consumer at a time
+        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ names
 
@@ -310,7 +315,7 @@ class KafkaBus:
     async def _restart(self, running: _Running, *, rewind: bool = False) -> None:
         """A fresh consumer for ``running``'s subscription (``rewind``: reading its partitions
         from the start once it has them). Nothing if it was replaced meanwhile."""
-        async with self._restarting:
+        async with self._restarting.setdefault(running.sub.consumer, asyncio.Lock()):
             if self._running.get(running.sub.consumer) is not running:
                 return
             if running.task is asyncio.current_task():  # its own handler published
@@ -337,13 +342,17 @@ class KafkaBus:
         its own partition count), and have read and committed records there, which the
         repair deletes. A rewind of those partitions, or a position carried over from them,
         says nothing of the new topic's: a fresh consumer joins with the new metadata, and
-        its rewind (seek to the beginning, commit 0) applies to what it is given then."""
+        its rewind (seek to the beginning, commit 0) applies to what it is given then.
+        In the background, side by side: a consumer's join takes seconds (Tansu's rebalance
+        delay), and the relay goes on publishing the outbox again meanwhile."""
         await self._create_topics(repair=True)
         self._repair_topics = False
-        if not self._stopping.is_set():
-            await asyncio.gather(
-                *(self._restart(r, rewind=True) for r in list(self._running.values()))
-            )
+        if self._stopping.is_set() or not self._running:
+            return
+        restarts = [self._restart(r, rewind=True) for r in list(self._running.values())]
+        task = asyncio.create_task(_all(restarts), name="kafka-consumers-again")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _create_topics(self, *, repair: bool = False) -> None:
         """Create the topics that are missing; with ``repair`` (after a lost log), make again
@@ -389,7 +398,7 @@ class KafkaBus:
 
     async def stop(self) -> None:
         self._stopping.set()
-        tasks = [r.task for r in self._running.values()]
+        tasks = [r.task for r in self._running.values()] + list(self._background)
         if self._watchdog is not None:
             tasks.append(self._watchdog)
         for task in tasks:

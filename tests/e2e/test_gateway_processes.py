@@ -26,11 +26,20 @@ def _gateways(pid: int) -> list[psutil.Process]:
     return [c for c in psutil.Process(pid).children() if "--beside" in c.cmdline()]
 
 
+def _listening(process: psutil.Process) -> bool:
+    return any(c.status == psutil.CONN_LISTEN for c in process.net_connections(kind="tcp"))
+
+
 def _started_gateways(pid: int, count: int) -> list[psutil.Process]:
+    """The ``count`` extra gateway processes of ``serve``, once each listens: before that
+    the kernel gives every new connection to the first process."""
     deadline = time.monotonic() + 60
     while len(gateways := _gateways(pid)) < count and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(gateways) == count
+    while not all(_listening(g) for g in gateways):
+        assert time.monotonic() < deadline, "a gateway process never listened"
+        time.sleep(0.1)
     return gateways
 
 
