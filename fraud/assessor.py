@@ -100,7 +100,7 @@ def build_engine(settings: Settings) -> tuple[FraudEngine, str]:
             VelocityScorer(),
             LocationScorer(),
             DeviceScorer(),
-            ModelScorer(model.estimator, model.version),
+            ModelScorer(model.trees, model.version),
         ],
         budgets_s={
             "velocity": rule_s,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fraud.features import (
     History,
@@ -38,6 +38,9 @@ from fraud.features import (
     payee_age_s,
     structuring_gap,
 )
+
+if TYPE_CHECKING:
+    from fraud.model import CompiledTrees
 
 __all__ = [
     "BatchScorer",
@@ -315,10 +318,8 @@ class ModelScorer:
 
     name = "model"
 
-    def __init__(self, estimator: Any, version: str, threshold: float = 0.5) -> None:
-        from fraud.model import CompiledTrees
-
-        self._trees = CompiledTrees(estimator)
+    def __init__(self, trees: CompiledTrees, version: str, threshold: float = 0.5) -> None:
+        self._trees = trees
         self.version = version
         self.threshold = threshold
 

@@ -454,6 +454,9 @@ def test_fraud_train_reproduces_the_shipped_model_and_evaluate_prints_metrics(tm
     assert trained.returncode == 0, trained.stderr
     result = json.loads(trained.stdout)
     assert result["version"] == shipped["version"]  # same seed, same model
+    # And the same trees file, byte for byte: what the engine scores with.
+    made = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert made["trees_sha256"] == shipped["trees_sha256"]
 
     evaluated = cli(
         {**env, "UPI_FRAUD_MODEL_DIR": str(tmp_path / "m")},
