@@ -575,19 +575,24 @@ class HistoryPruner(PollingWorker):
 
 
 _CLEAR_PLACES = sql_text(
-    "SELECT id, transaction_id, lat, lon FROM fraud_observations WHERE lat IS NOT NULL"
-    " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
+    "SELECT id, transaction_id, lat, lon FROM fraud_observations"
+    " WHERE lat IS NOT NULL OR lon IS NOT NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
 )
 _SEAL_PLACES = sql_text(
     "UPDATE fraud_observations AS o SET cell_key = u.c, place_pii = u.s, lat = NULL,"
     " lon = NULL FROM unnest(CAST(:ids AS bigint[]), CAST(:c AS bytea[]), CAST(:s AS bytea[]))"
     " AS u(id, c, s) WHERE o.id = u.id"
 )
+_CLEAR_HALF_PLACES = sql_text(
+    "UPDATE fraud_observations SET lat = NULL, lon = NULL WHERE id = ANY(CAST(:ids AS bigint[]))"
+)
 
 
 async def seal_clear_places(db: Database, master: MasterKey, batch: int = 1_000) -> int:
     """Seal the clear places of observations recorded before migration ``fraud.0004``, as
-    :meth:`HistoryStore.observe_many` seals new ones; returns how many were sealed."""
+    :meth:`HistoryStore.observe_many` seals new ones; returns how many were sealed. Half a
+    place (a latitude without its longitude, or the reverse) is no place: emptied, not
+    sealed as a point that was never observed."""
     store = HistoryStore(master)
     sealed = 0
     while True:
@@ -595,7 +600,11 @@ async def seal_clear_places(db: Database, master: MasterKey, batch: int = 1_000)
             rows = (await conn.execute(_CLEAR_PLACES, {"n": batch})).all()
             if not rows:
                 return sealed
-            places = [(float(r.lat), float(r.lon or 0.0)) for r in rows]
+            half = [r.id for r in rows if r.lat is None or r.lon is None]
+            if half:
+                await conn.execute(_CLEAR_HALF_PLACES, {"ids": half})
+            rows = [r for r in rows if r.lat is not None and r.lon is not None]
+            places = [(float(r.lat), float(r.lon)) for r in rows]
             await conn.execute(
                 _SEAL_PLACES,
                 {

@@ -135,13 +135,22 @@ async def test_rows_from_before_sealing_are_sealed_when_the_engine_starts(pg_ser
                 ),
                 {"at": NOW, "lat": DEVICE.latitude, "lon": DEVICE.longitude},
             )
+            await conn.execute(  # half a place: no point to seal
+                text(
+                    "INSERT INTO fraud_observations (transaction_id, payer_key, payee_key,"
+                    " amount_paise, at, lat) VALUES ('UPI2', 'p', 'q', 100, :at, 12.5)"
+                ),
+                {"at": NOW},
+            )
         await migrate(db, migrations)
         assert await seal_clear_payers(db, MASTER, batch=1) == 1
         assert await seal_clear_payers(db, MASTER) == 0  # once
         assert await seal_clear_places(db, MASTER) == 1
         async with db.connection() as conn:
             row = (await conn.execute(text("SELECT * FROM payments"))).one()
-            obs = (await conn.execute(text("SELECT * FROM fraud_observations"))).one()
+            obs, half = (
+                await conn.execute(text("SELECT * FROM fraud_observations ORDER BY id"))
+            ).all()
             payment = await repository.load_payment(conn, "UPI1", MASTER)
         assert row.payer_vpa is None and row.device is None
         assert bytes(row.payer_key) == repository.payer_key(MASTER, PAYER)
@@ -151,6 +160,7 @@ async def test_rows_from_before_sealing_are_sealed_when_the_engine_starts(pg_ser
         assert obs.lat is None and obs.lon is None and obs.cell_key is not None
         place = MASTER.open_pii(bytes(obs.place_pii), place_aad("UPI1"))
         assert place == [DEVICE.latitude, DEVICE.longitude]
+        assert half.lat is None and half.place_pii is None and half.cell_key is None
     finally:
         await db.close()
 
