@@ -859,7 +859,7 @@ async def run_bench(
     switch_latency_scale: float = 1.0,
     seed: int = 20261125,
     trace_rounds: int = 0,
-    trace_sample_ratio: float = 1.0,
+    trace_sample_ratio: float | None = None,
     on_phase: Callable[[str], None] = lambda phase: None,
     on_progress: Callable[[int], None] = lambda payments: None,
 ) -> dict[str, Any]:
@@ -897,8 +897,19 @@ async def run_bench(
         requests = data_dir / "requests.tsv"
         bare_http = await _bare_http(load, requests, data_dir)
         bare_insert = await _bare_inserts(first.conn_url, first.count, concurrency)
+    from core.config import Settings
+
+    shipped_ratio = Settings.model_fields["otel_sample_ratio"].default
     traces = (
-        await _traced_rounds(first, trace_rounds, trace_sample_ratio, seed, another, on_phase)
+        await _traced_rounds(
+            first,
+            trace_rounds,
+            # Unset: the engine's own default, what tracing costs as shipped.
+            shipped_ratio if trace_sample_ratio is None else trace_sample_ratio,
+            seed,
+            another,
+            on_phase,
+        )
         if trace_rounds
         else None
     )

@@ -1634,8 +1634,13 @@ def bench(
         ),
     ] = 0,
     trace_sample_ratio: Annotated[
-        float, typer.Option(min=0, max=1, help="With --traces: UPI_OTEL_SAMPLE_RATIO")
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            min=0,
+            max=1,
+            help="With --traces: UPI_OTEL_SAMPLE_RATIO (default: the engine's, 0.1)",
+        ),
+    ] = None,
     json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
 ) -> None:
     """Run the whole engine on a scratch embedded PostgreSQL, send realistic payments, wait

@@ -192,7 +192,8 @@ class Settings(BaseSettings):
     # Traces (docs/observability.md): OTLP/HTTP to this collector's base URL; unset: off.
     otel_endpoint: str | None = None
     otel_service_name: Annotated[str, Field(min_length=1, max_length=128)] = "upi-engine"
-    otel_sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0  # of payments traced
+    # The share of payments traced, each whole (1: all; docs/operations.md has the cost).
+    otel_sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     relay_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 500
     relay_poll_interval_s: Annotated[float, Field(gt=0, le=10)] = 0.05
     consumer_max_attempts: Annotated[int, Field(ge=1, le=100)] = 5

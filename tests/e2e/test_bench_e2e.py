@@ -95,7 +95,7 @@ def test_bench_closed_loop_on_the_embedded_default(tmp_path):
 
 def test_bench_open_loop_measures_from_intended_send_times():
     # With --traces 1: the engine once more, every process tracing to the bench's sink.
-    args = ["--rate", "25", "--duration", "2", "--traces", "1"]
+    args = ["--rate", "25", "--duration", "2", "--traces", "1", "--trace-sample-ratio", "1"]
     done = cli(base_env(), "bench", *args, "--json", timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
