@@ -16,7 +16,7 @@ the last minutes and how many phones the payer used in a day.
 For bursts and collect-request scams: how long since the payer's previous payment and
 how often it paid this payee in the last minutes, the amount against the payer's usual
 (the geometric mean of its amounts, :func:`log_amount_vs_usual`), and, for a payee younger
-than a day, how many of its payers of the hour paid it far above their own usual
+than a day, how many of its payers so far paid it far above their own usual
 (:func:`large_vs_usual`: a scammer's victims each pay far more than they usually do) and
 what share of them paid structured sums (a mule's collector is paid such sums; a new
 shop's price point is one amount among many).
@@ -107,12 +107,14 @@ class History:
     device_payers_10m: int = 0  # other payers seen on this device
     payer_devices_24h: int = 0
     # Bursts and collect requests (issue 18): how long since the payer's previous payment
-    # (within 24 h), the payer's earlier payments to this payee in 10 minutes, and the
-    # distinct payers in the payee's hour who paid it well above their usual
-    # (:func:`large_vs_usual`, recorded with each payment).
+    # (within 24 h), the payer's earlier payments to this payee in 10 minutes, and, for a
+    # payee first paid less than a day ago, its distinct payers so far and those who paid
+    # it well above their usual (:func:`large_vs_usual`, recorded with each payment);
+    # 0 for an older payee.
     seconds_since_prev: float | None = None
     payer_to_payee_10m: int = 0
-    payee_large_payers_1h: int = 0
+    young_payee_payers: int = 0
+    young_payee_large_payers: int = 0
     payer_milli_log_sum: int = 0  # the payer's amounts' milli_log, summed (their usual)
     # Of the payee's payers in 10 min and in the hour, those who paid it a structured
     # amount (:func:`structuring_gap`): a mule's collector is paid structured sums, a
@@ -150,7 +152,7 @@ FEATURE_NAMES = (
     "young_payee_payers_1h",
     "log_seconds_since_prev",
     "payer_to_payee_10m",
-    "young_payee_large_payers_1h",
+    "young_payee_large_payers",
     "log_amount_vs_usual",
     "young_payee_structured_share_1h",
 )
@@ -257,7 +259,7 @@ def feature_vector(txn: Txn, history: History) -> list[float]:
         if (prev := history.seconds_since_prev) is not None
         else math.log10(1 + 86_400.0),
         float(history.payer_to_payee_10m),
-        float(history.payee_large_payers_1h) if (age or 0.0) < 86_400 else 0.0,
+        float(history.young_payee_large_payers),
         log_amount_vs_usual(txn.amount_paise, history),
         history.payee_structured_payers_1h / history.payee_payers_1h
         if history.payee_payers_1h and (age or 0.0) < 86_400

@@ -32,8 +32,9 @@ Rules both follow (the *definition* of each :class:`~fraud.features.History` fie
   the payer paid (kept, like the count, when the payments are pruned): with the count, the
   payer's usual amount; a payment is *large* when
   :func:`~fraud.features.large_vs_usual` said so of it against the payer as it was before
-  it, and ``payee_large_payers_1h`` counts the distinct payers of the payee's 1 h window
-  who paid so;
+  it; for a payee first paid less than a day before this payment, ``young_payee_payers``
+  counts the distinct payers of its latest ``PAYEE_WINDOW`` payments (all of its day) and
+  ``young_payee_large_payers`` those who paid so; both are 0 for an older payee;
 * ``payee_structured_payers_10m`` / ``_1h`` count the distinct payers of the payee's 10 min
   and 1 h windows who paid a structured amount (:func:`~fraud.features.structuring_gap`).
 """
@@ -160,6 +161,8 @@ class HistoryTracker:
         payee_1h = _window(payee, at - HOUR)[-PAYEE_WINDOW:]
         payee_10m = [s for s in payee_1h if s.at > at - TEN_MINUTES]
         payee_first = self._payee_first.get(txn.payee)
+        young = payee_first is not None and at - payee_first < DAY
+        payee_day = _window(payee, at - DAY)[-PAYEE_WINDOW:] if young else []
         return History(
             payer_count_1m=len(p1m),
             payer_count_1h=len(p1h),
@@ -188,7 +191,8 @@ class HistoryTracker:
             payer_to_payee_10m=sum(
                 1 for s in p24 if s.payee == txn.payee and s.at > at - TEN_MINUTES
             ),
-            payee_large_payers_1h=len({s.other for s in payee_1h if s.payer_large}),
+            young_payee_payers=len({s.other for s in payee_day}),
+            young_payee_large_payers=len({s.other for s in payee_day if s.payer_large}),
             payee_structured_payers_10m=len({s.other for s in payee_10m if s.structured}),
             payee_structured_payers_1h=len({s.other for s in payee_1h if s.structured}),
             payer_milli_log_sum=self._payer_milli_logs[txn.payer],

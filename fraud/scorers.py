@@ -136,10 +136,10 @@ class VelocityRules:
     young_payee_s: float = 24 * 3600
     young_payee_new_payers_10m: int = 2  # payers new to the engine, in 10 min, most of them
     young_payee_new_payers_1h: int = 3  # ... or in its hour (a slow ring: a few an hour)
-    # A collect-request scam: a young payee whose payers in its hour paid it well above
-    # their usual (fraud.features.large_vs_usual), at least this many of them and at
-    # least half of all its payers there, this payment far above its payer's usual too.
-    young_payee_large_payers_1h: int = 2
+    # A collect-request scam: a young payee whose payers so far paid it well above their
+    # usual (fraud.features.large_vs_usual), at least this many of them and at least half
+    # of all its payers, this payment far above its payer's usual too.
+    young_payee_large_payers: int = 2
 
 
 class VelocityScorer:
@@ -213,18 +213,18 @@ class VelocityScorer:
         if young and structured:
             # Just under a round limit, to an account nobody paid a day ago.
             hits.append(("AMOUNT_STRUCTURING", 0.15))
-        large = history.payee_large_payers_1h
+        large = history.young_payee_large_payers
         if (
             young
-            and large >= r.young_payee_large_payers_1h
-            and 2 * large >= history.payee_payers_1h
+            and large >= r.young_payee_large_payers
+            and 2 * large >= history.young_payee_payers
             and large_vs_usual(
                 txn.amount_paise, history.payer_payments_ever, history.payer_milli_log_sum
             )
         ):
             # Customers the engine knows, each paying a day-old account far more than
             # they usually pay: collect requests approved for a "refund" or a "prize".
-            start = r.young_payee_large_payers_1h
+            start = r.young_payee_large_payers
             hits.append(("PAYEE_YOUNG_LARGE_FAN_IN", _ramp(large, start, 3 * start, 0.35, 0.75)))
         return _combine(hits)
 

@@ -146,14 +146,17 @@ _READ = sql_text(
 # recorded payments to the payee, plus the batch's earlier ones, placed after every
 # recorded one as they would be if the batch were handled one payment at a time.
 # The latest payments to each payee of a batch, within the hour before its earliest payment
-# in the batch: an index scan backwards, at most PAYEE_WINDOW rows a payee, each with
-# whether it was its payer's first payment; and the payee's earliest payment (its age),
-# one index probe. Each payment's own window is a part of these (a later cut-off keeps a
-# prefix of them), merged with the batch's earlier payments to that payee, in Python
-# (:func:`_payee_windows_of`). The rows with a negative ``ord`` are the batch's payers'
-# counts (``fraud_payers``): whether a batch's earlier payment to the payee was its payer's
-# first is known before its own round reads it. A payee with no payment in the hour still
-# has one row (its earliest payment, or none), for its age.
+# in the batch (the day, for a payee first paid less than a day before: all of a young
+# payee's payments, capped the same): an index scan backwards, at most PAYEE_WINDOW rows a
+# payee, each with whether it was its payer's first payment, whether it was far above its
+# payer's usual, and its amount (structured or not); and the payee's earliest payment (its
+# age), one index probe. Each payment's own window is a part of these (a later cut-off
+# keeps a prefix of them), merged with the batch's earlier payments to that payee, in
+# Python (:func:`_payee_windows_of`). The rows with a negative ``ord`` are the batch's
+# payers' counts and usual amounts (``fraud_payers``): whether a batch's earlier payment to
+# the payee was its payer's first, or far above its usual, is known before its own round
+# reads it. A payee with no payment in the hour still has one row (its earliest payment,
+# or none), for its age.
 _READ_PAYEES = sql_text(
     f"""
     SELECT q.ord, w.payer_key, w.at, w.id, w.payer_new, w.payer_large, w.amount_paise,
@@ -167,7 +170,11 @@ _READ_PAYEES = sql_text(
     LEFT JOIN LATERAL (
         SELECT o.payer_key, o.at, o.id, o.payer_new, o.payer_large, o.amount_paise
         FROM fraud_observations o
-        WHERE o.payee_key = q.payee AND o.at > q.since
+        WHERE o.payee_key = q.payee AND o.at > CASE
+            -- A payee first paid less than a day before the batch's earliest payment to
+            -- it: its day (all of it), for the young payee's payers so far.
+            WHEN earliest.at > q.since - {_seconds(DAY - HOUR)}
+            THEN q.since - {_seconds(DAY - HOUR)} ELSE q.since END
         ORDER BY o.at DESC, o.id DESC LIMIT {PAYEE_WINDOW}
     ) AS w ON true
     UNION ALL
@@ -202,7 +209,7 @@ def _payee_windows_of(
 
     The candidates are kept in one ascending list (a batch's payment is inserted in its
     place once counted): a payment's window is the top of the part after its cut-off, so
-    each costs two bisections and a few sets of at most ``PAYEE_WINDOW`` payers, in C."""
+    each costs a few bisections and a few sets of at most ``PAYEE_WINDOW`` payers, in C."""
     rows = sorted(
         ((at, flag, seq), payer, is_new, is_large, structuring_gap(amount) is not None)
         for at, flag, seq, payer, is_new, is_large, amount in stored
@@ -223,6 +230,10 @@ def _payee_windows_of(
         start = max(newer, len(keys) - PAYEE_WINDOW)
         start10 = max(bisect.bisect_right(keys, (at - TEN_MINUTES, 2, 0)), start)
         hour = who[start:]
+        # A payee first paid less than a day ago: all of its (latest) payments.
+        young = first is not None and at - first < DAY
+        start_day = max(bisect.bisect_right(keys, (at - DAY, 2, 0)), len(keys) - PAYEE_WINDOW)
+        day, day_large = (who[start_day:], larges[start_day:]) if young else ([], [])
         windows.append(
             PayeeWindow(
                 len(hour),
@@ -231,9 +242,10 @@ def _payee_windows_of(
                 len({p for p, f in zip(who[start10:], flags[start10:], strict=True) if f}),
                 len({p for p, f in zip(hour, flags[start:], strict=True) if f}),
                 first,
-                len({p for p, f in zip(hour, larges[start:], strict=True) if f}),
                 len({p for p, f in zip(who[start10:], structured[start10:], strict=True) if f}),
                 len({p for p, f in zip(hour, structured[start:], strict=True) if f}),
+                len(set(day)),
+                len({p for p, f in zip(day, day_large, strict=True) if f}),
             )
         )
         key = (at, 1, position)
@@ -314,7 +326,8 @@ class Pseudonyms(NamedTuple):
 class PayeeWindow(NamedTuple):
     """``History.payee_count_1h``, ``payee_payers_1h``, ``payee_payers_10m``,
     ``payee_new_payers_10m``, ``payee_new_payers_1h``, the payee's earliest payment,
-    ``payee_large_payers_1h`` and ``payee_structured_payers_10m`` / ``_1h``."""
+    ``payee_structured_payers_10m`` / ``_1h``, ``young_payee_payers`` and
+    ``young_payee_large_payers``."""
 
     count_1h: int
     payers_1h: int
@@ -322,9 +335,10 @@ class PayeeWindow(NamedTuple):
     new_payers_10m: int = 0
     new_payers_1h: int = 0
     first_at: datetime | None = None
-    large_payers_1h: int = 0
     structured_payers_10m: int = 0
     structured_payers_1h: int = 0
+    young_payers: int = 0
+    young_large_payers: int = 0
 
 
 def split_rounds(txns: Sequence[Txn]) -> list[list[int]]:
@@ -421,7 +435,8 @@ def _history(master: MasterKey, row: Any, payee: PayeeWindow, txn: Txn) -> Histo
         payer_devices_24h=int(row.devices24),
         seconds_since_prev=(at - row.prev_at).total_seconds() if row.prev_at else None,
         payer_to_payee_10m=int(row.to_payee10m),
-        payee_large_payers_1h=payee.large_payers_1h,
+        young_payee_payers=payee.young_payers,
+        young_payee_large_payers=payee.young_large_payers,
         payee_structured_payers_10m=payee.structured_payers_10m,
         payee_structured_payers_1h=payee.structured_payers_1h,
         payer_milli_log_sum=int(row.milli_log_sum or 0),

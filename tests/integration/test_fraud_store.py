@@ -32,7 +32,8 @@ MS = timedelta(milliseconds=1)
 EXERCISED = (
     "seconds_since_prev",
     "payer_to_payee_10m",
-    "payee_large_payers_1h",
+    "young_payee_payers",
+    "young_payee_large_payers",
     "payer_milli_log_sum",
     "payee_structured_payers_10m",
     "payee_structured_payers_1h",

@@ -293,9 +293,12 @@ def test_bursts_and_usual_amounts_in_the_history():
     assert now.payer_to_payee_10m == 3
     assert now.payer_milli_log_sum == 4_000 + 5_000 + 6_000
     # ₹10,000 after ₹100 and ₹1,000 is far above; ₹1,000 after ₹100 is under ₹1,000.
-    assert now.payee_large_payers_1h == 1
+    assert (now.young_payee_payers, now.young_payee_large_payers) == (1, 1)
     other = h.history(txn(500_000, T0 + timedelta(minutes=11), payee="shop@okicici"))
-    assert (other.payer_to_payee_10m, other.payee_large_payers_1h) == (0, 0)
+    assert (other.payer_to_payee_10m, other.young_payee_large_payers) == (0, 0)
+    # A day after its first payment the payee is no longer young: nothing counted.
+    later = h.history(txn(500_000, T0 + timedelta(days=1), payee="drain@ybl"))
+    assert (later.young_payee_payers, later.young_payee_large_payers) == (0, 0)
     assert h.history(txn(1, T0 + timedelta(days=2))).seconds_since_prev is None
 
 
@@ -317,7 +320,7 @@ def test_new_features_follow_the_history():
                     payer_to_payee_10m=2,
                     payee_first_seen_s=600,
                     payee_payers_1h=4,
-                    payee_large_payers_1h=3,
+                    young_payee_large_payers=3,
                     payee_structured_payers_1h=1,
                     payer_payments_ever=2,
                     payer_milli_log_sum=2 * milli_log(100_000),
@@ -327,16 +330,16 @@ def test_new_features_follow_the_history():
         )
     )
     assert f["log_seconds_since_prev"] == 1.0 and f["payer_to_payee_10m"] == 2
-    assert f["young_payee_large_payers_1h"] == 3 and f["young_payee_structured_share_1h"] == 0.25
+    assert f["young_payee_large_payers"] == 3 and f["young_payee_structured_share_1h"] == 0.25
     assert f["log_amount_vs_usual"] == 1.0  # ₹10,000 against a usual ₹1,000
     old = dict(
         zip(
             FEATURE_NAMES,
-            feature_vector(txn(), History(payee_first_seen_s=3 * 86_400, payee_large_payers_1h=3)),
+            feature_vector(txn(), History(payee_first_seen_s=3 * 86_400, payee_payers_1h=3)),
             strict=True,
         )
     )
-    assert old["young_payee_large_payers_1h"] == 0  # a shop's size is not a feature
+    assert old["young_payee_structured_share_1h"] == 0  # a shop's size is not a feature
     never = feature_vector(txn(), History())
     assert never[FEATURE_NAMES.index("log_seconds_since_prev")] == pytest.approx(4.9365, abs=1e-4)
 
@@ -346,8 +349,8 @@ def test_a_young_payee_paid_far_above_usual_by_known_customers_is_a_collect_scam
     usual = 3 * milli_log(50_000)  # three payments of ₹500
     scam = History(
         payee_first_seen_s=1_800,
-        payee_payers_1h=3,
-        payee_large_payers_1h=3,
+        young_payee_payers=3,
+        young_payee_large_payers=3,
         payer_payments_ever=3,
         payer_milli_log_sum=usual,
     )
@@ -356,9 +359,9 @@ def test_a_young_payee_paid_far_above_usual_by_known_customers_is_a_collect_scam
     assert v.score(txn(1_000_00), scam).score == 0  # ₹1,000: twice the usual, not more
     old = dataclasses.replace(scam, payee_first_seen_s=20 * 86_400)
     assert v.score(txn(15_000_00), old).score == 0  # a shop known for weeks
-    shop = dataclasses.replace(scam, payee_payers_1h=7)  # 3 of its 7 customers
+    shop = dataclasses.replace(scam, young_payee_payers=7)  # 3 of its 7 customers
     assert v.score(txn(15_000_00), shop).score == 0
-    alone = dataclasses.replace(scam, payee_payers_1h=1, payee_large_payers_1h=1)
+    alone = dataclasses.replace(scam, young_payee_payers=1, young_payee_large_payers=1)
     assert v.score(txn(15_000_00), alone).score == 0  # one customer's large payment
 
 

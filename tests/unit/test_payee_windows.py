@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fraud.features import structuring_gap
-from fraud.history import HOUR, PAYEE_WINDOW, TEN_MINUTES
+from fraud.history import DAY, HOUR, PAYEE_WINDOW, TEN_MINUTES
 from fraud.store import PayeeWindow, _payee_windows_of
 
 NOW = datetime(2026, 12, 1, 12, tzinfo=UTC)
@@ -19,8 +19,8 @@ AMOUNTS = (50_000, 9_999_00, 10_000_00, 49_990_00, 1_234_00)  # some just under 
 def merged(stored, ats, payers, new, first, large, amounts):
     """Each window built from scratch: candidates sorted newest first, cut, capped; its
     last 10 minutes; the payers new to the engine in both; the payee's earliest payment;
-    the payers who paid well above their usual in the hour; those who paid a structured
-    amount in both."""
+    those who paid a structured amount in both; for a payee first paid less than a day
+    before, its payers in the day (capped) and those who paid well above their usual."""
     earlier, out = [], []
     for position, (at, payer, is_new, is_large, amount) in enumerate(
         zip(ats, payers, new, large, amounts, strict=True), start=1
@@ -28,6 +28,9 @@ def merged(stored, ats, payers, new, first, large, amounts):
         candidates = sorted((*stored, *earlier), reverse=True)
         window = [row for row in candidates if row[0] > at - HOUR][:PAYEE_WINDOW]
         recent = [row for row in window if row[0] > at - TEN_MINUTES]
+        earliest = min([*([first] if first else []), *(row[0] for row in earlier)], default=None)
+        young = earliest is not None and at - earliest < DAY
+        day = [row for row in candidates if row[0] > at - DAY][:PAYEE_WINDOW] if young else []
         out.append(
             PayeeWindow(
                 len(window),
@@ -35,10 +38,11 @@ def merged(stored, ats, payers, new, first, large, amounts):
                 len({row[3] for row in recent}),
                 len({row[3] for row in recent if row[4]}),
                 len({row[3] for row in window if row[4]}),
-                min([*([first] if first else []), *(row[0] for row in earlier)], default=None),
-                len({row[3] for row in window if row[5]}),
+                earliest,
                 len({row[3] for row in recent if structuring_gap(row[6]) is not None}),
                 len({row[3] for row in window if structuring_gap(row[6]) is not None}),
+                len({row[3] for row in day}),
+                len({row[3] for row in day if row[5]}),
             )
         )
         earlier.append((at, 1, position, payer, is_new, is_large, amount))
@@ -118,21 +122,23 @@ def test_new_payers_in_ten_minutes_and_the_payees_first_payment():
     assert [w.first_at for w in never] == [None, ats[0], ats[0]]
 
 
-def test_payers_well_above_their_usual_in_the_hour():
-    """A young payee's payers whose payment was far above their usual (a collect-request
-    scam's victims), stored or earlier in the batch, each counted once; not those older
-    than the hour."""
+def test_a_young_payees_payers_well_above_their_usual_over_its_day():
+    """A payee first paid less than a day ago: its payers so far, and those whose payment
+    was far above their usual (a collect-request scam's victims), stored or earlier in the
+    batch, each counted once, over its day; nothing for a payee older than a day."""
     stored = [
-        (NOW - timedelta(minutes=90), 0, 1, b"gone", False, True, 100),
+        (NOW - timedelta(minutes=150), 0, 1, b"victim0", False, True, 100),
         (NOW - timedelta(minutes=40), 0, 2, b"victim1", False, True, 100),
         (NOW - timedelta(minutes=20), 0, 3, b"regular", False, False, 100),
         (NOW - timedelta(minutes=10), 0, 4, b"victim1", False, True, 100),
     ]
     ats = [NOW + timedelta(seconds=i) for i in range(3)]
-    windows = _payee_windows_of(
-        stored, ats, [b"victim2", b"victim3", b"x"], [False] * 3, None, [True, True, False]
-    )
-    assert [w.large_payers_1h for w in windows] == [1, 2, 3]
+    payers = [b"victim2", b"victim3", b"x"]
+    young = NOW - timedelta(minutes=150)
+    windows = _payee_windows_of(stored, ats, payers, [False] * 3, young, [True, True, False])
+    assert [(w.young_payers, w.young_large_payers) for w in windows] == [(3, 2), (4, 3), (5, 4)]
+    old = _payee_windows_of(stored, ats, payers, [False] * 3, NOW - timedelta(days=2))
+    assert {(w.young_payers, w.young_large_payers) for w in old} == {(0, 0)}
 
 
 def test_payers_of_structured_amounts_in_ten_minutes_and_the_hour():
