@@ -36,7 +36,10 @@ Rules both follow (the *definition* of each :class:`~fraud.features.History` fie
   counts the distinct payers of its latest ``PAYEE_WINDOW`` payments (all of its day) and
   ``young_payee_large_payers`` those who paid so; both are 0 for an older payee;
 * ``payee_structured_payers_10m`` / ``_1h`` count the distinct payers of the payee's 10 min
-  and 1 h windows who paid a structured amount (:func:`~fraud.features.structuring_gap`).
+  and 1 h windows who paid a structured amount (:func:`~fraud.features.structuring_gap`),
+  for a payee first paid less than a day before (what the rules and the model read); 0
+  for an older payee, whose every payment would otherwise cost two more passes over its
+  window.
 """
 
 from __future__ import annotations
@@ -193,8 +196,12 @@ class HistoryTracker:
             ),
             young_payee_payers=len({s.other for s in payee_day}),
             young_payee_large_payers=len({s.other for s in payee_day if s.payer_large}),
-            payee_structured_payers_10m=len({s.other for s in payee_10m if s.structured}),
-            payee_structured_payers_1h=len({s.other for s in payee_1h if s.structured}),
+            payee_structured_payers_10m=len({s.other for s in payee_10m if s.structured})
+            if young
+            else 0,
+            payee_structured_payers_1h=len({s.other for s in payee_1h if s.structured})
+            if young
+            else 0,
             payer_milli_log_sum=self._payer_milli_logs[txn.payer],
         )
 

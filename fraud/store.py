@@ -209,16 +209,21 @@ def _payee_windows_of(
 
     The candidates are kept in one ascending list (a batch's payment is inserted in its
     place once counted): a payment's window is the top of the part after its cut-off, so
-    each costs a few bisections and a few sets of at most ``PAYEE_WINDOW`` payers, in C."""
+    each costs a few bisections and two sets of at most ``PAYEE_WINDOW`` payers, in C. The
+    payments with a flag (new payer, far above usual, structured) are also kept in a list
+    of their own per flag, so that counting the flagged payers of a window reads only
+    those; the structured and far-above-usual counts are made for a young payee only (a
+    payee first paid less than a day before), 0 for an older one, as the definitions
+    say."""
     rows = sorted(
         ((at, flag, seq), payer, is_new, is_large, structuring_gap(amount) is not None)
         for at, flag, seq, payer, is_new, is_large, amount in stored
     )
     keys = [row[0] for row in rows]
     who = [row[1] for row in rows]
-    flags = [row[2] for row in rows]  # whether it was its payer's first payment
-    larges = [row[3] for row in rows]  # well above its payer's usual
-    structured = [row[4] for row in rows]  # a structured amount
+    # Per flag, the keys and payers of the payments that have it, ascending like ``keys``:
+    # whether it was its payer's first payment, far above its payer's usual, structured.
+    flagged = [_Flagged.of(rows, column) for column in (2, 3, 4)]
     new = new if new is not None else [False] * len(ats)
     large = large if large is not None else [False] * len(ats)
     amounts = amounts if amounts is not None else [0] * len(ats)
@@ -229,34 +234,74 @@ def _payee_windows_of(
         newer = bisect.bisect_right(keys, (at - HOUR, 2, 0))  # the first after the cut-off
         start = max(newer, len(keys) - PAYEE_WINDOW)
         start10 = max(bisect.bisect_right(keys, (at - TEN_MINUTES, 2, 0)), start)
-        hour = who[start:]
+        # The first key of each window (None: the window is empty).
+        from_1h = keys[start] if start < len(keys) else None
+        from_10m = keys[start10] if start10 < len(keys) else None
+        hour_payers = len(set(who[start:]))
+        new_payers, large_payers, structured_payers = flagged
         # A payee first paid less than a day ago: all of its (latest) payments.
         young = first is not None and at - first < DAY
-        start_day = max(bisect.bisect_right(keys, (at - DAY, 2, 0)), len(keys) - PAYEE_WINDOW)
-        day, day_large = (who[start_day:], larges[start_day:]) if young else ([], [])
+        if young:
+            start_day = max(bisect.bisect_right(keys, (at - DAY, 2, 0)), len(keys) - PAYEE_WINDOW)
+            from_day = keys[start_day] if start_day < len(keys) else None
+            day_payers = hour_payers if start_day == start else len(set(who[start_day:]))
+            young_counts = (
+                structured_payers.payers_from(from_10m),
+                structured_payers.payers_from(from_1h),
+                day_payers,
+                large_payers.payers_from(from_day),
+            )
+        else:
+            young_counts = (0, 0, 0, 0)
         windows.append(
             PayeeWindow(
-                len(hour),
-                len(set(hour)),
+                len(keys) - start,
+                hour_payers,
                 len(set(who[start10:])),
-                len({p for p, f in zip(who[start10:], flags[start10:], strict=True) if f}),
-                len({p for p, f in zip(hour, flags[start:], strict=True) if f}),
+                new_payers.payers_from(from_10m),
+                new_payers.payers_from(from_1h),
                 first,
-                len({p for p, f in zip(who[start10:], structured[start10:], strict=True) if f}),
-                len({p for p, f in zip(hour, structured[start:], strict=True) if f}),
-                len(set(day)),
-                len({p for p, f in zip(day, day_large, strict=True) if f}),
+                *young_counts,
             )
         )
         key = (at, 1, position)
         place = bisect.bisect_right(keys, key)
         keys.insert(place, key)
         who.insert(place, payer)
-        flags.insert(place, is_new)
-        larges.insert(place, is_large)
-        structured.insert(place, structuring_gap(amount) is not None)
+        for flags, has in zip(
+            flagged, (is_new, is_large, structuring_gap(amount) is not None), strict=True
+        ):
+            if has:
+                flags.insert(key, payer)
         first = at if first is None else min(first, at)
     return windows
+
+
+class _Flagged:
+    """The payments of a payee's window that have one flag: their keys, ascending, and
+    their payers."""
+
+    __slots__ = ("keys", "who")
+
+    def __init__(self, keys: list[tuple[datetime, int, int]], who: list[bytes]) -> None:
+        self.keys = keys
+        self.who = who
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[Any, ...]], column: int) -> _Flagged:
+        chosen = [row for row in rows if row[column]]
+        return cls([row[0] for row in chosen], [row[1] for row in chosen])
+
+    def payers_from(self, key: tuple[datetime, int, int] | None) -> int:
+        """The distinct payers of the flagged payments from ``key`` on (None: none)."""
+        if key is None:
+            return 0
+        return len(set(self.who[bisect.bisect_left(self.keys, key) :]))
+
+    def insert(self, key: tuple[datetime, int, int], payer: bytes) -> None:
+        place = bisect.bisect_right(self.keys, key)
+        self.keys.insert(place, key)
+        self.who.insert(place, payer)
 
 
 # Records a round: its payments in order, each payer's count, each payer's devices first

@@ -19,8 +19,8 @@ AMOUNTS = (50_000, 9_999_00, 10_000_00, 49_990_00, 1_234_00)  # some just under 
 def merged(stored, ats, payers, new, first, large, amounts):
     """Each window built from scratch: candidates sorted newest first, cut, capped; its
     last 10 minutes; the payers new to the engine in both; the payee's earliest payment;
-    those who paid a structured amount in both; for a payee first paid less than a day
-    before, its payers in the day (capped) and those who paid well above their usual."""
+    for a payee first paid less than a day before, those who paid a structured amount in
+    both, its payers in the day (capped) and those who paid well above their usual."""
     earlier, out = [], []
     for position, (at, payer, is_new, is_large, amount) in enumerate(
         zip(ats, payers, new, large, amounts, strict=True), start=1
@@ -39,8 +39,12 @@ def merged(stored, ats, payers, new, first, large, amounts):
                 len({row[3] for row in recent if row[4]}),
                 len({row[3] for row in window if row[4]}),
                 earliest,
-                len({row[3] for row in recent if structuring_gap(row[6]) is not None}),
-                len({row[3] for row in window if structuring_gap(row[6]) is not None}),
+                len({row[3] for row in recent if structuring_gap(row[6]) is not None})
+                if young
+                else 0,
+                len({row[3] for row in window if structuring_gap(row[6]) is not None})
+                if young
+                else 0,
                 len({row[3] for row in day}),
                 len({row[3] for row in day if row[5]}),
             )
@@ -70,6 +74,8 @@ def test_fast_windows_equal_the_full_merge(seed):
         for i, at in enumerate(times)
     ]
     first = min(times) - timedelta(hours=rng.choice([0, 5])) if times else None
+    if other.random() < 0.25 and times:  # a payee paid for long: no young-payee counts
+        first = min(times) - timedelta(days=3)
     batch = rng.choice([1, 5, 120, 400])
     if rng.random() < 0.2:  # a cut-off exactly on a stored time, to the microsecond
         base = (stored[len(stored) // 2][0] + HOUR) if stored else NOW
@@ -143,7 +149,8 @@ def test_a_young_payees_payers_well_above_their_usual_over_its_day():
 
 def test_payers_of_structured_amounts_in_ten_minutes_and_the_hour():
     """A mule collector's payers pay sums just under a round limit; a shop's price point
-    is one amount among many. Counted by payer, stored or earlier in the batch."""
+    is one amount among many. Counted by payer, stored or earlier in the batch, for a
+    young payee (first paid less than a day before); for an older one, 0."""
     stored = [
         (NOW - timedelta(minutes=30), 0, 1, b"m1", True, False, 9_999_00),
         (NOW - timedelta(minutes=5), 0, 2, b"m2", True, False, 49_990_00),
@@ -151,8 +158,12 @@ def test_payers_of_structured_amounts_in_ten_minutes_and_the_hour():
     ]
     ats = [NOW + timedelta(seconds=i) for i in range(2)]
     amounts = [19_950_00, 4_999_00]
-    windows = _payee_windows_of(stored, ats, [b"m3", b"m4"], None, None, None, amounts)
+    young = NOW - timedelta(minutes=30)
+    windows = _payee_windows_of(stored, ats, [b"m3", b"m4"], None, young, None, amounts)
     assert [(w.structured_payers_10m, w.structured_payers_1h) for w in windows] == [
         (1, 2),
         (2, 3),
     ]
+    old = NOW - timedelta(days=40)
+    windows = _payee_windows_of(stored, ats, [b"m3", b"m4"], None, old, None, amounts)
+    assert {(w.structured_payers_10m, w.structured_payers_1h) for w in windows} == {(0, 0)}
