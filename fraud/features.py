@@ -12,6 +12,14 @@ many of those were paying for the first time anywhere (mule rings are fresh VPAs
 them, on the payer's side, amounts structured just under a round limit
 (:func:`structuring_gap`), and on the device's side how many payers shared the phone in
 the last minutes and how many phones the payer used in a day.
+
+For bursts and collect-request scams: how long since the payer's previous payment and
+how often it paid this payee in the last minutes, the amount against the payer's usual
+(the geometric mean of its amounts, :func:`log_amount_vs_usual`), and, for a payee younger
+than a day, how many of its payers so far paid it far above their own usual
+(:func:`large_vs_usual`: a scammer's victims each pay far more than they usually do) and
+what share of them paid structured sums (a mule's collector is paid such sums; a new
+shop's price point is one amount among many).
 """
 
 from __future__ import annotations
@@ -98,6 +106,21 @@ class History:
     payee_new_payers_1h: int = 0
     device_payers_10m: int = 0  # other payers seen on this device
     payer_devices_24h: int = 0
+    # Bursts and collect requests (issue 18): how long since the payer's previous payment
+    # (within 24 h), the payer's earlier payments to this payee in 10 minutes, and, for a
+    # payee first paid less than a day ago, its distinct payers so far and those who paid
+    # it well above their usual (:func:`large_vs_usual`, recorded with each payment);
+    # 0 for an older payee.
+    seconds_since_prev: float | None = None
+    payer_to_payee_10m: int = 0
+    young_payee_payers: int = 0
+    young_payee_large_payers: int = 0
+    payer_milli_log_sum: int = 0  # the payer's amounts' milli_log, summed (their usual)
+    # Of the payee's payers in 10 min and in the hour, those who paid it a structured
+    # amount (:func:`structuring_gap`): a mule's collector is paid structured sums, a
+    # shop's price just under a round figure is one product among its many.
+    payee_structured_payers_10m: int = 0
+    payee_structured_payers_1h: int = 0
 
 
 FEATURE_NAMES = (
@@ -127,6 +150,11 @@ FEATURE_NAMES = (
     "device_payers_10m",
     "payer_devices_24h",
     "young_payee_payers_1h",
+    "log_seconds_since_prev",
+    "payer_to_payee_10m",
+    "young_payee_large_payers",
+    "log_amount_vs_usual",
+    "young_payee_structured_share_1h",
 )
 PAYEE_AGE_CAP_H = 24.0 * 30  # older than a month is simply old
 
@@ -159,6 +187,36 @@ def structuring_gap(amount_paise: int) -> float | None:
         if limit * (1 - STRUCTURING_BAND) <= amount_paise < limit:
             return (limit - amount_paise) / limit
     return None
+
+
+# A payment *well above the payer's usual*: at least 3x the geometric mean of the payer's
+# amounts so far, and at least Rs 1,000. The geometric mean is kept as an integer sum of
+# milli-decades (round(1000 * log10 amount)) per payer, so every copy of the history (in
+# memory, in PostgreSQL) gets the same flag to the paisa.
+LARGE_VS_USUAL_MILLI = 477  # round(1000 * log10(3))
+LARGE_MIN_PAISE = 1_000_00
+
+
+def milli_log(amount_paise: int) -> int:
+    """round(1000 * log10(amount)): what a payer's usual amount is summed in."""
+    return round(1000 * math.log10(max(amount_paise, 1)))
+
+
+def large_vs_usual(amount_paise: int, payments: int, milli_log_sum: int) -> bool:
+    """Whether a payment of ``amount_paise`` is well above the usual of a payer who made
+    ``payments`` before it, their amounts' :func:`milli_log` summing to ``milli_log_sum``
+    (a payer without payments has no usual)."""
+    return (
+        payments > 0
+        and amount_paise >= LARGE_MIN_PAISE
+        and milli_log(amount_paise) * payments >= milli_log_sum + LARGE_VS_USUAL_MILLI * payments
+    )
+
+
+def log_amount_vs_usual(amount_paise: int, history: History) -> float:
+    """log10 of the amount over the payer's usual (geometric mean); 0 without a usual."""
+    n = history.payer_payments_ever
+    return (milli_log(amount_paise) - history.payer_milli_log_sum / n) / 1000 if n else 0.0
 
 
 def feature_vector(txn: Txn, history: History) -> list[float]:
@@ -197,4 +255,13 @@ def feature_vector(txn: Txn, history: History) -> list[float]:
         # The hour's distinct payers, for a payee younger than a day only: for a shop it
         # measures the shop's size (see the module's docstring), for a day-old VPA a ring.
         float(history.payee_payers_1h) if (age or 0.0) < 86_400 else 0.0,
+        math.log10(1 + min(max(prev, 0.0), 86_400.0))
+        if (prev := history.seconds_since_prev) is not None
+        else math.log10(1 + 86_400.0),
+        float(history.payer_to_payee_10m),
+        float(history.young_payee_large_payers),
+        log_amount_vs_usual(txn.amount_paise, history),
+        history.payee_structured_payers_1h / history.payee_payers_1h
+        if history.payee_payers_1h and (age or 0.0) < 86_400
+        else 0.0,
     ]

@@ -24,7 +24,22 @@ Rules both follow (the *definition* of each :class:`~fraud.features.History` fie
 * ``device_payers_10m`` counts the *other* payers seen on the device in 10 min;
   ``payer_devices_24h`` the distinct devices of the payer's payments in 24 h;
 * ``seconds_since_device_change`` is how long the payer's current device has been in use,
-  when the payer had another device before it (0 for a device new to the payer), or None.
+  when the payer had another device before it (0 for a device new to the payer), or None;
+* ``seconds_since_prev`` is the time since the latest of the payer's payments in its 24 h
+  window, None if none; ``payer_to_payee_10m`` counts those of the last 10 minutes to
+  this payee;
+* ``payer_milli_log_sum`` is the sum of :func:`~fraud.features.milli_log` of every amount
+  the payer paid (kept, like the count, when the payments are pruned): with the count, the
+  payer's usual amount; a payment is *large* when
+  :func:`~fraud.features.large_vs_usual` said so of it against the payer as it was before
+  it; for a payee first paid less than a day before this payment, ``young_payee_payers``
+  counts the distinct payers of its latest ``PAYEE_WINDOW`` payments (all of its day) and
+  ``young_payee_large_payers`` those who paid so; both are 0 for an older payee;
+* ``payee_structured_payers_10m`` / ``_1h`` count the distinct payers of the payee's 10 min
+  and 1 h windows who paid a structured amount (:func:`~fraud.features.structuring_gap`),
+  for a payee first paid less than a day before (what the rules and the model read); 0
+  for an older payee, whose every payment would otherwise cost two more passes over its
+  window.
 """
 
 from __future__ import annotations
@@ -36,7 +51,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from fraud.features import History, Txn
+from fraud.features import History, Txn, large_vs_usual, milli_log, structuring_gap
 
 __all__ = ["HistoryTracker", "cell_centre"]
 
@@ -62,6 +77,12 @@ class _Seen:
     other: str  # the payer (for device and payee windows)
     device: str | None = None
     payer_new: bool = False  # the payer's first recorded payment
+    payee: str = ""
+    payer_large: bool = False  # well above its payer's usual (features.large_vs_usual)
+
+    @property
+    def structured(self) -> bool:
+        return structuring_gap(self.amount) is not None
 
 
 def _window(items: deque[_Seen], since: datetime) -> list[_Seen]:
@@ -102,6 +123,7 @@ class HistoryTracker:
         self._payee: dict[str, deque[_Seen]] = defaultdict(deque)
         self._devices_of: dict[str, dict[str, datetime]] = defaultdict(dict)
         self._payee_first: dict[str, datetime] = {}
+        self._payer_milli_logs: Counter[str] = Counter()
 
     @staticmethod
     def _prune(items: deque[_Seen], now: datetime) -> None:
@@ -142,6 +164,8 @@ class HistoryTracker:
         payee_1h = _window(payee, at - HOUR)[-PAYEE_WINDOW:]
         payee_10m = [s for s in payee_1h if s.at > at - TEN_MINUTES]
         payee_first = self._payee_first.get(txn.payee)
+        young = payee_first is not None and at - payee_first < DAY
+        payee_day = _window(payee, at - DAY)[-PAYEE_WINDOW:] if young else []
         return History(
             payer_count_1m=len(p1m),
             payer_count_1h=len(p1h),
@@ -166,6 +190,19 @@ class HistoryTracker:
             payee_new_payers_1h=len({s.other for s in payee_1h if s.payer_new}),
             device_payers_10m=device_payers_10m,
             payer_devices_24h=len({s.device for s in p24 if s.device is not None}),
+            seconds_since_prev=(at - p24[-1].at).total_seconds() if p24 else None,
+            payer_to_payee_10m=sum(
+                1 for s in p24 if s.payee == txn.payee and s.at > at - TEN_MINUTES
+            ),
+            young_payee_payers=len({s.other for s in payee_day}),
+            young_payee_large_payers=len({s.other for s in payee_day if s.payer_large}),
+            payee_structured_payers_10m=len({s.other for s in payee_10m if s.structured})
+            if young
+            else 0,
+            payee_structured_payers_1h=len({s.other for s in payee_1h if s.structured})
+            if young
+            else 0,
+            payer_milli_log_sum=self._payer_milli_logs[txn.payer],
         )
 
     def observe(self, txn: Txn) -> None:
@@ -176,7 +213,12 @@ class HistoryTracker:
             txn.payer,
             txn.device_id,
             self._payer_count[txn.payer] == 0,
+            txn.payee,
+            large_vs_usual(
+                txn.amount_paise, self._payer_count[txn.payer], self._payer_milli_logs[txn.payer]
+            ),
         )
+        self._payer_milli_logs[txn.payer] += milli_log(txn.amount_paise)
         first = self._payee_first.get(txn.payee)
         if first is None or txn.at < first:
             self._payee_first[txn.payee] = txn.at

@@ -72,4 +72,24 @@ MIGRATIONS = [
         CREATE INDEX fraud_obs_clear_places ON fraud_observations (id) WHERE lat IS NOT NULL;
         """,
     ),
+    Migration(
+        "fraud.0005_usual_amounts",
+        """
+        -- Issue 18, bursts and collect requests: each payer's usual amount, as the sum of
+        -- its payments' round(1000 * log10 amount) (a geometric mean with the count), and
+        -- whether each payment was well above its payer's usual (fraud.features
+        -- large_vs_usual), for the payee's window: a young payee paid far above their
+        -- usual by several customers. Payers from before get the sum of their kept
+        -- payments scaled to their count (their pruned payments' amounts are gone).
+        ALTER TABLE fraud_payers ADD COLUMN milli_log_sum bigint NOT NULL DEFAULT 0;
+        ALTER TABLE fraud_observations ADD COLUMN payer_large boolean NOT NULL DEFAULT false;
+        UPDATE fraud_payers p SET milli_log_sum = s.total * p.payments / s.n
+        FROM (
+            SELECT payer_key, count(*) AS n,
+                   sum(round(1000 * log(greatest(amount_paise, 1)::numeric)))::bigint AS total
+            FROM fraud_observations GROUP BY payer_key
+        ) AS s
+        WHERE s.payer_key = p.payer_key;
+        """,
+    ),
 ]

@@ -4,8 +4,10 @@ synchronous; :mod:`fraud.engine` runs them concurrently, each within its own tim
 
 * :class:`VelocityScorer`: counts and amounts in sliding windows (1 min, 1 h, 24 h) per
   payer, per device and per payee; a young payee reached by many payers new to the engine
-  within minutes or within the hour (a mule's collecting account); amounts structured just
-  under a round limit, towards a young payee.
+  within minutes or within the hour, most of them paying structured sums (a mule's
+  collecting account); amounts structured just under a round limit, towards a young
+  payee; a young payee paid far above their usual by several customers the engine knows
+  (collect requests approved for a "refund").
 * :class:`LocationScorer`: impossible travel (haversine distance over elapsed time against a
   plausible top speed) and distance from the payer's usual places.
 * :class:`DeviceScorer`: a device new to an established payer, one device used by many VPAs
@@ -35,6 +37,7 @@ from fraud.features import (
     haversine_km,
     implied_speed_kmh,
     km_from_usual,
+    large_vs_usual,
     payee_age_s,
     structuring_gap,
 )
@@ -136,6 +139,10 @@ class VelocityRules:
     young_payee_s: float = 24 * 3600
     young_payee_new_payers_10m: int = 2  # payers new to the engine, in 10 min, most of them
     young_payee_new_payers_1h: int = 3  # ... or in its hour (a slow ring: a few an hour)
+    # A collect-request scam: a young payee whose payers so far paid it well above their
+    # usual (fraud.features.large_vs_usual), at least this many of them and at least half
+    # of all its payers, this payment far above its payer's usual too.
+    young_payee_large_payers: int = 2
 
 
 class VelocityScorer:
@@ -182,12 +189,26 @@ class VelocityScorer:
         # Mostly payers paying for the first time anywhere: fresh VPAs, a mule ring, in
         # 10 minutes or (a slow ring) in the hour. A festival stall is as young and as
         # busy, but paid by people the engine knows.
+        # And mostly structured sums among its payers: a mule's collector is paid such
+        # sums, a new shop's price just under a round figure (₹9,999) is one of its many.
         windows = (
-            ("PAYEE_NEW_FAN_IN", new_10m, history.payee_payers_10m, r.young_payee_new_payers_10m),
-            ("PAYEE_NEW_FAN_IN_SLOW", new_1h, history.payee_payers_1h, r.young_payee_new_payers_1h),
+            (
+                "PAYEE_NEW_FAN_IN",
+                new_10m,
+                history.payee_payers_10m,
+                history.payee_structured_payers_10m,
+                r.young_payee_new_payers_10m,
+            ),
+            (
+                "PAYEE_NEW_FAN_IN_SLOW",
+                new_1h,
+                history.payee_payers_1h,
+                history.payee_structured_payers_1h,
+                r.young_payee_new_payers_1h,
+            ),
         )
-        for code, new, payers, start in windows if young and structured else ():
-            if new >= start and 2 * new >= payers:
+        for code, new, payers, structured_payers, start in windows if young and structured else ():
+            if new >= start and 2 * new >= payers and 2 * structured_payers >= payers:
                 slow = code == "PAYEE_NEW_FAN_IN_SLOW"
                 full, top = (3 * start, 0.7) if slow else (4 * start, 0.8)
                 hits.append((code, _ramp(new, start, full, 0.3, top)))
@@ -195,6 +216,19 @@ class VelocityScorer:
         if young and structured:
             # Just under a round limit, to an account nobody paid a day ago.
             hits.append(("AMOUNT_STRUCTURING", 0.15))
+        large = history.young_payee_large_payers
+        if (
+            young
+            and large >= r.young_payee_large_payers
+            and 2 * large >= history.young_payee_payers
+            and large_vs_usual(
+                txn.amount_paise, history.payer_payments_ever, history.payer_milli_log_sum
+            )
+        ):
+            # Customers the engine knows, each paying a day-old account far more than
+            # they usually pay: collect requests approved for a "refund" or a "prize".
+            start = r.young_payee_large_payers
+            hits.append(("PAYEE_YOUNG_LARGE_FAN_IN", _ramp(large, start, 3 * start, 0.35, 0.75)))
         return _combine(hits)
 
 

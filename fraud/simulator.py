@@ -162,6 +162,7 @@ class _World:
             city: (f"newshop.{city.lower().replace(' ', '')}@ybl", self._opening())
             for city in _CITY_NAMES
         }
+        self.families: list[list[_Payer]] = []
         self._households()
 
     def _payer(self, i: int, days: float) -> _Payer:
@@ -203,6 +204,8 @@ class _World:
             for member in family[1:]:
                 member.device = family[0].device
                 member.city = family[0].city
+            if len(family) > 1:
+                self.families.append(family)
 
     def add(self, txn: Txn, typology: str = "legit") -> None:
         self.out.append(LabelledTxn(txn, typology != "legit", typology))
@@ -220,21 +223,39 @@ class _World:
             self.shop_owner(p)
         self.everyday(p)
 
+    def family_together(self, family: list[_Payer]) -> None:
+        """Two of a family on their one phone paying one after the other, seconds or
+        minutes apart (each their own order at a shop, a bill each, a place nobody paid
+        before): a few times in the period. (Three or more on one phone within ten
+        minutes is what a device farm looks like: ``DEVICE_SHARED`` steps it up.)"""
+        rng = self.rng
+        joined = max(p.joins for p in family)
+        for _ in range(rng.randint(1, 3)):
+            at = joined + timedelta(days=rng.uniform(0, self.days))
+            payee = self.merchant() if rng.random() < 0.6 else f"place{rng.randrange(10**6)}@ybl"
+            for p in rng.sample(family, k=2):
+                if at < self.end:
+                    amount = _amount(rng, p.median)
+                    self.add(Txn(p.vpa, payee, amount, at, p.device, _near(rng, p.city)))
+                at += timedelta(seconds=rng.uniform(3, 300))
+
     def onboarding(self, k: int) -> None:
         """A merchant moves its collections to this engine (or launches): a payee nobody
-        paid here before, paid within an hour or three by hundreds of customers, most of
-        them new to the engine too, everyday amounts on their own phones, across the
-        country (an online shop) or one city (a chain)."""
+        paid here before, paid within an hour or three by hundreds of customers, many or
+        all of them new to the engine too (a merchant launching on a new PSP brings its own
+        customers), everyday amounts of its trade on their own phones, across the country
+        (an online shop) or one city (a chain), at times dozens a minute (a launch sale)."""
         rng = self.rng
         shop = f"brand{k}.{rng.randrange(10**4)}@{rng.choice(_HANDLES)}"
         at = START + timedelta(days=rng.uniform(0.2, self.days - 0.2))
         end = at + timedelta(hours=rng.uniform(1, 3))
-        per_min = rng.uniform(1, 8)
-        typical = int(math.exp(rng.gauss(math.log(600), 0.6)) * 100)
+        per_min = rng.uniform(1, 8) if rng.random() < 0.7 else rng.uniform(8, 20)
+        typical = int(math.exp(rng.gauss(math.log(600), 0.9)) * 100)
         city = _city(rng) if rng.random() < 0.4 else None
+        known = rng.uniform(0, 0.5)  # the share of its customers the engine knows already
         n = 0
         while at < end:
-            if rng.random() < 0.3:
+            if rng.random() < known:
                 p = self._victim(at)  # a customer the engine already knows
                 vpa, device, home = p.vpa, p.device, p.city
             else:
@@ -244,12 +265,16 @@ class _World:
             if rng.random() < 0.05:
                 amount = _price_point(rng)
             self.add(Txn(vpa, shop, amount, at, device, _near(rng, home)))
+            if rng.random() < 0.05:  # a second item, or a retry of one that seemed to fail
+                again = at + timedelta(seconds=rng.uniform(2, 60))
+                self.add(Txn(vpa, shop, _amount(rng, typical), again, device, _near(rng, home)))
             n += 1
             at += timedelta(minutes=rng.expovariate(per_min))
 
     def light(self, p: _Payer) -> None:
         """Pays twice in the period, from their own phone and city, ₹10 to ₹4,000: a tea,
-        a recharge, a bill; sometimes the two within minutes."""
+        a recharge, a bill; sometimes the two within minutes, or to one payee within
+        seconds (a retry of a payment that seemed to fail, a second item)."""
         rng = self.rng
         at = p.joins + timedelta(days=rng.uniform(0, 1))
         for _ in range(2):
@@ -257,6 +282,11 @@ class _World:
             payee = self.merchant() if rng.random() < 0.8 else f"friend{rng.randrange(10**6)}@ybl"
             device = p.device if p.sends_device else None
             self.add(Txn(p.vpa, payee, amount, at, device, _near(rng, p.city), False, False))
+            if rng.random() < 0.25:  # a retry of a payment that seemed to fail, a second item
+                at += timedelta(seconds=rng.uniform(2, 60))
+                amount = int(math.exp(rng.uniform(math.log(10_00), math.log(4_000_00))))
+                self.add(Txn(p.vpa, payee, amount, at, device, _near(rng, p.city)))
+                return
             gap = rng.choice([rng.uniform(30, 600), rng.uniform(3_600, 3 * 86_400)])
             at += timedelta(seconds=gap)
 
@@ -579,7 +609,9 @@ def simulate(
     world.opened_before()
     for p in world.payers:
         world.ordinary(p)
-    for k in range(max(1, round(4 * payers / 5_000))):
+    for family in world.families:
+        world.family_together(family)
+    for k in range(max(1, round(8 * payers / 5_000))):
         world.onboarding(k)
     i = 0
     for typology, count in INCIDENTS.items():

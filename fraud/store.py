@@ -31,7 +31,15 @@ from core.clock import Clock
 from core.crypto import MasterKey
 from core.polling import PollingWorker
 from core.storage import Database, sql_text
-from fraud.features import History, Txn
+from fraud.features import (
+    LARGE_MIN_PAISE,
+    LARGE_VS_USUAL_MILLI,
+    History,
+    Txn,
+    large_vs_usual,
+    milli_log,
+    structuring_gap,
+)
 from fraud.history import (
     DAY,
     HOUR,
@@ -66,7 +74,7 @@ def _seconds(window: timedelta) -> str:
 _READ = sql_text(
     f"""
     SELECT payer.c1m, payer.c1h, payer.c24, payer.a1h, payer.a24, payer.devices24,
-           (SELECT payments FROM fraud_payers WHERE payer_key = q.payer) AS ever,
+           payer.prev_at, payer.to_payee10m, known.payments AS ever, known.milli_log_sum,
            recent.median,
            device.c1h AS device_c1h, device.others AS device_others,
            device.others10m AS device_others10m,
@@ -75,8 +83,10 @@ _READ = sql_text(
            last_located.place_pii AS last_place,
            devices.is_current AS device_is_current, devices.first_seen AS device_first_seen
     FROM unnest(
-        CAST(:payers AS bytea[]), CAST(:devices AS bytea[]), CAST(:ats AS timestamptz[])
-    ) WITH ORDINALITY AS q(payer, device, at, ord)
+        CAST(:payers AS bytea[]), CAST(:devices AS bytea[]), CAST(:ats AS timestamptz[]),
+        CAST(:payees AS bytea[])
+    ) WITH ORDINALITY AS q(payer, device, at, payee, ord)
+    LEFT JOIN fraud_payers known ON known.payer_key = q.payer
     CROSS JOIN LATERAL (
         SELECT count(*) FILTER (WHERE o.at > q.at - {_seconds(MINUTE)}) AS c1m,
                count(*) FILTER (WHERE o.at > q.at - {_seconds(HOUR)}) AS c1h,
@@ -84,7 +94,11 @@ _READ = sql_text(
                coalesce(sum(o.amount_paise) FILTER (WHERE o.at > q.at - {_seconds(HOUR)}), 0)
                    AS a1h,
                coalesce(sum(o.amount_paise), 0) AS a24,
-               count(DISTINCT o.device_key) AS devices24
+               count(DISTINCT o.device_key) AS devices24,
+               max(o.at) AS prev_at,
+               count(*) FILTER (
+                   WHERE o.payee_key = q.payee AND o.at > q.at - {_seconds(TEN_MINUTES)}
+               ) AS to_payee10m
         FROM fraud_observations o
         WHERE o.payer_key = q.payer AND o.at > q.at - {_seconds(DAY)}
     ) AS payer
@@ -132,17 +146,21 @@ _READ = sql_text(
 # recorded payments to the payee, plus the batch's earlier ones, placed after every
 # recorded one as they would be if the batch were handled one payment at a time.
 # The latest payments to each payee of a batch, within the hour before its earliest payment
-# in the batch: an index scan backwards, at most PAYEE_WINDOW rows a payee, each with
-# whether it was its payer's first payment; and the payee's earliest payment (its age),
-# one index probe. Each payment's own window is a part of these (a later cut-off keeps a
-# prefix of them), merged with the batch's earlier payments to that payee, in Python
-# (:func:`_payee_windows_of`). The rows with a negative ``ord`` are the batch's payers'
-# counts (``fraud_payers``): whether a batch's earlier payment to the payee was its payer's
-# first is known before its own round reads it. A payee with no payment in the hour still
-# has one row (its earliest payment, or none), for its age.
+# in the batch (the day, for a payee first paid less than a day before: all of a young
+# payee's payments, capped the same): an index scan backwards, at most PAYEE_WINDOW rows a
+# payee, each with whether it was its payer's first payment, whether it was far above its
+# payer's usual, and its amount (structured or not); and the payee's earliest payment (its
+# age), one index probe. Each payment's own window is a part of these (a later cut-off
+# keeps a prefix of them), merged with the batch's earlier payments to that payee, in
+# Python (:func:`_payee_windows_of`). The rows with a negative ``ord`` are the batch's
+# payers' counts and usual amounts (``fraud_payers``): whether a batch's earlier payment to
+# the payee was its payer's first, or far above its usual, is known before its own round
+# reads it. A payee with no payment in the hour still has one row (its earliest payment,
+# or none), for its age.
 _READ_PAYEES = sql_text(
     f"""
-    SELECT q.ord, w.payer_key, w.at, w.id, w.payer_new, earliest.at AS first_at
+    SELECT q.ord, w.payer_key, w.at, w.id, w.payer_new, w.payer_large, w.amount_paise,
+           earliest.at AS first_at, CAST(NULL AS bigint) AS milli_log_sum
     FROM unnest(CAST(:payees AS bytea[]), CAST(:since AS timestamptz[]))
         WITH ORDINALITY AS q(payee, since, ord)
     LEFT JOIN LATERAL (
@@ -150,13 +168,19 @@ _READ_PAYEES = sql_text(
         ORDER BY o.at LIMIT 1
     ) AS earliest ON true
     LEFT JOIN LATERAL (
-        SELECT o.payer_key, o.at, o.id, o.payer_new FROM fraud_observations o
-        WHERE o.payee_key = q.payee AND o.at > q.since
+        SELECT o.payer_key, o.at, o.id, o.payer_new, o.payer_large, o.amount_paise
+        FROM fraud_observations o
+        WHERE o.payee_key = q.payee AND o.at > CASE
+            -- A payee first paid less than a day before the batch's earliest payment to
+            -- it: its day (all of it), for the young payee's payers so far.
+            WHEN earliest.at > q.since - {_seconds(DAY - HOUR)}
+            THEN q.since - {_seconds(DAY - HOUR)} ELSE q.since END
         ORDER BY o.at DESC, o.id DESC LIMIT {PAYEE_WINDOW}
     ) AS w ON true
     UNION ALL
     SELECT -b.ord, b.payer, CAST(NULL AS timestamptz), p.payments, CAST(NULL AS boolean),
-           CAST(NULL AS timestamptz)
+           CAST(NULL AS boolean), CAST(NULL AS bigint), CAST(NULL AS timestamptz),
+           p.milli_log_sum
     FROM unnest(CAST(:payers AS bytea[])) WITH ORDINALITY AS b(payer, ord)
     JOIN fraud_payers p ON p.payer_key = b.payer
     """
@@ -164,51 +188,120 @@ _READ_PAYEES = sql_text(
 
 
 def _payee_windows_of(
-    stored: Sequence[tuple[datetime, int, int, bytes, bool]],
+    stored: Sequence[tuple[datetime, int, int, bytes, bool, bool, int]],
     ats: Sequence[datetime],
     payers: Sequence[bytes],
     new: Sequence[bool] | None = None,
     first: datetime | None = None,
+    large: Sequence[bool] | None = None,
+    amounts: Sequence[int] | None = None,
 ) -> list[PayeeWindow]:
     """The windows of a batch's payments to one payee, in batch order: each is its payee's
     latest ``PAYEE_WINDOW`` payments in the hour before it, the batch's earlier ones
     included, ordered as the database orders them (by time; at the same time the batch's
     own are the newer; then by arrival), and its part in the last 10 minutes. ``stored``:
-    the payee's stored payments as ``(at, 0, id, payer, payer_new)``, the latest
-    ``PAYEE_WINDOW`` after the batch's earliest cut-off; ``new``: whether each batch
-    payment is its payer's first; ``first``: the payee's earliest stored payment.
+    the payee's stored payments as ``(at, 0, id, payer, payer_new, payer_large,
+    amount_paise)``, the
+    latest ``PAYEE_WINDOW`` after the batch's earliest cut-off; ``new``: whether each batch
+    payment is its payer's first; ``first``: the payee's earliest stored payment;
+    ``large``: whether each batch payment is well above its payer's usual; ``amounts``:
+    each batch payment's amount (whether it is structured).
 
     The candidates are kept in one ascending list (a batch's payment is inserted in its
     place once counted): a payment's window is the top of the part after its cut-off, so
-    each costs two bisections and a few sets of at most ``PAYEE_WINDOW`` payers, in C."""
-    rows = sorted(((at, flag, seq), payer, is_new) for at, flag, seq, payer, is_new in stored)
-    keys = [key for key, _, _ in rows]
-    who = [payer for _, payer, _ in rows]
-    flags = [is_new for _, _, is_new in rows]  # whether it was its payer's first payment
+    each costs a few bisections and two sets of at most ``PAYEE_WINDOW`` payers, in C. The
+    payments with a flag (new payer, far above usual, structured) are also kept in a list
+    of their own per flag, so that counting the flagged payers of a window reads only
+    those; the structured and far-above-usual counts are made for a young payee only (a
+    payee first paid less than a day before), 0 for an older one, as the definitions
+    say."""
+    rows = sorted(
+        ((at, flag, seq), payer, is_new, is_large, structuring_gap(amount) is not None)
+        for at, flag, seq, payer, is_new, is_large, amount in stored
+    )
+    keys = [row[0] for row in rows]
+    who = [row[1] for row in rows]
+    # Per flag, the keys and payers of the payments that have it, ascending like ``keys``:
+    # whether it was its payer's first payment, far above its payer's usual, structured.
+    flagged = [_Flagged.of(rows, column) for column in (2, 3, 4)]
     new = new if new is not None else [False] * len(ats)
+    large = large if large is not None else [False] * len(ats)
+    amounts = amounts if amounts is not None else [0] * len(ats)
     windows = []
-    for position, (at, payer, is_new) in enumerate(zip(ats, payers, new, strict=True), start=1):
+    for position, (at, payer, is_new, is_large, amount) in enumerate(
+        zip(ats, payers, new, large, amounts, strict=True), start=1
+    ):
         newer = bisect.bisect_right(keys, (at - HOUR, 2, 0))  # the first after the cut-off
         start = max(newer, len(keys) - PAYEE_WINDOW)
         start10 = max(bisect.bisect_right(keys, (at - TEN_MINUTES, 2, 0)), start)
-        hour = who[start:]
+        # The first key of each window (None: the window is empty).
+        from_1h = keys[start] if start < len(keys) else None
+        from_10m = keys[start10] if start10 < len(keys) else None
+        hour_payers = len(set(who[start:]))
+        new_payers, large_payers, structured_payers = flagged
+        # A payee first paid less than a day ago: all of its (latest) payments.
+        young = first is not None and at - first < DAY
+        if young:
+            start_day = max(bisect.bisect_right(keys, (at - DAY, 2, 0)), len(keys) - PAYEE_WINDOW)
+            from_day = keys[start_day] if start_day < len(keys) else None
+            day_payers = hour_payers if start_day == start else len(set(who[start_day:]))
+            young_counts = (
+                structured_payers.payers_from(from_10m),
+                structured_payers.payers_from(from_1h),
+                day_payers,
+                large_payers.payers_from(from_day),
+            )
+        else:
+            young_counts = (0, 0, 0, 0)
         windows.append(
             PayeeWindow(
-                len(hour),
-                len(set(hour)),
+                len(keys) - start,
+                hour_payers,
                 len(set(who[start10:])),
-                len({p for p, f in zip(who[start10:], flags[start10:], strict=True) if f}),
-                len({p for p, f in zip(hour, flags[start:], strict=True) if f}),
+                new_payers.payers_from(from_10m),
+                new_payers.payers_from(from_1h),
                 first,
+                *young_counts,
             )
         )
         key = (at, 1, position)
         place = bisect.bisect_right(keys, key)
         keys.insert(place, key)
         who.insert(place, payer)
-        flags.insert(place, is_new)
+        for flags, has in zip(
+            flagged, (is_new, is_large, structuring_gap(amount) is not None), strict=True
+        ):
+            if has:
+                flags.insert(key, payer)
         first = at if first is None else min(first, at)
     return windows
+
+
+class _Flagged:
+    """The payments of a payee's window that have one flag: their keys, ascending, and
+    their payers."""
+
+    __slots__ = ("keys", "who")
+
+    def __init__(self, keys: list[tuple[datetime, int, int]], who: list[bytes]) -> None:
+        self.keys = keys
+        self.who = who
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[Any, ...]], column: int) -> _Flagged:
+        chosen = [row for row in rows if row[column]]
+        return cls([row[0] for row in chosen], [row[1] for row in chosen])
+
+    def payers_from(self, key: tuple[datetime, int, int] | None) -> int:
+        """The distinct payers of the flagged payments from ``key`` on (None: none)."""
+        if key is None:
+            return 0
+        return len(set(self.who[bisect.bisect_left(self.keys, key) :]))
+
+    def insert(self, key: tuple[datetime, int, int], payer: bytes) -> None:
+        place = bisect.bisect_right(self.keys, key)
+        self.keys.insert(place, key)
+        self.who.insert(place, payer)
 
 
 # Records a round: its payments in order, each payer's count, each payer's devices first
@@ -217,33 +310,45 @@ def _payee_windows_of(
 # written in key order, so that two transactions never wait for each other's rows in
 # opposite orders.
 _OBSERVE = sql_text(
-    """
+    f"""
     WITH given AS (
         SELECT * FROM unnest(
             CAST(:ts AS text[]), CAST(:payers AS bytea[]), CAST(:devices AS bytea[]),
             CAST(:payees AS bytea[]), CAST(:amounts AS bigint[]), CAST(:ats AS timestamptz[]),
-            CAST(:cells AS bytea[]), CAST(:places AS bytea[])
+            CAST(:cells AS bytea[]), CAST(:places AS bytea[]), CAST(:mlogs AS bigint[])
         ) WITH ORDINALITY AS u(transaction_id, payer_key, device_key, payee_key, amount_paise,
-                               at, cell_key, place_pii, ord)
+                               at, cell_key, place_pii, milli_log, ord)
     ), batch AS (
-        SELECT *, row_number() OVER (PARTITION BY payer_key ORDER BY ord) = 1 AS first_of_payer
-        FROM given
+        -- Each payment's payer as it was before it: the recorded count and usual (one
+        -- primary-key probe), plus the payer's earlier payments in this statement.
+        SELECT g.*, row_number() OVER w = 1 AS first_of_payer,
+               coalesce(p.payments, 0) + row_number() OVER w - 1 AS before_n,
+               coalesce(p.milli_log_sum, 0) + coalesce(sum(g.milli_log) OVER (
+                   w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before_sum,
+               p.payer_key IS NULL AS unknown
+        FROM given g LEFT JOIN fraud_payers p ON p.payer_key = g.payer_key
+        WINDOW w AS (PARTITION BY g.payer_key ORDER BY g.ord)
     ), inserted AS (
         INSERT INTO fraud_observations (transaction_id, payer_key, device_key, payee_key,
-                                        amount_paise, at, cell_key, place_pii, payer_new)
+                                        amount_paise, at, cell_key, place_pii, payer_new,
+                                        payer_large)
         SELECT transaction_id, payer_key, device_key, payee_key, amount_paise, at, cell_key,
-               place_pii,
-               first_of_payer
-               AND NOT EXISTS (SELECT 1 FROM fraud_payers p WHERE p.payer_key = batch.payer_key)
+               place_pii, first_of_payer AND unknown,
+               -- fraud.features.large_vs_usual
+               before_n > 0 AND amount_paise >= {LARGE_MIN_PAISE}
+               AND milli_log * before_n >= before_sum + {LARGE_VS_USUAL_MILLI} * before_n
         FROM batch ORDER BY ord
         ON CONFLICT (transaction_id) DO NOTHING
         RETURNING transaction_id
     ), recorded AS (
         SELECT batch.* FROM batch JOIN inserted USING (transaction_id)
     ), payers AS (
-        INSERT INTO fraud_payers (payer_key, payments)
-        SELECT payer_key, count(*) FROM recorded GROUP BY payer_key ORDER BY payer_key
-        ON CONFLICT (payer_key) DO UPDATE SET payments = fraud_payers.payments + EXCLUDED.payments
+        INSERT INTO fraud_payers (payer_key, payments, milli_log_sum)
+        SELECT payer_key, count(*), sum(milli_log) FROM recorded
+        GROUP BY payer_key ORDER BY payer_key
+        ON CONFLICT (payer_key) DO UPDATE SET
+            payments = fraud_payers.payments + EXCLUDED.payments,
+            milli_log_sum = fraud_payers.milli_log_sum + EXCLUDED.milli_log_sum
     ), devices AS (
         INSERT INTO fraud_payer_devices (payer_key, device_key, first_seen)
         SELECT DISTINCT ON (payer_key, device_key) payer_key, device_key, at
@@ -265,7 +370,9 @@ class Pseudonyms(NamedTuple):
 
 class PayeeWindow(NamedTuple):
     """``History.payee_count_1h``, ``payee_payers_1h``, ``payee_payers_10m``,
-    ``payee_new_payers_10m``, ``payee_new_payers_1h`` and the payee's earliest payment."""
+    ``payee_new_payers_10m``, ``payee_new_payers_1h``, the payee's earliest payment,
+    ``payee_structured_payers_10m`` / ``_1h``, ``young_payee_payers`` and
+    ``young_payee_large_payers``."""
 
     count_1h: int
     payers_1h: int
@@ -273,6 +380,10 @@ class PayeeWindow(NamedTuple):
     new_payers_10m: int = 0
     new_payers_1h: int = 0
     first_at: datetime | None = None
+    structured_payers_10m: int = 0
+    structured_payers_1h: int = 0
+    young_payers: int = 0
+    young_large_payers: int = 0
 
 
 def split_rounds(txns: Sequence[Txn]) -> list[list[int]]:
@@ -367,6 +478,13 @@ def _history(master: MasterKey, row: Any, payee: PayeeWindow, txn: Txn) -> Histo
         payee_new_payers_1h=payee.new_payers_1h,
         device_payers_10m=row.device_others10m if txn.device_id else 0,
         payer_devices_24h=int(row.devices24),
+        seconds_since_prev=(at - row.prev_at).total_seconds() if row.prev_at else None,
+        payer_to_payee_10m=int(row.to_payee10m),
+        young_payee_payers=payee.young_payers,
+        young_payee_large_payers=payee.young_large_payers,
+        payee_structured_payers_10m=payee.structured_payers_10m,
+        payee_structured_payers_1h=payee.structured_payers_1h,
+        payer_milli_log_sum=int(row.milli_log_sum or 0),
     )
 
 
@@ -413,22 +531,42 @@ class HistoryStore:
             _READ_PAYEES,
             {"payees": payees, "since": [since[p] for p in payees], "payers": batch_payers},
         )
-        stored: dict[bytes, list[tuple[datetime, int, int, bytes, bool]]] = {p: [] for p in payees}
+        stored: dict[bytes, list[tuple[datetime, int, int, bytes, bool, bool, int]]] = {
+            p: [] for p in payees
+        }
         first: dict[bytes, datetime | None] = {}
         counted: dict[bytes, int] = {}
+        summed: dict[bytes, int] = {}
         for row in rows:
-            if row.ord < 0:  # a batch payer's count
+            if row.ord < 0:  # a batch payer's count and usual
                 counted[bytes(row.payer_key)] = int(row.id)
+                summed[bytes(row.payer_key)] = int(row.milli_log_sum)
                 continue
             payee = payees[row.ord - 1]
             first[payee] = row.first_at
             if row.at is not None:
-                stored[payee].append((row.at, 0, row.id, bytes(row.payer_key), bool(row.payer_new)))
-        # Whether each payment is its payer's first: none recorded, none earlier in the batch.
+                stored[payee].append(
+                    (
+                        row.at,
+                        0,
+                        row.id,
+                        bytes(row.payer_key),
+                        bool(row.payer_new),
+                        bool(row.payer_large),
+                        int(row.amount_paise),
+                    )
+                )
+        # Whether each payment is its payer's first (none recorded, none earlier in the
+        # batch) and whether it is well above its payer's usual, the batch's earlier
+        # payments counted in.
         new: list[bool] = []
-        for key in keys:
-            new.append(counted.get(key.payer, 0) == 0)
-            counted[key.payer] = counted.get(key.payer, 0) + 1
+        large: list[bool] = []
+        for txn, key in zip(txns, keys, strict=True):
+            n, total = counted.get(key.payer, 0), summed.get(key.payer, 0)
+            new.append(n == 0)
+            large.append(large_vs_usual(txn.amount_paise, n, total))
+            counted[key.payer] = n + 1
+            summed[key.payer] = total + milli_log(txn.amount_paise)
         positions: dict[bytes, list[int]] = {p: [] for p in payees}
         for position, key in enumerate(keys):
             positions[key.payee].append(position)
@@ -440,6 +578,8 @@ class HistoryStore:
                 [keys[i].payer for i in mine],
                 [new[i] for i in mine],
                 first.get(payee),
+                [large[i] for i in mine],
+                [txns[i].amount_paise for i in mine],
             )
             for i, window in zip(mine, found, strict=True):
                 windows[i] = window
@@ -464,6 +604,7 @@ class HistoryStore:
                     "payers": [k.payer for k in keys],
                     "devices": [k.device for k in keys],
                     "ats": [t.at for t in txns],
+                    "payees": [k.payee for k in keys],
                 },
             )
         ).all()
@@ -500,6 +641,7 @@ class HistoryStore:
                     seal_place(self._key, tid, t.location) if t.location else None
                     for tid, t in zip(transaction_ids, txns, strict=True)
                 ],
+                "mlogs": [milli_log(t.amount_paise) for t in txns],
             },
         )
         return {str(r[0]) for r in rows}

@@ -292,12 +292,6 @@ def test_a_collect_request_scam_across_victims_is_stepped_up_or_blocked(api: Api
     assert sum(d["decision"] in FLAGGED for d in late) >= 0.75 * len(late), decided
 
 
-@pytest.mark.xfail(
-    reason="issue 18, open: the retrained model (hgb-20261125-231177c5a552) steps up some of"
-    " these when their payee is minutes old (run alone 2026-12-02: family 2 of 4, light 4 of"
-    " 60); whether it does depends on what the module's shop was paid before",
-    strict=False,
-)
 def test_ordinary_look_alikes_are_allowed(api: Api):
     """What looks odd but is not: a pop-up festival stall nobody paid before, paid within
     a minute by first-time payers on their own phones (everyday amounts); a family of two

@@ -16,7 +16,7 @@ from core.crypto import MasterKey
 from core.events import CATALOGUE, DeviceInfo, Envelope, FraudAssessed, PaymentInitiated
 from core.pii import Vpa, unkeyed_partition_key
 from fraud.assessor import FraudAssessor
-from fraud.features import Txn
+from fraud.features import Txn, milli_log
 from fraud.history import PAYEE_WINDOW, HistoryTracker
 from fraud.simulator import simulate
 from fraud.store import HistoryStore, split_rounds
@@ -27,11 +27,25 @@ KEY = MasterKey(os.urandom(32))
 MS = timedelta(milliseconds=1)
 
 
+# Issue 18's fields for bursts, collect requests and shops' price points: the traffic
+# below must give each a value somewhere, or the comparison would prove little.
+EXERCISED = (
+    "seconds_since_prev",
+    "payer_to_payee_10m",
+    "young_payee_payers",
+    "young_payee_large_payers",
+    "payer_milli_log_sum",
+    "payee_structured_payers_10m",
+    "payee_structured_payers_1h",
+)
+
+
 async def test_database_history_equals_the_simulators_history(db):
     """Field by field, payment by payment, over simulated traffic with every typology."""
     traffic = simulate(11, payers=120, days=1.0, scale=0.08)
     assert len(traffic) > 300
     store, memory = HistoryStore(KEY), HistoryTracker()
+    seen: set[str] = set()
     for n, item in enumerate(traffic):
         async with db.transaction() as conn:
             from_db = await store.history(conn, item.txn)
@@ -39,6 +53,8 @@ async def test_database_history_equals_the_simulators_history(db):
         from_memory = memory.history(item.txn)
         memory.observe(item.txn)
         assert from_db == from_memory, (n, item)
+        seen |= {name for name in EXERCISED if getattr(from_memory, name)}
+    assert seen == set(EXERCISED)  # the traffic gives each of these a value, not only 0
 
 
 async def read_and_record_in_rounds(conn, store: HistoryStore, ids: list[str], txns: list[Txn]):
@@ -262,8 +278,12 @@ async def test_pruning_forgets_old_payers_and_devices_and_the_windows_still_answ
         ):
             from_db = await store.history(conn, probe)
             expected = memory.history(probe)
-            if probe.payer == "gone0@okhdfc":  # its count ever stays: 2, one pruned
-                expected = dataclasses.replace(expected, payer_payments_ever=2)
+            if probe.payer == "gone0@okhdfc":  # its count and usual stay: 2, one pruned
+                expected = dataclasses.replace(
+                    expected,
+                    payer_payments_ever=2,
+                    payer_milli_log_sum=expected.payer_milli_log_sum + milli_log(9_999_00),
+                )
             assert from_db == expected, probe
     gone1 = await _history_of(db, store, "gone1@okhdfc")
     assert gone1.payer_payments_ever == 0 and gone1.payer_devices_ever == 0

@@ -4,6 +4,7 @@ artefact's safety checks. No database."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import time
@@ -19,7 +20,15 @@ from core.sandbox import SWITCH_SANDBOX_PAYERS
 from fraud.cities import CITIES
 from fraud.combiner import Thresholds, combine
 from fraud.engine import FraudEngine
-from fraud.features import FEATURE_NAMES, History, Txn, feature_vector, haversine_km
+from fraud.features import (
+    FEATURE_NAMES,
+    History,
+    Txn,
+    feature_vector,
+    haversine_km,
+    large_vs_usual,
+    milli_log,
+)
 from fraud.history import HistoryTracker
 from fraud.model import ARTIFACTS, load_model
 from fraud.scorers import DeviceScorer, LocationScorer, Signal, VelocityScorer, noisy_or
@@ -270,6 +279,105 @@ def test_history_windows_and_device_change():
     assert now.last_location == MUMBAI and now.seconds_since_last == 15
     later = h.history(txn(1, T0 + timedelta(minutes=2)))
     assert later.payer_count_1m == 0 and later.payer_count_1h == 5
+
+
+def test_bursts_and_usual_amounts_in_the_history():
+    """Issue 18, bursts and collect requests: the time since the payer's previous payment,
+    its payments to this payee in 10 minutes, its usual amount (the milli-decades summed)
+    and, for the payee, its payers of the hour who paid far above their usual."""
+    h = HistoryTracker()
+    for i, amount in enumerate((10_000, 100_000, 1_000_000)):
+        h.observe(txn(amount, T0 + timedelta(seconds=20 * i), payee="drain@ybl"))
+    now = h.history(txn(500_000, T0 + timedelta(seconds=55), payee="drain@ybl"))
+    assert now.seconds_since_prev == 15
+    assert now.payer_to_payee_10m == 3
+    assert now.payer_milli_log_sum == 4_000 + 5_000 + 6_000
+    # ₹10,000 after ₹100 and ₹1,000 is far above; ₹1,000 after ₹100 is under ₹1,000.
+    assert (now.young_payee_payers, now.young_payee_large_payers) == (1, 1)
+    other = h.history(txn(500_000, T0 + timedelta(minutes=11), payee="shop@okicici"))
+    assert (other.payer_to_payee_10m, other.young_payee_large_payers) == (0, 0)
+    # A day after its first payment the payee is no longer young: nothing counted.
+    later = h.history(txn(500_000, T0 + timedelta(days=1), payee="drain@ybl"))
+    assert (later.young_payee_payers, later.young_payee_large_payers) == (0, 0)
+    assert h.history(txn(1, T0 + timedelta(days=2))).seconds_since_prev is None
+
+
+def test_large_vs_usual_needs_a_usual_and_three_times_it():
+    usual = 2 * milli_log(100_000)  # two payments of ₹1,000
+    assert large_vs_usual(300_000, 2, usual) and not large_vs_usual(290_000, 2, usual)
+    assert not large_vs_usual(300_000, 0, 0)  # a first payment has no usual
+    assert not large_vs_usual(90_000, 1, milli_log(100))  # ₹900: not a large sum at all
+
+
+def test_new_features_follow_the_history():
+    f = dict(
+        zip(
+            FEATURE_NAMES,
+            feature_vector(
+                txn(1_000_000),
+                History(
+                    seconds_since_prev=9,
+                    payer_to_payee_10m=2,
+                    payee_first_seen_s=600,
+                    payee_payers_1h=4,
+                    young_payee_large_payers=3,
+                    payee_structured_payers_1h=1,
+                    payer_payments_ever=2,
+                    payer_milli_log_sum=2 * milli_log(100_000),
+                ),
+            ),
+            strict=True,
+        )
+    )
+    assert f["log_seconds_since_prev"] == 1.0 and f["payer_to_payee_10m"] == 2
+    assert f["young_payee_large_payers"] == 3 and f["young_payee_structured_share_1h"] == 0.25
+    assert f["log_amount_vs_usual"] == 1.0  # ₹10,000 against a usual ₹1,000
+    old = dict(
+        zip(
+            FEATURE_NAMES,
+            feature_vector(txn(), History(payee_first_seen_s=3 * 86_400, payee_payers_1h=3)),
+            strict=True,
+        )
+    )
+    assert old["young_payee_structured_share_1h"] == 0  # a shop's size is not a feature
+    never = feature_vector(txn(), History())
+    assert never[FEATURE_NAMES.index("log_seconds_since_prev")] == pytest.approx(4.9365, abs=1e-4)
+
+
+def test_a_young_payee_paid_far_above_usual_by_known_customers_is_a_collect_scam():
+    v = VelocityScorer()
+    usual = 3 * milli_log(50_000)  # three payments of ₹500
+    scam = History(
+        payee_first_seen_s=1_800,
+        young_payee_payers=3,
+        young_payee_large_payers=3,
+        payer_payments_ever=3,
+        payer_milli_log_sum=usual,
+    )
+    hit = v.score(txn(15_000_00), scam)
+    assert hit.reasons == ("PAYEE_YOUNG_LARGE_FAN_IN",) and hit.score >= 0.35
+    assert v.score(txn(1_000_00), scam).score == 0  # ₹1,000: twice the usual, not more
+    old = dataclasses.replace(scam, payee_first_seen_s=20 * 86_400)
+    assert v.score(txn(15_000_00), old).score == 0  # a shop known for weeks
+    shop = dataclasses.replace(scam, young_payee_payers=7)  # 3 of its 7 customers
+    assert v.score(txn(15_000_00), shop).score == 0
+    alone = dataclasses.replace(scam, young_payee_payers=1, young_payee_large_payers=1)
+    assert v.score(txn(15_000_00), alone).score == 0  # one customer's large payment
+
+
+def test_a_new_shops_price_points_are_not_a_mule_fan_in():
+    """First-time payers to a young payee, this one at ₹9,999: a mule ring when most of
+    its payers paid structured sums, a new shop's price when few did."""
+    v = VelocityScorer()
+    ring = History(
+        payee_first_seen_s=300,
+        payee_payers_10m=6,
+        payee_new_payers_10m=6,
+        payee_structured_payers_10m=5,
+    )
+    assert "PAYEE_NEW_FAN_IN" in v.score(txn(9_999_00), ring).reasons
+    shop = dataclasses.replace(ring, payee_structured_payers_10m=1)
+    assert v.score(txn(9_999_00), shop).reasons == ("AMOUNT_STRUCTURING",)
 
 
 # --------------------------------------------------------------------------- simulator

@@ -17,9 +17,11 @@ def test_traffic_is_valid_one_payment_per_payer_and_goes_on_past_one_batch():
     assert len({b["payer_vpa"] for b in bodies}) == len(bodies)
     assert len({b["merchant_order_id"] for b in bodies}) == len(bodies)
     assert all(b["merchant_order_id"].startswith("run1-") for b in bodies)
-    # Realistic: small and large amounts, most with a phone, many with a place.
+    # Realistic: small and large amounts, most with a phone, many with a place. (About 9 %
+    # of these first payments are under ₹100: since the simulator's launches bring more
+    # new customers at everyday amounts, fewer than the 14 % before.)
     amounts = sorted(b["amount_paise"] for b in bodies)
-    assert amounts[len(amounts) // 10] < 100_00 < 5_000_00 < amounts[-1]
+    assert amounts[len(amounts) // 20] < 100_00 < 5_000_00 < amounts[-1]
     with_device = [b for b in bodies if "device" in b]
     assert len(with_device) > len(bodies) / 2
     assert any("latitude" in b["device"] for b in with_device)
