@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -74,10 +74,6 @@ class _Running:
     task: asyncio.Task[None]
     progress_at: float = field(default_factory=time.monotonic)
     rewind: bool = False  # the broker lost its log: read its partitions from the start
-
-
-async def _all(awaitables: list[Coroutine[Any, Any, None]]) -> None:
-    await asyncio.gather(*awaitables)
 
 
 async def _stop_quietly(consumer: AIOKafkaConsumer) -> None:
@@ -349,10 +345,12 @@ class KafkaBus:
         self._repair_topics = False
         if self._stopping.is_set() or not self._running:
             return
-        restarts = [self._restart(r, rewind=True) for r in list(self._running.values())]
-        task = asyncio.create_task(_all(restarts), name="kafka-consumers-again")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        for running in list(self._running.values()):
+            task = asyncio.create_task(
+                self._restart(running, rewind=True), name=f"again-{running.sub.consumer}"
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _create_topics(self, *, repair: bool = False) -> None:
         """Create the topics that are missing; with ``repair`` (after a lost log), make again

@@ -72,6 +72,26 @@ async def _publish_until_the_loss_is_noticed(bus: KafkaBus, envelopes: list[Enve
     raise AssertionError("the bus never noticed the lost log")
 
 
+async def _made_by_the_broker(bootstrap: str, topic: str) -> dict[str, int]:
+    """Name ``topic`` to the (restarted) broker once it answers, so that it makes the topic
+    itself, at its own partition count, as a client's metadata request after a restart
+    does; every topic's partition count then."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    for _ in range(40):
+        try:
+            await admin.start()
+            break
+        except Exception:
+            await asyncio.sleep(0.5)
+    try:
+        await admin.describe_topics([topic])
+        return {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics()}
+    finally:
+        await admin.close()
+
+
 async def eventually(predicate, timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not await predicate():
@@ -415,19 +435,8 @@ async def test_a_topic_the_restarted_broker_made_at_its_own_partition_count_is_m
         broker.kill()
         broker.start()  # same port, empty log
         topic = bus.topic_name("payments")
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
-        for _ in range(40):
-            try:
-                await admin.start()
-                break
-            except Exception:
-                await asyncio.sleep(0.5)
-        try:
-            await admin.describe_topics([topic])  # names it: the broker makes it, its way
-            made = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics()}
-            assert made[topic] != 6, made  # else this test shows nothing
-        finally:
-            await admin.close()
+        made = await _made_by_the_broker(s.kafka_bootstrap, topic)
+        assert made[topic] != 6, made  # else this test shows nothing
         seen.clear()
         await _publish_until_the_loss_is_noticed(bus, batch)
         await _publish_when_the_broker_answers(bus, batch)  # the relay's republication
@@ -451,8 +460,6 @@ async def test_what_a_consumer_read_from_the_broker_s_own_topic_does_not_hide_th
     topic is then made again at the configured count and the outbox published again: the
     consumer must read the new topic from its start, not from the offsets it committed on
     the one that was deleted."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
     from tests.support import Tansu
 
     broker = Tansu().start()
@@ -476,17 +483,7 @@ async def test_what_a_consumer_read_from_the_broker_s_own_topic_does_not_hide_th
         broker.kill()
         broker.start()  # same port, empty log
         topic = bus.topic_name("payments")
-        admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
-        for _ in range(40):
-            try:
-                await admin.start()
-                break
-            except Exception:
-                await asyncio.sleep(0.5)
-        try:
-            await admin.describe_topics([topic])  # the broker makes it, at its own count
-        finally:
-            await admin.close()
+        await _made_by_the_broker(s.kafka_bootstrap, topic)
         # Records in the broker's topic, read and committed by the consumer before the loss
         # is noticed (as the relay's first publishes after the restart are): a few on each
         # of its partitions, about half of what the new log will hold there.
